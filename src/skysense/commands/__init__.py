@@ -1,0 +1,1 @@
+"""Sub-commands of the ``skysense`` CLI, one module each (see :mod:`skysense.cli`)."""

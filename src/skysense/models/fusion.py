@@ -1,0 +1,102 @@
+"""Multi-modal temporal fusion: one short transformer sequence per spatial location.
+
+At every location of the fusion grid the sequence is ``[extra token, HR, S2 frames, S1 frames]``
+(authors' order). Tokens arrive at the HR encoder's last-stage width, get the learnable
+day-of-year encoding (added before the input projection, as in the released weights), are
+projected to the fusion width, and pass through pre-norm transformer blocks. The extra token's
+output is the fused feature of that location. Missing frames are excluded by a key-padding mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skysense.config import FusionConfig
+from skysense.models.layers import TransformerBlock, drop_path_rates
+
+
+class PixelShuffleProjection(nn.Module):
+    """1x1 conv ``in_dim -> scale^2 * out_dim`` then PixelShuffle(scale) (the authors' UPHead).
+
+    Brings ViT features (B, in_dim, h, w) onto the HR last-stage grid: (B, out_dim, s*h, s*w).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, scale: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim * scale * scale, kernel_size=1)
+        self.shuffle = nn.PixelShuffle(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.conv(x))
+
+
+class FusionTransformer(nn.Module):
+    """Fuses per-location token sequences into one feature per location.
+
+    Parameters: ``day_of_year`` (365, C_in) table (the authors' ``ctpe``), ``input_proj``
+    C_in -> D (``porj_linear``), ``extra_token`` (1, 1, D) (``cls_token``), ``blocks``.
+    """
+
+    def __init__(self, config: FusionConfig, input_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        self.day_of_year = nn.Parameter(torch.zeros(config.day_of_year_slots, input_dim))
+        self.input_proj = nn.Linear(input_dim, dim)
+        self.extra_token = nn.Parameter(torch.zeros(1, 1, dim))
+        rates = drop_path_rates(config.drop_path_rate, config.depth)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, config.num_heads, config.mlp_ratio, rates[i], config.norm_eps)
+            for i in range(config.depth)
+        )
+        nn.init.trunc_normal_(self.day_of_year, std=0.02)
+        nn.init.trunc_normal_(self.extra_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def date_offsets(self, day_of_year: torch.Tensor) -> torch.Tensor:
+        """Day-of-year encodings already projected to the fusion width: (B, T) -> (B, T, D).
+
+        Adding ``W p`` after the projection equals projecting ``x + p``, at a fraction of the cost
+        (one row per frame instead of one per frame and location).
+        """
+        slot = (day_of_year.long() - 1).clamp(0, self.config.day_of_year_slots - 1)
+        return F.linear(self.day_of_year[slot], self.input_proj.weight)
+
+    def forward(
+        self,
+        tokens: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Fuse per-modality frame features.
+
+        Args:
+            tokens: one entry per present modality, in sequence order, each
+                ``(features, day_of_year, valid)`` with ``features`` (B, T, C_in, H, W),
+                ``day_of_year`` (B, T) integers in 1..366 or None (no date encoding),
+                ``valid`` (B, T) bool.
+
+        Returns:
+            (B, D, H, W): the extra token's output at every location.
+        """
+        b, _, _, h, w = tokens[0][0].shape
+        dim = self.config.embed_dim
+        sequence = [self.extra_token.expand(b, h * w, 1, dim)]
+        valid = [torch.ones(b, 1, dtype=torch.bool, device=tokens[0][0].device)]
+        for features, day_of_year, frame_valid in tokens:
+            x = self.input_proj(features.permute(0, 3, 4, 1, 2).reshape(b, h * w, -1, features.shape[2]))
+            if day_of_year is not None:
+                x = x + self.date_offsets(day_of_year)[:, None]
+            sequence.append(x)
+            valid.append(frame_valid)
+        x = torch.cat(sequence, dim=2).reshape(b * h * w, -1, dim)
+        key_valid = torch.cat(valid, dim=1)
+        # Every sample's mask is shared by all its locations.
+        key_valid = key_valid[:, None, :].expand(b, h * w, -1).reshape(b * h * w, -1)
+        mask = None if bool(key_valid.all()) else key_valid
+        for block in self.blocks:
+            x = block(x, mask)
+        return x[:, 0].reshape(b, h, w, dim).permute(0, 3, 1, 2).contiguous()

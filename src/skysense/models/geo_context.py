@@ -1,0 +1,93 @@
+"""Geo-context prototypes: region-specific prototypes chosen by latitude/longitude.
+
+The paper splits the globe into N_R regions with N_p prototypes each. Fused features attend to
+their region's prototypes and the result is concatenated: ``concat(F, softmax(F P^T / sqrt(d)) P)``.
+During pretraining the prototypes are not trained by gradients: features are assigned to them
+by Sinkhorn-Knopp and they follow an exponential moving average of the assigned features.
+
+Choices where the paper is silent:
+* Region grid: equal-area cells, ``lat_bands`` bands equally spaced in sin(latitude) times
+  ``lon_bins`` equal longitude bins (see :class:`skysense.config.GeoContextConfig`).
+* Prototype width equals the fusion width, so the attention needs no extra projection. At the
+  huge size this is 4096 x 100 x 1024 = 419M values, stored as a buffer (not a gradient-trained
+  parameter). The paper lists 215M for this module without stating the width.
+* EMA target: the assignment-weighted mean of the features assigned to each prototype,
+  ``P <- m P + (1 - m) (S^T F) / colsum(S)``; prototypes receiving no mass are left unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skysense.config import GeoContextConfig
+from skysense.sinkhorn import sinkhorn_knopp
+
+
+def region_index(lat: torch.Tensor, lon: torch.Tensor, lat_bands: int, lon_bins: int) -> torch.Tensor:
+    """Index of the equal-area grid cell holding each (lat, lon), in degrees.
+
+    Rows run from the south pole northwards, columns from 180 W eastwards:
+    ``index = band * lon_bins + bin``.
+    """
+    sin_lat = torch.sin(torch.deg2rad(lat.double()))
+    band = torch.floor((sin_lat + 1.0) / 2.0 * lat_bands).long().clamp_(0, lat_bands - 1)
+    column = torch.floor((lon.double() + 180.0) / 360.0 * lon_bins).long().clamp_(0, lon_bins - 1)
+    return band * lon_bins + column
+
+
+class GeoContextPrototypes(nn.Module):
+    """Prototype bank ``(regions, prototypes, dim)`` and attentional integration."""
+
+    def __init__(self, config: GeoContextConfig, dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.dim = dim
+        prototypes = F.normalize(torch.randn(config.num_regions, config.num_prototypes, dim), dim=-1)
+        self.register_buffer("prototypes", prototypes)
+
+    def regions(self, lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
+        return region_index(lat, lon, self.config.lat_bands, self.config.lon_bins).to(self.prototypes.device)
+
+    def forward(self, features: torch.Tensor, lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
+        """``features``: (B, D, H, W); ``lat``, ``lon``: (B,) degrees -> (B, 2D, H, W)."""
+        b, d, h, w = features.shape
+        protos = self.prototypes[self.regions(lat, lon)].to(features.dtype)  # (B, P, D)
+        queries = features.flatten(2).transpose(1, 2)  # (B, HW, D)
+        weights = torch.softmax(queries @ protos.transpose(1, 2) / math.sqrt(d), dim=-1)
+        context = (weights @ protos).transpose(1, 2).reshape(b, d, h, w)
+        return torch.cat([features, context], dim=1)
+
+    @torch.no_grad()
+    def assign(self, features: torch.Tensor, regions: torch.Tensor, epsilon: float = 0.05) -> torch.Tensor:
+        """Balanced soft assignment of features to their own region's prototypes.
+
+        ``features``: (N, D); ``regions``: (N,) region index of each feature.
+        Returns ``S`` (N, P): each row sums to 1, and within each region the prototypes get equal
+        total mass (Sinkhorn-Knopp on cosine similarities).
+        """
+        feats = F.normalize(features.float(), dim=-1)
+        assignment = feats.new_zeros(feats.shape[0], self.config.num_prototypes)
+        for region in torch.unique(regions):
+            rows = regions == region
+            protos = F.normalize(self.prototypes[region].float(), dim=-1)
+            assignment[rows] = sinkhorn_knopp(feats[rows] @ protos.T, epsilon=epsilon)
+        return assignment
+
+    @torch.no_grad()
+    def ema_update(
+        self, features: torch.Tensor, regions: torch.Tensor, assignment: torch.Tensor, momentum: float
+    ) -> None:
+        """``P_r <- m P_r + (1 - m) (S_r^T F_r) / colsum(S_r)`` for every region present."""
+        feats = features.float()
+        for region in torch.unique(regions):
+            rows = regions == region
+            s = assignment[rows]
+            mass = s.sum(0)
+            target = (s.T @ feats[rows]) / mass.clamp_min(1e-12)[:, None]
+            current = self.prototypes[region].float()
+            updated = torch.where(mass[:, None] > 0, momentum * current + (1 - momentum) * target, current)
+            self.prototypes[region] = updated.to(self.prototypes.dtype)

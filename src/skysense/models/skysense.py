@@ -1,0 +1,180 @@
+"""The SkySense model: factorized multi-modal spatiotemporal encoder with geo-context.
+
+Inputs (any non-empty subset of modalities; band order from ``config.inputs``):
+
+* ``hr``: (B, 3, H, W) high-resolution optical image, R, G, B, normalised.
+* ``s2``: (B, T, 10, h, w) Sentinel-2 frames, B2..B12, normalised; ``s2_dates`` (B, T) day of
+  year 1..366; ``s2_mask`` (B, T) bool, True for valid frames (default: all valid).
+* ``s1``: (B, T', 2, h, w) Sentinel-1 frames, VV, VH, normalised; ``s1_dates``; ``s1_mask``.
+* ``lat``, ``lon``: (B,) degrees, for the geo-context prototypes (optional).
+
+Frames marked invalid never reach an encoder (they may hold NaN) and are masked out of the
+fusion, so samples with different numbers of frames share a batch by padding.
+
+Grids: HR features are taken at stride 32, S2/S1 features at the ViT grid (stride 4) and
+brought back to their pixel grid by the PixelShuffle projection; so HR of H pixels fuses with
+S2/S1 of H/32 pixels (2048 px at 0.3 m with 64 px at 10 m).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from skysense.config import SkySenseConfig, preset_config
+from skysense.models.fusion import FusionTransformer, PixelShuffleProjection
+from skysense.models.geo_context import GeoContextPrototypes
+from skysense.models.swin_v2 import SwinTransformerV2
+from skysense.models.vit import VisionTransformer
+from skysense import validation
+
+SENTINEL = ("s2", "s1")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class SkySense(nn.Module):
+    """HR SwinV2, S2 and S1 ViTs, projections, fusion transformer and geo-context prototypes."""
+
+    def __init__(self, config: SkySenseConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.fusion_input_dim
+        self.hr_encoder = SwinTransformerV2(config.hr)
+        self.s2_encoder = VisionTransformer(config.s2)
+        self.s1_encoder = VisionTransformer(config.s1)
+        self.s2_projection = PixelShuffleProjection(config.s2.embed_dim, width, config.s2.patch_size)
+        self.s1_projection = PixelShuffleProjection(config.s1.embed_dim, width, config.s1.patch_size)
+        self.fusion = FusionTransformer(config.fusion, width)
+        self.geo_context = (
+            GeoContextPrototypes(config.geo_context, config.fusion.embed_dim) if config.geo_context.enabled else None
+        )
+
+    @classmethod
+    def from_preset(cls, name: str) -> "SkySense":
+        return cls(preset_config(name))
+
+    def encoder(self, modality: str) -> nn.Module:
+        return {"hr": self.hr_encoder, "s2": self.s2_encoder, "s1": self.s1_encoder}[modality]
+
+    def projection(self, modality: str) -> PixelShuffleProjection:
+        return {"s2": self.s2_projection, "s1": self.s1_projection}[modality]
+
+    def encode_frames(self, modality: str, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Run a Sentinel encoder on the valid frames only: (B, T, C, h, w) -> (B, T, D, h/p, w/p).
+
+        Invalid frames come out as zeros; they are masked downstream.
+        """
+        b, t = frames.shape[:2]
+        flat = frames.flatten(0, 1)
+        keep = valid.flatten()
+        encoder = self.encoder(modality)
+        if bool(keep.all()):
+            feats = encoder.forward_features(flat)
+        else:
+            chosen = encoder.forward_features(flat[keep])
+            feats = chosen.new_zeros((b * t,) + chosen.shape[1:])
+            feats[keep] = chosen
+        return feats.reshape((b, t) + feats.shape[1:])
+
+    def validate(self, inputs: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Check inputs, fill default masks; returns the present entries (see module docstring)."""
+        cfg = self.config
+        present = [m for m in ("hr", "s2", "s1") if inputs.get(m) is not None]
+        if not present:
+            raise ValueError("SkySense needs at least one of hr, s2, s1; got none")
+        checked: dict[str, torch.Tensor] = {}
+        batch = None
+        grids: dict[str, tuple[int, int]] = {}
+        for m in present:
+            x = inputs[m]
+            channels = len(cfg.inputs[m].bands)
+            validation.check_image(m, x, rank=4 if m == "hr" else 5, channels=channels, channel_dim=1 if m == "hr" else 2)
+            if batch is None:
+                batch = x.shape[0]
+            elif x.shape[0] != batch:
+                raise ValueError(f"{m}: batch size: expected {batch} (as the first modality), got {x.shape[0]}")
+            checked[m] = x
+            if m == "hr":
+                validation.check_finite(m, x)
+                stride = cfg.hr_stride
+                grids[m] = (_ceil_div(x.shape[-2], stride), _ceil_div(x.shape[-1], stride))
+                continue
+            frames = x.shape[1]
+            valid = inputs.get(f"{m}_mask")
+            if valid is None:
+                valid = torch.ones(batch, frames, dtype=torch.bool, device=x.device)
+            validation.check_mask(m, valid, batch, frames)
+            validation.check_finite(m, x, valid)
+            checked[f"{m}_mask"] = valid
+            dates = inputs.get(f"{m}_dates")
+            if m in cfg.fusion.date_encoded:
+                if dates is None:
+                    raise ValueError(f"{m}_dates: required (day of year 1..366 per frame, shape {(batch, frames)}), got None")
+                validation.check_dates(m, dates, batch, frames)
+                checked[f"{m}_dates"] = dates
+            patch = cfg.s2.patch_size if m == "s2" else cfg.s1.patch_size
+            grids[m] = (_ceil_div(x.shape[-2], patch) * patch, _ceil_div(x.shape[-1], patch) * patch)
+        validation.check_same_ground(grids, cfg)
+        lat, lon = inputs.get("lat"), inputs.get("lon")
+        if (lat is None) != (lon is None):
+            raise ValueError("lat/lon: give both or neither")
+        if lat is not None:
+            validation.check_location(lat, lon, batch)
+            checked["lat"], checked["lon"] = lat, lon
+        return checked
+
+    def forward_features(
+        self,
+        hr: torch.Tensor | None = None,
+        s2: torch.Tensor | None = None,
+        s2_dates: torch.Tensor | None = None,
+        s2_mask: torch.Tensor | None = None,
+        s1: torch.Tensor | None = None,
+        s1_dates: torch.Tensor | None = None,
+        s1_mask: torch.Tensor | None = None,
+        lat: torch.Tensor | None = None,
+        lon: torch.Tensor | None = None,
+        **unused: object,
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Encode the given modalities and fuse them.
+
+        Extra keyword arguments (e.g. a sample dict's ``label``) are ignored, so
+        ``model.forward_features(**batch)`` works on a TorchGeo-style batch.
+
+        Returns a dict with, for the modalities present:
+            ``hr_pyramid``: four maps (B, C_i, H/4/2^i, W/4/2^i);
+            ``s2``, ``s1``: (B, T, D_vit, h/4, w/4) per-frame ViT features (zeros where invalid);
+            ``fused``: (B, D, Hf, Wf) fusion output;
+            ``geo``: (B, 2D, Hf, Wf) fused features with geo-context (when lat/lon are given).
+        """
+        inputs = self.validate(dict(hr=hr, s2=s2, s2_dates=s2_dates, s2_mask=s2_mask, s1=s1,
+                                    s1_dates=s1_dates, s1_mask=s1_mask, lat=lat, lon=lon))
+        out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+        sequence = []
+        if "hr" in inputs:
+            pyramid = self.hr_encoder.forward_pyramid(inputs["hr"])
+            out["hr_pyramid"] = pyramid
+            always = torch.ones(pyramid[-1].shape[0], 1, dtype=torch.bool, device=pyramid[-1].device)
+            sequence.append((pyramid[-1][:, None], None, always))
+        for m in SENTINEL:
+            if m not in inputs:
+                continue
+            valid = inputs[f"{m}_mask"]
+            feats = self.encode_frames(m, inputs[m], valid)
+            out[m] = feats
+            b, t = feats.shape[:2]
+            projected = self.projection(m)(feats.flatten(0, 1))
+            sequence.append((projected.reshape((b, t) + projected.shape[1:]), inputs.get(f"{m}_dates"), valid))
+        fused = self.fusion(sequence)
+        out["fused"] = fused
+        if self.geo_context is not None and "lat" in inputs:
+            out["geo"] = self.geo_context(fused, inputs["lat"], inputs["lon"])
+        return out
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """The fused feature map, with geo-context when lat/lon are given: (B, D or 2D, Hf, Wf)."""
+        out = self.forward_features(**inputs)
+        return out.get("geo", out["fused"])  # type: ignore[return-value]

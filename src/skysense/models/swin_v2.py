@@ -1,0 +1,251 @@
+"""SwinV2 encoder for high-resolution optical images, with the authors' (mmcls 0.25) semantics.
+
+What matches the released SkySense HR weights, and differs from Microsoft's or timm's code:
+
+* Feature maps are zero-padded at the bottom/right to a multiple of the window **before** the
+  cyclic shift; padded tokens are not masked.
+* Patch merging concatenates each 2x2 neighbourhood channel-major (for every channel the
+  positions (0,0), (0,1), (1,0), (1,1)), then Linear 4C -> 2C without bias, then LayerNorm.
+* At the huge size, an extra LayerNorm is applied to the residual stream after every 6th block
+  of stage 3 (``extra_norm_every``).
+
+Shared with SwinV2 everywhere: res-post-norm blocks, cosine attention with a per-head learnable
+logit scale clamped at ln(100), a continuous position bias MLP (2 -> 512 -> heads) over
+log-spaced relative coordinates passed through 16 * sigmoid, q and v biases without a k bias.
+
+Our choice where the authors' code asserts: when a stage's map is no larger than one window
+(``min(H, W) <= window``), the shift is disabled (the official code does this when it equals
+the window, and refuses smaller maps unless padding is switched on).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skysense.config import SwinV2Config
+from skysense.models.layers import DropPath, Mlp, drop_path_rates
+from skysense.models.vit import pad_to_multiple
+
+
+def log_spaced_relative_coords(window: int) -> torch.Tensor:
+    """Relative coordinates of a window, ``(2w-1, 2w-1, 2)`` with channel 0 = dh, log-spaced."""
+    rel = torch.arange(-(window - 1), window, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(rel, rel, indexing="ij"), dim=-1)
+    table = table / max(window - 1, 1) * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """``(w*w, w*w)`` index into the flattened coordinate table for each query/key pair."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+    coords = coords.flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]) + (window - 1)
+    return rel[0] * (2 * window - 1) + rel[1]
+
+
+class WindowAttentionV2(nn.Module):
+    """Cosine window attention with a continuous position bias, through SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, window: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window = window
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        # Recomputed, never stored: the official files do not carry them either.
+        self.register_buffer("relative_coords_table", log_spaced_relative_coords(window), persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+
+    def position_bias(self) -> torch.Tensor:
+        """``(heads, w*w, w*w)`` bias 16 * sigmoid(CPB) for every query/key pair of a window."""
+        table = self.cpb_mlp(self.relative_coords_table).reshape(-1, self.num_heads)
+        n = self.window * self.window
+        bias = table[self.relative_position_index.reshape(-1)].reshape(n, n, self.num_heads)
+        return 16 * torch.sigmoid(bias.permute(2, 0, 1))
+
+    def forward(self, x: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
+        """``x``: (B, nW, N, C) windows; ``shift_mask``: (nW, N, N) additive or None."""
+        b, nw, n, c = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, nw, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        q = F.normalize(q, dim=-1) * scale
+        k = F.normalize(k, dim=-1)
+        attn_bias = self.position_bias().to(q.dtype)
+        if shift_mask is not None:
+            attn_bias = attn_bias + shift_mask[:, None].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0)
+        return self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
+
+
+def shifted_window_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
+    """``(nW, w*w, w*w)`` additive mask: -100 between tokens from different pre-shift regions."""
+    region = torch.zeros(height, width, device=device)
+    count = 0
+    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            region[hs, ws] = count
+            count += 1
+    windows = region.reshape(height // window, window, width // window, window).transpose(1, 2)
+    windows = windows.reshape(-1, window * window)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return torch.where(diff != 0, -100.0, 0.0)
+
+
+class SwinV2Block(nn.Module):
+    """Res-post-norm block: x + LN(WMSA(x)), then x + LN(MLP(x)), optional extra LN."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window: int,
+        shifted: bool,
+        mlp_ratio: float,
+        drop_path: float,
+        norm_eps: float,
+        extra_norm: bool,
+    ) -> None:
+        super().__init__()
+        self.window = window
+        self.shifted = shifted
+        self.attn = WindowAttentionV2(dim, num_heads, window)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm3 = nn.LayerNorm(dim, eps=norm_eps) if extra_norm else None
+        self.drop_path = DropPath(drop_path)
+
+    def window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, H, W, C) -> (B, H, W, C)."""
+        b, h, w, c = x.shape
+        win = self.window
+        x = pad_to_multiple(x.permute(0, 3, 1, 2), win).permute(0, 2, 3, 1)
+        hp, wp = x.shape[1], x.shape[2]
+        shift = win // 2 if self.shifted and min(h, w) > win else 0
+        mask = None
+        if shift:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+            mask = shifted_window_mask(hp, wp, win, shift, x.device)
+        windows = x.reshape(b, hp // win, win, wp // win, win, c).transpose(2, 3).reshape(b, -1, win * win, c)
+        windows = self.attn(windows, mask)
+        x = windows.reshape(b, hp // win, wp // win, win, win, c).transpose(2, 3).reshape(b, hp, wp, c)
+        if shift:
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        return x[:, :h, :w]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.norm1(self.window_attention(x)))
+        x = x + self.drop_path(self.norm2(self.mlp(x)))
+        if self.norm3 is not None:
+            x = self.norm3(x)
+        return x
+
+
+class PatchMerging(nn.Module):
+    """2x2 channel-major concatenation, Linear 4C -> 2C (no bias), then LayerNorm(2C)."""
+
+    def __init__(self, dim: int, norm_eps: float) -> None:
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
+        x = pad_to_multiple(x.permute(0, 3, 1, 2), 2)
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 2, w // 2, 4 * c)
+        return self.norm(self.reduction(x))
+
+
+class SwinV2Stage(nn.Module):
+    def __init__(self, config: SwinV2Config, index: int, rates: list[float]) -> None:
+        super().__init__()
+        dim = config.out_dims[index]
+        self.downsample = PatchMerging(dim // 2, config.norm_eps) if index > 0 else None
+        every = config.extra_norm_every
+        self.blocks = nn.ModuleList(
+            SwinV2Block(
+                dim,
+                config.num_heads[index],
+                config.window_size,
+                shifted=j % 2 == 1,
+                mlp_ratio=config.mlp_ratio,
+                drop_path=rates[j],
+                norm_eps=config.norm_eps,
+                extra_norm=index == 2 and every > 0 and (j + 1) % every == 0,
+            )
+            for j in range(config.depths[index])
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class SwinTransformerV2(nn.Module):
+    """SwinV2 returning a 4-level pyramid with strides 4, 8, 16, 32.
+
+    ``out_norms[i]`` normalises pyramid level ``i``; only the last one is part of the released
+    weights (the others are freshly initialised, as in the authors' downstream configs).
+    """
+
+    def __init__(self, config: SwinV2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.patch_embed = nn.Conv2d(config.in_chans, config.embed_dim, config.patch_size, config.patch_size)
+        self.patch_norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps)
+        rates = drop_path_rates(config.drop_path_rate, sum(config.depths))
+        starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
+        self.stages = nn.ModuleList(
+            SwinV2Stage(config, i, rates[starts[i] : starts[i] + config.depths[i]]) for i in range(len(config.depths))
+        )
+        self.out_norms = nn.ModuleList(nn.LayerNorm(d, eps=config.norm_eps) for d in config.out_dims)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def out_dims(self) -> tuple[int, ...]:
+        return self.config.out_dims
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, C, H, W) -> normalised patch tokens (B, H/4, W/4, D), padded as needed."""
+        x = self.patch_embed(pad_to_multiple(x, self.config.patch_size))
+        return self.patch_norm(x.permute(0, 2, 3, 1))
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``x``: (B, C, H, W) -> four maps (B, C_i, ceil(H / 4 / 2^i), ...), i = 0..3."""
+        x = self.embed(x)
+        outputs = []
+        for stage, norm in zip(self.stages, self.out_norms):
+            x = stage(x)
+            outputs.append(norm(x).permute(0, 3, 1, 2).contiguous())
+        return outputs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last pyramid level, (B, C_3, H/32, W/32), as used by the fusion."""
+        x = self.embed(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.out_norms[-1](x).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
