@@ -15,7 +15,6 @@ COMMAND_MODULES = (
     "skysense.commands.info",
     "skysense.commands.convert",
     "skysense.commands.demo",
-    "skysense.commands.datasets",
 )
 
 

@@ -56,6 +56,19 @@ class SkySense(nn.Module):
     def from_preset(cls, name: str) -> "SkySense":
         return cls(preset_config(name))
 
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu") -> "SkySense":
+        """Load a folder written by :meth:`save_pretrained` (safetensors + config.json)."""
+        from skysense.weights import from_pretrained
+
+        return from_pretrained(directory, map_location)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory``, atomically."""
+        from skysense.weights import save_pretrained
+
+        save_pretrained(self, directory)
+
     def encoder(self, modality: str) -> nn.Module:
         return {"hr": self.hr_encoder, "s2": self.s2_encoder, "s1": self.s1_encoder}[modality]
 

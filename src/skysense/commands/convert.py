@@ -1,0 +1,53 @@
+"""``skysense convert-official``: the authors' released ``.pth`` files -> safetensors + config."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from skysense.config import PRESETS, preset_config
+from skysense.models import SkySense
+from skysense.official import PARTS, convert_state_dicts, load_official_file
+from skysense.weights import save_pretrained
+
+_FLAGS = {"hr": "--hr", "s2": "--s2", "s1": "--s1", "s2_head": "--s2-head", "s1_head": "--s1-head", "fusion": "--fusion"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert-official",
+        help="convert the authors' released .pth state dicts (any subset) into safetensors + config.json",
+    )
+    for part in PARTS:
+        parser.add_argument(_FLAGS[part], dest=part, metavar="FILE", help=f"official {part} state dict (.pth)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--preset", default="huge", choices=sorted(PRESETS),
+                        help="architecture the files belong to (the release is 'huge')")
+    parser.add_argument("--strict", action="store_true", help="fail if any key is missing or unexpected")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    files = {part: getattr(args, part) for part in PARTS if getattr(args, part)}
+    if not files:
+        raise ValueError(f"give at least one of {', '.join(_FLAGS.values())}")
+    model = convert_official(files, args.preset, args.out, strict=args.strict)
+    print(f"wrote {args.out} (preset {model.config.preset})")
+    return 0
+
+
+def convert_official(files: dict[str, str], preset: str, out: str, strict: bool = False) -> SkySense:
+    """Convert the given official files and save the model; parts not given stay randomly initialised."""
+    config = preset_config(preset)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in SkySense(config).state_dict().items()}
+    parts = {part: load_official_file(path) for part, path in files.items()}
+    state, report = convert_state_dicts(parts, expected)
+    print(report.summary())
+    if strict and (report.missing or report.unexpected):
+        raise ValueError(f"--strict: {len(report.missing)} missing and {len(report.unexpected)} unexpected keys")
+    model = SkySense(config)
+    model.load_state_dict(state, strict=False)
+    save_pretrained(model, out, metadata={"converted_from": ",".join(sorted(files))})
+    return model
