@@ -14,7 +14,6 @@ import sys
 COMMAND_MODULES = (
     "skysense.commands.info",
     "skysense.commands.convert",
-    "skysense.commands.demo",
 )
 
 

@@ -1,0 +1,105 @@
+"""Sinkhorn-Knopp balance, region grid, prototype attention and EMA updates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from skysense import sinkhorn_knopp
+from skysense.config import GeoContextConfig
+from skysense.models.geo_context import GeoContextPrototypes, region_index
+
+
+@pytest.mark.parametrize("n, k", [(64, 8), (37, 5), (200, 100)])
+def test_sinkhorn_marginals_match_targets(n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    features = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1)
+    prototypes = torch.nn.functional.normalize(torch.randn(k, 16, generator=g), dim=1)
+    q = sinkhorn_knopp(features @ prototypes.T, epsilon=0.05, iterations=1000)
+    assert torch.allclose(q.sum(1), torch.ones(n), atol=1e-3)
+    assert torch.allclose(q.sum(0), torch.full((k,), n / k), atol=1e-3)
+
+
+def test_sinkhorn_custom_marginals() -> None:
+    scores = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    rows = torch.linspace(0.5, 1.5, 30)
+    cols = torch.tensor([0.1, 0.2, 0.3, 0.4]) * rows.sum()
+    q = sinkhorn_knopp(scores, iterations=1000, row_sums=rows, col_sums=cols)
+    assert torch.allclose(q.sum(1), rows, atol=1e-3)
+    assert torch.allclose(q.sum(0), cols, atol=1e-3)
+
+
+def test_sinkhorn_rejects_unequal_totals() -> None:
+    with pytest.raises(ValueError, match="must be equal"):
+        sinkhorn_knopp(torch.zeros(4, 2), row_sums=torch.ones(4), col_sums=torch.ones(2))
+
+
+def test_sinkhorn_follows_the_scores() -> None:
+    """With a clear preference and balanced sizes, each sample goes to its preferred cluster."""
+    scores = torch.eye(4).repeat(5, 1)  # 20 samples, 5 preferring each of 4 clusters
+    q = sinkhorn_knopp(scores, epsilon=0.05)
+    assert torch.equal(q.argmax(1), torch.arange(4).repeat(5))
+
+
+def test_region_grid_is_equal_area_and_covers_the_globe() -> None:
+    lat = torch.linspace(-90, 90, 2001)
+    lon = torch.zeros_like(lat)
+    bands = region_index(lat, lon, lat_bands=64, lon_bins=64) // 64
+    assert bands.min() == 0 and bands.max() == 63
+    # Equal area: uniform points on the sphere (uniform in sin(lat)) fill bands evenly.
+    sin_lat = torch.linspace(-1, 1, 64001)[:-1] + 1 / 64000
+    lat_uniform = torch.rad2deg(torch.asin(sin_lat))
+    counts = torch.bincount(region_index(lat_uniform, torch.zeros_like(lat_uniform), 64, 64) // 64, minlength=64)
+    assert counts.min() >= 990 and counts.max() <= 1010
+    corners = region_index(torch.tensor([-90.0, 90.0, 0.0]), torch.tensor([-180.0, 180.0, 0.0]), 64, 64)
+    assert corners.tolist() == [0, 64 * 64 - 1, 32 * 64 + 32]
+
+
+def test_geo_context_attends_to_its_region_only() -> None:
+    torch.manual_seed(0)
+    geo = GeoContextPrototypes(GeoContextConfig(lat_bands=4, lon_bins=4, num_prototypes=3), dim=8)
+    features = torch.randn(1, 8, 2, 2)
+    lat, lon = torch.tensor([10.0]), torch.tensor([20.0])
+    out = geo(features, lat, lon)
+    assert out.shape == (1, 16, 2, 2)
+    assert torch.equal(out[:, :8], features)
+    region = int(geo.regions(lat, lon))
+    protos = geo.prototypes[region]
+    query = features[0, :, 0, 0]
+    expected = torch.softmax(protos @ query / math.sqrt(8), 0) @ protos
+    torch.testing.assert_close(out[0, 8:, 0, 0], expected)
+    other = geo.prototypes.clone()
+    other[region] = 0
+    geo.prototypes.copy_(other)
+    assert torch.equal(geo(features, lat, lon)[:, 8:], torch.zeros(1, 8, 2, 2))
+
+
+def test_assignment_is_balanced_per_region() -> None:
+    torch.manual_seed(1)
+    geo = GeoContextPrototypes(GeoContextConfig(lat_bands=2, lon_bins=2, num_prototypes=4), dim=16)
+    features = torch.randn(40, 16)
+    regions = torch.tensor([0] * 24 + [3] * 16)
+    s = geo.assign(features, regions)
+    assert torch.allclose(s.sum(1), torch.ones(40), atol=1e-3)
+    assert torch.allclose(s[:24].sum(0), torch.full((4,), 6.0), atol=1e-3)
+    assert torch.allclose(s[24:].sum(0), torch.full((4,), 4.0), atol=1e-3)
+
+
+def test_ema_update_is_exact() -> None:
+    torch.manual_seed(2)
+    geo = GeoContextPrototypes(GeoContextConfig(lat_bands=2, lon_bins=2, num_prototypes=3), dim=4)
+    before = geo.prototypes.clone()
+    features = torch.randn(5, 4)
+    regions = torch.tensor([1, 1, 1, 2, 2])
+    s = torch.rand(5, 3)
+    s[:, 2] = 0  # prototype 2 gets no mass and must stay unchanged
+    geo.ema_update(features, regions, s, momentum=0.9)
+    for r, rows in ((1, slice(0, 3)), (2, slice(3, 5))):
+        target = (s[rows].T @ features[rows]) / s[rows].sum(0)[:, None]
+        expected = 0.9 * before[r, :2] + 0.1 * target[:2]
+        torch.testing.assert_close(geo.prototypes[r, :2], expected)
+        assert torch.equal(geo.prototypes[r, 2], before[r, 2])
+    assert torch.equal(geo.prototypes[0], before[0])
+    assert torch.equal(geo.prototypes[3], before[3])
