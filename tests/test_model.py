@@ -13,7 +13,7 @@ import torch
 from skysense import SkySense, preset_config
 from skysense.parameters import count_parameters
 
-from conftest import tiny_inputs
+from model_inputs import tiny_inputs
 
 SUBSETS = [("hr",), ("s2",), ("s1",), ("s2", "s1"), ("hr", "s2", "s1"), ("hr", "s2"), ("hr", "s1")]
 

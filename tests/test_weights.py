@@ -13,7 +13,7 @@ from skysense.cli import main
 from skysense.official import convert_state_dicts, to_official
 from skysense.weights import from_pretrained
 
-from conftest import tiny_inputs
+from model_inputs import tiny_inputs
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_keys"
 OFFICIAL_FILES = {"hr": "backbone_hr", "s2": "backbone_s2", "s1": "backbone_s1",

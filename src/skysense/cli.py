@@ -14,6 +14,8 @@ import sys
 COMMAND_MODULES = (
     "skysense.commands.info",
     "skysense.commands.convert",
+    "skysense.commands.demo",
+    "skysense.commands.datasets",
 )
 
 

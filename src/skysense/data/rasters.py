@@ -226,7 +226,7 @@ def read_band_files(
             valid &= (band_mask[0] > 0) & np.isfinite(band_data[0])
         transform = rasterio.windows.transform(win, ref.transform)
         if out_shape is not None:
-            transform = transform * Affine.scale(win.width / shape[1], win.height / shape[0])
+            transform = transform @ Affine.scale(win.width / shape[1], win.height / shape[0])
         return RasterStack(data, valid, tuple(names), ref.crs, transform, tuple(paths))
     finally:
         for src in sources:
@@ -301,6 +301,6 @@ def center_latlon(crs: CRS | None, transform: Affine, height: int, width: int, w
     """
     if crs is None:
         raise RasterReadError(f"{where}: no CRS, cannot compute the latitude/longitude of its footprint")
-    x, y = transform * (width / 2.0, height / 2.0)
+    x, y = transform @ (width / 2.0, height / 2.0)
     lons, lats = rasterio.warp.transform(crs, "EPSG:4326", [x], [y])
     return float(lats[0]), float(lons[0])

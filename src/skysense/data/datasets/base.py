@@ -1,0 +1,108 @@
+"""Common base of the dataset classes: an indexed list of items, splits, and corrupt-sample skipping."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch.utils.data import Dataset
+
+from skysense.data.sample import check_sample
+
+log = logging.getLogger("skysense.data")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sample on disk: an id, its split, its main path and loader-specific extras."""
+
+    id: str
+    split: str
+    path: Path
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+class SampleDataset(Dataset):
+    """A torch Dataset of sample dicts (see :mod:`skysense.data.sample`).
+
+    Subclasses set ``name``, ``splits`` and ``bands`` and implement ``_index()`` (list the items
+    of the root) and ``_load(item)`` (read one sample).
+
+    Args:
+        root: the dataset folder.
+        split: one of ``splits`` or None for every item.
+        skip_corrupt: when a sample cannot be read, log it and return the next readable sample
+            instead of raising; ``skipped`` records ``item id -> error`` (per process: each
+            DataLoader worker keeps its own record).
+    """
+
+    name: ClassVar[str] = ""
+    splits: ClassVar[tuple[str, ...]] = ()
+    bands: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __init__(self, root: str | Path, split: str | None = None, skip_corrupt: bool = False) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.name}: dataset root {self.root} does not exist")
+        if split is not None and split not in self.splits:
+            raise ValueError(f"{self.name}: split: expected one of {self.splits} or None, got {split!r}")
+        self.split = split
+        self.skip_corrupt = skip_corrupt
+        self.skipped: dict[str, str] = {}
+        items = self._index()
+        self.items: list[Item] = [it for it in items if split is None or it.split == split]
+
+    # -- to implement ------------------------------------------------------------------------
+    def _index(self) -> list[Item]:
+        raise NotImplementedError
+
+    def _load(self, item: Item) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- Dataset -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Read one sample, raising on any error (never skips)."""
+        item = self.items[index]
+        sample = self._load(item)
+        sample.setdefault("id", item.id)
+        check_sample(sample, where=f"{self.name} {item.path}")
+        return sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not self.skip_corrupt:
+            return self.load(index)
+        for offset in range(len(self.items)):
+            i = (index + offset) % len(self.items)
+            try:
+                return self.load(i)
+            except (ValueError, FileNotFoundError, OSError) as error:
+                item = self.items[i]
+                if item.id not in self.skipped:
+                    self.skipped[item.id] = str(error)
+                    log.warning("%s: skipped sample %s (%s): %s; %d skipped so far",
+                                self.name, item.id, item.path, error, len(self.skipped))
+        raise ValueError(f"{self.name}: every sample under {self.root} failed to load ({len(self.skipped)} skipped)")
+
+    @property
+    def skipped_count(self) -> int:
+        """How many distinct samples were skipped as corrupt so far."""
+        return len(self.skipped)
+
+    def split_counts(self) -> dict[str, int]:
+        """Number of items per split (of the selected items)."""
+        return dict(sorted(Counter(it.split for it in self.items).items()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, items={len(self)})"
+
+
+def scalar(value: float) -> torch.Tensor:
+    """A float32 scalar tensor (``lat``, ``lon``)."""
+    return torch.tensor(float(value), dtype=torch.float32)
