@@ -1,0 +1,74 @@
+"""Geo-context prototype learning of SkySense (Guo et al., 2024).
+
+Per pixel, the teacher's fused feature is assigned to its region's prototypes with
+Sinkhorn-Knopp (:meth:`GeoContextPrototypes.assign`, SwAV-style balanced codes, Caron et al.,
+2020). The student predicts that assignment: a softmax over the cosine similarities of its own
+fused feature to the same region's prototypes, divided by a temperature (SwAV's 0.1; the paper
+does not publish it), trained with cross-entropy. Prototypes get no gradient: after the
+optimiser step :meth:`GeoPrototypeLoss.update_prototypes` moves them towards the teacher
+features assigned to them (EMA; momentum unpublished, 0.99 by default).
+
+Each view's student pixels predict the same view's teacher assignment (the teacher is a
+different, slowly moving network, so this is not trivial, unlike SwAV's single network which
+needs swapped views). Both views are of one place, so they share ``lat``/``lon``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skysense.models.geo_context import GeoContextPrototypes
+
+
+class GeoPrototypeLoss(nn.Module):
+    """Cross-entropy of student prototype scores against the teacher's Sinkhorn assignment.
+
+    The last forward's teacher features, regions and assignment are kept (detached) for
+    :meth:`update_prototypes`, which consumes them.
+    """
+
+    def __init__(self, temperature: float = 0.1, epsilon: float = 0.05, momentum: float = 0.99) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.epsilon = epsilon
+        self.momentum = momentum
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(
+        self,
+        student_maps: Sequence[torch.Tensor],
+        teacher_maps: Sequence[torch.Tensor],
+        lat: torch.Tensor,
+        lon: torch.Tensor,
+        prototypes: GeoContextPrototypes,
+    ) -> torch.Tensor:
+        """One fused (B, D, H, W) map per view; ``lat``, ``lon``: (B,) degrees -> scalar loss."""
+        regions = prototypes.regions(lat, lon)  # (B,)
+        bank = F.normalize(prototypes.prototypes[regions].float(), dim=-1)  # (B, P, D)
+        losses, kept_features, kept_regions, kept_assignments = [], [], [], []
+        for student, teacher in zip(student_maps, teacher_maps, strict=True):
+            b, _, h, w = teacher.shape
+            pixels = teacher.detach().flatten(2).transpose(1, 2).flatten(0, 1)  # (B*H*W, D)
+            pixel_regions = regions.repeat_interleave(h * w)
+            assignment = prototypes.assign(pixels, pixel_regions, self.epsilon)  # (B*H*W, P)
+            queries = F.normalize(student.flatten(2).transpose(1, 2).float(), dim=-1)  # (B, H*W, D)
+            scores = (queries @ bank.transpose(1, 2)).flatten(0, 1) / self.temperature
+            losses.append(-(assignment * F.log_softmax(scores, dim=-1)).sum(-1).mean())
+            kept_features.append(pixels)
+            kept_regions.append(pixel_regions)
+            kept_assignments.append(assignment)
+        self._pending = (torch.cat(kept_features), torch.cat(kept_regions), torch.cat(kept_assignments))
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def update_prototypes(self, prototypes: GeoContextPrototypes) -> None:
+        """EMA of the prototypes towards the last forward's teacher features; call after the step."""
+        if self._pending is None:
+            raise RuntimeError("GeoPrototypeLoss.update_prototypes: no forward since the last update")
+        features, regions, assignment = self._pending
+        prototypes.ema_update(features, regions, assignment, self.momentum)
+        self._pending = None

@@ -1,0 +1,91 @@
+"""Object-level contrast of SkySense's multi-granularity contrastive learning (Guo et al., 2024).
+
+The paper clusters each image's pixel features into N_C clusters with Sinkhorn-Knopp and
+contrasts the cluster centres. Unpublished, so chosen here:
+
+* What is clustered: the teacher's pixel features on the views' common overlap grid, averaged
+  over the two views, so one assignment holds for both views and centre ``k`` of one view is
+  matched with centre ``k`` of the other.
+* How: a few rounds of balanced k-means on the unit sphere; each round assigns the pixels to
+  the current centroids with Sinkhorn-Knopp (SwAV, Caron et al., 2020: equal cluster sizes,
+  soft assignment) and moves each centroid to the normalised mean of its pixels. Centroids start
+  at ``N_C`` pixels evenly spaced in raster order, so the result is deterministic.
+* Pooling: student and teacher centres are the assignment-weighted means of their own pixel
+  features, with the same (teacher-derived, gradient-free) assignment.
+* Loss: DINO's centred, sharpened cross-entropy (Caron et al., 2021) between the student's
+  centre ``k`` of view ``a`` and the teacher's centre ``k`` of view ``b != a``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skysense.pretrain.dino_loss import CenteredCrossEntropy
+from skysense.sinkhorn import sinkhorn_knopp
+
+# Column sums are H*W / N_C, so an absolute tolerance would be out of float32's reach for large maps.
+RELATIVE_TOLERANCE = 1e-4
+
+
+class ObjectContrastLoss(nn.Module):
+    """Sinkhorn clustering of teacher pixels into ``num_clusters`` objects; DINO loss on centres."""
+
+    def __init__(
+        self, out_dim: int, num_clusters: int = 8, rounds: int = 3, epsilon: float = 0.05,
+        sinkhorn_iterations: int = 1000, student_temperature: float = 0.1, teacher_temperature: float = 0.04,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.num_clusters = num_clusters
+        self.rounds = rounds
+        self.epsilon = epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.criterion = CenteredCrossEntropy(out_dim, student_temperature, teacher_temperature, center_momentum)
+
+    @torch.no_grad()
+    def assign(self, maps: torch.Tensor) -> torch.Tensor:
+        """Balanced soft clustering of each image's pixels: (B, D, H, W) -> (B, H*W, N_C).
+
+        Rows sum to 1; each column sums to ``H*W / N_C`` to a relative ``1e-4`` (or as close as
+        ``sinkhorn_iterations`` rounds get).
+        """
+        pixels = F.normalize(maps.detach().float().flatten(2).transpose(1, 2), dim=-1)  # (B, N, D)
+        n = pixels.shape[1]
+        start = torch.linspace(0, n - 1, self.num_clusters, device=maps.device).round().long()
+        tolerance = RELATIVE_TOLERANCE * n / self.num_clusters
+        assignments = []
+        for x in pixels:  # one clustering per image
+            q = sinkhorn_knopp(x @ x[start].T, self.epsilon, self.sinkhorn_iterations, tolerance=tolerance)
+            for _ in range(self.rounds):
+                centroids = F.normalize(q.T @ x, dim=-1)
+                q = sinkhorn_knopp(x @ centroids.T, self.epsilon, self.sinkhorn_iterations, tolerance=tolerance)
+            assignments.append(q)
+        return torch.stack(assignments)
+
+    @staticmethod
+    def pool(maps: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+        """Cluster centres: (B, D, H, W) with (B, H*W, N_C) -> (B * N_C, D)."""
+        weights = assignment.to(maps.dtype)
+        weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
+        return torch.einsum("bdn,bnk->bkd", maps.flatten(2), weights).flatten(0, 1)
+
+    def forward(
+        self,
+        student_maps: Sequence[torch.Tensor],
+        teacher_maps: Sequence[torch.Tensor],
+        student_head: nn.Module,
+        teacher_head: nn.Module,
+    ) -> torch.Tensor:
+        """One (B, D, H, W) map per view, all on the common overlap grid -> scalar loss."""
+        shapes = {tuple(m.shape) for m in list(student_maps) + list(teacher_maps)}
+        if len(shapes) != 1:
+            raise ValueError(f"ObjectContrastLoss: views must share one overlap grid, got shapes {sorted(shapes)}")
+        assignment = self.assign(torch.stack(list(teacher_maps)).mean(0))
+        student = [student_head(self.pool(m, assignment)) for m in student_maps]
+        with torch.no_grad():
+            teacher = [teacher_head(self.pool(m, assignment)) for m in teacher_maps]
+        return self.criterion.cross_view(student, teacher)
