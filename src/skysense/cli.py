@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "skysense.commands.convert",
     "skysense.commands.demo",
     "skysense.commands.datasets",
+    "skysense.commands.pretrain",
 )
 
 

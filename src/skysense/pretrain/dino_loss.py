@@ -9,6 +9,7 @@ is the mean teacher output of the local batch: under data parallelism it is not 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -37,8 +38,15 @@ class CenteredCrossEntropy(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_scores: torch.Tensor) -> None:
-        """``c <- m c + (1 - m) mean(teacher_scores)`` over the rows of (N, K) scores."""
+        """``c <- m c + (1 - m) mean(teacher_scores)`` over the rows of (N, K) scores.
+
+        Under torch.distributed the mean is over every process's rows (equal counts assumed), so
+        N processes give the same centre as one process with the whole batch.
+        """
         mean = teacher_scores.detach().float().mean(0, keepdim=True)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
         self.center.mul_(self.center_momentum).add_(mean, alpha=1.0 - self.center_momentum)
 
     def cross_view(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:

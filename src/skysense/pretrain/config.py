@@ -1,0 +1,99 @@
+"""Typed configuration of a pretraining run, read from YAML with command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from skysense.pretrain.objective import HeadConfig, PretrainObjectiveConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the pretraining images come from and how views are cut."""
+
+    dataset: str = "aid"
+    # Folder of the dataset; None: $SKYSENSE_DATA/<dataset>.
+    root: str | None = None
+    split: str = "train"
+    # Side of each HR view in pixels after the random resized crop.
+    view_size: int = 128
+    # Range of the crop's side as a fraction of the image side.
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.04
+    warmup_steps: int = 10
+    grad_clip: float = 3.0
+    teacher_momentum: float = 0.996
+    final_teacher_momentum: float = 1.0
+
+
+@dataclass
+class PretrainConfig:
+    """One pretraining run. ``batch_size`` is global: each of N processes takes 1/N of it."""
+
+    preset: str = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: PretrainObjectiveConfig = field(default_factory=PretrainObjectiveConfig)
+    batch_size: int = 32
+    max_steps: int = 100
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 50
+    compile: bool = False
+    activation_checkpointing: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PretrainConfig":
+        return _build(cls, data, "config")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "PretrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: pretraining config not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from error
+
+
+_NESTED = {
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "objective": PretrainObjectiveConfig,
+    "head": HeadConfig,
+}
+
+
+def _build(kind: type, values: dict[str, Any], where: str) -> Any:
+    fields = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - fields
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} in {where!r}; expected a subset of {sorted(fields)}")
+    kwargs = {}
+    for key, value in values.items():
+        if key in _NESTED and isinstance(value, dict):
+            kwargs[key] = _build(_NESTED[key], value, f"{where}.{key}")
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return kind(**kwargs)

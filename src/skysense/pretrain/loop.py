@@ -1,0 +1,282 @@
+"""The pretraining loop: one readable function for one process or many (torchrun).
+
+Per step: student and EMA teacher encode two aligned views; the composed objective gives the
+loss; AdamW with warm-up + cosine LR and gradient clipping updates the student and its heads;
+then the teacher, its heads and the geo-context prototypes follow by EMA.
+
+Everything that decides a step (data order, view augmentation, stochastic depth) is seeded by
+``(seed, step)``, so a resumed run repeats an uninterrupted one exactly, and N processes sharing
+a global batch match one process.
+
+Output folder:
+    ``model.safetensors`` + ``config.json``   the student, loadable with ``--weights DIR``
+    ``training_state.pt``                     everything needed to resume (weights-only pickle)
+    ``metrics.csv``                           one row per step
+    ``tensorboard/``                          the same metrics, when tensorboard is installed
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from skysense.config import preset_config
+from skysense.data.datasets import DATASETS, DEFAULT_SUBDIRS
+from skysense.distributed import (
+    DistributedContext,
+    apply_activation_checkpointing,
+    barrier,
+    close_distributed,
+    init_distributed,
+    mean_across_processes,
+    wrap_data_parallel,
+)
+from skysense.models import SkySense
+from skysense.models.layers import TransformerBlock
+from skysense.models.swin_v2 import SwinV2Block
+from skysense.pretrain.config import PretrainConfig
+from skysense.pretrain.data import StepBatchSampler, ViewPairDataset, collate_view_pairs
+from skysense.pretrain.objective import SkySensePretrainingObjective
+from skysense.pretrain.teacher import build_teacher, cosine_momentum, ema_update
+from skysense.weights import atomic_write, save_pretrained
+
+STATE_NAME = "training_state.pt"
+METRICS_NAME = "metrics.csv"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the offending terms."""
+
+
+class PretrainingModel(nn.Module):
+    """Student, EMA teacher and the objective (with its heads) as one module."""
+
+    def __init__(self, config: PretrainConfig) -> None:
+        super().__init__()
+        model_config = preset_config(config.preset)
+        self.student = SkySense(model_config)
+        self.objective = SkySensePretrainingObjective(model_config, config.objective)
+        self.teacher = build_teacher(self.student)
+
+    def forward(self, views: tuple[dict[str, torch.Tensor], ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        student = [self.student.forward_features(**view) for view in views]
+        with torch.no_grad():
+            teacher = [self.teacher.forward_features(**view) for view in views]
+        total, terms = self.objective(student, teacher, views, prototypes=self.student.geo_context)
+        terms.update(collapse_monitors(student, teacher))
+        return total, terms
+
+
+@torch.no_grad()
+def collapse_monitors(student: list[dict], teacher: list[dict]) -> dict[str, torch.Tensor]:
+    """Signals of representation collapse, on the pooled fused features.
+
+    ``monitor/feature_std``: per-dimension std over the batch of L2-normalised features, times
+    sqrt(D): about 1 for spread features, 0 when every sample maps to one point.
+    ``monitor/teacher_similarity``: mean cosine similarity between different samples' teacher
+    features: near 1 means collapse.
+    """
+    s = torch.nn.functional.normalize(student[0]["fused"].float().mean((-2, -1)), dim=1)
+    t = torch.nn.functional.normalize(teacher[0]["fused"].float().mean((-2, -1)), dim=1)
+    monitors = {"monitor/feature_std": s.std(0).mean() * math.sqrt(s.shape[1])}
+    if t.shape[0] > 1:
+        sim = t @ t.T
+        off = sim.sum() - sim.diagonal().sum()
+        monitors["monitor/teacher_similarity"] = off / (t.shape[0] * (t.shape[0] - 1))
+    return monitors
+
+
+def learning_rate(step: int, config: PretrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    o = config.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, config.max_steps - o.warmup_steps)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def parameter_groups(module: PretrainingModel, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms, biases, tokens and tables are not decayed."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad or name.startswith("teacher."):
+            continue
+        (decay if param.ndim >= 2 and "day_of_year" not in name else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_image_dataset(config: PretrainConfig, data_root: str | None) -> torch.utils.data.Dataset:
+    name = config.data.dataset
+    if name not in DATASETS:
+        raise ValueError(f"data.dataset: unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    root = data_root or config.data.root
+    if root is None:
+        base = os.environ.get("SKYSENSE_DATA")
+        if not base:
+            raise ValueError("no data root: pass --data-root, set data.root, or set SKYSENSE_DATA")
+        root = str(Path(base) / DEFAULT_SUBDIRS.get(name, name))
+    return DATASETS[name](root, split=config.data.split)
+
+
+def _save_state(out: Path, step: int, module: PretrainingModel, optimizer: torch.optim.Optimizer,
+                config: PretrainConfig) -> None:
+    state = {"step": step, "module": module.state_dict(), "optimizer": optimizer.state_dict(),
+             "config": config.to_dict()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    save_pretrained(module.student, out, metadata={"pretrain_step": str(step)})
+    atomic_write(out / STATE_NAME, lambda p: p.write_bytes(buffer.getvalue()))
+
+
+def _load_state(out: Path, module: PretrainingModel, optimizer: torch.optim.Optimizer,
+                config: PretrainConfig) -> int:
+    path = out / STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: nothing to resume from")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("preset", "batch_size", "seed"):
+        if state["config"][key] != getattr(config, key):
+            raise ValueError(f"{path}: cannot resume: {key} was {state['config'][key]!r}, "
+                             f"now {getattr(config, key)!r}")
+    module.load_state_dict(state["module"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+class MetricsLog:
+    """CSV (rewritten atomically on resume, keeping rows up to the checkpoint) and TensorBoard."""
+
+    def __init__(self, out: Path, resume_step: int) -> None:
+        self.path = out / METRICS_NAME
+        self.rows: list[dict[str, str]] = []
+        if resume_step and self.path.is_file():
+            with self.path.open() as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) < resume_step]
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
+        except ImportError:
+            pass
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        self.rows.append({"step": str(step), **{k: repr(float(v)) for k, v in values.items()}})
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        fields = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
+
+        def write(path: Path) -> None:
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        atomic_write(self.path, write)
+        if self.writer is not None:
+            self.writer.flush()
+
+
+def pretrain(
+    config: PretrainConfig,
+    out: str | os.PathLike,
+    data_root: str | None = None,
+    resume: bool = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Run (or resume) pretraining; returns the metrics rows of the steps run by this call."""
+    out = Path(out)
+    if max_steps is not None:
+        config.max_steps = max_steps
+    context = init_distributed()
+    try:
+        return _pretrain(config, out, data_root, resume, progress, context)
+    finally:
+        close_distributed()
+
+
+def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: bool, progress: bool,
+              context: DistributedContext) -> list[dict[str, float]]:
+    if (out / STATE_NAME).exists() and not resume:
+        raise ValueError(f"{out / STATE_NAME} exists: pass --resume to continue it, or choose another --out")
+    torch.manual_seed(config.seed)  # identical initialisation on every process
+    module = PretrainingModel(config).to(context.device)
+    if config.activation_checkpointing:
+        apply_activation_checkpointing(module.student, (TransformerBlock, SwinV2Block))
+    optimizer = torch.optim.AdamW(parameter_groups(module, config.optim.weight_decay), lr=config.optim.lr)
+    start = _load_state(out, module, optimizer, config) if resume else 0
+    wrapped = wrap_data_parallel(module, context)
+    step_fn = torch.compile(wrapped) if config.compile else wrapped
+
+    images = build_image_dataset(config, data_root)
+    pairs = ViewPairDataset(images, module.student.config, config.data.view_size, config.data.crop_scale)
+    sampler = StepBatchSampler(len(pairs), config.batch_size, config.seed, start, config.max_steps,
+                               context.rank, context.world_size)
+    loader = torch.utils.data.DataLoader(pairs, batch_sampler=sampler, collate_fn=collate_view_pairs,
+                                         num_workers=config.data.num_workers,
+                                         persistent_workers=config.data.num_workers > 0)
+    log = MetricsLog(out, start) if context.is_main else None
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if context.device.type == "cuda" else nullcontext())
+    bar = tqdm(total=config.max_steps, initial=start, desc="pretrain", disable=not (progress and context.is_main))
+    rows: list[dict[str, float]] = []
+    module.train()
+    started = time.perf_counter()
+    for step, views in zip(range(start, config.max_steps), loader):
+        views = tuple({k: v.to(context.device) for k, v in view.items()} for view in views)
+        lr = learning_rate(step, config)
+        momentum = cosine_momentum(step, config.max_steps, config.optim.teacher_momentum,
+                                   config.optim.final_teacher_momentum)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(config.seed * 1_000_003 + step * 7919 + context.rank)  # stochastic depth
+        with autocast:
+            total, terms = step_fn(views)
+        if not torch.isfinite(total):
+            bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+            raise NonFiniteLossError(
+                f"step {step}: loss is {total.item()} (non-finite terms: {', '.join(bad) or 'none individually'}); "
+                f"stopped without saving, the last checkpoint in {out} is intact"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], config.optim.grad_clip
+        )
+        optimizer.step()
+        with torch.no_grad():
+            if "geo" in terms:
+                module.objective.update_prototypes(module.student.geo_context)
+            module.objective.update_teacher_heads(momentum)
+            ema_update(module.teacher, module.student, momentum)
+        values = {"loss": total.detach(), **terms}
+        values = {k: float(mean_across_processes(v.float())) for k, v in values.items()}
+        values.update(lr=lr, teacher_momentum=momentum, grad_norm=float(grad_norm))
+        rows.append({"step": step, **values})
+        done = step + 1
+        if log is not None:
+            log.add(step, values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+        if done % config.checkpoint_every == 0 or done == config.max_steps:
+            if context.is_main:
+                log.flush()
+                _save_state(out, done, module, optimizer, config)
+            barrier()
+    bar.close()
+    if context.is_main and rows:
+        elapsed = time.perf_counter() - started
+        print(f"pretrain: steps {start}..{config.max_steps - 1} in {elapsed:.1f}s; weights and state in {out}")
+    return rows

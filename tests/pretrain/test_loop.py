@@ -1,0 +1,140 @@
+"""The pretraining loop: resume after a real kill, 2 processes vs 1, NaN handling, outputs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from skysense import SkySense
+from skysense.pretrain.config import PretrainConfig
+from skysense.pretrain.loop import STATE_NAME, NonFiniteLossError, pretrain
+from skysense.pretrain.objective import SkySensePretrainingObjective
+
+CONFIG = {
+    "preset": "tiny",
+    "batch_size": 4,
+    "max_steps": 6,
+    "seed": 3,
+    "checkpoint_every": 2,
+    "data": {"dataset": "aid", "split": "train", "view_size": 64, "num_workers": 0},
+    "optim": {"lr": 0.001, "warmup_steps": 2},
+    "objective": {"head": {"hidden_dim": 64, "bottleneck_dim": 32, "out_dim": 128},
+                  "num_clusters": 2, "cluster_rounds": 1, "sinkhorn_iterations": 20},
+}
+
+
+@pytest.fixture(scope="module")
+def aid_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small AID-layout folder: 2 classes x 6 real-looking textured JPEGs."""
+    root = tmp_path_factory.mktemp("aid")
+    rng = np.random.default_rng(0)
+    for cls in ("Farmland", "Port"):
+        (root / cls).mkdir()
+        for n in range(1, 7):
+            base = rng.integers(0, 255, size=(3,), dtype=np.uint8)
+            noise = rng.integers(0, 60, size=(72, 72, 3), dtype=np.uint8)
+            Image.fromarray((base + noise).astype(np.uint8)).save(root / cls / f"{cls.lower()}_{n}.jpg")
+    return root
+
+
+def _write_config(path: Path, **changes: object) -> Path:
+    config = {**CONFIG, **changes}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _losses(out: Path) -> list[float]:
+    with (out / "metrics.csv").open() as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "skysense.cli", *args]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path, aid_like: Path) -> None:
+    config = _write_config(tmp_path / "config.yaml")
+    common = ["pretrain", "--config", str(config), "--data-root", str(aid_like), "--no-progress"]
+    subprocess.run(_cli(*common, "--out", str(tmp_path / "straight")), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli(*common, "--out", str(killed)), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / STATE_NAME).exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    state = torch.load(killed / STATE_NAME, weights_only=True)
+    assert 2 <= state["step"] < 6
+    subprocess.run(_cli(*common, "--out", str(killed), "--resume"), check=True, capture_output=True)
+
+    straight, resumed = _losses(tmp_path / "straight"), _losses(killed)
+    assert len(straight) == len(resumed) == 6
+    np.testing.assert_allclose(resumed, straight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path: Path, aid_like: Path) -> None:
+    config = _write_config(tmp_path / "config.yaml", max_steps=3, checkpoint_every=3)
+    common = ["pretrain", "--config", str(config), "--data-root", str(aid_like), "--no-progress"]
+    subprocess.run(_cli(*common, "--out", str(tmp_path / "one")), check=True, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "skysense.cli", *common, "--out", str(tmp_path / "two")]
+    result = subprocess.run(torchrun, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=0, atol=1e-4)
+
+
+def test_outputs_load_as_weights_and_refuse_overwrite(tmp_path: Path, aid_like: Path) -> None:
+    config = PretrainConfig.from_dict({**CONFIG, "max_steps": 2})
+    rows = pretrain(config, tmp_path, data_root=str(aid_like), progress=False)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert {"pixel/hr", "object/fused", "image/hr", "monitor/feature_std"} <= set(rows[0])
+    model = SkySense.from_pretrained(str(tmp_path))
+    assert model.config.preset == "tiny"
+    with pytest.raises(ValueError, match="exists: pass --resume"):
+        pretrain(PretrainConfig.from_dict(CONFIG), tmp_path, data_root=str(aid_like), progress=False)
+
+
+def test_nan_loss_stops_naming_step_and_term(tmp_path: Path, aid_like: Path, monkeypatch) -> None:
+    config = PretrainConfig.from_dict({**CONFIG, "checkpoint_every": 1})
+    original = SkySensePretrainingObjective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        total, terms = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["object/hr"] = torch.tensor(float("nan"))
+            total = total + terms["object/hr"]
+        return total, terms
+
+    monkeypatch.setattr(SkySensePretrainingObjective, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 2: loss is nan \(non-finite terms: object/hr\)"):
+        pretrain(config, tmp_path, data_root=str(aid_like), progress=False)
+    state = torch.load(tmp_path / STATE_NAME, weights_only=True)
+    assert state["step"] == 2
+    assert _losses(tmp_path) and len(_losses(tmp_path)) == 2
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "optim": {"lrate": 1.0}}))
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown keys \['lrate'\] in 'config.optim'"):
+        PretrainConfig.from_yaml(path)
