@@ -249,8 +249,12 @@ def read_stacked(
     file_bands: Sequence[str],
     select: Sequence[str] | None = None,
     window: Window | None = None,
+    out_shape: tuple[int, int] | None = None,
 ) -> RasterStack:
     """Read bands by name from one multi-band file whose band order is ``file_bands``.
+
+    ``out_shape`` (H, W) resamples the (windowed) footprint bilinearly onto that many pixels
+    (used to put frames of a time series that differ by a pixel onto one grid).
 
     Raises:
         RasterReadError: the file's band count differs from ``len(file_bands)``, or it is unreadable.
@@ -268,9 +272,13 @@ def read_stacked(
                 f"wrong band count: {path} has {src.count} bands, expected {len(names)} ({', '.join(names)})"
             )
         indexes = [names.index(b) + 1 for b in wanted]
-        data, masks = _read(src, path, indexes, window, None, Resampling.nearest)
+        resampling = Resampling.nearest if out_shape is None else Resampling.bilinear
+        data, masks = _read(src, path, indexes, window, out_shape, resampling)
         valid = np.all(masks > 0, axis=0) & np.all(np.isfinite(data), axis=0)
         transform = src.transform if window is None else rasterio.windows.transform(window, src.transform)
+        if out_shape is not None:
+            win = window if window is not None else Window(0, 0, src.width, src.height)
+            transform = transform @ Affine.scale(win.width / out_shape[1], win.height / out_shape[0])
         return RasterStack(data, valid, tuple(wanted), src.crs, transform, (path,) * len(wanted))
 
 

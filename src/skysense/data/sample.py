@@ -15,7 +15,11 @@ key             shape / type        meaning
 ``s1_mask``     (T',) bool
 ``lat``/``lon`` () float32          degrees WGS84 of the footprint centre
 ``label``       tensor              class index () int64, or multi-hot (K,) float
-``mask``        (H, W) int64        per-pixel target (segmentation, change)
+``mask``        (H, W) int64        per-pixel target (segmentation, change); -1 = ignore
+``boxes``       (N, 4|8) float      detection boxes in pixels of ``hr``: x0, y0, x1, y1
+                                    (horizontal) or x1, y1, ..., x4, y4 (oriented corners)
+``labels``      (N,) int64          class index of each box
+``difficult``   (N,) bool           boxes flagged difficult by the annotators
 ``crs``         rasterio CRS        not a tensor: collated into a list
 ``transform``   affine.Affine       not a tensor: collated into a list
 ``normalized``  bool                set by :func:`skysense.data.units.normalize`
@@ -37,6 +41,12 @@ SERIES = ("s2", "s1")
 """Time-series modalities: padded to the longest series of a batch."""
 
 CHANNELS = {"hr": len(HR_BANDS), "s2": len(S2_BANDS), "s1": len(S1_BANDS)}
+
+DETECTION_KEYS = ("boxes", "labels", "difficult")
+"""Per-object targets: one row per object, collated into lists."""
+
+IGNORE_INDEX = -1
+"""Value of ``mask`` pixels without a label (nodata, unlabelled, boundary)."""
 
 PAD_DAY_OF_YEAR = 1
 """Day of year given to padding frames (they are masked out, but the value must be valid)."""
@@ -79,6 +89,17 @@ def check_sample(sample: Mapping[str, Any], where: str = "") -> None:
         mask = sample.get(f"{m}_mask")
         if mask is not None and (mask.shape != (frames,) or mask.dtype != torch.bool):
             _fail(f"{m}_mask", "shape/dtype", f"({frames},) bool", f"{tuple(mask.shape)} {mask.dtype}", where)
+    boxes = sample.get("boxes")
+    if boxes is not None:
+        if (not isinstance(boxes, torch.Tensor) or boxes.ndim != 2 or boxes.shape[1] not in (4, 8)
+                or not boxes.is_floating_point()):
+            _fail("boxes", "shape/dtype", "(N, 4) or (N, 8) float tensor",
+                  f"{tuple(getattr(boxes, 'shape', ()))} {getattr(boxes, 'dtype', type(boxes).__name__)}", where)
+        for key in ("labels", "difficult"):
+            value = sample.get(key)
+            if value is not None and (not isinstance(value, torch.Tensor) or value.shape != (boxes.shape[0],)):
+                _fail(key, "shape", f"({boxes.shape[0]},) tensor (one per box)",
+                      getattr(value, "shape", type(value).__name__), where)
     for key in ("lat", "lon"):
         value = sample.get(key)
         if value is not None and (not isinstance(value, torch.Tensor) or value.ndim != 0):
@@ -103,6 +124,8 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     * ``s2``/``s1`` series of different lengths are padded to the longest with invalid frames
       (zeros, ``*_dates`` = 1, ``*_mask`` = False); a missing ``*_mask`` means all frames valid;
     * non-tensor values (``crs``, ``transform``, ids, paths) become lists;
+    * per-object detection targets (``boxes``, ``labels``, ``difficult``: ``DETECTION_KEYS``)
+      have a different length per sample and become lists of tensors (torchvision style);
     * ``normalized`` must agree between samples and stays one bool.
 
     Raises:
@@ -131,7 +154,7 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 raise ValueError("collate: samples mix normalised and raw values (key 'normalized')")
             batch[key] = bool(values[0])
             continue
-        if not all(isinstance(v, torch.Tensor) for v in values):
+        if key in DETECTION_KEYS or not all(isinstance(v, torch.Tensor) for v in values):
             batch[key] = list(values)
             continue
         series = next((m for m in SERIES if key == m or key.startswith(f"{m}_")), None)

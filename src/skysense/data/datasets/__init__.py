@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from skysense.data.datasets.aid import AID
 from skysense.data.datasets.base import Item, SampleDataset
-from skysense.data.datasets.bigearthnet import BigEarthNetV1, BigEarthNetV2
+from skysense.data.datasets.bigearthnet import BigEarthNetMM, BigEarthNetV1, BigEarthNetV2
+from skysense.data.datasets.detection import DIOR, DIORR, DOTA, FAIR1M
+from skysense.data.datasets.dsifn import DSIFN
+from skysense.data.datasets.dynamic_earthnet import DynamicEarthNet
 from skysense.data.datasets.eurosat import EuroSATMS
+from skysense.data.datasets.fmow import FMoWSentinel
 from skysense.data.datasets.levir_cd import LEVIRCD
+from skysense.data.datasets.manifest import ManifestDataset
 from skysense.data.datasets.oscd import OSCD
+from skysense.data.datasets.resisc45 import RESISC45
+from skysense.data.datasets.segmentation import ISAID, LoveDA, Potsdam, Vaihingen
+from skysense.data.datasets.sen1floods11 import Sen1Floods11
+from skysense.data.datasets.ssl4eo import SSL4EOS12
 
 DATASETS: dict[str, type[SampleDataset]] = {
-    cls.name: cls for cls in (AID, OSCD, BigEarthNetV1, BigEarthNetV2, EuroSATMS, LEVIRCD)
+    cls.name: cls
+    for cls in (AID, OSCD, BigEarthNetV1, BigEarthNetV2, BigEarthNetMM, EuroSATMS, LEVIRCD, Sen1Floods11, SSL4EOS12,
+                LoveDA, Potsdam, Vaihingen, ISAID, DOTA, DIOR, DIORR, FAIR1M, DSIFN, RESISC45, FMoWSentinel,
+                DynamicEarthNet, ManifestDataset)
 }
 """Dataset name -> class."""
 
@@ -20,8 +32,17 @@ DEFAULT_SUBDIRS: dict[str, str] = {
     "bigearthnet_v2": "samples/bigearthnet_v2",
     "eurosat_ms": "samples/eurosat_ms",
     "levir_cd": "samples/levir_cd",
+    "sen1floods11": "samples/sen1floods11",
+    "ssl4eo_s12": "samples/ssl4eo_s12",
+    "loveda": "samples/loveda",
+    "potsdam": "samples/potsdam",
+    "vaihingen": "samples/vaihingen",
+    "dota": "samples/dota",
+    "dsifn": "samples/dsifn",
 }
 """Where each dataset lies under ``$SKYSENSE_DATA`` (the project's real-data layout)."""
 
 __all__ = ["DATASETS", "DEFAULT_SUBDIRS", "Item", "SampleDataset", "AID", "OSCD", "BigEarthNetV1",
-           "BigEarthNetV2", "EuroSATMS", "LEVIRCD"]
+           "BigEarthNetV2", "BigEarthNetMM", "EuroSATMS", "LEVIRCD", "Sen1Floods11", "SSL4EOS12", "LoveDA",
+           "Potsdam", "Vaihingen", "ISAID", "DOTA", "DIOR", "DIORR", "FAIR1M", "DSIFN", "RESISC45", "FMoWSentinel",
+           "DynamicEarthNet", "ManifestDataset"]

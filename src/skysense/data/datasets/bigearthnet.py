@@ -380,3 +380,19 @@ class BigEarthNetV2(SampleDataset):
                 )
             sample["mask"] = torch.from_numpy(data[0].astype(np.int64))
         return sample
+
+
+class BigEarthNetMM(BigEarthNetV1):
+    """BigEarthNet-MM (Sumbul et al., GRSM 2021): BigEarthNet v1.0 S2 patches paired with BigEarthNet-S1.
+
+    The registry alias of :class:`BigEarthNetV1` with both modalities (its default). Layout: the
+    v1.0 folders of S2 and S1 patches; the same bands, labels and official splits (see there). Source: https://bigearth.net .
+    Licence: CDLA-Permissive-1.0. Both modalities are always read; use ``bigearthnet_v1`` for one.
+    """
+
+    name = "bigearthnet_mm"
+
+    def __init__(self, root: str | Path, split: str | None = None, label_set: str = "19",
+                 s2_offset: float = DEFAULT_S2_OFFSET, skip_corrupt: bool = False) -> None:
+        super().__init__(root, split, modalities=("s2", "s1"), label_set=label_set, s2_offset=s2_offset,
+                         skip_corrupt=skip_corrupt)

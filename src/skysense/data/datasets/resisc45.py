@@ -1,0 +1,70 @@
+"""NWPU-RESISC45: aerial scene classification, class-per-folder JPEG."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skysense.config import HR_BANDS
+from skysense.data.datasets.base import Item, SampleDataset
+from skysense.data.rasters import read_image
+from skysense.data.units import hr_to_8bit
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif")
+
+
+def _number(path: Path) -> int:
+    match = re.search(r"(\d+)$", path.stem)
+    if match is None:
+        raise ValueError(f"RESISC45: image {path} has no trailing number in its name (expected <class>_<nnn>.jpg)")
+    return int(match.group(1))
+
+
+class RESISC45(SampleDataset):
+    """NWPU-RESISC45 (Cheng et al., Proc. IEEE 2017): 31,500 RGB images of 256 x 256 px, 45 classes, 0.2-30 m.
+
+    Source: https://gcheng-nwpu.github.io/#Datasets . Licence: academic use only.
+
+    Layout: ``<root>/NWPU-RESISC45/<class>/<class>_<nnn>.jpg`` (or ``<root>/<class>/...``);
+    700 images per class; classes are the folder names, sorted, and ``label`` is the index.
+
+    Bands: R, G, B, 8-bit (``hr``). No georeference, no date.
+
+    Splits (no official one; the usual protocol trains on 10 % or 20 % per class): within each
+    class the images are sorted by their number ``nnn``; the first ``round(train_ratio * n)``
+    are ``train``, the rest ``test`` (``train_ratio`` 0.2 by default, 0 < ratio < 1).
+    """
+
+    name = "resisc45"
+    splits = ("train", "test")
+    bands = {"hr": HR_BANDS}
+
+    def __init__(self, root: str | Path, split: str | None = None, train_ratio: float = 0.2,
+                 skip_corrupt: bool = False) -> None:
+        if not 0.0 < train_ratio < 1.0:
+            raise ValueError(f"{self.name}: train_ratio: expected 0 < ratio < 1, got {train_ratio}")
+        self.train_ratio = train_ratio
+        super().__init__(root, split, skip_corrupt)
+
+    def _index(self) -> list[Item]:
+        base = self.root / "NWPU-RESISC45" if (self.root / "NWPU-RESISC45").is_dir() else self.root
+        self.classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+        if not self.classes:
+            raise FileNotFoundError(f"{self.name}: no class folders in {base}")
+        items = []
+        for label, cls in enumerate(self.classes):
+            images = sorted((p for p in (base / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_number)
+            n_train = round(self.train_ratio * len(images))
+            for i, path in enumerate(images):
+                items.append(Item(f"{cls}/{path.stem}", "train" if i < n_train else "test", path, {"label": label}))
+        return items
+
+    def _load(self, item: Item) -> dict[str, Any]:
+        data, dtype = read_image(item.path, expected_bands=3)
+        return {
+            "hr": torch.from_numpy(hr_to_8bit(data, 8 if dtype == "uint8" else None)),
+            "label": torch.tensor(item.extra["label"], dtype=torch.int64),
+        }

@@ -1,0 +1,178 @@
+"""Aerial semantic segmentation in the mmsegmentation layout: LoveDA, ISPRS Potsdam / Vaihingen, iSAID."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from skysense.config import HR_BANDS
+from skysense.data.datasets.base import Item, SampleDataset
+from skysense.data.rasters import RasterReadError, read_image
+from skysense.data.sample import IGNORE_INDEX
+from skysense.data.units import hr_to_8bit
+
+MMSEG_SPLITS = ("train", "val", "test")
+
+
+class MMSegDataset(SampleDataset):
+    """Common part of the mmsegmentation-layout datasets (not registered itself).
+
+    Layout::
+
+        <root>/img_dir/{train,val,test}/<name><img_suffix>
+        <root>/ann_dir/{train,val}/<name><seg_suffix>
+
+    or, without split sub-folders, ``<root>/img_dir/<name>`` and ``<root>/ann_dir/<name>`` (split
+    ``"all"``). Images without an annotation (the test splits) have no ``mask``; a split is
+    either fully annotated or not at all, so its samples collate.
+
+    Masks follow mmsegmentation: with ``reduce_zero_label`` the stored 0 is "no label" and
+    1..K are the classes, so ``mask = value - 1`` and 0 becomes ``IGNORE_INDEX`` (-1); without it
+    values are the class indices and 255 is "no label". Values above the class count raise.
+    """
+
+    classes: ClassVar[tuple[str, ...]] = ()
+    reduce_zero_label: ClassVar[bool] = True
+    img_suffix: ClassVar[str] = ".png"
+    seg_suffix: ClassVar[str] = ".png"
+    splits = MMSEG_SPLITS + ("all",)
+    bands = {"hr": HR_BANDS}
+
+    def _index(self) -> list[Item]:
+        img_dir, ann_dir = self.root / "img_dir", self.root / "ann_dir"
+        if not img_dir.is_dir():
+            raise FileNotFoundError(f"{self.name}: folder {img_dir} does not exist (mmsegmentation layout)")
+        subdirs = [img_dir / s for s in MMSEG_SPLITS if (img_dir / s).is_dir()]
+        folders = [(d, d.name) for d in subdirs] or [(img_dir, "all")]
+        items = []
+        for folder, split in folders:
+            for path in sorted(folder.glob(f"*{self.img_suffix}")):
+                stem = path.name[: -len(self.img_suffix)]
+                ann = (ann_dir / split if split != "all" else ann_dir) / f"{stem}{self.seg_suffix}"
+                items.append(Item(stem if split == "all" else f"{split}/{stem}", split, path,
+                                  {"ann": ann if ann.is_file() else None}))
+        if not items:
+            raise FileNotFoundError(f"{self.name}: no *{self.img_suffix} images under {img_dir}")
+        return items
+
+    def _load(self, item: Item) -> dict[str, Any]:
+        image, dtype = read_image(item.path)
+        if image.shape[0] == 4:  # RGBA PNG: drop a fully opaque alpha, refuse a real one
+            if not np.all(image[3] == np.iinfo(image.dtype).max):
+                raise RasterReadError(f"{item.path}: 4 bands with a non-opaque alpha channel, expected RGB")
+            image = image[:3]
+        if image.shape[0] != 3:
+            raise RasterReadError(f"wrong band count: {item.path} has {image.shape[0]} bands, expected 3")
+        sample: dict[str, Any] = {"hr": torch.from_numpy(hr_to_8bit(image, 8 if dtype == "uint8" else None))}
+        ann = item.extra["ann"]
+        if ann is None:
+            if item.split != "test":
+                raise FileNotFoundError(f"{self.name}: annotation for {item.path} does not exist in "
+                                        f"{self.root / 'ann_dir'} (expected <name>{self.seg_suffix})")
+            return sample
+        label, _ = read_image(ann, expected_bands=1)
+        label = label[0].astype(np.int64)
+        if label.shape != image.shape[-2:]:
+            raise RasterReadError(f"{ann}: size {label.shape} differs from {item.path} {image.shape[-2:]}")
+        if self.reduce_zero_label:
+            label = label - 1  # 0 (no label) -> -1
+        else:
+            label[label == 255] = IGNORE_INDEX
+        bad = np.unique(label[(label < IGNORE_INDEX) | (label >= len(self.classes))])
+        if bad.size:
+            raw = (bad + 1) if self.reduce_zero_label else bad
+            expected = (f"1..{len(self.classes)} (0 = no label)" if self.reduce_zero_label
+                        else f"0..{len(self.classes) - 1} (255 = no label)")
+            raise ValueError(f"{ann}: label values {raw.tolist()}; expected {expected}")
+        label[label < 0] = IGNORE_INDEX
+        sample["mask"] = torch.from_numpy(label)
+        return sample
+
+
+class LoveDA(MMSegDataset):
+    """LoveDA (Wang et al., NeurIPS 2021 D&B): 5,987 urban and rural 1024 x 1024 tiles, 0.3 m, 7 classes.
+
+    Layout: mmsegmentation's ``img_dir/<split>``, ``ann_dir/<split>`` (see :class:`MMSegDataset`).
+
+    Source: https://github.com/Junjue-Wang/LoveDA ; converted to the mmsegmentation layout by
+    ``tools/dataset_converters/loveda.py`` (the author layout ``Train/{Urban,Rural}/images_png``,
+    ``masks_png`` flattened into ``img_dir/train``, ``ann_dir/train``). Licence: CC BY-NC-SA 4.0.
+
+    Bands: R, G, B 8-bit PNG (``hr``). Masks: 0 = no-data, 1..7 = ``classes``; ``mask`` holds
+    0..6 and -1 for no-data (mmsegmentation's ``reduce_zero_label=True``).
+
+    Splits: ``train`` (2,522), ``val`` (1,669), ``test`` (1,796, no public masks); a flat
+    ``img_dir`` without split folders (as the project's samples) is ``"all"``.
+    """
+
+    name = "loveda"
+    classes = ("background", "building", "road", "water", "barren", "forest", "agricultural")
+
+
+class Potsdam(MMSegDataset):
+    """ISPRS Potsdam 2D semantic labelling: 38 tiles of 6000 x 6000 px at 5 cm, cut into 512 x 512 patches.
+
+    Layout: mmsegmentation's ``img_dir/<split>``, ``ann_dir/<split>`` (see :class:`MMSegDataset`).
+
+    Source: https://www.isprs.org/education/benchmarks/UrbanSemLab/ ; patches made by
+    mmsegmentation's ``tools/dataset_converters/potsdam.py`` from ``2_Ortho_RGB.zip`` and
+    ``5_Labels_all_noBoundary.zip`` (file names ``<tile>_<x0>_<y0>_<x1>_<y1>.png``).
+    Licence: ISPRS benchmark terms, research use.
+
+    Bands: R, G, B 8-bit (``hr``). Masks: as converted by mmsegmentation, 0 = boundary/no label
+    and 1..6 = ``classes`` (colour codes of the ISPRS label images mapped in this order);
+    ``mask`` holds 0..5 and -1 (``reduce_zero_label=True``). The converter's colour order was
+    taken from mmsegmentation's ``PotsdamDataset`` palette and not re-checked against the
+    original RGB label images here.
+
+    Splits: ``train`` (24 tiles) and ``val`` (14 tiles) as chosen by the converter; flat folders
+    are ``"all"``.
+    """
+
+    name = "potsdam"
+    classes = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
+
+
+class Vaihingen(MMSegDataset):
+    """ISPRS Vaihingen 2D semantic labelling: 33 true orthophotos at 9 cm, cut into 512 x 512 patches.
+
+    Layout: mmsegmentation's ``img_dir/<split>``, ``ann_dir/<split>`` (see :class:`MMSegDataset`).
+
+    Source: https://www.isprs.org/education/benchmarks/UrbanSemLab/ ; patches made by
+    mmsegmentation's ``tools/dataset_converters/vaihingen.py`` (``area<n>_<x0>_<y0>_<x1>_<y1>.png``).
+    Licence: ISPRS benchmark terms, research use.
+
+    Bands: **near-infrared, red, green** (the Vaihingen orthophotos have no blue band), 8-bit,
+    put in ``hr``'s R, G, B slots as distributed: a strong domain shift for an RGB model.
+    Masks and splits: as :class:`Potsdam` (6 classes, 0 = no label).
+    """
+
+    name = "vaihingen"
+    classes = Potsdam.classes
+
+
+class ISAID(MMSegDataset):
+    """iSAID semantic segmentation (Waqas Zamir et al., CVPR-W 2019): DOTA images, 15 object classes.
+
+    Layout: mmsegmentation's ``img_dir/<split>``, ``ann_dir/<split>`` (see :class:`MMSegDataset`).
+
+    Source: https://captain-whu.github.io/iSAID/ ; patches (896 x 896, stride 512) made by
+    mmsegmentation's ``tools/dataset_converters/isaid.py``: ``img_dir/{train,val,test}/<name>.png``
+    and ``ann_dir/{train,val}/<name>_instance_color_RGB.png`` holding class indices.
+    Licence: academic use only (as DOTA).
+
+    Bands: R, G, B 8-bit. Masks: 0 = background, 1..15 = objects (``classes``), 255 = no label
+    (mmsegmentation ``reduce_zero_label=False``): ``mask`` holds 0..15 and -1.
+
+    Splits: ``train``, ``val``, ``test`` (no public masks).
+    """
+
+    name = "isaid"
+    classes = ("background", "ship", "store_tank", "baseball_diamond", "tennis_court", "basketball_court",
+               "ground_track_field", "bridge", "large_vehicle", "small_vehicle", "helicopter", "swimming_pool",
+               "roundabout", "soccer_ball_field", "plane", "harbor")
+    reduce_zero_label = False
+    seg_suffix = "_instance_color_RGB.png"
+
