@@ -1,0 +1,146 @@
+"""``skysense evaluate``: evaluate frozen SkySense features on a labelled dataset.
+
+``skysense evaluate linear-probe --dataset aid (--weights DIR | --preset tiny --random-init)``
+extracts pooled features of the train and test splits (:mod:`skysense.evaluation.features`),
+fits a linear classifier on the train features and prints the test score
+(:mod:`skysense.evaluation.linear_probe`): overall accuracy for single-label datasets, macro mAP
+for multi-label ones (BigEarthNet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skysense.config import PRESETS
+from skysense.data import data_root
+from skysense.data.datasets import DATASETS, DEFAULT_SUBDIRS
+from skysense.evaluation.features import extract_features, per_class_subset
+from skysense.evaluation.linear_probe import linear_probe
+
+PROBE_DATASETS: dict[str, tuple[str, str]] = {
+    "aid": ("train", "test"),
+    "bigearthnet_v1": ("train", "test"),
+    "bigearthnet_v2": ("train", "test"),
+}
+"""Datasets the linear probe knows: name -> (train split, test split)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("evaluate", help="evaluate frozen features (linear probe)")
+    sub = parser.add_subparsers(dest="evaluate_command", required=True, metavar="PROTOCOL")
+    probe = sub.add_parser("linear-probe", help="linear classifier on frozen pooled features; test accuracy / mAP")
+    probe.add_argument("--dataset", required=True, choices=sorted(PROBE_DATASETS))
+    probe.add_argument("--data-root", type=Path, default=None,
+                       help="the dataset folder (default: $SKYSENSE_DATA/<usual sub-folder>, e.g. $SKYSENSE_DATA/aid)")
+    source = probe.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", type=Path, default=None, help="a folder written by save_pretrained")
+    source.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="build this preset (with --random-init: the random-init baseline)")
+    probe.add_argument("--random-init", action="store_true",
+                       help="with --preset: randomly initialised weights (torch.manual_seed(--seed))")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the random init and the held-out split")
+    probe.add_argument("--batch-size", type=int, default=64)
+    probe.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    probe.add_argument("--image-size", type=int, default=None,
+                       help="HR square side, a multiple of 32 (default: each side rounded up to a multiple of 32)")
+    probe.add_argument("--limit-per-class", type=int, default=None,
+                       help="use only the first N images of each class in each split (single-label datasets)")
+    probe.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    probe.add_argument("--no-progress", action="store_true", help="no progress bars")
+    probe.add_argument("--json", action="store_true", help="print JSON")
+    probe.set_defaults(run=run_linear_probe)
+
+
+def resolve_root(name: str, given: Path | None) -> Path:
+    """``given``, else ``$SKYSENSE_DATA/<DEFAULT_SUBDIRS[name]>``."""
+    if given is not None:
+        return given
+    base = data_root()
+    if base is None or name not in DEFAULT_SUBDIRS:
+        raise ValueError(f"evaluate: give --data-root for {name} (or set SKYSENSE_DATA)")
+    return base / DEFAULT_SUBDIRS[name]
+
+
+def load_model(weights: Path | None, preset: str | None, random_init: bool, seed: int) -> torch.nn.Module:
+    """The model to evaluate: saved weights, or a preset randomly initialised with ``seed``."""
+    from skysense.models import SkySense
+
+    if weights is not None:
+        if random_init:
+            raise ValueError("evaluate: --random-init goes with --preset, not --weights")
+        return SkySense.from_pretrained(str(weights)).eval()
+    if not random_init:
+        raise ValueError(f"evaluate: --preset {preset} builds an untrained model: add --random-init "
+                         "(the random-init baseline) or give --weights DIR")
+    torch.manual_seed(seed)
+    return SkySense.from_preset(preset).eval()
+
+
+def run_linear_probe(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    root = resolve_root(args.dataset, args.data_root)
+    model = load_model(args.weights, args.preset, args.random_init, args.seed)
+    train_split, test_split = PROBE_DATASETS[args.dataset]
+    cls = DATASETS[args.dataset]
+    splits: dict[str, Any] = {}
+    num_classes = None
+    for split in (train_split, test_split):
+        dataset = cls(root, split=split)
+        if hasattr(dataset, "classes"):
+            num_classes = len(dataset.classes)
+        if args.limit_per_class is not None:
+            dataset = per_class_subset(dataset, args.limit_per_class)
+        if len(dataset) == 0:
+            raise ValueError(f"evaluate: {args.dataset} split {split!r} under {root} is empty")
+        splits[split] = dataset
+    t_features = time.perf_counter()
+    extracted = {
+        split: extract_features(model, dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                image_size=args.image_size, progress=not args.no_progress, desc=split)
+        for split, dataset in splits.items()
+    }
+    t_probe = time.perf_counter()
+    (x_train, y_train), (x_test, y_test) = extracted[train_split], extracted[test_split]
+    result = linear_probe(x_train, y_train, x_test, y_test, seed=args.seed,
+                          num_classes=None if y_train.ndim == 2 else num_classes)
+    end = time.perf_counter()
+    report = {
+        result.metric: result.score,
+        "metric": result.metric,
+        "dataset": args.dataset,
+        "data_root": str(root),
+        "model": str(args.weights) if args.weights is not None else f"{args.preset} (random init, seed {args.seed})",
+        "preset": model.config.preset,
+        "train_count": result.num_train,
+        "test_count": result.num_test,
+        "validation_count": result.num_validation,
+        "num_classes": result.num_classes,
+        "feature_dim": result.feature_dim,
+        "weight_decay": result.weight_decay,
+        f"train_{result.metric}": result.train_score,
+        "validation": {f"{k:g}": v for k, v in result.validation.items()},
+        "limit_per_class": args.limit_per_class,
+        "image_size": args.image_size,
+        "threads": torch.get_num_threads(),
+        "seconds": {
+            "total": round(end - start, 2),
+            "features": round(t_probe - t_features, 2),
+            "probe": round(end - t_probe, 2),
+        },
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.dataset} linear probe, {report['model']}: test {result.metric} {result.score:.4f} "
+              f"(train {result.num_train}, test {result.num_test}, {result.num_classes} classes, "
+              f"feature dim {result.feature_dim}, weight decay {result.weight_decay:g}, "
+              f"{report['seconds']['total']:.1f} s)")
+    return 0
