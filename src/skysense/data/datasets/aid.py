@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from skysense.config import HR_BANDS
-from skysense.data.datasets.base import Item, SampleDataset
+from skysense.data.datasets.base import Item, SampleDataset, numbered_images
 from skysense.data.rasters import read_image
 from skysense.data.units import hr_to_8bit
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif")
-
-
-def _number(path: Path) -> int:
-    match = re.search(r"(\d+)$", path.stem)
-    if match is None:
-        raise ValueError(f"AID: image {path} has no trailing number in its name (expected <class>_<n>.jpg)")
-    return int(match.group(1))
 
 
 class AID(SampleDataset):
@@ -48,8 +37,7 @@ class AID(SampleDataset):
             raise FileNotFoundError(f"{self.name}: no class folders in {self.root}")
         items = []
         for label, cls in enumerate(self.classes):
-            images = sorted((p for p in (self.root / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
-                            key=_number)
+            images = numbered_images(self.root / cls, "AID")
             half = len(images) // 2
             for i, path in enumerate(images):
                 items.append(Item(f"{cls}/{path.stem}", "train" if i < half else "test", path, {"label": label}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,20 @@ from skysense.data.sample import check_sample
 
 log = logging.getLogger("skysense.data")
 
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif")
+
+
+def numbered_images(folder: Path, dataset: str) -> list[Path]:
+    """Images of ``folder`` (``<class>_<n>.<ext>``) sorted by their trailing number ``n``."""
+
+    def number(path: Path) -> int:
+        match = re.search(r"(\d+)$", path.stem)
+        if match is None:
+            raise ValueError(f"{dataset}: image {path} has no trailing number in its name (expected <class>_<n>.jpg)")
+        return int(match.group(1))
+
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=number)
 
 @dataclass(frozen=True)
 class Item:

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
-
 from skysense.config import HR_BANDS
 from skysense.data.datasets.base import Item, SampleDataset
-from skysense.data.rasters import RasterReadError, read_image
-from skysense.data.units import hr_to_8bit
+from skysense.data.datasets.levir_cd import load_change_pair
 
 LIST_SPLITS = ("train", "val", "test")
 
@@ -51,22 +47,4 @@ class DSIFN(SampleDataset):
         return [Item(p.stem, split_of.get(p.name, "unlisted"), p) for p in sorted(folder.glob("*.png"))]
 
     def _load(self, item: Item) -> dict[str, Any]:
-        before, _ = read_image(item.path, expected_bands=3)
-        after_path = self.root / "B" / item.path.name
-        after, _ = read_image(after_path, expected_bands=3)
-        label_path = self.root / "label" / item.path.name
-        if not label_path.is_file():
-            raise FileNotFoundError(f"{self.name}: change mask {label_path} does not exist (pair {item.id})")
-        label, _ = read_image(label_path)
-        label = label[0]
-        for path, array in ((after_path, after), (label_path, label)):
-            if array.shape[-2:] != before.shape[-2:]:
-                raise RasterReadError(f"{path}: size {array.shape[-2:]} differs from {item.path} {before.shape[-2:]}")
-        values = set(np.unique(label).tolist())
-        if not values <= {0, 255}:
-            raise ValueError(f"{label_path}: change mask values {sorted(values)}; expected 0 and 255")
-        return {
-            "hr": torch.from_numpy(hr_to_8bit(before, 8)),
-            "hr_post": torch.from_numpy(hr_to_8bit(after, 8)),
-            "mask": torch.from_numpy((label > 0).astype(np.int64)),
-        }
+        return load_change_pair(self.root, item, self.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,21 +48,30 @@ class LEVIRCD(SampleDataset):
         return items
 
     def _load(self, item: Item) -> dict[str, Any]:
-        before, _ = read_image(self.root / "A" / item.path.name, expected_bands=3)
-        after, _ = read_image(self.root / "B" / item.path.name, expected_bands=3)
-        label_path = self.root / "label" / item.path.name
-        if not label_path.is_file():
-            raise FileNotFoundError(f"{self.name}: change mask {label_path} does not exist (pair {item.id})")
-        label, _ = read_image(label_path)
-        label = label[0]
-        for path, array in ((self.root / "B" / item.path.name, after), (label_path, label)):
-            if array.shape[-2:] != before.shape[-2:]:
-                raise RasterReadError(f"{path}: size {array.shape[-2:]} differs from {item.path} {before.shape[-2:]}")
-        values = set(np.unique(label).tolist())
-        if not values <= {0, 255}:
-            raise ValueError(f"{label_path}: change mask values {sorted(values)}; expected 0 and 255")
-        return {
-            "hr": torch.from_numpy(hr_to_8bit(before, 8)),
-            "hr_post": torch.from_numpy(hr_to_8bit(after, 8)),
-            "mask": torch.from_numpy((label > 0).astype(np.int64)),
-        }
+        return load_change_pair(self.root, item, self.name)
+
+
+def load_change_pair(root: Path, item: Item, dataset: str) -> dict[str, Any]:
+    """``A/<name>`` (before), ``B/<name>`` (after) and ``label/<name>`` (0/255) of one pair.
+
+    Shared by the LEVIR-CD-style layouts (LEVIR-CD, DSIFN-CD in ChangeFormer's layout).
+    """
+    before, _ = read_image(item.path, expected_bands=3)
+    after_path = root / "B" / item.path.name
+    after, _ = read_image(after_path, expected_bands=3)
+    label_path = root / "label" / item.path.name
+    if not label_path.is_file():
+        raise FileNotFoundError(f"{dataset}: change mask {label_path} does not exist (pair {item.id})")
+    label, _ = read_image(label_path)
+    label = label[0]
+    for path, array in ((after_path, after), (label_path, label)):
+        if array.shape[-2:] != before.shape[-2:]:
+            raise RasterReadError(f"{path}: size {array.shape[-2:]} differs from {item.path} {before.shape[-2:]}")
+    values = set(np.unique(label).tolist())
+    if not values <= {0, 255}:
+        raise ValueError(f"{label_path}: change mask values {sorted(values)}; expected 0 and 255")
+    return {
+        "hr": torch.from_numpy(hr_to_8bit(before, 8)),
+        "hr_post": torch.from_numpy(hr_to_8bit(after, 8)),
+        "mask": torch.from_numpy((label > 0).astype(np.int64)),
+    }

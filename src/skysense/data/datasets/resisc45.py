@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from skysense.config import HR_BANDS
-from skysense.data.datasets.base import Item, SampleDataset
+from skysense.data.datasets.base import Item, SampleDataset, numbered_images
 from skysense.data.rasters import read_image
 from skysense.data.units import hr_to_8bit
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif")
-
-
-def _number(path: Path) -> int:
-    match = re.search(r"(\d+)$", path.stem)
-    if match is None:
-        raise ValueError(f"RESISC45: image {path} has no trailing number in its name (expected <class>_<nnn>.jpg)")
-    return int(match.group(1))
 
 
 class RESISC45(SampleDataset):
@@ -56,7 +46,7 @@ class RESISC45(SampleDataset):
             raise FileNotFoundError(f"{self.name}: no class folders in {base}")
         items = []
         for label, cls in enumerate(self.classes):
-            images = sorted((p for p in (base / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_number)
+            images = numbered_images(base / cls, "RESISC45")
             n_train = round(self.train_ratio * len(images))
             for i, path in enumerate(images):
                 items.append(Item(f"{cls}/{path.stem}", "train" if i < n_train else "test", path, {"label": label}))
