@@ -80,11 +80,18 @@ class WindowAttentionV2(nn.Module):
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         q = F.normalize(q, dim=-1) * scale
         k = F.normalize(k, dim=-1)
-        attn_bias = self.position_bias().to(q.dtype)
-        if shift_mask is not None:
-            attn_bias = attn_bias + shift_mask[:, None].to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0)
-        return self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
+        bias = self.position_bias().to(q.dtype)[None]  # (1, heads, N, N)
+        # SDPA's fused kernels take 4-D inputs; a 5-D call falls back to the slow math path.
+        # Without a shift mask, windows join the batch and the bias broadcasts over it; with
+        # one, windows join the heads so the per-window mask still broadcasts over the batch.
+        heads, d = self.num_heads, c // self.num_heads
+        if shift_mask is None:
+            q, k, v = (t.reshape(b * nw, heads, n, d) for t in (q, k, v))
+        else:
+            q, k, v = (t.reshape(b, nw * heads, n, d) for t in (q, k, v))
+            bias = (bias + shift_mask[:, None].to(q.dtype)).reshape(1, nw * heads, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        return self.proj(out.reshape(b, nw, heads, n, d).transpose(2, 3).reshape(b, nw, n, c))
 
 
 def shifted_window_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
