@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from skysense.pretrain.objective import HeadConfig, PretrainObjectiveConfig
+from skysense.pretrain.views import ViewAugment
 
 
 @dataclass
@@ -25,6 +26,16 @@ class DataConfig:
     # Range of the crop's side as a fraction of the image side.
     crop_scale: tuple[float, float] = (0.4, 1.0)
     num_workers: int = 2
+    # Optional photometric augmentations of each view (skysense.pretrain.views.ViewAugment); 0: off.
+    color_jitter_prob: float = 0.0
+    color_jitter: float = 0.4
+    grayscale_prob: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.001, 0.02)
+
+    def augment(self) -> ViewAugment:
+        return ViewAugment(self.color_jitter_prob, self.color_jitter, self.grayscale_prob, self.blur_prob,
+                           tuple(self.blur_sigma))
 
 
 @dataclass
@@ -52,6 +63,10 @@ class PretrainConfig:
     log_every: int = 1
     checkpoint_every: int = 50
     compile: bool = False
+    # torch CPU threads of each process (None: torch's default, one per core). On a small shared
+    # CPU one thread avoids the OpenMP spin-wait stalls that made a 2-thread step 10-20x slower
+    # when another job held a core.
+    num_threads: int | None = None
     activation_checkpointing: bool = False
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Sampler
 
 from skysense.config import SkySenseConfig
 from skysense.data.units import normalize
-from skysense.pretrain.views import two_views
+from skysense.pretrain.views import ViewAugment, two_views
 
 ViewPair = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -24,11 +24,12 @@ class ViewPairDataset(Dataset):
     """Wraps an image dataset; item ``(index, view_seed)`` -> two normalised aligned views."""
 
     def __init__(self, images: Dataset, model_config: SkySenseConfig, view_size: int,
-                 crop_scale: tuple[float, float]) -> None:
+                 crop_scale: tuple[float, float], augment: ViewAugment | None = None) -> None:
         self.images = images
         self.model_config = model_config
         self.view_size = view_size
         self.crop_scale = crop_scale
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.images)
@@ -39,7 +40,7 @@ class ViewPairDataset(Dataset):
         if "hr" not in sample:
             raise ValueError(f"pretraining views: sample {index} has no 'hr' image; got keys {sorted(sample)}")
         generator = torch.Generator().manual_seed(view_seed)
-        first, second = two_views(sample["hr"], self.view_size, self.crop_scale, generator)
+        first, second = two_views(sample["hr"], self.view_size, self.crop_scale, generator, self.augment)
         return first, second
 
 

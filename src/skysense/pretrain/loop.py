@@ -212,6 +212,8 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
               context: DistributedContext) -> list[dict[str, float]]:
     if (out / STATE_NAME).exists() and not resume:
         raise ValueError(f"{out / STATE_NAME} exists: pass --resume to continue it, or choose another --out")
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)  # identical initialisation on every process
     module = PretrainingModel(config).to(context.device)
     if config.activation_checkpointing:
@@ -222,7 +224,8 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
     step_fn = torch.compile(wrapped) if config.compile else wrapped
 
     images = build_image_dataset(config, data_root)
-    pairs = ViewPairDataset(images, module.student.config, config.data.view_size, config.data.crop_scale)
+    pairs = ViewPairDataset(images, module.student.config, config.data.view_size, config.data.crop_scale,
+                            config.data.augment())
     sampler = StepBatchSampler(len(pairs), config.batch_size, config.seed, start, config.max_steps,
                                context.rank, context.world_size)
     loader = torch.utils.data.DataLoader(pairs, batch_sampler=sampler, collate_fn=collate_view_pairs,

@@ -16,6 +16,12 @@ the scale of the total. The objective owns the student heads and their EMA teach
 (``teacher_heads``), so its ``state_dict`` carries everything a resumed run needs besides the
 two encoders.
 
+Image-level loss (``image_loss``): ``"dino"`` (default, the self-distillation above) or
+``"infonce"`` (:class:`~skysense.pretrain.image_contrast.InfoNCEImageContrastLoss`: contrast of
+the two views' pooled embeddings with in-batch negatives, keys from the EMA teacher or the
+student). A level whose weight is 0 is skipped entirely (no head, no clustering), so e.g.
+``pixel_weight: 0, object_weight: 0`` trains with the image level only, at less cost.
+
 Each view's input dict may hold ``overlap``: (B, 4) ``(x0, y0, x1, y1)`` fractions of that view
 covering the ground shared with the other view (default: the whole view, i.e. the views differ
 only in non-geometric augmentations).
@@ -34,7 +40,7 @@ from skysense.models.geo_context import GeoContextPrototypes
 from skysense.pretrain.cross_modal import CrossModalAlignment
 from skysense.pretrain.geo_prototypes import GeoPrototypeLoss
 from skysense.pretrain.heads import DINOHead
-from skysense.pretrain.image_contrast import ImageContrastLoss
+from skysense.pretrain.image_contrast import ImageContrastLoss, InfoNCEImageContrastLoss
 from skysense.pretrain.object_contrast import ObjectContrastLoss
 from skysense.pretrain.pixel_contrast import PixelContrastLoss, resample_to_overlap
 from skysense.pretrain.teacher import build_teacher, ema_update
@@ -72,6 +78,12 @@ class PretrainObjectiveConfig:
     learnable_temperature: bool = True
     geo_temperature: float = 0.1
     prototype_momentum: float = 0.99
+    # Image-level loss: "dino" (centred, sharpened self-distillation) or "infonce" (contrast with
+    # in-batch negatives; see skysense.pretrain.image_contrast). Keys of "infonce": "teacher"
+    # (EMA teacher's other view, MoCo v3 style) or "student" (SimCLR's NT-Xent).
+    image_loss: str = "dino"
+    infonce_temperature: float = 0.2
+    infonce_keys: str = "teacher"
     pixel_weight: float = 1.0
     object_weight: float = 1.0
     image_weight: float = 1.0
@@ -114,7 +126,14 @@ class SkySensePretrainingObjective(nn.Module):
                                   config.sinkhorn_iterations, *temps)
             for s in SOURCES
         })
-        self.image = nn.ModuleDict({s: ImageContrastLoss(h.out_dim, *temps) for s in SOURCES})
+        if config.image_loss == "dino":
+            self.image = nn.ModuleDict({s: ImageContrastLoss(h.out_dim, *temps) for s in SOURCES})
+        elif config.image_loss == "infonce":
+            self.image = nn.ModuleDict({
+                s: InfoNCEImageContrastLoss(config.infonce_temperature, config.infonce_keys) for s in SOURCES
+            })
+        else:
+            raise ValueError(f"image_loss: expected 'dino' or 'infonce', got {config.image_loss!r}")
         self.cross_modal = CrossModalAlignment(
             {m: dims[m] for m in ("hr", "s2", "s1")}, config.cross_modal_dim, config.cross_modal_temperature,
             config.learnable_temperature,
@@ -158,13 +177,19 @@ class SkySensePretrainingObjective(nn.Module):
             s_aligned = [resample_to_overlap(m, view.get("overlap"), size) for m, view in zip(s_maps, views)]
             t_aligned = [resample_to_overlap(m, view.get("overlap"), size) for m, view in zip(t_maps, views)]
             heads = (self.heads[source], self.teacher_heads[source])
-            terms[f"pixel/{source}"] = self.pixel[source](s_aligned, t_aligned, *heads)
-            terms[f"object/{source}"] = self.object[source](s_aligned, t_aligned, *heads)
-            terms[f"image/{source}"] = self.image[source](s_maps, t_maps, *heads)
-        total = torch.stack([
+            # A level whose weight is 0 is not computed (saves its heads and Sinkhorn clustering).
+            if c.pixel_weight:
+                terms[f"pixel/{source}"] = self.pixel[source](s_aligned, t_aligned, *heads)
+            if c.object_weight:
+                terms[f"object/{source}"] = self.object[source](s_aligned, t_aligned, *heads)
+            if c.image_weight:
+                terms[f"image/{source}"] = self.image[source](s_maps, t_maps, *heads)
+        levels = [
             weight * torch.stack([terms[f"{level}/{s}"] for s in present]).mean()
-            for level, weight in level_weights.items()
-        ]).sum()
+            for level, weight in level_weights.items() if weight
+        ]
+        first = source_map(student[0], views[0], present[0])
+        total = torch.stack(levels).sum() if levels else first.new_zeros(())
         modalities = [m for m in ("hr", "s2", "s1") if m in present]
         if len(modalities) >= 2:
             terms["cross_modal"] = torch.stack([
