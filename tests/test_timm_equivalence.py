@@ -22,7 +22,6 @@ import functools
 import math
 
 import pytest
-import timm.models.swin_transformer_v2 as timm_swin
 import timm.models.vision_transformer as timm_vit
 import torch
 from torch import nn
@@ -30,6 +29,7 @@ from torch import nn
 from skysense.config import SwinV2Config, ViTConfig
 from skysense.models.swin_v2 import SwinTransformerV2
 from skysense.models.vit import VisionTransformer
+from skysense.timm_reference import timm_swin_like, timm_swin_state_to_ours, timm_vit_like
 
 MAX_RELATIVE_ERROR = 1e-4
 
@@ -56,55 +56,12 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
-def merging_columns(dim: int) -> torch.Tensor:
-    """For each column ``c*4 + dh*2 + dw`` of our reduction, its timm column ``dw*2C + dh*C + c``."""
-    return torch.arange(4 * dim).reshape(2, 2, dim).permute(2, 1, 0).flatten()
-
-
-def timm_swin_to_ours(state: dict[str, torch.Tensor], ours: SwinTransformerV2) -> dict[str, torch.Tensor]:
-    """timm SwinV2 (no head) -> our SwinV2.
-
-    timm's ``k_bias``, ``relative_coords_table`` and ``relative_position_index`` are
-    non-persistent buffers, absent from its state dict as from ours. ``out_norms[0..2]`` have no
-    timm counterpart (they are not used by ``forward_features``) and keep our values.
-    """
-    last = len(ours.stages) - 1
-    mapped = {key: value for key, value in ours.state_dict().items() if key.startswith("out_norms.")}
-    for key, value in state.items():
-        if key.startswith("patch_embed.proj."):
-            new_key = key.replace("patch_embed.proj.", "patch_embed.")
-        elif key.startswith("patch_embed.norm."):
-            new_key = key.replace("patch_embed.norm.", "patch_norm.")
-        elif key.startswith("norm."):
-            new_key = f"out_norms.{last}.{key.removeprefix('norm.')}"
-        else:
-            new_key = key.replace("layers.", "stages.", 1)
-        if new_key.endswith("downsample.reduction.weight"):
-            value = value[:, merging_columns(value.shape[1] // 4)]
-        mapped[new_key] = value
-    return mapped
-
-
 VIT = ViTConfig(in_chans=10, embed_dim=48, depth=2, num_heads=3, patch_size=4, pos_grid=8, norm_eps=1e-6)
 
 
 @pytest.fixture(scope="module")
 def vit_pair() -> tuple[VisionTransformer, timm_vit.VisionTransformer]:
-    reference = timm_vit.VisionTransformer(
-        img_size=VIT.patch_size * VIT.pos_grid,
-        patch_size=VIT.patch_size,
-        in_chans=VIT.in_chans,
-        num_classes=0,
-        global_pool="",
-        embed_dim=VIT.embed_dim,
-        depth=VIT.depth,
-        num_heads=VIT.num_heads,
-        qkv_bias=True,
-        class_token=True,
-        dynamic_img_size=True,
-        final_norm=False,
-        norm_layer=functools.partial(nn.LayerNorm, eps=VIT.norm_eps),
-    ).eval()
+    reference = timm_vit_like(VIT).eval()
     randomise_(reference, seed=0)
     ours = VisionTransformer(VIT).eval()
     # Without final norm and head, timm's ViT state dict has exactly our names and shapes.
@@ -151,21 +108,10 @@ def test_swin_v2_matches_timm(window: int, image_size: tuple[int, int]) -> None:
     config = SwinV2Config(
         in_chans=3, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=window, patch_size=4
     )
-    reference = timm_swin.SwinTransformerV2(
-        img_size=image_size,
-        patch_size=config.patch_size,
-        in_chans=config.in_chans,
-        num_classes=0,
-        embed_dim=config.embed_dim,
-        depths=config.depths,
-        num_heads=config.num_heads,
-        window_size=window,
-        drop_path_rate=0.0,
-        norm_layer=functools.partial(nn.LayerNorm, eps=config.norm_eps),
-    ).eval()
+    reference = timm_swin_like(config, image_size).eval()
     randomise_(reference, seed=2)
     ours = SwinTransformerV2(config).eval()
-    ours.load_state_dict(timm_swin_to_ours(reference.state_dict(), ours), strict=True)
+    ours.load_state_dict(timm_swin_state_to_ours(reference.state_dict(), ours), strict=True)
 
     torch.manual_seed(3)
     x = torch.randn(2, config.in_chans, *image_size)

@@ -20,6 +20,7 @@ the window, and refuses smaller maps unless padding is switched on).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -94,8 +95,12 @@ class WindowAttentionV2(nn.Module):
         return self.proj(out.reshape(b, nw, heads, n, d).transpose(2, 3).reshape(b, nw, n, c))
 
 
+@functools.lru_cache(maxsize=64)
 def shifted_window_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
-    """``(nW, w*w, w*w)`` additive mask: -100 between tokens from different pre-shift regions."""
+    """``(nW, w*w, w*w)`` additive mask: -100 between tokens from different pre-shift regions.
+
+    Cached per shape and device: every shifted block of a stage reuses it.
+    """
     region = torch.zeros(height, width, device=device)
     count = 0
     for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
