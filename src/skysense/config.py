@@ -200,31 +200,34 @@ class SkySenseConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SkySenseConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(known)}")
-        kwargs: dict[str, Any] = {}
-        sub = {"hr": SwinV2Config, "s2": ViTConfig, "s1": ViTConfig, "fusion": FusionConfig,
-               "geo_context": GeoContextConfig}
-        for key, value in data.items():
-            if key in sub:
-                kwargs[key] = _build(sub[key], value, key)
-            elif key == "inputs":
-                kwargs[key] = {m: _build(ModalityInput, v, f"inputs.{m}") for m, v in value.items()}
-            else:
-                kwargs[key] = value
-        return cls(**kwargs)
+        inputs = data.get("inputs")
+        if isinstance(inputs, dict):
+            data = {**data, "inputs": {m: build_dataclass(ModalityInput, v, f"config.inputs.{m}")
+                                       for m, v in inputs.items()}}
+        nested = {"hr": SwinV2Config, "s2": ViTConfig, "s1": ViTConfig, "fusion": FusionConfig,
+                  "geo_context": GeoContextConfig}
+        return build_dataclass(cls, data, "config", nested)
 
 
-def _build(kind: type, values: dict[str, Any], where: str) -> Any:
-    names = {f.name: f for f in dataclasses.fields(kind)}
-    unknown = set(values) - set(names)
+def build_dataclass(kind: type, values: dict[str, Any], where: str,
+                    nested: dict[str, type] | None = None) -> Any:
+    """Dataclass ``kind`` from a JSON/YAML mapping: lists become tuples, ``nested`` names the
+    fields (at any depth) that are dataclasses themselves; unknown keys are an error naming
+    ``where`` and the accepted keys."""
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - names
     if unknown:
-        raise ValueError(f"config: unknown keys {sorted(unknown)} in {where!r}")
-    # JSON has no tuples; restore them for fields declared as tuples.
-    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return kind(**converted)
+        raise ValueError(f"unknown keys {sorted(unknown)} in {where!r}; expected a subset of {sorted(names)}")
+    nested = nested or {}
+    kwargs = {}
+    for key, value in values.items():
+        if key in nested and isinstance(value, dict):
+            kwargs[key] = build_dataclass(nested[key], value, f"{where}.{key}", nested)
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return kind(**kwargs)
 
 
 def _tiny() -> SkySenseConfig:

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from skysense.config import build_dataclass
 from skysense.pretrain.objective import HeadConfig, PretrainObjectiveConfig
 from skysense.pretrain.views import ViewAugment
 
@@ -74,7 +75,7 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PretrainConfig":
-        return _build(cls, data, "config")
+        return build_dataclass(cls, data, "config", _NESTED)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PretrainConfig":
@@ -96,19 +97,3 @@ _NESTED = {
     "objective": PretrainObjectiveConfig,
     "head": HeadConfig,
 }
-
-
-def _build(kind: type, values: dict[str, Any], where: str) -> Any:
-    fields = {f.name for f in dataclasses.fields(kind)}
-    unknown = set(values) - fields
-    if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)} in {where!r}; expected a subset of {sorted(fields)}")
-    kwargs = {}
-    for key, value in values.items():
-        if key in _NESTED and isinstance(value, dict):
-            kwargs[key] = _build(_NESTED[key], value, f"{where}.{key}")
-        elif isinstance(value, list):
-            kwargs[key] = tuple(value)
-        else:
-            kwargs[key] = value
-    return kind(**kwargs)
