@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,16 +32,25 @@ class AID(SampleDataset):
     splits = ("train", "test")
     bands = {"hr": HR_BANDS}
 
+    def _class_root(self) -> Path:
+        """Folder holding one sub-folder per class."""
+        return self.root
+
+    def _train_count(self, images: int) -> int:
+        """How many of a class's ``images`` (sorted by number) form the train split."""
+        return images // 2
+
     def _index(self) -> list[Item]:
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        base = self._class_root()
+        self.classes = sorted(p.name for p in base.iterdir() if p.is_dir())
         if not self.classes:
-            raise FileNotFoundError(f"{self.name}: no class folders in {self.root}")
+            raise FileNotFoundError(f"{self.name}: no class folders in {base}")
         items = []
         for label, cls in enumerate(self.classes):
-            images = numbered_images(self.root / cls, "AID")
-            half = len(images) // 2
+            images = numbered_images(base / cls, self.name)
+            n_train = self._train_count(len(images))
             for i, path in enumerate(images):
-                items.append(Item(f"{cls}/{path.stem}", "train" if i < half else "test", path, {"label": label}))
+                items.append(Item(f"{cls}/{path.stem}", "train" if i < n_train else "test", path, {"label": label}))
         return items
 
     def _load(self, item: Item) -> dict[str, Any]:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from skysense.config import HR_BANDS
-from skysense.data.datasets.base import Item, SampleDataset, numbered_images
-from skysense.data.rasters import read_image
-from skysense.data.units import hr_to_8bit
+from skysense.data.datasets.aid import AID
 
 
-class RESISC45(SampleDataset):
+class RESISC45(AID):
     """NWPU-RESISC45 (Cheng et al., Proc. IEEE 2017): 31,500 RGB images of 256 x 256 px, 45 classes, 0.2-30 m.
 
     Source: https://gcheng-nwpu.github.io/#Datasets . Licence: academic use only.
@@ -39,22 +34,9 @@ class RESISC45(SampleDataset):
         self.train_ratio = train_ratio
         super().__init__(root, split, skip_corrupt)
 
-    def _index(self) -> list[Item]:
-        base = self.root / "NWPU-RESISC45" if (self.root / "NWPU-RESISC45").is_dir() else self.root
-        self.classes = sorted(p.name for p in base.iterdir() if p.is_dir())
-        if not self.classes:
-            raise FileNotFoundError(f"{self.name}: no class folders in {base}")
-        items = []
-        for label, cls in enumerate(self.classes):
-            images = numbered_images(base / cls, "RESISC45")
-            n_train = round(self.train_ratio * len(images))
-            for i, path in enumerate(images):
-                items.append(Item(f"{cls}/{path.stem}", "train" if i < n_train else "test", path, {"label": label}))
-        return items
+    def _class_root(self) -> Path:
+        nested = self.root / "NWPU-RESISC45"
+        return nested if nested.is_dir() else self.root
 
-    def _load(self, item: Item) -> dict[str, Any]:
-        data, dtype = read_image(item.path, expected_bands=3)
-        return {
-            "hr": torch.from_numpy(hr_to_8bit(data, 8 if dtype == "uint8" else None)),
-            "label": torch.tensor(item.extra["label"], dtype=torch.int64),
-        }
+    def _train_count(self, images: int) -> int:
+        return round(self.train_ratio * images)
