@@ -8,6 +8,8 @@ is the mean teacher output of the local batch: under data parallelism it is not 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -60,3 +62,10 @@ class CenteredCrossEntropy(nn.Module):
         if self.training:
             self.update_center(torch.cat(teacher))
         return torch.stack(pairs).mean()
+
+
+def require_common_grid(loss: str, student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.Tensor]) -> None:
+    """Dense losses compare pixel (i, j) across views: every map must have the same shape."""
+    shapes = {tuple(m.shape) for m in list(student_maps) + list(teacher_maps)}
+    if len(shapes) != 1:
+        raise ValueError(f"{loss}: views must share one overlap grid, got shapes {sorted(shapes)}")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skysense.pretrain.dino_loss import CenteredCrossEntropy
+from skysense.pretrain.dino_loss import CenteredCrossEntropy, require_common_grid
 from skysense.sinkhorn import sinkhorn_knopp
 
 # Column sums are H*W / N_C, so an absolute tolerance would be out of float32's reach for large maps.
@@ -81,9 +81,7 @@ class ObjectContrastLoss(nn.Module):
         teacher_head: nn.Module,
     ) -> torch.Tensor:
         """One (B, D, H, W) map per view, all on the common overlap grid -> scalar loss."""
-        shapes = {tuple(m.shape) for m in list(student_maps) + list(teacher_maps)}
-        if len(shapes) != 1:
-            raise ValueError(f"ObjectContrastLoss: views must share one overlap grid, got shapes {sorted(shapes)}")
+        require_common_grid("ObjectContrastLoss", student_maps, teacher_maps)
         assignment = self.assign(torch.stack(list(teacher_maps)).mean(0))
         student = [student_head(self.pool(m, assignment)) for m in student_maps]
         with torch.no_grad():

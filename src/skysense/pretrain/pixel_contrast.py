@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skysense.pretrain.dino_loss import CenteredCrossEntropy
+from skysense.pretrain.dino_loss import CenteredCrossEntropy, require_common_grid
 
 
 def resample_to_overlap(maps: torch.Tensor, boxes: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
@@ -61,9 +61,7 @@ class PixelContrastLoss(nn.Module):
         teacher_head: nn.Module,
     ) -> torch.Tensor:
         """One (B, D, H, W) map per view, all on the common overlap grid -> scalar loss."""
-        shapes = {tuple(m.shape) for m in list(student_maps) + list(teacher_maps)}
-        if len(shapes) != 1:
-            raise ValueError(f"PixelContrastLoss: views must share one overlap grid, got shapes {sorted(shapes)}")
+        require_common_grid("PixelContrastLoss", student_maps, teacher_maps)
         student = [student_head(m).permute(0, 2, 3, 1).flatten(0, 2) for m in student_maps]
         with torch.no_grad():
             teacher = [teacher_head(m).permute(0, 2, 3, 1).flatten(0, 2) for m in teacher_maps]
