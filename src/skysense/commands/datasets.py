@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from skysense.data import data_root
-from skysense.data.datasets import DATASETS, DEFAULT_SUBDIRS
+from skysense.data.datasets import DATASETS, dataset_root
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,15 +41,6 @@ def run_list(args: argparse.Namespace) -> int:
             bands = "; ".join(f"{m}: {','.join(b)}" for m, b in row["bands"].items())
             print(f"{row['name']:<16} {row['summary']}\n{'':<16} splits: {', '.join(row['splits'])}; {bands}")
     return 0
-
-
-def _resolve_root(name: str, given: Path | None) -> Path:
-    if given is not None:
-        return given
-    base = data_root()
-    if base is None or name not in DEFAULT_SUBDIRS:
-        raise ValueError(f"datasets check {name}: give --data-root (or set SKYSENSE_DATA)")
-    return base / DEFAULT_SUBDIRS[name]
 
 
 def check_dataset(name: str, root: Path, limit: int | None = None) -> dict[str, Any]:
@@ -88,7 +78,7 @@ def check_dataset(name: str, root: Path, limit: int | None = None) -> dict[str, 
 
 
 def run_check(args: argparse.Namespace) -> int:
-    root = _resolve_root(args.name, args.data_root)
+    root = dataset_root(args.name, args.data_root)
     report = check_dataset(args.name, root, args.limit)
     if args.json:
         print(json.dumps(report, indent=2))

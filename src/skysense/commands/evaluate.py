@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from skysense.config import PRESETS
-from skysense.data import data_root
-from skysense.data.datasets import DATASETS, DEFAULT_SUBDIRS
+from skysense.data.datasets import DATASETS, dataset_root
 from skysense.evaluation.features import extract_features, per_class_subset
 from skysense.evaluation.linear_probe import linear_probe
 
@@ -57,16 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.set_defaults(run=run_linear_probe)
 
 
-def resolve_root(name: str, given: Path | None) -> Path:
-    """``given``, else ``$SKYSENSE_DATA/<DEFAULT_SUBDIRS[name]>``."""
-    if given is not None:
-        return given
-    base = data_root()
-    if base is None or name not in DEFAULT_SUBDIRS:
-        raise ValueError(f"evaluate: give --data-root for {name} (or set SKYSENSE_DATA)")
-    return base / DEFAULT_SUBDIRS[name]
-
-
 def load_model(weights: Path | None, preset: str | None, random_init: bool, seed: int) -> torch.nn.Module:
     """The model to evaluate: saved weights, or a preset randomly initialised with ``seed``."""
     from skysense.models import SkySense
@@ -86,7 +75,7 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    root = resolve_root(args.dataset, args.data_root)
+    root = dataset_root(args.dataset, args.data_root)
     model = load_model(args.weights, args.preset, args.random_init, args.seed)
     train_split, test_split = PROBE_DATASETS[args.dataset]
     cls = DATASETS[args.dataset]

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from skysense.config import preset_config
-from skysense.data.datasets import DATASETS, DEFAULT_SUBDIRS
+from skysense.data.datasets import DATASETS, dataset_root
 from skysense.distributed import (
     DistributedContext,
     apply_activation_checkpointing,
@@ -118,13 +118,7 @@ def build_image_dataset(config: PretrainConfig, data_root: str | None) -> torch.
     name = config.data.dataset
     if name not in DATASETS:
         raise ValueError(f"data.dataset: unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
-    root = data_root or config.data.root
-    if root is None:
-        base = os.environ.get("SKYSENSE_DATA")
-        if not base:
-            raise ValueError("no data root: pass --data-root, set data.root, or set SKYSENSE_DATA")
-        root = str(Path(base) / DEFAULT_SUBDIRS.get(name, name))
-    return DATASETS[name](root, split=config.data.split)
+    return DATASETS[name](dataset_root(name, data_root or config.data.root), split=config.data.split)
 
 
 def _save_state(out: Path, step: int, module: PretrainingModel, optimizer: torch.optim.Optimizer,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from skysense.data import DATA_ENV, data_root
+
 from skysense.data.datasets.aid import AID
 from skysense.data.datasets.base import Item, SampleDataset
 from skysense.data.datasets.bigearthnet import BigEarthNetMM, BigEarthNetV1, BigEarthNetV2
@@ -42,7 +46,17 @@ DEFAULT_SUBDIRS: dict[str, str] = {
 }
 """Where each dataset lies under ``$SKYSENSE_DATA`` (the project's real-data layout)."""
 
-__all__ = ["DATASETS", "DEFAULT_SUBDIRS", "Item", "SampleDataset", "AID", "OSCD", "BigEarthNetV1",
+
+def dataset_root(name: str, given: str | Path | None = None) -> Path:
+    """``given``, else ``$SKYSENSE_DATA/<DEFAULT_SUBDIRS[name]>``; an error says what to pass."""
+    if given is not None:
+        return Path(given)
+    base = data_root()
+    if base is None or name not in DEFAULT_SUBDIRS:
+        raise ValueError(f"{name}: no data root: pass --data-root (or set {DATA_ENV})")
+    return base / DEFAULT_SUBDIRS[name]
+
+__all__ = ["DATASETS", "DEFAULT_SUBDIRS", "dataset_root", "Item", "SampleDataset", "AID", "OSCD", "BigEarthNetV1",
            "BigEarthNetV2", "BigEarthNetMM", "EuroSATMS", "LEVIRCD", "Sen1Floods11", "SSL4EOS12", "LoveDA",
            "Potsdam", "Vaihingen", "ISAID", "DOTA", "DIOR", "DIORR", "FAIR1M", "DSIFN", "RESISC45", "FMoWSentinel",
            "DynamicEarthNet", "ManifestDataset"]
