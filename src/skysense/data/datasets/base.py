@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter
@@ -30,6 +31,16 @@ def numbered_images(folder: Path, dataset: str) -> list[Path]:
         return int(match.group(1))
 
     return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=number)
+
+
+def read_json(path: Path) -> Any:
+    """A metadata JSON file; a missing or malformed file is an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"metadata file {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 @dataclass(frozen=True)
 class Item:

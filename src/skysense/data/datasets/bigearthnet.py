@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bz2
 import importlib.util
-import json
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 
 from skysense.config import S1_BANDS, S2_BANDS
 from skysense.data.dates import date_from_name, day_of_year, parse_date
-from skysense.data.datasets.base import Item, SampleDataset, scalar
+from skysense.data.datasets.base import Item, SampleDataset, read_json, scalar
 from skysense.data.rasters import RasterReadError, read_band_folder, read_image
 from skysense.data.units import processing_baseline_from_name, s2_to_model_units
 from skysense.data.units import s2_offset as offset_of_baseline
@@ -91,15 +90,6 @@ def _multi_hot(names: Sequence[str], label_set: str, where: Path) -> torch.Tenso
             raise ValueError(f"{where}: unknown BigEarthNet label {name!r}; expected one of the {label_set} classes")
         target[classes.index(mapped)] = 1.0
     return target
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"metadata file {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
 @lru_cache(maxsize=1)
@@ -226,7 +216,7 @@ class BigEarthNetV1(SampleDataset):
                 for patch in sorted(p for p in s1_dir.iterdir() if p.is_dir()):
                     meta_path = patch / f"{patch.name}_labels_metadata.json"
                     try:
-                        meta = _read_json(meta_path)
+                        meta = read_json(meta_path)
                     except (FileNotFoundError, ValueError):
                         continue  # reported when the paired S2 patch is loaded
                     s2_name = meta.get("corresponding_s2_patch")
@@ -241,7 +231,7 @@ class BigEarthNetV1(SampleDataset):
         return items
 
     def _load(self, item: Item) -> dict[str, Any]:
-        meta = _read_json(item.path / f"{item.path.name}_labels_metadata.json")
+        meta = read_json(item.path / f"{item.path.name}_labels_metadata.json")
         labels = meta.get("labels")
         if not isinstance(labels, list):
             raise ValueError(f"{item.path}: labels_metadata.json has no 'labels' list")
@@ -261,7 +251,7 @@ class BigEarthNetV1(SampleDataset):
                     raise FileNotFoundError(
                         f"{self.name}: no S1 patch whose corresponding_s2_patch is {item.id} in {self._folders()[1]}"
                     )
-                s1_meta = _read_json(s1_path / f"{s1_path.name}_labels_metadata.json")
+                s1_meta = read_json(s1_path / f"{s1_path.name}_labels_metadata.json")
                 doy = day_of_year(self._s1_date(s1_meta, s1_path))
                 frames = _s1_frames(s1_path, doy, tuple(sample["s2"].shape[-2:]), sample["crs"])
                 frames.pop("_s1_stack")

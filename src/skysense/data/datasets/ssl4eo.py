@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,22 +12,12 @@ import torch
 
 from skysense.config import S1_BANDS, S2_BANDS
 from skysense.data.dates import date_from_name, day_of_year
-from skysense.data.datasets.base import Item, SampleDataset, scalar
+from skysense.data.datasets.base import Item, SampleDataset, read_json, scalar
 from skysense.data.rasters import RasterReadError, read_band_folder
 from skysense.data.units import s2_to_model_units
 
 PRODUCTS = {"s2_l2a": "s2a", "s2_l1c": "s2c", "s1": "s1"}
 """Modality name -> sub-folder of the release."""
-
-
-def _metadata(folder: Path) -> dict[str, Any]:
-    path = folder / "metadata.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"metadata file {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
 def _acquisition_date(folder: Path, meta: dict[str, Any]) -> dt.date:
@@ -100,7 +89,7 @@ class SSL4EOS12(SampleDataset):
             raise FileNotFoundError(f"{self.name}: {modality} folder {folder} does not exist (location {location})")
         frames = []
         for product in sorted(p for p in folder.iterdir() if p.is_dir()):
-            meta = _metadata(product)
+            meta = read_json(product / "metadata.json")
             frames.append((_acquisition_date(product, meta), product, meta))
         if not frames:
             raise FileNotFoundError(f"{self.name}: no acquisitions in {folder}")
