@@ -258,8 +258,10 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
                 module.objective.update_prototypes(module.student.geo_context)
             module.objective.update_teacher_heads(momentum)
             ema_update(module.teacher, module.student, momentum)
-        values = {"loss": total.detach(), **terms}
-        values = {k: float(mean_across_processes(v.float())) for k, v in values.items()}
+        names = ["loss", *terms]
+        # One collective for every logged value, not one per value.
+        means = mean_across_processes(torch.stack([total.detach().float(), *(terms[n].float() for n in terms)]))
+        values = dict(zip(names, means.tolist()))
         values.update(lr=lr, teacher_momentum=momentum, grad_norm=float(grad_norm))
         rows.append({"step": step, **values})
         done = step + 1
