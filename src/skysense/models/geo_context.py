@@ -17,7 +17,6 @@ Choices where the paper is silent:
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +55,10 @@ class GeoContextPrototypes(nn.Module):
         """``features``: (B, D, H, W); ``lat``, ``lon``: (B,) degrees -> (B, 2D, H, W)."""
         b, d, h, w = features.shape
         protos = self.prototypes[self.regions(lat, lon)].to(features.dtype)  # (B, P, D)
-        queries = features.flatten(2).transpose(1, 2)  # (B, HW, D)
-        weights = torch.softmax(queries @ protos.transpose(1, 2) / math.sqrt(d), dim=-1)
-        context = (weights @ protos).transpose(1, 2).reshape(b, d, h, w)
+        queries = features.flatten(2).transpose(1, 2)[:, None]  # (B, 1, HW, D): one head
+        # softmax(F P^T / sqrt(d)) P is SDPA with the prototypes as keys and values.
+        context = F.scaled_dot_product_attention(queries, protos[:, None], protos[:, None])
+        context = context[:, 0].transpose(1, 2).reshape(b, d, h, w)
         return torch.cat([features, context], dim=1)
 
     @torch.no_grad()
