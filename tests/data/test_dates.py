@@ -70,3 +70,27 @@ def test_dates_txt_bad_line_names_file_and_line(tmp_path):
         read_dates_txt(empty)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_dates_txt(tmp_path / "missing.txt")
+
+
+def test_date_from_geotiff_tags(tmp_path) -> None:
+    import numpy as np
+    import rasterio
+
+    from data_helpers import write_tif
+    from skysense.data.dates import acquisition_date, date_from_tags
+
+    tagged = write_tif(tmp_path / "scene.tif", np.zeros((1, 4, 4), dtype=np.uint16))
+    with rasterio.open(tagged, "r+") as dst:
+        dst.update_tags(ACQUISITION_DATE="2019-09-17T10:20:31Z", TIFFTAG_DATETIME="2024:01:01 00:00:00")
+    assert date_from_tags(tagged) == dt.date(2019, 9, 17)
+    # Tags win over the name; without tags the name is used.
+    renamed = tagged.rename(tmp_path / "scene_20200101.tif")
+    assert acquisition_date(renamed) == dt.date(2019, 9, 17)
+    plain = write_tif(tmp_path / "S2A_MSIL2A_20170613T101031_B02.tif", np.zeros((1, 4, 4), dtype=np.uint16))
+    assert date_from_tags(plain) is None
+    assert acquisition_date(plain) == dt.date(2017, 6, 13)
+    bad = write_tif(tmp_path / "bad.tif", np.zeros((1, 4, 4), dtype=np.uint16))
+    with rasterio.open(bad, "r+") as dst:
+        dst.update_tags(SENSING_TIME="yesterday")
+    with pytest.raises(ValueError, match=r"bad.tif: tag SENSING_TIME='yesterday' holds no date"):
+        date_from_tags(bad)

@@ -1,4 +1,4 @@
-"""Acquisition dates from file and folder names or ``dates.txt`` sidecars, and day of year.
+"""Acquisition dates from GeoTIFF tags, file and folder names or ``dates.txt`` sidecars.
 
 Recognised in names, first match wins:
 
@@ -55,6 +55,45 @@ def date_from_name(path: str | Path, search_parents: int = 0) -> dt.date:
         f"no acquisition date in the name of {path}: expected a Sentinel product date "
         "(YYYYMMDDThhmmss), YYYY-MM-DD or YYYYMMDD"
     )
+
+
+ACQUISITION_TAGS = (
+    "ACQUISITION_DATE", "ACQUISITION_TIME", "DATE_ACQUIRED", "SENSING_TIME", "SENSING_DATE",
+    "DATATAKE_SENSING_START", "PRODUCT_START_TIME", "START_TIME", "DATE",
+)
+"""GeoTIFF metadata keys (any case) read as the acquisition date, in this order of preference.
+
+``TIFFTAG_DATETIME`` is deliberately absent: the TIFF standard defines it as the time the file
+was written, not when the scene was acquired."""
+
+
+def date_from_tags(path: str | Path) -> dt.date | None:
+    """Acquisition date from the dataset-level GeoTIFF tags of ``path``, or None if no known tag.
+
+    Raises:
+        ValueError: a known tag is present but holds no date (names the file, tag and value).
+    """
+    import rasterio
+
+    path = Path(path)
+    try:
+        with rasterio.open(path) as src:
+            tags = {key.upper(): value for key, value in src.tags().items()}
+    except rasterio.errors.RasterioIOError as error:
+        raise ValueError(f"{path}: cannot be read for date tags: {error}") from None
+    for key in ACQUISITION_TAGS:
+        if key in tags:
+            # EXIF-style "YYYY:MM:DD hh:mm:ss" -> "YYYY-MM-DD hh:mm:ss"
+            found = parse_date(re.sub(r"^(\d{4}):(\d{2}):(\d{2})", r"\1-\2-\3", tags[key]))
+            if found is None:
+                raise ValueError(f"{path}: tag {key}={tags[key]!r} holds no date (expected e.g. 2019-09-17)")
+            return found
+    return None
+
+
+def acquisition_date(path: str | Path, search_parents: int = 0) -> dt.date:
+    """The date of one raster: its GeoTIFF tags first (:data:`ACQUISITION_TAGS`), else its name."""
+    return date_from_tags(path) or date_from_name(path, search_parents)
 
 
 def read_dates_txt(path: str | Path) -> list[dt.date]:
