@@ -351,3 +351,23 @@ def test_manifest_dataset(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(json.dumps(records[0]) + "\n" + json.dumps({"id": "c", "s2": records[0]["s2"]}))
     with pytest.raises(ValueError, match="line 2.*same ones"):
         ManifestDataset(tmp_path)
+
+
+def test_loveda_authors_layout(tmp_path):
+    """The release layout Train/{Urban,Rural}/images_png + masks_png, and Test without masks."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, domain, name in (("Train", "Urban", "1"), ("Train", "Rural", "2"), ("Test", "Rural", "3")):
+        images = tmp_path / split / domain / "images_png"
+        images.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(images / f"{name}.png")
+        if split != "Test":
+            (images.parent / "masks_png").mkdir()
+            Image.fromarray(np.full((8, 8), 3, dtype=np.uint8)).save(images.parent / "masks_png" / f"{name}.png")
+    train = LoveDA(tmp_path, split="train")
+    assert len(train) == 2
+    sample = train[0]
+    assert sample["hr"].shape == (3, 8, 8) and bool((sample["mask"] == 2).all())
+    test = LoveDA(tmp_path, split="test")
+    assert len(test) == 1 and "mask" not in test[0]

@@ -94,11 +94,14 @@ class MMSegDataset(SampleDataset):
 class LoveDA(MMSegDataset):
     """LoveDA (Wang et al., NeurIPS 2021 D&B): 5,987 urban and rural 1024 x 1024 tiles, 0.3 m, 7 classes.
 
-    Layout: mmsegmentation's ``img_dir/<split>``, ``ann_dir/<split>`` (see :class:`MMSegDataset`).
+    Layouts (either):
 
-    Source: https://github.com/Junjue-Wang/LoveDA ; converted to the mmsegmentation layout by
-    ``tools/dataset_converters/loveda.py`` (the author layout ``Train/{Urban,Rural}/images_png``,
-    ``masks_png`` flattened into ``img_dir/train``, ``ann_dir/train``). Licence: CC BY-NC-SA 4.0.
+    * the authors' release: ``<root>/{Train,Val,Test}/{Urban,Rural}/images_png/<n>.png`` with
+      masks in the sibling ``masks_png`` (none for ``Test``);
+    * mmsegmentation's ``img_dir/<split>``, ``ann_dir/<split>`` (see :class:`MMSegDataset`), as
+      made by its ``tools/dataset_converters/loveda.py``, which flattens the domains.
+
+    Source: https://github.com/Junjue-Wang/LoveDA . Licence: CC BY-NC-SA 4.0.
 
     Bands: R, G, B 8-bit PNG (``hr``). Masks: 0 = no-data, 1..7 = ``classes``; ``mask`` holds
     0..6 and -1 for no-data (mmsegmentation's ``reduce_zero_label=True``).
@@ -109,6 +112,24 @@ class LoveDA(MMSegDataset):
 
     name = "loveda"
     classes = ("background", "building", "road", "water", "barren", "forest", "agricultural")
+    author_splits: ClassVar[dict[str, str]] = {"Train": "train", "Val": "val", "Test": "test"}
+
+    def _index(self) -> list[Item]:
+        present = [d for d in self.author_splits if (self.root / d).is_dir()]
+        if not present:
+            return super()._index()
+        items = []
+        for folder in present:
+            split = self.author_splits[folder]
+            for domain in ("Urban", "Rural"):
+                images = self.root / folder / domain / "images_png"
+                for path in sorted(images.glob("*.png")):
+                    ann = images.parent / "masks_png" / path.name
+                    items.append(Item(f"{split}/{domain}/{path.stem}", split, path,
+                                      {"ann": ann if ann.is_file() else None}))
+        if not items:
+            raise FileNotFoundError(f"{self.name}: no <split>/<Urban|Rural>/images_png/*.png under {self.root}")
+        return items
 
 
 class Potsdam(MMSegDataset):
