@@ -14,11 +14,12 @@ from skysense.data.datasets.dsifn import DSIFN
 from skysense.data.datasets.dynamic_earthnet import DynamicEarthNet
 from skysense.data.datasets.eurosat import EuroSATMS
 from skysense.data.datasets.fmow import FMoWSentinel
+from skysense.data.datasets.isprs import Potsdam, Vaihingen
 from skysense.data.datasets.levir_cd import LEVIRCD
 from skysense.data.datasets.manifest import ManifestDataset
 from skysense.data.datasets.oscd import OSCD
 from skysense.data.datasets.resisc45 import RESISC45
-from skysense.data.datasets.segmentation import ISAID, LoveDA, Potsdam, Vaihingen
+from skysense.data.datasets.segmentation import ISAID, LoveDA
 from skysense.data.datasets.sen1floods11 import Sen1Floods11
 from skysense.data.datasets.ssl4eo import SSL4EOS12
 

@@ -1,4 +1,4 @@
-"""Aerial semantic segmentation in the mmsegmentation layout: LoveDA, ISPRS Potsdam / Vaihingen, iSAID."""
+"""Aerial semantic segmentation in the mmsegmentation layout: LoveDA, iSAID (ISPRS Potsdam / Vaihingen: ``isprs``)."""
 
 from __future__ import annotations
 
@@ -130,48 +130,6 @@ class LoveDA(MMSegDataset):
         if not items:
             raise FileNotFoundError(f"{self.name}: no <split>/<Urban|Rural>/images_png/*.png under {self.root}")
         return items
-
-
-class Potsdam(MMSegDataset):
-    """ISPRS Potsdam 2D semantic labelling: 38 tiles of 6000 x 6000 px at 5 cm, cut into 512 x 512 patches.
-
-    Layout: mmsegmentation's ``img_dir/<split>``, ``ann_dir/<split>`` (see :class:`MMSegDataset`).
-
-    Source: https://www.isprs.org/education/benchmarks/UrbanSemLab/ ; patches made by
-    mmsegmentation's ``tools/dataset_converters/potsdam.py`` from ``2_Ortho_RGB.zip`` and
-    ``5_Labels_all_noBoundary.zip`` (file names ``<tile>_<x0>_<y0>_<x1>_<y1>.png``).
-    Licence: ISPRS benchmark terms, research use.
-
-    Bands: R, G, B 8-bit (``hr``). Masks: as converted by mmsegmentation, 0 = boundary/no label
-    and 1..6 = ``classes`` (colour codes of the ISPRS label images mapped in this order);
-    ``mask`` holds 0..5 and -1 (``reduce_zero_label=True``). The converter's colour order was
-    taken from mmsegmentation's ``PotsdamDataset`` palette and not re-checked against the
-    original RGB label images here.
-
-    Splits: ``train`` (24 tiles) and ``val`` (14 tiles) as chosen by the converter; flat folders
-    are ``"all"``.
-    """
-
-    name = "potsdam"
-    classes = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
-
-
-class Vaihingen(MMSegDataset):
-    """ISPRS Vaihingen 2D semantic labelling: 33 true orthophotos at 9 cm, cut into 512 x 512 patches.
-
-    Layout: mmsegmentation's ``img_dir/<split>``, ``ann_dir/<split>`` (see :class:`MMSegDataset`).
-
-    Source: https://www.isprs.org/education/benchmarks/UrbanSemLab/ ; patches made by
-    mmsegmentation's ``tools/dataset_converters/vaihingen.py`` (``area<n>_<x0>_<y0>_<x1>_<y1>.png``).
-    Licence: ISPRS benchmark terms, research use.
-
-    Bands: **near-infrared, red, green** (the Vaihingen orthophotos have no blue band), 8-bit,
-    put in ``hr``'s R, G, B slots as distributed: a strong domain shift for an RGB model.
-    Masks and splits: as :class:`Potsdam` (6 classes, 0 = no label).
-    """
-
-    name = "vaihingen"
-    classes = Potsdam.classes
 
 
 class ISAID(MMSegDataset):
