@@ -228,7 +228,7 @@ def change_probe(
                 diff, (h, w) = change_feature(model, scene, tile)
                 logits = torch.einsum("d,dhw->hw", w_raw.to(diff.dtype), diff) + b_raw
                 full = F.interpolate(logits[None, None], scale_factor=patch, mode="bilinear", align_corners=False)[0, 0, :h, :w]
-                pred = full > logit_threshold
+                pred = full >= logit_threshold
                 truth = scene["mask"].bool()
                 counts3 = _f1_counts(pred, truth)
                 tp, fp, fn = tp + counts3[0], fp + counts3[1], fn + counts3[2]
