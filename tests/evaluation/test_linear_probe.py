@@ -153,7 +153,9 @@ def test_hr_size_rounds_up_to_multiple_of_32():
 def test_pool_features_definition():
     out = {"hr_pyramid": [torch.ones(2, 8, 4, 4), torch.full((2, 16, 2, 2), 2.0)], "fused": torch.zeros(2, 4, 2, 2)}
     pooled = pool_features(out)
-    assert pooled.shape == (2, 20) and torch.all(pooled[:, :16] == 2) and torch.all(pooled[:, 16:] == 0)
+    # Every HR level pooled, in order, then the fused map.
+    assert pooled.shape == (2, 28) and torch.all(pooled[:, :8] == 1) and torch.all(pooled[:, 8:24] == 2)
+    assert torch.all(pooled[:, 24:] == 0)
     out["s2"] = torch.zeros(2, 1, 3, 2, 2)
     assert pool_features(out).shape == (2, 4)
 
@@ -162,7 +164,7 @@ def test_extract_features_shape_and_deterministic(tiny_model):
     dataset = _RandomHR(5)
     first, labels = extract_features(tiny_model, dataset, batch_size=2, progress=False)
     second, _ = extract_features(tiny_model, dataset, batch_size=2, progress=False)
-    assert first.dtype == torch.float32 and first.shape == (5, feature_dim(tiny_model.config, ["hr"])) == (5, 384)
+    assert first.dtype == torch.float32 and first.shape == (5, feature_dim(tiny_model.config, ["hr"])) == (5, 608)
     assert torch.equal(labels, torch.tensor([0, 1, 2, 0, 1]))
     assert torch.equal(first, second)
     assert torch.isfinite(first).all() and first.std(0).max() > 0

@@ -2,15 +2,19 @@
 
 Feature definition (what :func:`pool_features` returns for one sample):
 
-* **HR-only datasets** (e.g. AID: only ``hr`` present): the global average pool of the last HR
-  pyramid level (stride 32, ``config.hr.out_dims[-1]`` channels) concatenated with the global
-  average pool of the fused map (``config.fusion.embed_dim`` channels); 256 + 128 = 384 for
-  ``tiny``. Why both: with a single modality the fusion transformer sees one HR token per
-  location plus its extra token, so ``fused`` is a (learned) re-mixing of the same stride-32 map.
-  The HR encoder's own last stage is the feature an HR backbone is usually probed on, and the
-  fused map is what the model hands to downstream heads; concatenating them lets the probe use
-  whichever is better (a linear probe can always zero out the other half), at a cost of only a
-  few hundred dimensions.
+* **HR-only datasets** (e.g. AID: only ``hr`` present): the global average pool of **every** HR
+  pyramid level (strides 4, 8, 16, 32: ``config.hr.out_dims`` channels) concatenated with the
+  global average pool of the fused map (``config.fusion.embed_dim`` channels); 32 + 64 + 128 +
+  256 + 128 = 608 for ``tiny``. Why all levels: a hierarchical backbone's early stages carry the
+  texture and colour statistics that scene classes differ by, and its last stage is small and
+  coarse (``tiny``: 2 blocks on a 5 x 5 grid for a 160 px image); pooling each level is the usual
+  way to probe such backbones. Measured on AID with ``tiny`` (probe of this module, 1500/1500
+  split): random init 0.276 with the last level + fused vs 0.297 with every level; a model
+  pretrained 1100 steps (InfoNCE) 0.300 vs 0.378, i.e. pretraining changes the earlier stages
+  more than the last one, which the last-level probe could not see. Why the fused map too: with
+  a single modality the fusion transformer sees one HR token per location plus its extra token,
+  so ``fused`` is a (learned) re-mixing of the stride-32 map, and it is what the model hands to
+  downstream heads; a linear probe can always zero out what it does not use.
 * **Datasets with S2 and/or S1** (with or without HR): the global average pool of the fused map.
   It already mixes every modality and every valid frame (invalid frames are masked out by the
   fusion), so it is the one multi-modal, multi-temporal vector per sample.
@@ -80,14 +84,14 @@ def pool_features(out: Mapping[str, Any]) -> torch.Tensor:
     fused = out["fused"].mean(dim=(-2, -1))
     sentinel = any(m in out for m in ("s2", "s1"))
     if "hr_pyramid" in out and not sentinel:
-        return torch.cat([out["hr_pyramid"][-1].mean(dim=(-2, -1)), fused], dim=1)
+        return torch.cat([level.mean(dim=(-2, -1)) for level in out["hr_pyramid"]] + [fused], dim=1)
     return fused
 
 
 def feature_dim(config: Any, modalities: Sequence[str]) -> int:
     """Length of :func:`pool_features` vectors for a model config and the modalities present."""
     if "hr" in modalities and not any(m in modalities for m in ("s2", "s1")):
-        return config.hr.out_dims[-1] + config.fusion.embed_dim
+        return sum(config.hr.out_dims) + config.fusion.embed_dim
     return config.fusion.embed_dim
 
 
