@@ -103,3 +103,14 @@ def test_ema_update_is_exact() -> None:
         assert torch.equal(geo.prototypes[r, 2], before[r, 2])
     assert torch.equal(geo.prototypes[0], before[0])
     assert torch.equal(geo.prototypes[3], before[3])
+
+
+def test_sinkhorn_batched_equals_one_problem_at_a_time():
+    torch.manual_seed(0)
+    scores = torch.randn(5, 40, 4)
+    batched = sinkhorn_knopp(scores, epsilon=0.1, iterations=2000, tolerance=1e-6)
+    assert batched.shape == (5, 40, 4)
+    for b in range(5):
+        single = sinkhorn_knopp(scores[b], epsilon=0.1, iterations=2000, tolerance=1e-6)
+        torch.testing.assert_close(batched[b], single, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched[b].sum(0), torch.full((4,), 10.0), atol=1e-4, rtol=0)

@@ -21,8 +21,14 @@ def sinkhorn_knopp(
 ) -> torch.Tensor:
     """Transport plan ``Q`` (N, K) proportional to ``exp(scores / epsilon)`` with set marginals.
 
+    Batched: ``scores`` of shape (..., N, K) solves one independent problem per leading index
+    (e.g. one clustering per image) in the same tensor operations, which on a CPU is many times
+    faster than a Python loop over small problems. The loop stops once every problem meets the
+    tolerance; a problem that converged earlier keeps being rescaled, which only moves it
+    further inside its tolerance.
+
     Args:
-        scores: (N, K) similarities of N samples to K clusters.
+        scores: (..., N, K) similarities of N samples to K clusters.
         epsilon: entropic regularisation; smaller is closer to a hard assignment.
         iterations: maximum number of row/column scaling rounds.
         row_sums: (N,) target sum of each row; default 1 (each sample is one distribution).
@@ -33,9 +39,9 @@ def sinkhorn_knopp(
         ``Q`` with rows summing exactly to ``row_sums`` and columns to ``col_sums`` within
         ``tolerance`` (or the best reached in ``iterations`` rounds).
     """
-    if scores.ndim != 2:
-        raise ValueError(f"sinkhorn_knopp: scores must be (N, K), got shape {tuple(scores.shape)}")
-    n, k = scores.shape
+    if scores.ndim < 2:
+        raise ValueError(f"sinkhorn_knopp: scores must be (N, K) or (..., N, K), got shape {tuple(scores.shape)}")
+    n, k = scores.shape[-2:]
     scores = scores.float()
     rows = torch.ones(n, device=scores.device) if row_sums is None else row_sums.float()
     cols = torch.full((k,), n / k, device=scores.device) if col_sums is None else col_sums.float()
@@ -45,10 +51,10 @@ def sinkhorn_knopp(
             f"{cols.sum().item():.6g}; they must be equal"
         )
     log_q = scores / epsilon
-    log_rows, log_cols = rows.log(), cols.log()
+    log_rows, log_cols = rows.log()[:, None], cols.log()[None, :]
     for _ in range(iterations):
-        log_q = log_q + (log_cols - torch.logsumexp(log_q, dim=0))[None, :]
-        log_q = log_q + (log_rows - torch.logsumexp(log_q, dim=1))[:, None]
-        if (log_q.exp().sum(0) - cols).abs().max() < tolerance:
+        log_q = log_q + (log_cols - torch.logsumexp(log_q, dim=-2, keepdim=True))
+        log_q = log_q + (log_rows - torch.logsumexp(log_q, dim=-1, keepdim=True))
+        if (log_q.exp().sum(-2) - cols).abs().max() < tolerance:
             break
     return log_q.exp()

@@ -57,14 +57,14 @@ class ObjectContrastLoss(nn.Module):
         n = pixels.shape[1]
         start = torch.linspace(0, n - 1, self.num_clusters, device=maps.device).round().long()
         tolerance = RELATIVE_TOLERANCE * n / self.num_clusters
-        assignments = []
-        for x in pixels:  # one clustering per image
-            q = sinkhorn_knopp(x @ x[start].T, self.epsilon, self.sinkhorn_iterations, tolerance=tolerance)
-            for _ in range(self.rounds):
-                centroids = F.normalize(q.T @ x, dim=-1)
-                q = sinkhorn_knopp(x @ centroids.T, self.epsilon, self.sinkhorn_iterations, tolerance=tolerance)
-            assignments.append(q)
-        return torch.stack(assignments)
+        # One clustering per image, all images solved together (batched Sinkhorn-Knopp).
+        q = sinkhorn_knopp(pixels @ pixels[:, start].transpose(1, 2), self.epsilon, self.sinkhorn_iterations,
+                           tolerance=tolerance)
+        for _ in range(self.rounds):
+            centroids = F.normalize(q.transpose(1, 2) @ pixels, dim=-1)  # (B, N_C, D)
+            q = sinkhorn_knopp(pixels @ centroids.transpose(1, 2), self.epsilon, self.sinkhorn_iterations,
+                               tolerance=tolerance)
+        return q
 
     @staticmethod
     def pool(maps: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
