@@ -28,8 +28,12 @@ def test_round_trip_is_exact(tmp_path: Path, tiny_model: SkySense) -> None:
     assert config["lat_lon_order"] == "lat,lon" and "date_encoded" in config["fusion"]
     loaded = SkySense.from_pretrained(str(tmp_path))
     inputs = tiny_inputs()
+    # The weights come back bit for bit; outputs may differ in the last bits only because kernels
+    # reduce in a memory-alignment-dependent order (seen with one thread: 1.5e-7 in `fused`).
+    for (name, original), (_, restored) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(original, restored), name
     with torch.no_grad():
-        assert torch.equal(loaded(**inputs), tiny_model(**inputs))
+        torch.testing.assert_close(loaded(**inputs), tiny_model(**inputs), rtol=0, atol=1e-6)
     assert not list(tmp_path.glob(".*")), "temporary files left behind"
 
 

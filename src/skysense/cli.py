@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "skysense.commands.demo",
     "skysense.commands.datasets",
     "skysense.commands.pretrain",
+    "skysense.commands.shard",
     "skysense.commands.evaluate",
 )
 

@@ -48,6 +48,13 @@ def relative_position_index(window: int) -> torch.Tensor:
     return rel[0] * (2 * window - 1) + rel[1]
 
 
+def fused_head_multiple(device: torch.device) -> int:
+    """Head width SDPA's fused kernels take on ``device``: on CUDA the bf16 kernels reject widths
+    that are not a multiple of 8 and SDPA falls back to its math path, which materialises every
+    attention matrix (see PERFORMANCE.md); the CPU's flash kernel takes any width."""
+    return 1 if device.type == "cpu" else 8
+
+
 class WindowAttentionV2(nn.Module):
     """Cosine window attention with a continuous position bias, through SDPA."""
 
@@ -91,7 +98,13 @@ class WindowAttentionV2(nn.Module):
         else:
             q, k, v = (t.reshape(b, nw * heads, n, d) for t in (q, k, v))
             bias = (bias + shift_mask[:, None].to(q.dtype)).reshape(1, nw * heads, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        # SwinV2-H's heads are 44 wide. Zero columns change no dot product q.k, the output
+        # columns that v's zero columns add are dropped, and the scale is explicit, so it does
+        # not follow the padded width.
+        pad = -d % fused_head_multiple(q.device)
+        if pad:
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)[..., :d]
         return self.proj(out.reshape(b, nw, heads, n, d).transpose(2, 3).reshape(b, nw, n, c))
 
 

@@ -9,25 +9,48 @@ from typing import Any
 
 import yaml
 
-from skysense.config import build_dataclass
+from skysense.config import SkySenseConfig, build_dataclass
 from skysense.pretrain.objective import HeadConfig, PretrainObjectiveConfig
-from skysense.pretrain.views import ViewAugment
+from skysense.pretrain.views import ViewAugment, ViewConfig
 
 
 @dataclass
 class DataConfig:
-    """Where the pretraining images come from and how views are cut."""
+    """Where the pretraining samples come from and how views are cut (skysense.pretrain.views)."""
 
+    # A dataset of skysense.data.datasets.DATASETS (aid, manifest, oscd, ...), read from `root`.
     dataset: str = "aid"
     # Folder of the dataset; None: $SKYSENSE_DATA/<dataset>.
     root: str | None = None
     split: str = "train"
+    # Extra keyword arguments of the dataset class (e.g. manifest: {modalities: [hr, s2]}).
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    # Folder of shards written by `skysense shard`: read instead of `dataset` when set.
+    shards: str | None = None
+    # Keep each normalised sample in memory once read (per worker): small datasets of large scenes.
+    cache: bool = False
     # Side of each HR view in pixels after the random resized crop.
     view_size: int = 128
-    # Range of the crop's side as a fraction of the image side.
+    # Side of each S2/S1 view in pixels; None: view_size / 32 (the model's HR-to-Sentinel ratio).
+    sentinel_view_size: int | None = None
+    # Range of the crop's side as a fraction of the image (or crop_size window) side.
     crop_scale: tuple[float, float] = (0.4, 1.0)
+    # Random window of each sample, in pixels of its finest modality, the views are cut from
+    # (scenes larger than a view, e.g. OSCD cities); None: the whole sample.
+    crop_size: int | None = None
+    # Random transposes (with the flips: all 8 orientations, i.e. 90-degree rotations).
+    rotate: bool = False
+    # Per-modality brightness and contrast jitter strength.
+    jitter: float = 0.4
+    # Valid frames drawn per view from each series (the paper: 20 S2, 10 S1); None: all.
+    s2_frames: int | None = None
+    s1_frames: int | None = None
+    # Largest random change of each frame's day of year, in days.
+    date_jitter: int = 0
+    # Probability of dropping each modality from a view, per global batch (never all).
+    modality_dropout: float = 0.0
     num_workers: int = 2
-    # Optional photometric augmentations of each view (skysense.pretrain.views.ViewAugment); 0: off.
+    # Optional photometric augmentations of each HR view (skysense.pretrain.views.ViewAugment); 0: off.
     color_jitter_prob: float = 0.0
     color_jitter: float = 0.4
     grayscale_prob: float = 0.0
@@ -37,6 +60,16 @@ class DataConfig:
     def augment(self) -> ViewAugment:
         return ViewAugment(self.color_jitter_prob, self.color_jitter, self.grayscale_prob, self.blur_prob,
                            tuple(self.blur_sigma))
+
+    def view_config(self, model_config: SkySenseConfig) -> ViewConfig:
+        """The :class:`ViewConfig` of these settings for a model (its HR-to-Sentinel ratio)."""
+        sentinel = self.sentinel_view_size or max(1, self.view_size // model_config.hr_stride)
+        return ViewConfig(
+            hr_size=self.view_size, sentinel_size=sentinel, crop_scale=tuple(self.crop_scale),
+            crop_size=self.crop_size, rotate=self.rotate, jitter=self.jitter, s2_frames=self.s2_frames,
+            s1_frames=self.s1_frames, date_jitter=self.date_jitter, modality_dropout=self.modality_dropout,
+            augment=self.augment(),
+        )
 
 
 @dataclass
@@ -48,6 +81,27 @@ class OptimConfig:
     grad_clip: float = 3.0
     teacher_momentum: float = 0.996
     final_teacher_momentum: float = 1.0
+
+
+STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
+
+
+@dataclass
+class DistributedConfig:
+    """How the processes of ``torchrun --nproc-per-node N`` share a run (see skysense.distributed).
+
+    ``strategy``: ``"ddp"``: every process holds the whole model (DistributedDataParallel);
+    resumable state in ``training_state.pt``. ``"fsdp"``: parameters, gradients and optimizer
+    state sharded per transformer block (FSDP2), for models that do not fit one device;
+    resumable state in sharded ``checkpoint-<step>/`` folders (torch.distributed.checkpoint),
+    which a run with another number of processes can resume. In one process neither shards.
+    """
+
+    strategy: str = "ddp"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"distributed.strategy: expected one of {list(STRATEGIES)}, got {self.strategy!r}")
 
 
 @dataclass
@@ -69,6 +123,7 @@ class PretrainConfig:
     # when another job held a core.
     num_threads: int | None = None
     activation_checkpointing: bool = False
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,4 +151,5 @@ _NESTED = {
     "optim": OptimConfig,
     "objective": PretrainObjectiveConfig,
     "head": HeadConfig,
+    "distributed": DistributedConfig,
 }

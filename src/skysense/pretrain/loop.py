@@ -6,11 +6,13 @@ then the teacher, its heads and the geo-context prototypes follow by EMA.
 
 Everything that decides a step (data order, view augmentation, stochastic depth) is seeded by
 ``(seed, step)``, so a resumed run repeats an uninterrupted one exactly, and N processes sharing
-a global batch match one process.
+a global batch match one process. N processes replicate the model (``distributed.strategy:
+ddp``) or shard it per transformer block with FSDP2 (``fsdp``); see :mod:`skysense.distributed`.
 
 Output folder:
     ``model.safetensors`` + ``config.json``   the student, loadable with ``--weights DIR``
-    ``training_state.pt``                     everything needed to resume (weights-only pickle)
+    ``training_state.pt`` (ddp) or
+    ``checkpoint-<step>/`` (fsdp)             everything needed to resume (skysense.pretrain.checkpoint)
     ``metrics.csv``                           one row per step
     ``tensorboard/``                          the same metrics, when tensorboard is installed
 """
@@ -18,7 +20,6 @@ Output folder:
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 import time
@@ -30,27 +31,41 @@ from torch import nn
 from tqdm import tqdm
 
 from skysense.config import preset_config
-from skysense.data.datasets import DATASETS, dataset_root
 from skysense.distributed import (
     DistributedContext,
     apply_activation_checkpointing,
-    barrier,
+    apply_fsdp,
+    average_gradients,
+    broadcast_from_main,
+    clip_grad_norm,
     close_distributed,
     init_distributed,
     mean_across_processes,
     wrap_data_parallel,
 )
 from skysense.models import SkySense
+from skysense.models.fusion import PixelShuffleProjection
 from skysense.models.layers import TransformerBlock
 from skysense.models.swin_v2 import SwinV2Block
+from skysense.pretrain.checkpoint import (
+    STATE_NAME,
+    has_checkpoint,
+    is_sharded,
+    load_checkpoint,
+    save_checkpoint,
+    save_student_weights,
+)
 from skysense.pretrain.config import PretrainConfig
-from skysense.pretrain.data import StepBatchSampler, ViewPairDataset, collate_view_pairs
+from skysense.pretrain.data import build_view_loader
 from skysense.pretrain.objective import SkySensePretrainingObjective
 from skysense.pretrain.teacher import build_teacher, cosine_momentum, ema_update
-from skysense.weights import atomic_write, save_pretrained
+from skysense.weights import atomic_write
 
-STATE_NAME = "training_state.pt"
 METRICS_NAME = "metrics.csv"
+# FSDP2 units: each block of every encoder and of the fusion (student and teacher alike, so that
+# their shards line up for the EMA), and the two large S2/S1 projections (46M parameters each at
+# huge). The rest (embeddings, patch merging, heads) is the root group.
+FSDP_UNITS: tuple[type[nn.Module], ...] = (TransformerBlock, SwinV2Block, PixelShuffleProjection)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,38 +129,6 @@ def parameter_groups(module: PretrainingModel, weight_decay: float) -> list[dict
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_image_dataset(config: PretrainConfig, data_root: str | None) -> torch.utils.data.Dataset:
-    name = config.data.dataset
-    if name not in DATASETS:
-        raise ValueError(f"data.dataset: unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
-    return DATASETS[name](dataset_root(name, data_root or config.data.root), split=config.data.split)
-
-
-def _save_state(out: Path, step: int, module: PretrainingModel, optimizer: torch.optim.Optimizer,
-                config: PretrainConfig) -> None:
-    state = {"step": step, "module": module.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": config.to_dict()}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    save_pretrained(module.student, out, metadata={"pretrain_step": str(step)})
-    atomic_write(out / STATE_NAME, lambda p: p.write_bytes(buffer.getvalue()))
-
-
-def _load_state(out: Path, module: PretrainingModel, optimizer: torch.optim.Optimizer,
-                config: PretrainConfig) -> int:
-    path = out / STATE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: nothing to resume from")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("preset", "batch_size", "seed"):
-        if state["config"][key] != getattr(config, key):
-            raise ValueError(f"{path}: cannot resume: {key} was {state['config'][key]!r}, "
-                             f"now {getattr(config, key)!r}")
-    module.load_state_dict(state["module"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
-
-
 class MetricsLog:
     """CSV (rewritten atomically on resume, keeping rows up to the checkpoint) and TensorBoard."""
 
@@ -204,27 +187,23 @@ def pretrain(
 
 def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: bool, progress: bool,
               context: DistributedContext) -> list[dict[str, float]]:
-    if (out / STATE_NAME).exists() and not resume:
-        raise ValueError(f"{out / STATE_NAME} exists: pass --resume to continue it, or choose another --out")
+    if has_checkpoint(out) and not resume:
+        raise ValueError(f"{out}: a checkpoint ({STATE_NAME} or checkpoint-<step>/) exists: "
+                         f"pass --resume to continue it, or choose another --out")
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)  # identical initialisation on every process
     module = PretrainingModel(config).to(context.device)
     if config.activation_checkpointing:
         apply_activation_checkpointing(module.student, (TransformerBlock, SwinV2Block))
+    sharded = is_sharded(config) and context.enabled
+    replicated = apply_fsdp(module, context, FSDP_UNITS) if sharded else []
     optimizer = torch.optim.AdamW(parameter_groups(module, config.optim.weight_decay), lr=config.optim.lr)
-    start = _load_state(out, module, optimizer, config) if resume else 0
-    wrapped = wrap_data_parallel(module, context)
+    start = load_checkpoint(out, module, optimizer, config) if resume else 0
+    wrapped = module if sharded else wrap_data_parallel(module, context)
     step_fn = torch.compile(wrapped) if config.compile else wrapped
 
-    images = build_image_dataset(config, data_root)
-    pairs = ViewPairDataset(images, module.student.config, config.data.view_size, config.data.crop_scale,
-                            config.data.augment())
-    sampler = StepBatchSampler(len(pairs), config.batch_size, config.seed, start, config.max_steps,
-                               context.rank, context.world_size)
-    loader = torch.utils.data.DataLoader(pairs, batch_sampler=sampler, collate_fn=collate_view_pairs,
-                                         num_workers=config.data.num_workers,
-                                         persistent_workers=config.data.num_workers > 0)
+    loader = build_view_loader(config, data_root, module.student.config, start, context.rank, context.world_size)
     log = MetricsLog(out, start) if context.is_main else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if context.device.type == "cuda" else nullcontext())
     bar = tqdm(total=config.max_steps, initial=start, desc="pretrain", disable=not (progress and context.is_main))
@@ -249,13 +228,14 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
             )
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], config.optim.grad_clip
-        )
+        average_gradients(replicated)
+        grad_norm = clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], config.optim.grad_clip)
         optimizer.step()
         with torch.no_grad():
             if "geo" in terms:
                 module.objective.update_prototypes(module.student.geo_context)
+                if sharded:  # DDP broadcasts rank 0's buffers itself, before the next forward
+                    broadcast_from_main(module.student.geo_context.prototypes)
             module.objective.update_teacher_heads(momentum)
             ema_update(module.teacher, module.student, momentum)
         names = ["loss", *terms]
@@ -270,10 +250,11 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
         if done % config.checkpoint_every == 0 or done == config.max_steps:
-            if context.is_main:
+            if log is not None:
                 log.flush()
-                _save_state(out, done, module, optimizer, config)
-            barrier()
+            save_checkpoint(out, done, module, optimizer, config, context)
+            if done == config.max_steps and is_sharded(config):
+                save_student_weights(out, module, done, context)
     bar.close()
     if context.is_main and rows:
         elapsed = time.perf_counter() - started
