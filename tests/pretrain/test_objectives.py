@@ -262,3 +262,13 @@ def test_objective_uses_only_the_sources_present() -> None:
     total.backward()
     assert all(p.grad is None for p in student.hr_encoder.parameters())
     assert any(p.grad is not None for p in student.s2_encoder.parameters())
+
+
+def test_pretraining_model_keeps_teacher_in_eval_mode():
+    from skysense.pretrain.config import PretrainConfig
+    from skysense.pretrain.loop import PretrainingModel
+
+    module = PretrainingModel(PretrainConfig.from_dict({"preset": "tiny"}))
+    module.train()
+    assert module.student.training and module.objective.training
+    assert not any(m.training for m in module.teacher.modules())

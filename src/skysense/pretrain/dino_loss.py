@@ -3,7 +3,8 @@
 Shared by the pixel, object and image levels of SkySense's multi-granularity contrast (Guo et
 al., 2024), each with its own centre. Temperatures and centre momentum are DINO's defaults (the
 SkySense paper does not publish them); the teacher temperature is fixed (no warm-up). The centre
-is the mean teacher output of the local batch: under data parallelism it is not all-reduced.
+is the mean teacher output of the global batch: under data parallelism it is all-reduced across
+processes, so one process and several with the same global batch keep the same centre.
 """
 
 from __future__ import annotations

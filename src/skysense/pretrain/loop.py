@@ -82,6 +82,13 @@ class PretrainingModel(nn.Module):
         self.objective = SkySensePretrainingObjective(model_config, config.objective)
         self.teacher = build_teacher(self.student)
 
+    def train(self, mode: bool = True) -> "PretrainingModel":
+        """Student and heads follow ``mode``; the teacher stays in eval mode (no stochastic depth
+        or dropout in the EMA targets, as in DINO)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     def forward(self, views: tuple[dict[str, torch.Tensor], ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student = [self.student.forward_features(**view) for view in views]
         with torch.no_grad():
