@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "skysense.commands.pretrain",
     "skysense.commands.shard",
     "skysense.commands.evaluate",
+    "skysense.commands.embed",
+    "skysense.commands.export",
 )
 
 

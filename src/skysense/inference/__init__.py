@@ -1,0 +1,25 @@
+"""Inference on whole scenes: streaming, resumable embedding into GeoTIFF/Zarr, and export.
+
+Modules: :mod:`~skysense.inference.scene` (inputs of every modality read window by window onto one
+grid), :mod:`~skysense.inference.windows` (window lattice, output blocks, blending weights),
+:mod:`~skysense.inference.embed` (the streaming embedder), :mod:`~skysense.inference.writers`
+(COG / Zarr block writers with a progress sidecar), :mod:`~skysense.inference.preview` (PCA
+false-colour PNG), :mod:`~skysense.inference.export` (ONNX and ``torch.export`` programs of the
+encoders).
+"""
+
+from skysense.inference.embed import EmbedOptions, EmbedReport, embed_scene
+from skysense.inference.scene import Frame, Grid, Scene, resolve_frames, s2_frame_offsets
+from skysense.inference.windows import WindowPlan
+
+__all__ = [
+    "EmbedOptions",
+    "EmbedReport",
+    "Frame",
+    "Grid",
+    "Scene",
+    "WindowPlan",
+    "embed_scene",
+    "resolve_frames",
+    "s2_frame_offsets",
+]
