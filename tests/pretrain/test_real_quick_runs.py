@@ -1,0 +1,51 @@
+"""Quick forms (for CI) of the pretraining evidence runs in benchmarks/RESULTS.md, on real data.
+
+AID: the committed ``configs/pretrain/aid-tiny.yaml`` for 3 steps, then the linear probe
+command on 4 images per class. OSCD: ``configs/pretrain/oscd-s2-tiny.yaml`` for 2 steps, then
+the frozen-feature change probe on one train and one test city. They check that the full runs'
+commands work end to end; the numbers come from the full runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from skysense import SkySense
+from skysense.cli import main
+from skysense.data.datasets import DATASETS
+from skysense.evaluation.change_probe import change_probe
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
+
+
+@pytest.mark.slow
+def test_aid_pretrain_and_probe_quick(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "aid"
+    assert main(["pretrain", "--config", str(CONFIGS / "aid-tiny.yaml"), "--out", str(out), "--max-steps", "3",
+                 "--data-root", str(data_root / "aid"), "--no-progress"]) == 0
+    assert (out / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", "linear-probe", "--dataset", "aid", "--data-root", str(data_root / "aid"),
+                 "--weights", str(out), "--limit-per-class", "4", "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["train_count"] == result["test_count"] == 120
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_oscd_pretrain_and_change_probe_quick(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "oscd"
+    assert main(["pretrain", "--config", str(CONFIGS / "oscd-s2-tiny.yaml"), "--out", str(out), "--max-steps", "2",
+                 "--data-root", str(data_root / "oscd"), "--no-progress"]) == 0
+    model = SkySense.from_pretrained(out)
+    root = data_root / "oscd"
+    train = Subset(DATASETS["oscd"](root, split="train"), [3])  # bercy: a small scene
+    test = Subset(DATASETS["oscd"](root, split="test"), [1])  # pisa
+    result = change_probe(model, train, test, train_pixels=5000, weight_decays=(1e-3,), progress=False)
+    assert 0.0 <= result.f1 <= 1.0 and result.test_pixels > 0
+    assert result.train_pixels > 4000 and torch.isfinite(torch.tensor(result.threshold))
