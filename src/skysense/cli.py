@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "skysense.commands.pretrain",
     "skysense.commands.shard",
     "skysense.commands.evaluate",
+    "skysense.commands.finetune",
     "skysense.commands.embed",
     "skysense.commands.export",
 )

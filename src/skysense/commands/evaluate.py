@@ -1,10 +1,16 @@
-"""``skysense evaluate``: evaluate frozen SkySense features on a labelled dataset.
+"""``skysense evaluate``: evaluate SkySense on a labelled dataset.
 
 ``skysense evaluate linear-probe --dataset aid (--weights DIR | --preset tiny --random-init)``
 extracts pooled features of the train and test splits (:mod:`skysense.evaluation.features`),
 fits a linear classifier on the train features and prints the test score
 (:mod:`skysense.evaluation.linear_probe`): overall accuracy for single-label datasets, macro mAP
 for multi-label ones (BigEarthNet).
+
+``skysense evaluate {classification,segmentation,change} --weights RUN`` scores a model
+fine-tuned by ``skysense finetune`` (:func:`skysense.downstream.evaluate.evaluate_run`): OA /
+top-5 / mAP, OA / mIoU / mF1, or change F1 / precision / recall / IoU (and SCS for semantic
+change), on the run's evaluation split unless ``--dataset`` / ``--split`` say otherwise;
+``--predictions DIR`` writes the dense predictions as GeoTIFFs.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from skysense.config import PRESETS
 from skysense.data.datasets import DATASETS, dataset_root
+from skysense.downstream.tasks import TASKS
 from skysense.evaluation.features import extract_features, per_class_subset
 from skysense.evaluation.linear_probe import linear_probe
 
@@ -31,7 +38,7 @@ PROBE_DATASETS: dict[str, tuple[str, str]] = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("evaluate", help="evaluate frozen features (linear probe)")
+    parser = subparsers.add_parser("evaluate", help="linear probe of frozen features; scores of fine-tuned models")
     sub = parser.add_subparsers(dest="evaluate_command", required=True, metavar="PROTOCOL")
     probe = sub.add_parser("linear-probe", help="linear classifier on frozen pooled features; test accuracy / mAP")
     probe.add_argument("--dataset", required=True, choices=sorted(PROBE_DATASETS))
@@ -54,6 +61,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--no-progress", action="store_true", help="no progress bars")
     probe.add_argument("--json", action="store_true", help="print JSON")
     probe.set_defaults(run=run_linear_probe)
+    for task in TASKS:
+        _register_task(sub, task)
+
+
+def _register_task(sub: argparse._SubParsersAction, task: str) -> None:
+    parser = sub.add_parser(task, help=f"score a model fine-tuned for {task} (skysense finetune)")
+    parser.add_argument("--weights", type=Path, required=True, help="a run folder written by skysense finetune")
+    parser.add_argument("--dataset", default=None, help="default: the dataset the run was fine-tuned on")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="default: the run's, else $SKYSENSE_DATA/<usual sub-folder>")
+    parser.add_argument("--split", default=None, help="default: the run's evaluation split")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate N samples spread evenly over the split")
+    if task != "classification":
+        parser.add_argument("--window", type=int, default=None,
+                            help="sliding-window side in pixels (default: the run's eval window or crop size)")
+        parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: window / 2)")
+        parser.add_argument("--predictions", type=Path, default=None,
+                            help="write each tile's predicted class map here as a GeoTIFF (input CRS/transform kept)")
+    parser.add_argument("--batch-size", type=int, default=16, help="classification batch size")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(run=run_task, task=task)
+
+
+def run_task(args: argparse.Namespace) -> int:
+    from skysense.commands.finetune import print_report
+    from skysense.downstream.evaluate import evaluate_run
+
+    start = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    report = evaluate_run(args.weights, task=args.task, dataset=args.dataset, data_root=args.data_root,
+                          split=args.split, limit=args.limit, window=getattr(args, "window", None),
+                          stride=getattr(args, "stride", None), batch_size=args.batch_size,
+                          predictions=getattr(args, "predictions", None), num_workers=args.num_workers,
+                          progress=not args.no_progress)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    report["threads"] = torch.get_num_threads()
+    print_report(report, args.json)
+    return 0
 
 
 def load_model(weights: Path | None, preset: str | None, random_init: bool, seed: int) -> torch.nn.Module:

@@ -1,0 +1,139 @@
+"""Samples for fine-tuning and evaluation: normalisation, crops and flips, seeded per position.
+
+:class:`TrainingSamples` wraps a dataset for the :class:`~skysense.pretrain.data.StepBatchSampler`
+of the pretraining loop: item ``(index, seed, ...)`` -> a normalised sample cut and flipped with a
+generator seeded by ``seed`` (which the sampler derives from the run's seed and the sample's
+global position), so a resumed run sees exactly the data of an uninterrupted one.
+
+* classification: random horizontal and vertical flips of every spatial entry;
+* segmentation / change: padded (images 0, targets ignore) up to ``crop_size`` when smaller,
+  a random ``crop_size`` window (aligned to the coarsest grid), random flips.
+
+With ``cache`` each normalised sample is kept in memory once read (per DataLoader worker): for
+a few large scenes (OSCD: 8 training cities, about 250 MB as float32) that are cropped many times.
+
+Only the entries the model and the loss use are kept (the modalities with their dates and
+masks, ``hr_post``, ``lat``/``lon``, targets), so every sample of a batch has the same keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from skysense.config import SkySenseConfig
+from skysense.data.units import normalize
+from skysense.downstream.sliding_window import SPATIAL_KEYS, crop, grid_alignment, pad_to, reference_size
+
+TARGETS = ("label", "mask", "mask_post", "change")
+
+
+def normalize_sample(sample: Mapping[str, Any], config: SkySenseConfig) -> dict[str, Any]:
+    """A normalised copy: ``hr``, ``s2``, ``s1`` by :func:`~skysense.data.units.normalize`, and
+    ``hr_post`` (the *after* image of a change pair) with the HR statistics."""
+    out = normalize(dict(sample), config)
+    if isinstance(sample.get("hr_post"), torch.Tensor):
+        out["hr_post"] = normalize({"hr": sample["hr_post"]}, config)["hr"]
+    return out
+
+
+def model_keys(modalities: Sequence[str], geo_context: bool) -> tuple[str, ...]:
+    """Sample entries a task model reads for these modalities."""
+    keys = []
+    for m in modalities:
+        keys += [m, f"{m}_dates", f"{m}_mask"]
+        if m == "hr":
+            keys.append("hr_post")
+    if geo_context:
+        keys += ["lat", "lon"]
+    return tuple(keys)
+
+
+def select(sample: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The entries of ``sample`` among ``keys`` and the targets."""
+    return {k: v for k, v in sample.items() if k in keys or k in TARGETS}
+
+
+def flip(sample: Mapping[str, Any], horizontal: bool, vertical: bool) -> dict[str, Any]:
+    """Flip every spatial entry (last two axes)."""
+    dims = tuple(d for d, on in ((-1, horizontal), (-2, vertical)) if on)
+    if not dims:
+        return dict(sample)
+    return {k: torch.flip(v, dims) if k in SPATIAL_KEYS and isinstance(v, torch.Tensor) else v
+            for k, v in sample.items()}
+
+
+def random_crop(sample: Mapping[str, Any], size: int, generator: torch.Generator) -> dict[str, Any]:
+    """A ``size`` x ``size`` window (reference grid) at a random aligned position, after padding."""
+    sample = pad_to(sample, size, size)
+    height, width = reference_size(sample)
+    align = grid_alignment(sample)
+    if size % align:
+        raise ValueError(f"crop_size {size}: must be a multiple of {align} for these inputs (their grids differ "
+                         f"by that factor)")
+    top = int(torch.randint(0, (height - size) // align + 1, (1,), generator=generator)) * align
+    left = int(torch.randint(0, (width - size) // align + 1, (1,), generator=generator)) * align
+    return crop(sample, top, left, size, size)
+
+
+class TrainingSamples(Dataset):
+    """Item ``(index, seed, ...)`` -> normalised, augmented sample (module docstring)."""
+
+    def __init__(self, dataset: Dataset, config: SkySenseConfig, task: str, keys: Sequence[str],
+                 crop_size: int | None = None, flips: bool = True, cache: bool = False) -> None:
+        if task != "classification" and not crop_size:
+            raise ValueError(f"{task}: crop_size is required for training")
+        self.dataset, self.config, self.task = dataset, config, task
+        self.keys, self.crop_size, self.flips = tuple(keys), crop_size, flips
+        self.cache: dict[int, dict[str, Any]] | None = {} if cache else None
+
+    def _sample(self, index: int) -> dict[str, Any]:
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        sample = select(normalize_sample(self.dataset[index], self.config), self.keys)
+        if self.cache is not None:
+            self.cache[index] = sample
+        return sample
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
+        # The sampler's key starts with (index, per-position seed); later entries are not used.
+        index, seed = key[0], key[1]
+        generator = torch.Generator().manual_seed(seed)
+        sample = self._sample(index)
+        if self.task != "classification":
+            sample = random_crop(sample, self.crop_size, generator)
+        if self.flips:
+            h, v = (torch.rand(2, generator=generator) < 0.5).tolist()
+            sample = flip(sample, h, v)
+        return sample
+
+
+class EvaluationSamples(Dataset):
+    """Item ``index`` -> normalised sample with only the model's entries, targets, ``id``,
+    ``crs`` and ``transform`` (for georeferenced predictions)."""
+
+    def __init__(self, dataset: Dataset, config: SkySenseConfig, keys: Sequence[str]) -> None:
+        self.dataset, self.config, self.keys = dataset, config, tuple(keys) + ("id", "crs", "transform")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return select(normalize_sample(self.dataset[index], self.config), self.keys)
+
+
+def evenly_spaced(dataset: Dataset, count: int | None) -> Dataset:
+    """``count`` items spread evenly over the dataset (all when None or larger): a few samples of
+    every class of a class-sorted dataset, unlike its first ``count`` items."""
+    if count is None or count >= len(dataset):
+        return dataset
+    if count < 1:
+        raise ValueError(f"sample limit: expected >= 1, got {count}")
+    indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
+    return Subset(dataset, indices)

@@ -1,0 +1,183 @@
+"""Evaluation of a fine-tuned task model on a dataset split, with the paper's metrics.
+
+* classification: batches of whole samples; single-label: OA (top-1) and top-5 accuracy
+  (fMoW-Sentinel reports both); multi-label: macro mAP.
+* segmentation: one tile at a time through :func:`~skysense.downstream.sliding_window.sliding_window`,
+  arg-max per pixel, one confusion matrix over the split: OA, mIoU, mF1, per-class IoU / F1.
+* change: the same for the change map: F1, precision, recall, IoU of the change class, OA; with
+  a semantic head also BC, SC and SCS (:class:`~skysense.evaluation.metrics.SemanticChangeScore`).
+
+With ``predictions`` set, each tile's class map is written there as a GeoTIFF carrying the tile's
+CRS and transform when it had them (:mod:`skysense.downstream.predictions`); change models also
+write ``<id>_post.tif`` (the after date's classes) when they predict semantics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from skysense.data.sample import collate
+from skysense.downstream.data import EvaluationSamples, model_keys
+from skysense.downstream.predictions import prediction_path, write_prediction
+from skysense.downstream.sliding_window import sliding_window
+from skysense.downstream.tasks import DownstreamModel
+from skysense.evaluation.metrics import (
+    ConfusionMatrix,
+    SemanticChangeScore,
+    change_scores,
+    mean_average_precision,
+    segmentation_scores,
+    topk_accuracy,
+)
+
+
+def evaluate_model(
+    model: DownstreamModel,
+    dataset: Dataset,
+    batch_size: int = 16,
+    window: int | None = None,
+    stride: int | None = None,
+    predictions: str | Path | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Scores of ``model`` on ``dataset`` (raw samples; normalised here). See the module docstring.
+
+    Args:
+        window: sliding-window side for dense tasks (reference-grid pixels); None: whole tiles.
+        stride: step between windows (default: half the window).
+        predictions: folder for GeoTIFF prediction maps (dense tasks), or None.
+    """
+    if len(dataset) == 0:
+        raise ValueError("evaluate: the dataset split is empty")
+    spec = model.spec
+    samples = EvaluationSamples(dataset, model.config, model_keys(spec.modalities, spec.geo_context))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if spec.task == "classification":
+                return _classification(model, samples, batch_size, num_workers, progress, device)
+            return _dense(model, samples, window, stride, predictions, num_workers, progress, device)
+    finally:
+        model.train(was_training)
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _classification(model: DownstreamModel, samples: Dataset, batch_size: int, num_workers: int, progress: bool,
+                    device: torch.device) -> dict[str, Any]:
+    loader = DataLoader(samples, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    logits, labels = [], []
+    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        batch = _to(batch, device)
+        logits.append(model(batch)["label"].float().cpu())
+        labels.append(model.targets(batch)["label"].cpu())
+    scores, targets = torch.cat(logits), torch.cat(labels)
+    report: dict[str, Any] = {"samples": int(scores.shape[0])}
+    if model.spec.multilabel:
+        report["map"] = mean_average_precision(scores, targets)
+        return report
+    report["oa"] = topk_accuracy(scores, targets.long(), 1)
+    if scores.shape[1] >= 5:
+        report["top5"] = topk_accuracy(scores, targets.long(), 5)
+    return report
+
+
+def _dense(model: DownstreamModel, samples: Dataset, window: int | None, stride: int | None,
+           predictions: str | Path | None, num_workers: int, progress: bool, device: torch.device) -> dict[str, Any]:
+    spec = model.spec
+    main = model.output_keys[0]
+    matrix = ConfusionMatrix(spec.num_classes)
+    semantic = SemanticChangeScore(spec.semantic_classes) if spec.semantic_classes else None
+    loader = DataLoader(samples, batch_size=1, num_workers=num_workers, collate_fn=collate)
+    written = 0
+    for batch in tqdm(loader, desc="evaluate", unit="tile", disable=not progress, leave=False):
+        batch = _to(batch, device)
+        if window is None:
+            logits = model(batch)
+        else:
+            logits = sliding_window(model, batch, window, stride or max(1, window // 2))
+        classes = {k: v.argmax(dim=1) for k, v in logits.items()}
+        targets = model.targets(batch)
+        matrix.update(classes[main].cpu(), targets[main].cpu())
+        if semantic is not None:
+            semantic.update(targets["change"].cpu(), classes["change"].cpu(), targets["mask_post"].cpu(),
+                            classes["mask_post"].cpu())
+        if predictions is not None:
+            crs = batch.get("crs", [None])[0]
+            transform = batch.get("transform", [None])[0]
+            sample_id = batch.get("id", [f"sample_{written}"])[0]
+            write_prediction(prediction_path(predictions, sample_id), classes[main][0], crs, transform)
+            if semantic is not None:
+                write_prediction(prediction_path(predictions, sample_id, "_post"), classes["mask_post"][0], crs,
+                                 transform)
+            written += 1
+    report: dict[str, Any] = {"samples": len(samples)}
+    if spec.task == "change":
+        report.update(change_scores(matrix.matrix))
+        report["pixels"] = int(matrix.matrix.sum())
+        if semantic is not None:
+            report.update(semantic.compute())
+    else:
+        report.update(segmentation_scores(matrix.matrix, spec.class_names or None))
+    report["confusion_matrix"] = matrix.matrix.tolist()
+    if predictions is not None:
+        report["predictions"] = str(predictions)
+        report["predictions_written"] = written
+    return report
+
+
+def evaluate_run(
+    run: str | Path,
+    task: str | None = None,
+    dataset: str | None = None,
+    data_root: str | Path | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 16,
+    predictions: str | Path | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a fine-tuned run folder; unset arguments come from its ``task.json``.
+
+    Raises:
+        ValueError: ``task`` differs from the run's task.
+    """
+    from skysense.downstream.data import evenly_spaced
+    from skysense.downstream.finetune import build_dataset, load_finetuned, read_task
+
+    info = read_task(run)
+    model = load_finetuned(run)
+    if task is not None and task != model.spec.task:
+        raise ValueError(f"{run}: is a {model.spec.task} model, not {task}")
+    name = dataset or info["dataset"]
+    same_dataset = name == info["dataset"]
+    root = data_root if data_root is not None else (info.get("data_root") if same_dataset else None)
+    split = split or info.get("eval_split")
+    options = info.get("dataset_options") if same_dataset else None
+    data = build_dataset(name, model.spec.task, split, root, options)
+    root_used = str(data.root)
+    data = evenly_spaced(data, limit)
+    if window is None:
+        window = info.get("eval_window") or info.get("crop_size")
+    if stride is None:
+        stride = info.get("eval_stride")
+    report = evaluate_model(model, data, batch_size=batch_size,
+                            window=window if model.spec.task != "classification" else None,
+                            stride=stride, predictions=predictions, num_workers=num_workers, progress=progress)
+    return {"task": model.spec.task, "dataset": name, "split": split, "data_root": root_used, "run": str(run),
+            "encoder_source": info.get("encoder_source"), "finetune_step": info.get("step"),
+            "preset": model.config.preset, "window": window if model.spec.task != "classification" else None,
+            **report}

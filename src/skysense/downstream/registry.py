@@ -1,0 +1,84 @@
+"""Which task each benchmark dataset is fine-tuned and evaluated on, with its classes and splits.
+
+One entry per (dataset, task) pair the loaders in :mod:`skysense.data.datasets` support. The
+``metric`` is the score the SkySense paper reports for that benchmark (``oa``, ``map``,
+``miou``, ``mf1``, ``f1`` of the change class, ``scs``). Class names are taken from the dataset
+object when it lists them (AID and RESISC-45 read them from their folders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from skysense.data.datasets import DATASETS
+from skysense.data.datasets.bigearthnet import LABELS_19
+from skysense.data.datasets.dynamic_earthnet import CLASSES as DYNAMIC_EARTHNET_CLASSES
+from skysense.data.datasets.eurosat import CLASSES as EUROSAT_CLASSES
+from skysense.data.datasets.fmow import CATEGORIES as FMOW_CATEGORIES
+
+CHANGE_CLASSES = ("no_change", "change")
+
+
+def _classes(name: str) -> tuple[str, ...]:
+    """The class names a registered segmentation dataset lists."""
+    return tuple(getattr(DATASETS[name], "classes", ()))
+
+
+@dataclass(frozen=True)
+class DownstreamDataset:
+    """Task settings of one benchmark dataset."""
+
+    task: str
+    num_classes: int
+    metric: str
+    class_names: tuple[str, ...] = ()
+    multilabel: bool = False
+    semantic_classes: int = 0
+    train_split: str = "train"
+    eval_split: str = "test"
+    # Keyword arguments of the dataset class.
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+REGISTRY: dict[tuple[str, str], DownstreamDataset] = {
+    ("aid", "classification"): DownstreamDataset("classification", 30, "oa"),
+    ("resisc45", "classification"): DownstreamDataset("classification", 45, "oa"),
+    # EuroSAT publishes no acquisition dates; presets that date-encode S2 need one, so a mid-year
+    # placeholder day is given (our choice, not a property of the data).
+    ("eurosat_ms", "classification"): DownstreamDataset("classification", 10, "oa", EUROSAT_CLASSES,
+                                                        train_split="all", eval_split="all",
+                                                        options={"day_of_year": 182}),
+    ("fmow_sentinel", "classification"): DownstreamDataset("classification", len(FMOW_CATEGORIES), "oa",
+                                                           tuple(FMOW_CATEGORIES), eval_split="val"),
+    ("bigearthnet_v1", "classification"): DownstreamDataset("classification", 19, "map", LABELS_19, multilabel=True,
+                                                            options={"modalities": ("s2",)}),
+    ("bigearthnet_v2", "classification"): DownstreamDataset("classification", 19, "map", LABELS_19, multilabel=True),
+    ("bigearthnet_mm", "classification"): DownstreamDataset("classification", 19, "map", LABELS_19, multilabel=True),
+    ("loveda", "segmentation"): DownstreamDataset("segmentation", 7, "miou", _classes("loveda"), eval_split="val"),
+    ("potsdam", "segmentation"): DownstreamDataset("segmentation", 6, "mf1", _classes("potsdam"), eval_split="val"),
+    ("vaihingen", "segmentation"): DownstreamDataset("segmentation", 6, "mf1", _classes("vaihingen"), eval_split="val"),
+    ("isaid", "segmentation"): DownstreamDataset("segmentation", 16, "miou", _classes("isaid"), eval_split="val"),
+    ("dynamic_earthnet", "segmentation"): DownstreamDataset("segmentation", 7, "miou", DYNAMIC_EARTHNET_CLASSES,
+                                                            eval_split="val"),
+    ("sen1floods11", "segmentation"): DownstreamDataset("segmentation", 2, "miou", ("not_water", "water")),
+    ("levir_cd", "change"): DownstreamDataset("change", 2, "f1", CHANGE_CLASSES),
+    ("dsifn", "change"): DownstreamDataset("change", 2, "f1", CHANGE_CLASSES),
+    ("oscd", "change"): DownstreamDataset("change", 2, "f1", CHANGE_CLASSES),
+    ("dynamic_earthnet", "change"): DownstreamDataset("change", 2, "scs", CHANGE_CLASSES,
+                                                      semantic_classes=len(DYNAMIC_EARTHNET_CLASSES),
+                                                      eval_split="val", options={"task": "change"}),
+}
+
+
+def downstream_dataset(name: str, task: str) -> DownstreamDataset:
+    """The settings of ``name`` for ``task``; the error lists the tasks the dataset supports."""
+    found = REGISTRY.get((name, task))
+    if found is None:
+        supported = sorted(t for n, t in REGISTRY if n == name)
+        if supported:
+            raise ValueError(f"dataset {name!r} is not a {task} dataset; it supports: {', '.join(supported)}")
+        names = sorted({n for n, t in REGISTRY if t == task})
+        raise ValueError(f"dataset {name!r} has no downstream task; {task} datasets: {', '.join(names)}")
+    return found
