@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -61,3 +62,17 @@ def test_change_probe_finds_a_strong_change() -> None:
     assert set(result.per_scene_f1) == {"scene10", "scene11"}
     assert result.test_pixels == 2 * 48 * 48
     assert model.training  # mode restored
+
+
+@pytest.mark.slow
+def test_change_probe_command_on_real_oscd(data_root, capsys) -> None:
+    import json
+
+    from skysense.cli import main
+
+    assert main(["evaluate", "change-probe", "--data-root", str(data_root / "oscd"), "--preset", "tiny",
+                 "--random-init", "--tile", "32", "--train-pixels", "3000", "--threads", "1", "--no-progress",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["per_scene_f1"]) == {"paris", "pisa", "rennes", "saclay_e"}
+    assert 0.0 <= report["f1"] <= 1.0 and report["train_pixels"] > 2900

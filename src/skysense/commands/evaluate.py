@@ -61,6 +61,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--no-progress", action="store_true", help="no progress bars")
     probe.add_argument("--json", action="store_true", help="print JSON")
     probe.set_defaults(run=run_linear_probe)
+    change = sub.add_parser("change-probe", help="frozen S2 features: per-pixel linear change classifier; change F1")
+    change.add_argument("--dataset", default="oscd", choices=["oscd"])
+    change.add_argument("--data-root", type=Path, default=None, help="default: $SKYSENSE_DATA/oscd")
+    change_source = change.add_mutually_exclusive_group(required=True)
+    change_source.add_argument("--weights", type=Path, default=None, help="a folder written by save_pretrained")
+    change_source.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    change.add_argument("--random-init", action="store_true", help="with --preset: random weights (seed --seed)")
+    change.add_argument("--seed", type=int, default=0, help="seed of the random init and the pixel sample")
+    change.add_argument("--tile", type=int, default=64, help="window side the S2 encoder embeds (default 64)")
+    change.add_argument("--train-pixels", type=int, default=100_000)
+    change.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    change.add_argument("--no-progress", action="store_true", help="no progress bars")
+    change.add_argument("--json", action="store_true", help="print JSON")
+    change.set_defaults(run=run_change_probe)
     for task in TASKS:
         _register_task(sub, task)
 
@@ -182,3 +196,27 @@ def run_linear_probe(args: argparse.Namespace) -> int:
               f"feature dim {result.feature_dim}, weight decay {result.weight_decay:g}, "
               f"{report['seconds']['total']:.1f} s)")
     return 0
+
+
+def run_change_probe(args: argparse.Namespace) -> int:
+    """``skysense evaluate change-probe``: :func:`skysense.evaluation.change_probe.change_probe`."""
+    from skysense.evaluation.change_probe import change_probe
+
+    start = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    root = dataset_root(args.dataset, args.data_root)
+    model = load_model(args.weights, args.preset, args.random_init, args.seed)
+    cls = DATASETS[args.dataset]
+    result = change_probe(model, cls(root, split="train"), cls(root, split="test"), tile=args.tile,
+                          train_pixels=args.train_pixels, seed=args.seed, progress=not args.no_progress)
+    report = {"dataset": args.dataset, "data_root": str(root),
+              "model": str(args.weights) if args.weights else f"{args.preset} (random init, seed {args.seed})",
+              "tile": args.tile, **result.to_dict(), "total_seconds": round(time.perf_counter() - start, 2)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"change F1 {result.f1:.4f} (precision {result.precision:.4f}, recall {result.recall:.4f}) "
+              f"on {result.test_pixels} test pixels; per scene {result.per_scene_f1}")
+    return 0
+
