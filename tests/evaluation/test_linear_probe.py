@@ -203,7 +203,7 @@ def test_command_end_to_end_on_aid(data_root, monkeypatch, capsys):
     report = json.loads(capsys.readouterr().out)
     assert 0.0 <= report["accuracy"] <= 1.0
     assert report["train_count"] == report["test_count"] == 120
-    assert report["num_classes"] == 30 and report["feature_dim"] == 384
+    assert report["num_classes"] == 30 and report["feature_dim"] == 608
     assert report["data_root"] == str(data_root / "aid")
 
 
