@@ -55,7 +55,7 @@ from skysense.weights import atomic_write
 DEMO_PRETRAIN: dict[str, Any] = {
     "preset": "tiny",
     "batch_size": 8,
-    "max_steps": 60,
+    "max_steps": 300,
     "seed": 0,
     "checkpoint_every": 20,
     "data": {
