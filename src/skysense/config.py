@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MODALITIES: tuple[str, ...] = ("hr", "s2", "s1")
@@ -207,6 +208,27 @@ class SkySenseConfig:
         nested = {"hr": SwinV2Config, "s2": ViTConfig, "s1": ViTConfig, "fusion": FusionConfig,
                   "geo_context": GeoContextConfig}
         return build_dataclass(cls, data, "config", nested)
+
+
+def config_from_yaml(kind: Any, path: str | Path, what: str) -> Any:
+    """``kind.from_dict`` of a YAML file's top-level mapping; errors name the file.
+
+    Args:
+        kind: a config class with a ``from_dict`` classmethod.
+        what: what the file holds, for the not-found message (e.g. "pretraining config").
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return kind.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from error
 
 
 def build_dataclass(kind: type, values: dict[str, Any], where: str,

@@ -134,12 +134,16 @@ def load_model(weights: Path | None, preset: str | None, random_init: bool, seed
     return SkySense.from_preset(preset).eval()
 
 
-def run_linear_probe(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
+def probe_inputs(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
+    """Shared set-up of the probe commands: torch threads, the dataset folder and the model."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    root = dataset_root(args.dataset, args.data_root)
-    model = load_model(args.weights, args.preset, args.random_init, args.seed)
+    return dataset_root(args.dataset, args.data_root), load_model(args.weights, args.preset, args.random_init, args.seed)
+
+
+def run_linear_probe(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    root, model = probe_inputs(args)
     train_split, test_split = PROBE_DATASETS[args.dataset]
     cls = DATASETS[args.dataset]
     splits: dict[str, Any] = {}
@@ -203,10 +207,7 @@ def run_change_probe(args: argparse.Namespace) -> int:
     from skysense.evaluation.change_probe import change_probe
 
     start = time.perf_counter()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    root = dataset_root(args.dataset, args.data_root)
-    model = load_model(args.weights, args.preset, args.random_init, args.seed)
+    root, model = probe_inputs(args)
     cls = DATASETS[args.dataset]
     result = change_probe(model, cls(root, split="train"), cls(root, split="test"), tile=args.tile,
                           train_pixels=args.train_pixels, seed=args.seed, progress=not args.no_progress)

@@ -128,7 +128,8 @@ def find_band_files(folder: str | Path, bands: Sequence[str]) -> dict[str, Path]
     return result
 
 
-def _open(path: Path) -> rasterio.io.DatasetReader:
+def open_raster(path: Path) -> rasterio.io.DatasetReader:
+    """``rasterio.open`` with clear errors: missing file, or unreadable/corrupt (:class:`RasterReadError`)."""
     if not path.exists():
         raise FileNotFoundError(f"raster file {path} does not exist")
     try:
@@ -179,7 +180,7 @@ def read_band_files(
         raise ValueError("read_band_files: no band files given")
     names = [canonical_band(b) for b in files]
     paths = [Path(p) for p in files.values()]
-    sources = [_open(p) for p in paths]
+    sources = [open_raster(p) for p in paths]
     try:
         for src, path, band in zip(sources, paths, names):
             if src.count != 1:
@@ -266,7 +267,7 @@ def read_stacked(
     missing = [b for b in wanted if b not in names]
     if missing:
         raise ValueError(f"bands {missing} not in the band list of {path}: {names}")
-    with _open(path) as src:
+    with open_raster(path) as src:
         if src.count != len(names):
             raise RasterReadError(
                 f"wrong band count: {path} has {src.count} bands, expected {len(names)} ({', '.join(names)})"
@@ -289,7 +290,7 @@ def read_image(path: str | Path, expected_bands: int | None = None) -> tuple[np.
         RasterReadError: unreadable file, or band count different from ``expected_bands``.
     """
     path = Path(path)
-    with _open(path) as src:
+    with open_raster(path) as src:
         if expected_bands is not None and src.count != expected_bands:
             raise RasterReadError(f"wrong band count: {path} has {src.count} bands, expected {expected_bands}")
         try:

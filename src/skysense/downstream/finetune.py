@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from skysense.config import PRESETS, build_dataclass
+from skysense.config import PRESETS, build_dataclass, config_from_yaml
 from skysense.data.datasets import DATASETS, dataset_root
 from skysense.data.sample import collate
 from skysense.downstream.data import TrainingSamples, evenly_spaced, model_keys
@@ -134,16 +133,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "FinetuneConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: fine-tuning config not found")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: {error}") from error
+        return config_from_yaml(cls, path, "fine-tuning config")
 
     def splits(self) -> tuple[str, str]:
         """(train split, evaluation split), the registry's unless set."""

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from skysense.data.units import normalize
-from skysense.evaluation.linear_probe import fit_linear, standardize
+from skysense.evaluation.linear_probe import fit_linear, standardization, standardize
 
 DEFAULT_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -211,11 +211,11 @@ def change_probe(
         prob_val = torch.softmax(F.linear(x_val.double(), weight, bias), 1)[:, 1]
         threshold = best_threshold(prob_val, y[val_idx])[0] if k else 0.5
         x_all, = standardize(x)
-        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        mean, std = standardization(x)
         weight, bias = fit_linear(x_all, y.long(), chosen, 2)
         # Logit of "change" minus "no change" on raw (unstandardised) features.
-        w_raw = (weight[1] - weight[0]) / std.double()
-        b_raw = float(bias[1] - bias[0]) - float((w_raw * mean.double()).sum())
+        w_raw = (weight[1] - weight[0]) / std
+        b_raw = float(bias[1] - bias[0]) - float((w_raw * mean).sum())
         logit_threshold = float(torch.logit(torch.tensor(threshold, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)))
         fit_done = time.perf_counter()
 

@@ -65,11 +65,15 @@ def standardize(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -
     Constant features (std below ``eps``) are only centred. Returns the standardised ``train``
     followed by each of ``others``, in float64.
     """
-    train = train.double()
-    mean = train.mean(dim=0)
-    std = train.std(dim=0, unbiased=False)
-    std = torch.where(std < eps, torch.ones_like(std), std)
+    mean, std = standardization(train, eps)
     return tuple((x.double() - mean) / std for x in (train, *others))
+
+
+def standardization(train: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature ``(mean, std)`` (float64) that :func:`standardize` applies; std 1 where constant."""
+    train = train.double()
+    std = train.std(dim=0, unbiased=False)
+    return train.mean(dim=0), torch.where(std < eps, torch.ones_like(std), std)
 
 
 @contextlib.contextmanager

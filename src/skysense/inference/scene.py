@@ -57,7 +57,7 @@ from rasterio.windows import Window
 
 from skysense.config import S1_BANDS, S2_BANDS, SkySenseConfig
 from skysense.data.dates import acquisition_date, day_of_year, read_dates_txt
-from skysense.data.rasters import RASTER_SUFFIXES, RasterReadError, canonical_band, find_band_files
+from skysense.data.rasters import RASTER_SUFFIXES, RasterReadError, canonical_band, find_band_files, open_raster
 from skysense.data.units import (
     hr_to_8bit,
     normalize,
@@ -124,20 +124,9 @@ class Frame:
     source: Path
 
 
-def _open(path: Path) -> rasterio.io.DatasetReader:
-    if not path.is_file():
-        raise FileNotFoundError(f"raster file {path} does not exist")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
-    except RasterioError as error:
-        raise RasterReadError(f"cannot open raster {path}: unreadable or corrupt ({error})") from None
-
-
 def _stacked_indexes(path: Path, modality: str, bands: Sequence[str], file_bands: Sequence[str] | None) -> tuple[int, ...]:
     """1-based index of each model band in a stacked file (see the module docstring for the order)."""
-    with _open(path) as src:
+    with open_raster(path) as src:
         count = src.count
         described = [canonical_band(d) for d in src.descriptions if d]
     if len(described) == count and set(map(canonical_band, bands)) <= set(described):
@@ -294,7 +283,7 @@ class _GridView:
 
     def __init__(self, path: Path, grid: Grid, resampling: Resampling) -> None:
         self.path = path
-        self.dataset = src = _open(path)
+        self.dataset = src = open_raster(path)
         self.view: rasterio.io.DatasetReaderBase = src
         try:
             if grid.crs is not None and src.crs is None:
@@ -389,7 +378,7 @@ class _FrameReader:
 def _finest_file(files: Sequence[Path]) -> Path:
     best, best_area = files[0], None
     for path in dict.fromkeys(files):
-        with _open(path) as src:
+        with open_raster(path) as src:
             area = abs(src.res[0] * src.res[1])
         if best_area is None or area < best_area:
             best, best_area = path, area
@@ -397,7 +386,7 @@ def _finest_file(files: Sequence[Path]) -> Path:
 
 
 def _grid_of(path: Path) -> Grid:
-    with _open(path) as src:
+    with open_raster(path) as src:
         return Grid(src.crs, src.transform, src.width, src.height)
 
 
@@ -482,7 +471,7 @@ class Scene:
 
     def _open_hr(self) -> None:
         path = self.hr_path
-        with _open(path) as src:
+        with open_raster(path) as src:
             count, dtype = src.count, src.dtypes[0]
         if count < 3:
             raise RasterReadError(f"hr: {path} has {count} bands, expected at least 3 (R, G, B as bands 1-3)")

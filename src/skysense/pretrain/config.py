@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from skysense.config import SkySenseConfig, build_dataclass
+from skysense.config import SkySenseConfig, build_dataclass, config_from_yaml
 from skysense.pretrain.objective import HeadConfig, PretrainObjectiveConfig
 from skysense.pretrain.views import ViewAugment, ViewConfig
 
@@ -134,16 +133,7 @@ class PretrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PretrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: pretraining config not found")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: {error}") from error
+        return config_from_yaml(cls, path, "pretraining config")
 
 
 _NESTED = {
