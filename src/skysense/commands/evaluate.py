@@ -10,7 +10,10 @@ for multi-label ones (BigEarthNet).
 fine-tuned by ``skysense finetune`` (:func:`skysense.downstream.evaluate.evaluate_run`): OA /
 top-5 / mAP, OA / mIoU / mF1, or change F1 / precision / recall / IoU (and SCS for semantic
 change), on the run's evaluation split unless ``--dataset`` / ``--split`` say otherwise;
-``--predictions DIR`` writes the dense predictions as GeoTIFFs.
+``--predictions DIR`` writes the dense predictions as GeoTIFFs. Segmentation also reports mF1 /
+mIoU without the classes the benchmark's protocol excludes (``mf1_excluding``,
+``miou_excluding``: clutter for ISPRS Potsdam and Vaihingen, as the paper's Potsdam mF1);
+``--exclude-classes 5`` or ``--exclude-classes clutter,car`` chooses them, ``none`` turns them off.
 """
 
 from __future__ import annotations
@@ -93,12 +96,25 @@ def _register_task(sub: argparse._SubParsersAction, task: str) -> None:
         parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: window / 2)")
         parser.add_argument("--predictions", type=Path, default=None,
                             help="write each tile's predicted class map here as a GeoTIFF (input CRS/transform kept)")
+    if task == "segmentation":
+        parser.add_argument("--exclude-classes", type=_class_list, default=None, metavar="CLASSES",
+                            help="comma-separated class indices or names left out of the extra means mf1_excluding "
+                                 "/ miou_excluding (mf1 and miou stay over all classes); 'none' for no extra means "
+                                 "(default: the dataset's protocol, e.g. clutter for potsdam and vaihingen)")
     parser.add_argument("--batch-size", type=int, default=16, help="classification batch size")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(run=run_task, task=task)
+
+
+def _class_list(text: str) -> tuple[str, ...]:
+    """``--exclude-classes``: ``"5"``, ``"clutter,car"``; ``"none"`` is the empty list."""
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError("expected class indices or names separated by commas, or 'none'")
+    return () if values == ("none",) else values
 
 
 def run_task(args: argparse.Namespace) -> int:
@@ -112,7 +128,7 @@ def run_task(args: argparse.Namespace) -> int:
                           split=args.split, limit=args.limit, window=getattr(args, "window", None),
                           stride=getattr(args, "stride", None), batch_size=args.batch_size,
                           predictions=getattr(args, "predictions", None), num_workers=args.num_workers,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, excluded_classes=getattr(args, "exclude_classes", None))
     report["seconds"] = round(time.perf_counter() - start, 2)
     report["threads"] = torch.get_num_threads()
     print_report(report, args.json)

@@ -28,6 +28,7 @@ OVERRIDES = {
     "warmup_steps": "optim.warmup_steps", "crop_size": "crop_size", "image_size": "image_size",
     "train_split": "train_split", "eval_split": "eval_split", "limit_train": "limit_train", "seed": "seed",
     "checkpoint_every": "checkpoint_every", "threads": "num_threads", "num_workers": "num_workers",
+    "sentinel_size": "sentinel_size",
     "eval_window": "eval_window", "eval_stride": "eval_stride", "decoder_channels": "decoder_channels",
 }
 
@@ -51,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup-steps", type=int, default=None)
     parser.add_argument("--crop-size", type=int, default=None, help="segmentation/change training crop (pixels)")
     parser.add_argument("--image-size", type=int, default=None, help="classification HR side (multiple of 32)")
+    parser.add_argument("--sentinel-size", type=int, default=None,
+                        help="classification: resize each sample's S2/S1 frames to this side (bilinear) before "
+                             "batching; default: the dataset's (96 for fmow_sentinel, else none); 0: no resize")
     parser.add_argument("--eval-window", type=int, default=None, help="sliding-window side for evaluation")
     parser.add_argument("--eval-stride", type=int, default=None, help="sliding-window stride for evaluation")
     parser.add_argument("--decoder-channels", type=int, default=None, help="UperNet width")
@@ -119,7 +123,9 @@ def print_report(report: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    keys = [k for k in ("oa", "top5", "map", "miou", "mf1", "f1", "precision", "recall", "iou", "scs", "bc", "sc")
-            if isinstance(report.get(k), float)]
+    keys = [k for k in ("oa", "top5", "map", "miou", "mf1", "miou_excluding", "mf1_excluding", "f1", "precision",
+                        "recall", "iou", "scs", "bc", "sc") if isinstance(report.get(k), float)]
     scores = ", ".join(f"{k} {report[k]:.4f}" for k in keys)
+    if report.get("excluded_classes"):
+        scores += f" (excluding {', '.join(report['excluded_classes'])})"
     print(f"{report['task']} on {report['dataset']} {report['split']} ({report['samples']} samples): {scores}")

@@ -5,7 +5,9 @@ of the pretraining loop: item ``(index, seed, ...)`` -> a normalised sample cut 
 generator seeded by ``seed`` (which the sampler derives from the run's seed and the sample's
 global position), so a resumed run sees exactly the data of an uninterrupted one.
 
-* classification: random horizontal and vertical flips of every spatial entry;
+* classification: random horizontal and vertical flips of every spatial entry; with
+  ``sentinel_size`` the ``s2`` / ``s1`` frames of each sample are first resized to that square
+  side (:func:`resize_series`), so samples of different sizes (fMoW-Sentinel) share a batch;
 * segmentation / change: padded (images 0, targets ignore) up to ``crop_size`` when smaller,
   a random ``crop_size`` window (aligned to the coarsest grid), random flips.
 
@@ -22,9 +24,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from skysense.config import SkySenseConfig
+from skysense.data.sample import SERIES
 from skysense.data.units import normalize
 from skysense.downstream.sliding_window import SPATIAL_KEYS, crop, grid_alignment, pad_to, reference_size
 
@@ -66,6 +70,24 @@ def flip(sample: Mapping[str, Any], horizontal: bool, vertical: bool) -> dict[st
             for k, v in sample.items()}
 
 
+def resize_series(sample: Mapping[str, Any], size: int) -> dict[str, Any]:
+    """A copy whose ``s2`` / ``s1`` frames (T, C, h, w) are resized to ``size`` x ``size``.
+
+    Bilinear (``align_corners=False``), antialiased when shrinking; every frame and band alike.
+    Other entries are not touched: this is for classification, where the targets have no pixels
+    (segmentation masks are never resized; their tasks crop instead, :func:`random_crop`).
+    """
+    if size < 1:
+        raise ValueError(f"sentinel_size: expected a positive number of pixels, got {size}")
+    out = dict(sample)
+    for key in SERIES:
+        x = sample.get(key)
+        if isinstance(x, torch.Tensor) and tuple(x.shape[-2:]) != (size, size):
+            out[key] = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False,
+                                     antialias=True).to(x.dtype)
+    return out
+
+
 def random_crop(sample: Mapping[str, Any], size: int, generator: torch.Generator) -> dict[str, Any]:
     """A ``size`` x ``size`` window (reference grid) at a random aligned position, after padding."""
     sample = pad_to(sample, size, size)
@@ -79,21 +101,37 @@ def random_crop(sample: Mapping[str, Any], size: int, generator: torch.Generator
     return crop(sample, top, left, size, size)
 
 
+def _check_sentinel_size(task: str, sentinel_size: int | None) -> None:
+    if sentinel_size is not None and task != "classification":
+        raise ValueError(f"sentinel_size: only for classification (resizing would distort {task} targets); "
+                         f"got {sentinel_size} for {task}")
+
+
 class TrainingSamples(Dataset):
-    """Item ``(index, seed, ...)`` -> normalised, augmented sample (module docstring)."""
+    """Item ``(index, seed, ...)`` -> normalised, augmented sample (module docstring).
+
+    Args:
+        sentinel_size: classification: side ``s2`` / ``s1`` frames are resized to
+            (:func:`resize_series`); None keeps their size.
+    """
 
     def __init__(self, dataset: Dataset, config: SkySenseConfig, task: str, keys: Sequence[str],
-                 crop_size: int | None = None, flips: bool = True, cache: bool = False) -> None:
+                 crop_size: int | None = None, flips: bool = True, cache: bool = False,
+                 sentinel_size: int | None = None) -> None:
         if task != "classification" and not crop_size:
             raise ValueError(f"{task}: crop_size is required for training")
+        _check_sentinel_size(task, sentinel_size)
         self.dataset, self.config, self.task = dataset, config, task
         self.keys, self.crop_size, self.flips = tuple(keys), crop_size, flips
+        self.sentinel_size = sentinel_size
         self.cache: dict[int, dict[str, Any]] | None = {} if cache else None
 
     def _sample(self, index: int) -> dict[str, Any]:
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         sample = select(normalize_sample(self.dataset[index], self.config), self.keys)
+        if self.sentinel_size is not None:
+            sample = resize_series(sample, self.sentinel_size)
         if self.cache is not None:
             self.cache[index] = sample
         return sample
@@ -116,16 +154,22 @@ class TrainingSamples(Dataset):
 
 class EvaluationSamples(Dataset):
     """Item ``index`` -> normalised sample with only the model's entries, targets, ``id``,
-    ``crs`` and ``transform`` (for georeferenced predictions)."""
+    ``crs`` and ``transform`` (for georeferenced predictions); ``s2`` / ``s1`` frames resized
+    to ``sentinel_size`` when given (classification, as in training)."""
 
-    def __init__(self, dataset: Dataset, config: SkySenseConfig, keys: Sequence[str]) -> None:
+    def __init__(self, dataset: Dataset, config: SkySenseConfig, keys: Sequence[str],
+                 sentinel_size: int | None = None) -> None:
         self.dataset, self.config, self.keys = dataset, config, tuple(keys) + ("id", "crs", "transform")
+        self.sentinel_size = sentinel_size
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return select(normalize_sample(self.dataset[index], self.config), self.keys)
+        sample = select(normalize_sample(self.dataset[index], self.config), self.keys)
+        if self.sentinel_size is not None:
+            sample = resize_series(sample, self.sentinel_size)
+        return sample
 
 
 def evenly_spaced(dataset: Dataset, count: int | None) -> Dataset:

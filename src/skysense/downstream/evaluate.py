@@ -3,7 +3,10 @@
 * classification: batches of whole samples; single-label: OA (top-1) and top-5 accuracy
   (fMoW-Sentinel reports both); multi-label: macro mAP.
 * segmentation: one tile at a time through :func:`~skysense.downstream.sliding_window.sliding_window`,
-  arg-max per pixel, one confusion matrix over the split: OA, mIoU, mF1, per-class IoU / F1.
+  arg-max per pixel, one confusion matrix over the split: OA, mIoU, mF1, per-class IoU / F1;
+  with ``excluded_classes`` also mF1 / mIoU over the other classes (``mf1_excluding``,
+  ``miou_excluding``): :func:`evaluate_run` takes them from the dataset's protocol in
+  :mod:`skysense.downstream.registry` (Potsdam, Vaihingen: clutter) unless told otherwise.
 * change: the same for the change map: F1, precision, recall, IoU of the change class, OA; with
   a semantic head also BC, SC and SCS (:class:`~skysense.evaluation.metrics.SemanticChangeScore`).
 
@@ -14,6 +17,7 @@ write ``<id>_post.tif`` (the after date's classes) when they predict semantics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,29 @@ from skysense.evaluation.metrics import (
 )
 
 
+def class_indices(classes: Sequence[int | str], class_names: Sequence[str], num_classes: int) -> tuple[int, ...]:
+    """Class indices of ``classes``, each an index (int or digits) or a name in ``class_names``.
+
+    Raises:
+        ValueError: an unknown name or an index outside ``[0, num_classes)``; lists the classes.
+    """
+    known = ", ".join(f"{i} {n}" for i, n in enumerate(class_names)) or f"0..{num_classes - 1}"
+    indices = []
+    for value in classes:
+        text = str(value).strip()
+        if text.isdigit():
+            index = int(text)
+        elif text in class_names:
+            index = list(class_names).index(text)
+        else:
+            raise ValueError(f"excluded classes: unknown class {text!r}; the model's classes: {known}")
+        if not 0 <= index < num_classes:
+            raise ValueError(f"excluded classes: index {index} outside 0..{num_classes - 1}; the model's classes: "
+                             f"{known}")
+        indices.append(index)
+    return tuple(sorted(set(indices)))
+
+
 def evaluate_model(
     model: DownstreamModel,
     dataset: Dataset,
@@ -45,6 +72,7 @@ def evaluate_model(
     predictions: str | Path | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    excluded_classes: Sequence[int | str] = (),
 ) -> dict[str, Any]:
     """Scores of ``model`` on ``dataset`` (raw samples; normalised here). See the module docstring.
 
@@ -52,11 +80,17 @@ def evaluate_model(
         window: sliding-window side for dense tasks (reference-grid pixels); None: whole tiles.
         stride: step between windows (default: half the window).
         predictions: folder for GeoTIFF prediction maps (dense tasks), or None.
+        excluded_classes: segmentation only: classes (indices or names) left out of the
+            additional means ``mf1_excluding`` / ``miou_excluding``; empty: no such means.
     """
     if len(dataset) == 0:
         raise ValueError("evaluate: the dataset split is empty")
     spec = model.spec
-    samples = EvaluationSamples(dataset, model.config, model_keys(spec.modalities, spec.geo_context))
+    if excluded_classes and spec.task != "segmentation":
+        raise ValueError(f"evaluate: excluded classes apply to segmentation, not {spec.task}")
+    excluded = class_indices(excluded_classes, spec.class_names, spec.num_classes)
+    samples = EvaluationSamples(dataset, model.config, model_keys(spec.modalities, spec.geo_context),
+                                spec.sentinel_size)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -64,7 +98,7 @@ def evaluate_model(
         with torch.inference_mode():
             if spec.task == "classification":
                 return _classification(model, samples, batch_size, num_workers, progress, device)
-            return _dense(model, samples, window, stride, predictions, num_workers, progress, device)
+            return _dense(model, samples, window, stride, predictions, num_workers, progress, device, excluded)
     finally:
         model.train(was_training)
 
@@ -93,7 +127,8 @@ def _classification(model: DownstreamModel, samples: Dataset, batch_size: int, n
 
 
 def _dense(model: DownstreamModel, samples: Dataset, window: int | None, stride: int | None,
-           predictions: str | Path | None, num_workers: int, progress: bool, device: torch.device) -> dict[str, Any]:
+           predictions: str | Path | None, num_workers: int, progress: bool, device: torch.device,
+           excluded: tuple[int, ...]) -> dict[str, Any]:
     spec = model.spec
     main = model.output_keys[0]
     matrix = ConfusionMatrix(spec.num_classes)
@@ -128,7 +163,7 @@ def _dense(model: DownstreamModel, samples: Dataset, window: int | None, stride:
         if semantic is not None:
             report.update(semantic.compute())
     else:
-        report.update(segmentation_scores(matrix.matrix, spec.class_names or None))
+        report.update(segmentation_scores(matrix.matrix, spec.class_names or None, excluded_classes=excluded))
     report["confusion_matrix"] = matrix.matrix.tolist()
     if predictions is not None:
         report["predictions"] = str(predictions)
@@ -149,14 +184,21 @@ def evaluate_run(
     predictions: str | Path | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    excluded_classes: Sequence[int | str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a fine-tuned run folder; unset arguments come from its ``task.json``.
+
+    Args:
+        excluded_classes: segmentation: classes (indices or names) left out of the extra means
+            ``mf1_excluding`` / ``miou_excluding``; None: the evaluated dataset's protocol
+            (:mod:`skysense.downstream.registry`: clutter for Potsdam and Vaihingen); ``()``: none.
 
     Raises:
         ValueError: ``task`` differs from the run's task.
     """
     from skysense.downstream.data import evenly_spaced
     from skysense.downstream.finetune import build_dataset, load_finetuned, read_task
+    from skysense.downstream.registry import downstream_dataset
 
     info = read_task(run)
     model = load_finetuned(run)
@@ -174,9 +216,12 @@ def evaluate_run(
         window = info.get("eval_window") or info.get("crop_size")
     if stride is None:
         stride = info.get("eval_stride")
+    if excluded_classes is None:
+        excluded_classes = downstream_dataset(name, model.spec.task).excluded_classes
     report = evaluate_model(model, data, batch_size=batch_size,
                             window=window if model.spec.task != "classification" else None,
-                            stride=stride, predictions=predictions, num_workers=num_workers, progress=progress)
+                            stride=stride, predictions=predictions, num_workers=num_workers, progress=progress,
+                            excluded_classes=excluded_classes)
     return {"task": model.spec.task, "dataset": name, "split": split, "data_root": root_used, "run": str(run),
             "encoder_source": info.get("encoder_source"), "finetune_step": info.get("step"),
             "preset": model.config.preset, "window": window if model.spec.task != "classification" else None,

@@ -88,6 +88,9 @@ class FinetuneConfig:
     decoder_channels: int = 128
     # Classification: HR square side (multiple of 32); None: each side rounded up to 32.
     image_size: int | None = None
+    # Classification: S2/S1 frames of each sample resized (bilinear) to this side before batching;
+    # None: the registry's (96 for fMoW-Sentinel, whose images differ in size; else no resize); 0: none.
+    sentinel_size: int | None = None
     # Segmentation / change: training crop, and evaluation window / stride (reference-grid pixels).
     crop_size: int = 128
     eval_window: int | None = None
@@ -114,6 +117,8 @@ class FinetuneConfig:
         for name in ("batch_size", "max_steps", "checkpoint_every", "crop_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.sentinel_size is not None and self.sentinel_size < 0:
+            raise ValueError(f"sentinel_size: expected >= 0 (0: no resize) or None, got {self.sentinel_size}")
         if self.modalities is not None:
             self.modalities = tuple(self.modalities)
 
@@ -169,10 +174,12 @@ def task_spec(config: FinetuneConfig, dataset: Dataset) -> TaskSpec:
     missing = set(modalities) - set(carried)
     if missing:
         raise ValueError(f"modalities: {config.dataset} samples carry {list(carried)}, not {sorted(missing)}")
+    sentinel_size = entry.sentinel_size if config.sentinel_size is None else config.sentinel_size
     return TaskSpec(task=config.task, num_classes=num_classes, modalities=modalities,
                     multilabel=entry.multilabel, geo_context=config.geo_context,
                     decoder_channels=config.decoder_channels, semantic_classes=entry.semantic_classes,
-                    class_names=names, image_size=config.image_size, class_weights=config.class_weights)
+                    class_names=names, image_size=config.image_size, class_weights=config.class_weights,
+                    sentinel_size=sentinel_size or None)
 
 
 def load_encoder(weights: str | os.PathLike | None, preset: str, seed: int) -> SkySense:
@@ -221,7 +228,8 @@ def load_finetuned(directory: str | os.PathLike) -> DownstreamModel:
     return model.eval()
 
 
-RESUME_KEYS = ("task", "dataset", "preset", "weights", "batch_size", "seed", "modalities", "crop_size", "limit_train")
+RESUME_KEYS = ("task", "dataset", "preset", "weights", "batch_size", "seed", "modalities", "crop_size", "limit_train",
+               "sentinel_size")
 
 
 def _save_state(out: Path, step: int, model: DownstreamModel, optimizer: torch.optim.Optimizer,
@@ -271,7 +279,7 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
 
     samples = TrainingSamples(evenly_spaced(dataset, config.limit_train), encoder.config, spec.task,
                               model_keys(spec.modalities, spec.geo_context), config.crop_size, config.flips,
-                              config.cache_samples)
+                              config.cache_samples, spec.sentinel_size)
     sampler = StepBatchSampler(len(samples), config.batch_size, config.seed, start, config.max_steps)
     loader = DataLoader(samples, batch_sampler=sampler, collate_fn=collate, num_workers=config.num_workers,
                         persistent_workers=config.num_workers > 0)

@@ -4,6 +4,12 @@ One entry per (dataset, task) pair the loaders in :mod:`skysense.data.datasets` 
 ``metric`` is the score the SkySense paper reports for that benchmark (``oa``, ``map``,
 ``miou``, ``mf1``, ``f1`` of the change class, ``scs``). Class names are taken from the dataset
 object when it lists them (AID and RESISC-45 read them from their folders).
+
+``excluded_classes`` names the classes the benchmark's protocol leaves out of its class means:
+ISPRS Potsdam's mF1 in the SkySense paper is over five classes, *clutter* excluded, and Vaihingen
+is reported the same way in the works it compares with. The evaluation then reports both the
+means over every class (``mf1``, ``miou``) and over the others (``mf1_excluding``,
+``miou_excluding``; :func:`skysense.evaluation.metrics.segmentation_scores`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ class DownstreamDataset:
     eval_split: str = "test"
     # Keyword arguments of the dataset class.
     options: Mapping[str, Any] = field(default_factory=dict)
+    # Classes left out of the protocol's class means (module docstring).
+    excluded_classes: tuple[str, ...] = ()
+    # Classification: S2/S1 side each sample is resized to before batching; None: as read.
+    sentinel_size: int | None = None
 
 
 REGISTRY: dict[tuple[str, str], DownstreamDataset] = {
@@ -50,15 +60,22 @@ REGISTRY: dict[tuple[str, str], DownstreamDataset] = {
     ("eurosat_ms", "classification"): DownstreamDataset("classification", 10, "oa", EUROSAT_CLASSES,
                                                         train_split="all", eval_split="all",
                                                         options={"day_of_year": 182}),
+    # fMoW-Sentinel images differ in size (each location's footprint): resized to 96 px, SatMAE's
+    # input size for this dataset (its README's --input_size 96); SatMAE crops and resizes
+    # bicubically (random resized crops in training, resize and centre crop in evaluation), here
+    # a plain bilinear resize of the whole image.
     ("fmow_sentinel", "classification"): DownstreamDataset("classification", len(FMOW_CATEGORIES), "oa",
-                                                           tuple(FMOW_CATEGORIES), eval_split="val"),
+                                                           tuple(FMOW_CATEGORIES), eval_split="val",
+                                                           sentinel_size=96),
     ("bigearthnet_v1", "classification"): DownstreamDataset("classification", 19, "map", LABELS_19, multilabel=True,
                                                             options={"modalities": ("s2",)}),
     ("bigearthnet_v2", "classification"): DownstreamDataset("classification", 19, "map", LABELS_19, multilabel=True),
     ("bigearthnet_mm", "classification"): DownstreamDataset("classification", 19, "map", LABELS_19, multilabel=True),
     ("loveda", "segmentation"): DownstreamDataset("segmentation", 7, "miou", _classes("loveda"), eval_split="val"),
-    ("potsdam", "segmentation"): DownstreamDataset("segmentation", 6, "mf1", _classes("potsdam"), eval_split="val"),
-    ("vaihingen", "segmentation"): DownstreamDataset("segmentation", 6, "mf1", _classes("vaihingen"), eval_split="val"),
+    ("potsdam", "segmentation"): DownstreamDataset("segmentation", 6, "mf1", _classes("potsdam"), eval_split="val",
+                                                   excluded_classes=("clutter",)),
+    ("vaihingen", "segmentation"): DownstreamDataset("segmentation", 6, "mf1", _classes("vaihingen"), eval_split="val",
+                                                     excluded_classes=("clutter",)),
     ("isaid", "segmentation"): DownstreamDataset("segmentation", 16, "miou", _classes("isaid"), eval_split="val"),
     ("dynamic_earthnet", "segmentation"): DownstreamDataset("segmentation", 7, "miou", DYNAMIC_EARTHNET_CLASSES,
                                                             eval_split="val"),

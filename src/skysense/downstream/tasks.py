@@ -79,6 +79,9 @@ class TaskSpec:
     # Classification: HR square side (multiple of 32); None rounds each side up to a multiple of 32.
     image_size: int | None = None
     class_weights: tuple[float, ...] | None = None
+    # Classification: S2/S1 square side each sample's frames are resized to (bilinear) before
+    # batching (skysense.downstream.data.resize_series); None keeps them as read.
+    sentinel_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -94,6 +97,9 @@ class TaskSpec:
             raise ValueError("multilabel: only for classification")
         if self.semantic_classes and self.task != "change":
             raise ValueError("semantic_classes: only for change")
+        if self.sentinel_size is not None and (self.task != "classification" or self.sentinel_size < 1):
+            raise ValueError(f"sentinel_size: a positive side for classification only, got {self.sentinel_size} "
+                             f"for {self.task}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names: {len(self.class_names)} names for {self.num_classes} classes")
         if self.class_weights is not None and len(self.class_weights) != self.num_classes:

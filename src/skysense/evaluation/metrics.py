@@ -13,6 +13,12 @@ reference is ``ignore_index`` (-1, :data:`skysense.data.sample.IGNORE_INDEX`) le
 * **F1** of class c: ``2 TP / (2 TP + FP + FN)``; **mF1**: mean over the classes with a non-zero
   denominator, optionally restricted to a list of classes (ISPRS Potsdam results are often
   given over the five classes without *clutter*; pass ``classes`` for that).
+* **Means over a subset** (:func:`segmentation_scores` with ``excluded_classes``): ``mf1_excluding``
+  and ``miou_excluding`` average the per-class F1 / IoU of the other classes, read from the same
+  matrix: pixels of an excluded class still count (a car predicted as clutter is a false
+  negative of *car*; clutter predicted as a car a false positive), only the excluded classes'
+  own scores leave the mean. This is how the ISPRS Potsdam / Vaihingen mF1 of the SkySense
+  paper and the works it compares with are reported (5 classes, clutter excluded).
 * **change F1** (LEVIR-CD, DSIFN, OSCD): F1 of the *change* class (1) of the binary matrix,
   with its precision, recall and IoU.
 * **mAP** (multi-label, BigEarthNet): macro mean over classes of the average precision, from
@@ -43,7 +49,7 @@ from skysense.data.sample import IGNORE_INDEX
 from skysense.evaluation.linear_probe import mean_average_precision
 
 __all__ = ["confusion_matrix", "ConfusionMatrix", "overall_accuracy", "per_class_iou", "mean_iou",
-           "per_class_f1", "mean_f1", "change_scores", "segmentation_scores", "SemanticChangeScore",
+           "per_class_f1", "mean_f1", "change_scores", "kept_classes", "segmentation_scores", "SemanticChangeScore",
            "topk_accuracy", "mean_average_precision"]
 
 
@@ -106,9 +112,12 @@ def per_class_iou(cm: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
 
 
-def mean_iou(cm: torch.Tensor) -> float:
-    """Mean of :func:`per_class_iou` over the classes that have one."""
-    return float(per_class_iou(cm).nanmean())
+def mean_iou(cm: torch.Tensor, classes: Sequence[int] | None = None) -> float:
+    """Mean of :func:`per_class_iou` over ``classes`` (default all) that have one."""
+    iou = per_class_iou(cm)
+    if classes is not None:
+        iou = iou[list(classes)]
+    return float(iou.nanmean())
 
 
 def per_class_f1(cm: torch.Tensor) -> torch.Tensor:
@@ -144,9 +153,30 @@ def change_scores(cm: torch.Tensor) -> dict[str, float]:
     return {"f1": f1, "precision": precision, "recall": recall, "iou": iou, "oa": overall_accuracy(cm)}
 
 
+def kept_classes(num_classes: int, excluded: Sequence[int]) -> list[int]:
+    """``0..num_classes-1`` without ``excluded``.
+
+    Raises:
+        ValueError: an excluded index outside ``[0, num_classes)``, or every class excluded.
+    """
+    bad = sorted({int(c) for c in excluded if not 0 <= int(c) < num_classes})
+    if bad:
+        raise ValueError(f"excluded classes: indices {bad} outside 0..{num_classes - 1}")
+    kept = [c for c in range(num_classes) if c not in {int(e) for e in excluded}]
+    if not kept:
+        raise ValueError(f"excluded classes: all {num_classes} classes excluded, nothing left to average")
+    return kept
+
+
 def segmentation_scores(cm: torch.Tensor, class_names: Sequence[str] | None = None,
-                        f1_classes: Sequence[int] | None = None) -> dict[str, object]:
-    """OA, mIoU, mF1 and per-class IoU / F1 (keyed by ``class_names`` when given) of a matrix."""
+                        f1_classes: Sequence[int] | None = None,
+                        excluded_classes: Sequence[int] | None = None) -> dict[str, object]:
+    """OA, mIoU, mF1 and per-class IoU / F1 (keyed by ``class_names`` when given) of a matrix.
+
+    With ``excluded_classes`` (class indices, non-empty) also ``mf1_excluding`` and
+    ``miou_excluding``, the means over the other classes (module docstring), and
+    ``excluded_classes`` (their names); ``mf1`` and ``miou`` stay over all classes.
+    """
     iou, f1 = per_class_iou(cm), per_class_f1(cm)
     names = list(class_names) if class_names is not None else [str(i) for i in range(cm.shape[0])]
     if len(names) != cm.shape[0]:
@@ -155,14 +185,22 @@ def segmentation_scores(cm: torch.Tensor, class_names: Sequence[str] | None = No
     def finite(x: float) -> float | None:
         return None if x != x else x
 
-    return {
+    scores: dict[str, object] = {
         "oa": overall_accuracy(cm),
         "miou": mean_iou(cm),
         "mf1": mean_f1(cm, f1_classes),
+    }
+    if excluded_classes:
+        kept = kept_classes(cm.shape[0], excluded_classes)
+        scores["mf1_excluding"] = finite(mean_f1(cm, kept))
+        scores["miou_excluding"] = finite(mean_iou(cm, kept))
+        scores["excluded_classes"] = [names[c] for c in sorted({int(e) for e in excluded_classes})]
+    scores.update({
         "iou_per_class": {n: finite(float(v)) for n, v in zip(names, iou)},
         "f1_per_class": {n: finite(float(v)) for n, v in zip(names, f1)},
         "pixels": int(cm.sum()),
-    }
+    })
+    return scores
 
 
 class SemanticChangeScore:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from rasterio.errors import RasterioError
 
 from skysense.config import HR_BANDS
 from skysense.data.datasets.base import Item, SampleDataset
-from skysense.data.rasters import RasterReadError, read_image
+from skysense.data.rasters import RasterReadError, open_raster, read_image
 from skysense.data.units import hr_to_8bit
+
+PAIR_FOLDERS = ("A", "B", "label")
+"""Sub-folders of the LEVIR-CD layout: before image, after image, change mask."""
 
 
 class LEVIRCD(SampleDataset):
@@ -24,26 +29,55 @@ class LEVIRCD(SampleDataset):
     ``<root>/label/<name>.png`` (0 = no change, 255 = change), optional ``<root>/list/*.txt``.
     Names start with their split: ``train_``, ``val_``, ``test_``.
 
-    Bands: R, G, B, 8-bit. Sample: ``hr`` (3, H, W) the *before* image, ``hr_post`` the
-    *after* image (run the model on each: siamese change detection), ``mask`` (H, W) int64 0/1.
-    No georeference or dates are published.
+    Bands: R, G, B, 8-bit. An RGBA PNG whose alpha is fully opaque (as some copies of the
+    dataset hold) is read as RGB, its alpha dropped. Sample: ``hr`` (3, H, W) the *before* image,
+    ``hr_post`` the *after* image (run the model on each: siamese change detection), ``mask``
+    (H, W) int64 0/1. No georeference or dates are published.
 
-    Splits: ``train``, ``val``, ``test`` from the name prefix.
+    Splits: ``train``, ``val``, ``test`` from the name prefix. Every split is labelled.
+
+    Pairs that cannot be used are **left out** when the dataset is built, with a
+    ``warnings.warn`` naming the file and the reason, and listed in ``excluded`` (pair name ->
+    reason); ``len()`` does not count them:
+
+    * no change mask ``label/<name>.png`` (an unlabelled pair), or no after image ``B/<name>.png``;
+    * an RGBA image (before or after) whose alpha is below full opacity anywhere: those pixels
+      hold no image, and the change mask says nothing about them.
+
+    Everything else that is wrong raises a clear error naming the file, because skipping it would
+    hide a broken copy of the dataset: a missing ``A/``, ``B/`` or ``label/`` folder or a file
+    name without a split prefix (when the dataset is built); an unreadable or truncated file
+    (an image whose header cannot be read keeps even an incomplete pair in the dataset, so the
+    error shows), a band count other than 3 (or 4 with an opaque alpha), images
+    and mask of different sizes, or mask values other than 0 and 255 (when the sample is read;
+    ``skip_corrupt=True`` logs and skips those instead, see :class:`SampleDataset`). Building the
+    dataset reads only the image headers (and the alpha band of RGBA images) of the selected
+    ``split``.
     """
 
     name = "levir_cd"
     splits = ("train", "val", "test")
     bands = {"hr": HR_BANDS}
+    excluded: dict[str, str]
+    """Pairs of the selected split left out when the dataset was built: name -> reason."""
 
     def _index(self) -> list[Item]:
-        folder = self.root / "A"
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{self.name}: folder {folder} does not exist")
+        for sub in PAIR_FOLDERS:
+            if not (self.root / sub).is_dir():
+                raise FileNotFoundError(f"{self.name}: folder {self.root / sub} does not exist "
+                                        f"(expected {', '.join(f'{s}/' for s in PAIR_FOLDERS)})")
+        self.excluded = {}
         items = []
-        for path in sorted(folder.glob("*.png")):
+        for path in sorted((self.root / "A").glob("*.png")):
             prefix = path.stem.split("_", 1)[0]
             if prefix not in self.splits:
                 raise ValueError(f"{self.name}: {path}: name does not start with train_, val_ or test_")
+            if self.split is None or prefix == self.split:
+                reason = unusable_pair(self.root, path)
+                if reason is not None:
+                    self.excluded[path.stem] = reason
+                    warnings.warn(f"{self.name}: pair {path.stem} left out: {reason}", stacklevel=3)
+                    continue
             items.append(Item(path.stem, prefix, path))
         return items
 
@@ -51,14 +85,89 @@ class LEVIRCD(SampleDataset):
         return load_change_pair(self.root, item, self.name)
 
 
+def _transparent_pixels(alpha: np.ndarray) -> int:
+    """Pixels of an integer alpha band below full opacity (the dtype's maximum)."""
+    if not np.issubdtype(alpha.dtype, np.integer):
+        raise RasterReadError(f"alpha band of dtype {alpha.dtype}: expected an integer type")
+    return int(np.count_nonzero(alpha != np.iinfo(alpha.dtype).max))
+
+
+UNREADABLE = "unreadable"
+
+
+def transparency(path: Path) -> str | None:
+    """Why ``path`` cannot be read as RGB because of its alpha band; None if it can; ``UNREADABLE``.
+
+    None for a 3-band image or a 4-band one with a fully opaque alpha (and for other band
+    counts: :func:`read_rgb` raises for those when the sample is read). ``UNREADABLE`` when the
+    header or the alpha band cannot be read. Reads only the header, and the alpha band of
+    4-band images.
+    """
+    try:
+        src = open_raster(path)
+    except (FileNotFoundError, RasterReadError):
+        return UNREADABLE
+    with src:
+        if src.count != 4:
+            return None
+        try:
+            alpha = src.read(4)
+            transparent = _transparent_pixels(alpha)
+        except (RasterioError, RasterReadError):
+            return UNREADABLE
+    if transparent == 0:
+        return None
+    return (f"{path}: RGBA image whose alpha is below full opacity on {transparent} of {alpha.size} pixels "
+            "(no image data there)")
+
+
+def unusable_pair(root: Path, before: Path) -> str | None:
+    """Why the pair of ``A/<name>`` (``before``) must be left out, or None (see :class:`LEVIRCD`).
+
+    A pair with an unreadable image is kept whatever else it lacks, so that reading it raises an
+    error naming the broken file instead of hiding it.
+    """
+    after = root / "B" / before.name
+    label = root / "label" / before.name
+    reasons = [transparency(path) for path in (before, after) if path.is_file()]
+    if UNREADABLE in reasons:
+        return None
+    if not after.is_file():
+        return f"after image {after} does not exist"
+    if not label.is_file():
+        return f"change mask {label} does not exist (unlabelled pair)"
+    return next((reason for reason in reasons if reason is not None), None)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(3, H, W) pixels of an RGB image, or of an RGBA one whose alpha is fully opaque (dropped).
+
+    Raises:
+        RasterReadError: unreadable file, a band count other than 3 or 4, or an alpha band below
+            full opacity anywhere (names the file and the number of such pixels).
+    """
+    image, _ = read_image(path)
+    if image.shape[0] == 4:
+        transparent = _transparent_pixels(image[3])
+        if transparent:
+            raise RasterReadError(f"{path}: RGBA image whose alpha is below full opacity on {transparent} of "
+                                  f"{image[3].size} pixels; expected RGB or RGBA with an opaque alpha")
+        image = image[:3]
+    if image.shape[0] != 3:
+        raise RasterReadError(f"wrong band count: {path} has {image.shape[0]} bands, expected 3 (RGB) or 4 "
+                              "(RGBA with an opaque alpha)")
+    return image
+
+
 def load_change_pair(root: Path, item: Item, dataset: str) -> dict[str, Any]:
     """``A/<name>`` (before), ``B/<name>`` (after) and ``label/<name>`` (0/255) of one pair.
 
-    Shared by the LEVIR-CD-style layouts (LEVIR-CD, DSIFN-CD in ChangeFormer's layout).
+    Shared by the LEVIR-CD-style layouts (LEVIR-CD, DSIFN-CD in ChangeFormer's layout). Images
+    go through :func:`read_rgb` (an opaque alpha is dropped).
     """
-    before, _ = read_image(item.path, expected_bands=3)
+    before = read_rgb(item.path)
     after_path = root / "B" / item.path.name
-    after, _ = read_image(after_path, expected_bands=3)
+    after = read_rgb(after_path)
     label_path = root / "label" / item.path.name
     if not label_path.is_file():
         raise FileNotFoundError(f"{dataset}: change mask {label_path} does not exist (pair {item.id})")
