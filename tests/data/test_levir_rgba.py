@@ -12,8 +12,7 @@ from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning
 
 from skysense.data.datasets import LEVIRCD
-from skysense.data.datasets.levir_cd import read_rgb
-from skysense.data.rasters import RasterReadError
+from skysense.data.rasters import RasterReadError, read_rgb
 
 from data_helpers import real_dataset_dir
 
@@ -149,7 +148,7 @@ def test_real_sample_with_rgba_images_and_no_label(real_root):
             with rasterio.open(path) as src:
                 raw = src.read()
         assert raw.shape[0] == 4 and (raw[3] == 255).all()
-        np.testing.assert_array_equal(read_rgb(path), raw[:3])
+        np.testing.assert_array_equal(read_rgb(path)[0], raw[:3])
     samples = [ds[i] for i in range(len(ds))]
     assert all(s["hr"].shape == s["hr_post"].shape == (3, 256, 256) for s in samples)
     assert all(set(s["mask"].unique().tolist()) <= {0, 1} for s in samples)

@@ -313,3 +313,31 @@ def center_latlon(crs: CRS | None, transform: Affine, height: int, width: int, w
     x, y = transform @ (width / 2.0, height / 2.0)
     lons, lats = rasterio.warp.transform(crs, "EPSG:4326", [x], [y])
     return float(lats[0]), float(lons[0])
+
+
+def transparent_pixels(alpha: np.ndarray) -> int:
+    """Pixels of an integer alpha band below full opacity (the dtype's maximum)."""
+    if not np.issubdtype(alpha.dtype, np.integer):
+        raise RasterReadError(f"alpha band of dtype {alpha.dtype}: expected an integer type")
+    return int(np.count_nonzero(alpha != np.iinfo(alpha.dtype).max))
+
+
+def read_rgb(path: str | Path) -> tuple[np.ndarray, str]:
+    """(3, H, W) pixels of an RGB image, or of an RGBA one whose alpha is fully opaque (dropped),
+    and their dtype.
+
+    Raises:
+        RasterReadError: unreadable file, a band count other than 3 or 4, or an alpha band below
+            full opacity anywhere (names the file and the number of such pixels).
+    """
+    image, dtype = read_image(path)
+    if image.shape[0] == 4:
+        transparent = transparent_pixels(image[3])
+        if transparent:
+            raise RasterReadError(f"{path}: RGBA image whose alpha is below full opacity on {transparent} of "
+                                  f"{image[3].size} pixels; expected RGB or RGBA with an opaque alpha")
+        image = image[:3]
+    if image.shape[0] != 3:
+        raise RasterReadError(f"wrong band count: {path} has {image.shape[0]} bands, expected 3 (RGB) or 4 "
+                              "(RGBA with an opaque alpha)")
+    return image, dtype

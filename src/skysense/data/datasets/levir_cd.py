@@ -12,7 +12,7 @@ from rasterio.errors import RasterioError
 
 from skysense.config import HR_BANDS
 from skysense.data.datasets.base import Item, SampleDataset
-from skysense.data.rasters import RasterReadError, open_raster, read_image
+from skysense.data.rasters import RasterReadError, open_raster, read_image, read_rgb, transparent_pixels
 from skysense.data.units import hr_to_8bit
 
 PAIR_FOLDERS = ("A", "B", "label")
@@ -85,13 +85,6 @@ class LEVIRCD(SampleDataset):
         return load_change_pair(self.root, item, self.name)
 
 
-def _transparent_pixels(alpha: np.ndarray) -> int:
-    """Pixels of an integer alpha band below full opacity (the dtype's maximum)."""
-    if not np.issubdtype(alpha.dtype, np.integer):
-        raise RasterReadError(f"alpha band of dtype {alpha.dtype}: expected an integer type")
-    return int(np.count_nonzero(alpha != np.iinfo(alpha.dtype).max))
-
-
 UNREADABLE = "unreadable"
 
 
@@ -112,7 +105,7 @@ def transparency(path: Path) -> str | None:
             return None
         try:
             alpha = src.read(4)
-            transparent = _transparent_pixels(alpha)
+            transparent = transparent_pixels(alpha)
         except (RasterioError, RasterReadError):
             return UNREADABLE
     if transparent == 0:
@@ -139,35 +132,15 @@ def unusable_pair(root: Path, before: Path) -> str | None:
     return next((reason for reason in reasons if reason is not None), None)
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """(3, H, W) pixels of an RGB image, or of an RGBA one whose alpha is fully opaque (dropped).
-
-    Raises:
-        RasterReadError: unreadable file, a band count other than 3 or 4, or an alpha band below
-            full opacity anywhere (names the file and the number of such pixels).
-    """
-    image, _ = read_image(path)
-    if image.shape[0] == 4:
-        transparent = _transparent_pixels(image[3])
-        if transparent:
-            raise RasterReadError(f"{path}: RGBA image whose alpha is below full opacity on {transparent} of "
-                                  f"{image[3].size} pixels; expected RGB or RGBA with an opaque alpha")
-        image = image[:3]
-    if image.shape[0] != 3:
-        raise RasterReadError(f"wrong band count: {path} has {image.shape[0]} bands, expected 3 (RGB) or 4 "
-                              "(RGBA with an opaque alpha)")
-    return image
-
-
 def load_change_pair(root: Path, item: Item, dataset: str) -> dict[str, Any]:
     """``A/<name>`` (before), ``B/<name>`` (after) and ``label/<name>`` (0/255) of one pair.
 
     Shared by the LEVIR-CD-style layouts (LEVIR-CD, DSIFN-CD in ChangeFormer's layout). Images
     go through :func:`read_rgb` (an opaque alpha is dropped).
     """
-    before = read_rgb(item.path)
+    before, _ = read_rgb(item.path)
     after_path = root / "B" / item.path.name
-    after = read_rgb(after_path)
+    after, _ = read_rgb(after_path)
     label_path = root / "label" / item.path.name
     if not label_path.is_file():
         raise FileNotFoundError(f"{dataset}: change mask {label_path} does not exist (pair {item.id})")

@@ -9,7 +9,7 @@ import torch
 
 from skysense.config import HR_BANDS
 from skysense.data.datasets.base import Item, SampleDataset
-from skysense.data.rasters import RasterReadError, read_image
+from skysense.data.rasters import RasterReadError, read_image, read_rgb
 from skysense.data.sample import IGNORE_INDEX
 from skysense.data.units import hr_to_8bit
 
@@ -58,13 +58,7 @@ class MMSegDataset(SampleDataset):
         return items
 
     def _load(self, item: Item) -> dict[str, Any]:
-        image, dtype = read_image(item.path)
-        if image.shape[0] == 4:  # RGBA PNG: drop a fully opaque alpha, refuse a real one
-            if not np.all(image[3] == np.iinfo(image.dtype).max):
-                raise RasterReadError(f"{item.path}: 4 bands with a non-opaque alpha channel, expected RGB")
-            image = image[:3]
-        if image.shape[0] != 3:
-            raise RasterReadError(f"wrong band count: {item.path} has {image.shape[0]} bands, expected 3")
+        image, dtype = read_rgb(item.path)  # RGBA PNG: a fully opaque alpha is dropped, a real one refused
         sample: dict[str, Any] = {"hr": torch.from_numpy(hr_to_8bit(image, 8 if dtype == "uint8" else None))}
         ann = item.extra["ann"]
         if ann is None:
