@@ -25,10 +25,11 @@ so a probe never sees the sample's location through the prototypes.
 HR image size. The HR encoder fuses at stride 32 and pads every stage's map to a multiple of
 its window (8). An image whose sides are not multiples of 32 is padded at several stages
 (150 px: 38 -> 40 tokens at stage 1, 19 -> 24 at stage 2, 10 -> 16 at stage 3), which costs
-time and puts zero tokens into the windows. So the batch is **bilinearly resized** (after
+time and, unless the model masks them (``SwinV2Config.mask_padding``, on for ``tiny``), puts
+zero tokens into the windows. So the batch is **bilinearly resized** (after
 normalisation; bilinear weights sum to one, so the order does not matter) to a multiple of 32:
 by default each side rounded **up** to the next multiple of 32 (AID 150 -> 160). Measured with
-the ``tiny`` preset on 2 CPU cores, batch 64, per image: 150 native 9.6 ms, 160 8.1 ms, 128
+the ``tiny`` preset before it masked padding, on 2 CPU cores, batch 64, per image: 150 native 9.6 ms, 160 8.1 ms, 128
 3.4 ms, 192 10.5 ms, 224 15.4 ms, 256 22.5 ms. Resizing and zero-padding to 160 cost the same
 compute (same token grid), so resizing was taken: it keeps the whole image on the grid and adds
 no mean-colour border that the pooled features would average in. Rounding up keeps every

@@ -72,15 +72,23 @@ class WindowAttentionV2(nn.Module):
         self.register_buffer("relative_coords_table", log_spaced_relative_coords(window), persistent=False)
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
 
-    def position_bias(self) -> torch.Tensor:
-        """``(heads, w*w, w*w)`` bias 16 * sigmoid(CPB) for every query/key pair of a window."""
+    def position_bias(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``(heads, N, N)`` bias 16 * sigmoid(CPB) for every query/key pair of a window.
+
+        ``tokens``: positions (row * window + column) of the window's N tokens; None: all w*w.
+        """
         table = self.cpb_mlp(self.relative_coords_table).reshape(-1, self.num_heads)
-        n = self.window * self.window
-        bias = table[self.relative_position_index.reshape(-1)].reshape(n, n, self.num_heads)
+        index = self.relative_position_index
+        if tokens is not None:
+            index = index[tokens][:, tokens]
+        n = index.shape[0]
+        bias = table[index.reshape(-1)].reshape(n, n, self.num_heads)
         return 16 * torch.sigmoid(bias.permute(2, 0, 1))
 
-    def forward(self, x: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
-        """``x``: (B, nW, N, C) windows; ``shift_mask``: (nW, N, N) additive or None."""
+    def forward(self, x: torch.Tensor, shift_mask: torch.Tensor | None,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: (B, nW, N, C) windows; ``shift_mask``: (nW, N, N) additive or None; ``tokens``:
+        the window positions of the N tokens when a window holds fewer than w*w (else None)."""
         b, nw, n, c = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).reshape(b, nw, n, 3, self.num_heads, c // self.num_heads)
@@ -88,7 +96,7 @@ class WindowAttentionV2(nn.Module):
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         q = F.normalize(q, dim=-1) * scale
         k = F.normalize(k, dim=-1)
-        bias = self.position_bias().to(q.dtype)[None]  # (1, heads, N, N)
+        bias = self.position_bias(tokens).to(q.dtype)[None]  # (1, heads, N, N)
         # SDPA's fused kernels take 4-D inputs; a 5-D call falls back to the slow math path.
         # Without a shift mask, windows join the batch and the bias broadcasts over it; with
         # one, windows join the heads so the per-window mask still broadcasts over the batch.
@@ -139,10 +147,12 @@ class SwinV2Block(nn.Module):
         drop_path: float,
         norm_eps: float,
         extra_norm: bool,
+        mask_padding: bool = False,
     ) -> None:
         super().__init__()
         self.window = window
         self.shifted = shifted
+        self.mask_padding = mask_padding
         self.attn = WindowAttentionV2(dim, num_heads, window)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -154,6 +164,11 @@ class SwinV2Block(nn.Module):
         """``x``: (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
         win = self.window
+        if self.mask_padding and h <= win and w <= win:
+            # One window holding the whole map: attend over its h*w tokens only, with their
+            # position bias; the same as padding to the window and masking the padded keys.
+            index = (torch.arange(h)[:, None] * win + torch.arange(w)[None, :]).flatten().to(x.device)
+            return self.attn(x.reshape(b, 1, h * w, c), None, index).reshape(b, h, w, c)
         x = pad_to_multiple(x.permute(0, 3, 1, 2), win).permute(0, 2, 3, 1)
         hp, wp = x.shape[1], x.shape[2]
         shift = win // 2 if self.shifted and min(h, w) > win else 0
@@ -161,6 +176,9 @@ class SwinV2Block(nn.Module):
         if shift:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
             mask = shifted_window_mask(hp, wp, win, shift, x.device)
+        if self.mask_padding and (hp, wp) != (h, w):
+            padding = padded_key_mask(h, w, hp, wp, win, shift, x.device)
+            mask = padding if mask is None else mask + padding
         windows = x.reshape(b, hp // win, win, wp // win, win, c).transpose(2, 3).reshape(b, -1, win * win, c)
         windows = self.attn(windows, mask)
         x = windows.reshape(b, hp // win, wp // win, win, win, c).transpose(2, 3).reshape(b, hp, wp, c)
@@ -192,6 +210,20 @@ class PatchMerging(nn.Module):
         return self.norm(self.reduction(x))
 
 
+@functools.lru_cache(maxsize=64)
+def padded_key_mask(height: int, width: int, padded_height: int, padded_width: int, window: int, shift: int,
+                    device: torch.device) -> torch.Tensor:
+    """``(nW, w*w, w*w)`` additive mask: -100 on keys that are padding (outside ``height`` x
+    ``width``), for a map padded to ``padded_height`` x ``padded_width`` and rolled by ``shift``."""
+    valid = torch.zeros(padded_height, padded_width, device=device)
+    valid[:height, :width] = 1
+    if shift:
+        valid = torch.roll(valid, shifts=(-shift, -shift), dims=(0, 1))
+    windows = valid.reshape(padded_height // window, window, padded_width // window, window).transpose(1, 2)
+    windows = windows.reshape(-1, 1, window * window).expand(-1, window * window, -1)
+    return torch.where(windows > 0, 0.0, -100.0)
+
+
 class SwinV2Stage(nn.Module):
     def __init__(self, config: SwinV2Config, index: int, rates: list[float]) -> None:
         super().__init__()
@@ -208,6 +240,7 @@ class SwinV2Stage(nn.Module):
                 drop_path=rates[j],
                 norm_eps=config.norm_eps,
                 extra_norm=index == 2 and every > 0 and (j + 1) % every == 0,
+                mask_padding=config.mask_padding,
             )
             for j in range(config.depths[index])
         )
