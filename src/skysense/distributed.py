@@ -65,6 +65,59 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
+def is_distributed() -> bool:
+    """Whether torch.distributed is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce ``tensor`` in place over all processes with ``"sum"`` or ``"max"``; returns it.
+
+    Identity in a single process. Gloo and NCCL hand every process the same bits (checked for
+    gloo in tests/pretrain/test_global_batch_objectives.py), so decisions taken on the result,
+    e.g. stopping an iteration, agree across processes.
+    """
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    if op not in ops:
+        raise ValueError(f"all_reduce_: op must be one of {sorted(ops)}, got {op!r}")
+    if is_distributed():
+        dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's rows of ``tensor`` (B, ...), in rank order, with gradients flowing back.
+
+    Returns ``(rows (N * B, ...), first)``, this process's rows being ``first..first + B - 1``;
+    ``(tensor, 0)`` in a single process. Every process must give the same shape. The backward
+    sums each process's gradient into the owner of the rows, so a loss on this process's rows
+    against all rows, averaged over processes by DDP or FSDP, has the gradient of one process
+    holding the whole batch (CLIP's global-batch contrast, Radford et al., 2021).
+    """
+    if not is_distributed():
+        return tensor, 0
+    return _GatherRows.apply(tensor), dist.get_rank() * tensor.shape[0]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0; the backward sums the gradients of every process (one all-reduce
+    of the gathered gradient, small for the (B, E) embeddings this serves) and keeps own rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        first = dist.get_rank() * ctx.rows
+        return grad[first : first + ctx.rows]
+
+
 def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
     """Average a tensor over all processes (identity in a single process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -3,11 +3,25 @@
 Used twice in SkySense pretraining: to cluster pixel features into objects (multi-granularity
 contrast) and to assign fused features to their region's prototypes (geo-context learning).
 Follows SwAV (Caron et al., 2020), computed in the log domain so small ``epsilon`` is stable.
+
+Three shapes of problem, one iteration:
+
+* dense: ``scores`` (N, K), or (..., N, K) for one independent problem per leading index;
+* grouped: ``scores`` (N, K) with ``groups`` (N,): row ``i`` belongs to problem ``groups[i]``,
+  and column ``k`` of problem ``g`` is a cluster of that problem only (e.g. prototype ``k`` of
+  region ``g``), so problems of different sizes are solved together without padding;
+* distributed (``distributed=True`` under torch.distributed with several processes): each
+  process holds its own rows of the same problems; the column sums are all-reduced every
+  iteration (SwAV's distributed Sinkhorn), so every row gets the value one process holding all
+  rows would compute. Every process must call with the same leading shape, ``K``, number of
+  groups and ``iterations``; with ``groups`` a process may hold no row of some groups.
 """
 
 from __future__ import annotations
 
 import torch
+
+from skysense.distributed import all_reduce_, is_distributed
 
 
 @torch.no_grad()
@@ -18,6 +32,9 @@ def sinkhorn_knopp(
     row_sums: torch.Tensor | None = None,
     col_sums: torch.Tensor | None = None,
     tolerance: float = 1e-4,
+    groups: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    distributed: bool = False,
 ) -> torch.Tensor:
     """Transport plan ``Q`` (N, K) proportional to ``exp(scores / epsilon)`` with set marginals.
 
@@ -32,8 +49,13 @@ def sinkhorn_knopp(
         epsilon: entropic regularisation; smaller is closer to a hard assignment.
         iterations: maximum number of row/column scaling rounds.
         row_sums: (N,) target sum of each row; default 1 (each sample is one distribution).
-        col_sums: (K,) target sum of each column; default N / K (equal cluster sizes).
+        col_sums: (K,) target sum of each column, or (G, K) per problem with ``groups``;
+            default: the problem's total row sum / K (equal cluster sizes).
         tolerance: stop once every column sum is within this of its target.
+        groups: (N,) problem index in ``[0, num_groups)`` of each row of 2-D ``scores``.
+        num_groups: number of problems ``G``; default ``groups.max() + 1``; required when
+            ``distributed`` (a process may hold no row of some groups, the last included).
+        distributed: the rows are this process's share; sums run over every process.
 
     Returns:
         ``Q`` with rows summing exactly to ``row_sums`` and columns to ``col_sums`` within
@@ -41,20 +63,70 @@ def sinkhorn_knopp(
     """
     if scores.ndim < 2:
         raise ValueError(f"sinkhorn_knopp: scores must be (N, K) or (..., N, K), got shape {tuple(scores.shape)}")
+    distributed = distributed and is_distributed()
     n, k = scores.shape[-2:]
     scores = scores.float()
     rows = torch.ones(n, device=scores.device) if row_sums is None else row_sums.float()
-    cols = torch.full((k,), n / k, device=scores.device) if col_sums is None else col_sums.float()
-    if not torch.isclose(rows.sum(), cols.sum(), rtol=1e-4):
+    column = _ColumnReduction(scores, groups, num_groups, distributed)
+    row_totals = column.sum(rows[:, None].expand(*scores.shape[:-1], 1))  # (..., 1, 1) or (G, 1)
+    per_column = (*row_totals.shape[:-1], k)
+    cols = (row_totals / k).expand(per_column) if col_sums is None else col_sums.float().expand(per_column)
+    unequal = ~torch.isclose(row_totals[..., 0], cols.sum(-1), rtol=1e-4)
+    if unequal.any():
+        first = unequal.flatten().nonzero()[0, 0]
         raise ValueError(
-            f"sinkhorn_knopp: row sums total {rows.sum().item():.6g} but column sums total "
-            f"{cols.sum().item():.6g}; they must be equal"
+            f"sinkhorn_knopp: row sums total {row_totals.flatten()[first].item():.6g} but column sums total "
+            f"{cols.sum(-1).flatten()[first].item():.6g}; they must be equal"
         )
     log_q = scores / epsilon
-    log_rows, log_cols = rows.log()[:, None], cols.log()[None, :]
-    for _ in range(iterations):
-        log_q = log_q + (log_cols - torch.logsumexp(log_q, dim=-2, keepdim=True))
-        log_q = log_q + (log_rows - torch.logsumexp(log_q, dim=-1, keepdim=True))
-        if (log_q.exp().sum(-2) - cols).abs().max() < tolerance:
+    log_rows, log_cols = rows.log()[:, None], cols.log()
+    for round_ in range(iterations):
+        log_sums = column.logsumexp(log_q)  # (..., 1, K) or (G, K): the current column sums
+        # Checked on the sums the column step needs anyway: no extra pass or collective per round.
+        if round_ and (log_sums.exp() - cols).abs().max() < tolerance:
             break
+        log_q = log_q + column.spread(log_cols - log_sums)
+        log_q = log_q + (log_rows - torch.logsumexp(log_q, dim=-1, keepdim=True))
     return log_q.exp()
+
+
+class _ColumnReduction:
+    """Sums over the rows of each problem: over dim -2 (dense) or per group, then all processes."""
+
+    def __init__(self, scores: torch.Tensor, groups: torch.Tensor | None, num_groups: int | None,
+                 distributed: bool) -> None:
+        if groups is not None:
+            if scores.ndim != 2 or groups.shape != scores.shape[:1]:
+                raise ValueError(f"sinkhorn_knopp: groups must be (N,) for scores (N, K), got groups "
+                                 f"{tuple(groups.shape)} for scores {tuple(scores.shape)}")
+            if num_groups is None and distributed:
+                raise ValueError("sinkhorn_knopp: give num_groups with groups when distributed: "
+                                 "every process must solve the same problems")
+            if num_groups is None:
+                num_groups = int(groups.max()) + 1 if groups.numel() else 0
+        self.groups, self.num_groups, self.distributed = groups, num_groups, distributed
+
+    def _reduce(self, values: torch.Tensor, reduce: str) -> torch.Tensor:
+        if self.groups is None:
+            return values.sum(-2, keepdim=True) if reduce == "sum" else values.amax(-2, keepdim=True)
+        out = values.new_full((self.num_groups, values.shape[-1]), 0.0 if reduce == "sum" else -torch.inf)
+        if reduce == "sum":
+            return out.index_add_(0, self.groups, values)
+        return out.scatter_reduce_(0, self.groups[:, None].expand_as(values), values, "amax")
+
+    def spread(self, per_column: torch.Tensor) -> torch.Tensor:
+        """(..., 1, K) or (G, K) per-problem values -> broadcastable to the rows."""
+        return per_column if self.groups is None else per_column[self.groups]
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sums over each problem's rows, over all processes when distributed."""
+        total = self._reduce(values, "sum")
+        return all_reduce_(total, "sum") if self.distributed else total
+
+    def logsumexp(self, log_q: torch.Tensor) -> torch.Tensor:
+        """``log`` of every column sum of ``exp(log_q)``, over all processes when distributed."""
+        peak = self._reduce(log_q, "max")
+        if self.distributed:
+            all_reduce_(peak, "max")
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        return peak + self.sum((log_q - self.spread(peak)).exp()).log()

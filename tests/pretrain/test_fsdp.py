@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from torch import nn
 
 from skysense import SkySense
@@ -58,13 +59,24 @@ def _run(command: list[str]) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def _restored(config_path: Path, out: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
+def _restored(config_path: Path | PretrainConfig, out: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Step, module and optimizer state of the latest checkpoint in ``out``, loaded in this process."""
-    config = PretrainConfig.from_yaml(config_path)
+    config = config_path if isinstance(config_path, PretrainConfig) else PretrainConfig.from_yaml(config_path)
     module = PretrainingModel(config)
     optimizer = torch.optim.AdamW(parameter_groups(module, config.optim.weight_decay))
     step = load_checkpoint(out, module, optimizer, config)
     return step, module.state_dict(), optimizer.state_dict()
+
+
+def _assert_weights_are_checkpoint_student(config: Path | PretrainConfig, out: Path) -> None:
+    """``out/model.safetensors`` loads with ``--weights`` and is the latest checkpoint's student."""
+    step, model_state, _ = _restored(config, out)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()["pretrain_step"] == str(step)
+    weights = SkySense.from_pretrained(str(out)).state_dict()
+    assert weights.keys() == {k.removeprefix("student.") for k in model_state if k.startswith("student.")}
+    for key, value in weights.items():
+        torch.testing.assert_close(value, model_state[f"student.{key}"], rtol=0, atol=0, msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +125,9 @@ def test_two_fsdp_processes_match_one(two_process_run: tuple[Path, Path], tmp_pa
 @pytest.mark.slow
 def test_multimodal_fsdp_matches_ddp(tmp_path: Path) -> None:
     """HR + S2 + S1 with lat/lon: every encoder, cross-modal alignment (a 0-d learnable
-    temperature, which FSDP leaves whole) and geo prototypes (a buffer, kept equal on every
-    process from rank 0 as DDP keeps it)."""
+    temperature, which FSDP leaves whole) and geo prototypes (a buffer, which every process
+    updates identically from all-reduced sums; test_global_batch_objectives.py compares with
+    one process)."""
     root = write_manifest(tmp_path / "data")
     runs = {}
     for strategy in ("ddp", "fsdp"):
@@ -180,6 +193,7 @@ def test_fsdp_resume_after_kill_equals_uninterrupted_run(two_process_run: tuple[
     step = int(checkpoint.name.split("-")[1])
     assert 2 <= step < 6
     assert (checkpoint / SHARDED_STATE_NAME).is_file()
+    _assert_weights_are_checkpoint_student(config, killed)  # gathered from the 2 processes' shards
 
     # The same checkpoint resumed by 2 processes and, resharded, by 1.
     alone = tmp_path / "alone"
@@ -219,7 +233,8 @@ def test_one_process_fsdp_stop_and_resume(tmp_path: Path, aid_like: Path, monkey
                  progress=False)
     assert [p.name for p in sharded_checkpoints(stopped)] == ["checkpoint-00000002"]
     assert not stale.exists()
-    assert not (stopped / "model.safetensors").exists(), "fsdp writes the consolidated weights at the end"
+    # Written with the checkpoint, not only at the end of the run.
+    _assert_weights_are_checkpoint_student(PretrainConfig.from_dict({**FSDP_CONFIG, "max_steps": 4}), stopped)
     monkeypatch.setattr(SkySensePretrainingObjective, "forward", original)
 
     with pytest.raises(ValueError, match="exists: pass --resume"):

@@ -13,6 +13,10 @@ Choices where the paper is silent:
   parameter). The paper lists 215M for this module without stating the width.
 * EMA target: the assignment-weighted mean of the features assigned to each prototype,
   ``P <- m P + (1 - m) (S^T F) / colsum(S)``; prototypes receiving no mass are left unchanged.
+
+Under data parallelism the pretraining calls :meth:`GeoContextPrototypes.assign` and
+:meth:`GeoContextPrototypes.ema_update` with ``distributed=True``: the balance and the EMA
+target are over the global batch, and every process applies the same update.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skysense.config import GeoContextConfig
+from skysense.distributed import all_reduce_
 from skysense.sinkhorn import sinkhorn_knopp
 
 
@@ -61,33 +66,62 @@ class GeoContextPrototypes(nn.Module):
         context = context[:, 0].transpose(1, 2).reshape(b, d, h, w)
         return torch.cat([features, context], dim=1)
 
+    def present_regions(self, regions: torch.Tensor, distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Regions holding at least one feature, ascending, and the index of each feature's region.
+
+        ``regions``: (N,) -> ``(present (R,), group (N,))`` with ``present[group] == regions``.
+        With ``distributed`` (under torch.distributed) ``present`` covers every process's
+        features, so it is the same list on every process.
+        """
+        counts = torch.bincount(regions, minlength=self.config.num_regions)
+        if distributed:
+            all_reduce_(counts, "sum")
+        present = counts.nonzero().flatten()
+        return present, torch.searchsorted(present, regions)
+
     @torch.no_grad()
-    def assign(self, features: torch.Tensor, regions: torch.Tensor, epsilon: float = 0.05) -> torch.Tensor:
+    def assign(self, features: torch.Tensor, regions: torch.Tensor, epsilon: float = 0.05,
+               distributed: bool = False) -> torch.Tensor:
         """Balanced soft assignment of features to their own region's prototypes.
 
         ``features``: (N, D); ``regions``: (N,) region index of each feature.
         Returns ``S`` (N, P): each row sums to 1, and within each region the prototypes get equal
-        total mass (Sinkhorn-Knopp on cosine similarities).
+        total mass (Sinkhorn-Knopp on cosine similarities, every region solved at once).
+        With ``distributed`` (under torch.distributed) the features are this process's share
+        and the balance holds over every process's features, as for one process holding all.
         """
         feats = F.normalize(features.float(), dim=-1)
-        assignment = feats.new_zeros(feats.shape[0], self.config.num_prototypes)
-        for region in torch.unique(regions):
-            rows = regions == region
-            protos = F.normalize(self.prototypes[region].float(), dim=-1)
-            assignment[rows] = sinkhorn_knopp(feats[rows] @ protos.T, epsilon=epsilon)
-        return assignment
+        present, group = self.present_regions(regions, distributed)
+        scores = feats.new_empty(feats.shape[0], self.config.num_prototypes)
+        for g in torch.unique(group).tolist():  # this process's regions
+            rows = group == g
+            scores[rows] = feats[rows] @ F.normalize(self.prototypes[present[g]].float(), dim=-1).T
+        return sinkhorn_knopp(scores, epsilon=epsilon, groups=group, num_groups=len(present),
+                              distributed=distributed)
 
     @torch.no_grad()
     def ema_update(
-        self, features: torch.Tensor, regions: torch.Tensor, assignment: torch.Tensor, momentum: float
+        self, features: torch.Tensor, regions: torch.Tensor, assignment: torch.Tensor, momentum: float,
+        distributed: bool = False,
     ) -> None:
-        """``P_r <- m P_r + (1 - m) (S_r^T F_r) / colsum(S_r)`` for every region present."""
+        """``P_r <- m P_r + (1 - m) (S_r^T F_r) / colsum(S_r)`` for every region present.
+
+        With ``distributed`` (under torch.distributed) ``S_r^T F_r`` and ``colsum(S_r)`` are
+        summed over every process's features, so every process applies the same update, the
+        one a single process holding all the features would apply.
+        """
         feats = features.float()
-        for region in torch.unique(regions):
-            rows = regions == region
-            s = assignment[rows]
-            mass = s.sum(0)
-            target = (s.T @ feats[rows]) / mass.clamp_min(1e-12)[:, None]
-            current = self.prototypes[region].float()
-            updated = torch.where(mass[:, None] > 0, momentum * current + (1 - momentum) * target, current)
-            self.prototypes[region] = updated.to(self.prototypes.dtype)
+        present, group = self.present_regions(regions, distributed)
+        # (R, P, D + 1): S_r^T F_r and, in the last channel, colsum(S_r); one all-reduce for both.
+        totals = feats.new_zeros(len(present), self.config.num_prototypes, feats.shape[1] + 1)
+        for g in torch.unique(group).tolist():  # this process's regions; the rest stay zero
+            rows = group == g
+            s = assignment[rows].float()
+            totals[g] = s.T @ torch.cat([feats[rows], feats.new_ones(len(s), 1)], dim=1)
+        if distributed:
+            all_reduce_(totals, "sum")
+        sums, masses = totals[..., :-1], totals[..., -1]
+        target = sums / masses.clamp_min(1e-12)[..., None]
+        current = self.prototypes[present].float()
+        updated = torch.where(masses[..., None] > 0, momentum * current + (1 - momentum) * target, current)
+        self.prototypes[present] = updated.to(self.prototypes.dtype)

@@ -14,10 +14,11 @@ The format follows ``distributed.strategy`` (:class:`skysense.pretrain.config.Di
   processes resume what M processes wrote (one process included). All processes must see
   the same output folder (one machine, or a shared file system).
 
-Either way the student is also written as ``model.safetensors`` + ``config.json`` (loadable with
-``--weights DIR``): at every checkpoint under ``ddp``; under ``fsdp`` at the end of the run,
-gathered on rank 0 (:func:`save_student_weights`), since gathering the whole model at every
-checkpoint is what sharding avoids.
+Either way every checkpoint also writes the student as ``model.safetensors`` + ``config.json``
+(loadable with ``--weights DIR``; metadata ``pretrain_step``), atomically and before the
+resumable state, so the weights are never older than the latest checkpoint. Under ``fsdp`` the
+student is gathered whole on rank 0 for it (:func:`save_student_weights`, in CPU memory), which
+is the one place a sharded run holds the whole student.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def save_checkpoint(out: Path, step: int, module: nn.Module, optimizer: torch.op
                     config: PretrainConfig, context: DistributedContext) -> Path:
     """Write the state after ``step`` steps; call on every process. Returns what was written."""
     if is_sharded(config):
+        save_student_weights(out, module, step, context)
         return _save_sharded(out, step, module, optimizer, config, context)
     path = out / STATE_NAME
     if context.is_main:

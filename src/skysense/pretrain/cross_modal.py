@@ -4,7 +4,9 @@ The paper names a contrastive loss between the modalities' features; the form is
 (Radford et al., 2021): each modality's pooled feature is linearly projected (no bias) into a
 shared space and L2-normalised, and for every pair of modalities present a symmetric InfoNCE
 treats the same sample as the positive and the batch's other samples as negatives. The pairs'
-losses are averaged.
+losses are averaged. Under torch.distributed the negatives are the global batch's (every
+process's embeddings, gathered with gradients), so N processes sharing a global batch give the
+loss and gradients of one process holding it all.
 
 Temperature: CLIP's learnable logit scale, initialised at ``1 / 0.07`` and clamped at 100; with
 ``learnable_temperature=False`` it stays at ``1 / temperature`` (a buffer, so it is saved but
@@ -20,6 +22,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from skysense.distributed import gather_rows
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -51,13 +55,23 @@ class CrossModalAlignment(nn.Module):
                              f"expected some of {sorted(self.projections)}")
         names = [m for m in self.projections if m in features]
         embedded = {m: F.normalize(self.projections[m](features[m]), dim=-1) for m in names}
-        losses = [self.pair_loss(embedded[a], embedded[b]) for a, b in itertools.combinations(names, 2)]
+        gathered = {m: gather_rows(e) for m, e in embedded.items()}
+        losses = [self.pair_loss(embedded[a], embedded[b], gathered[a][0], gathered[b][0], gathered[a][1])
+                  for a, b in itertools.combinations(names, 2)]
         if not losses:
             return self.log_logit_scale.new_zeros(())
         return torch.stack(losses).mean()
 
-    def pair_loss(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """CLIP's symmetric cross-entropy for unit vectors ``a``, ``b`` (B, E) of matching rows."""
-        logits = self.logit_scale * a @ b.T
-        labels = torch.arange(a.shape[0], device=a.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    def pair_loss(self, a: torch.Tensor, b: torch.Tensor, all_a: torch.Tensor | None = None,
+                  all_b: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+        """CLIP's symmetric cross-entropy for unit vectors ``a``, ``b`` (B, E) of matching rows.
+
+        ``all_a``, ``all_b`` (M, E): the whole batch, of which ``a``, ``b`` are rows
+        ``first..first + B - 1`` (default: ``a``, ``b`` themselves); the others are negatives.
+        """
+        all_a = a if all_a is None else all_a
+        all_b = b if all_b is None else all_b
+        labels = torch.arange(first, first + a.shape[0], device=a.device)
+        a_to_b = self.logit_scale * a @ all_b.T
+        b_to_a = self.logit_scale * b @ all_a.T
+        return (F.cross_entropy(a_to_b, labels) + F.cross_entropy(b_to_a, labels)) / 2

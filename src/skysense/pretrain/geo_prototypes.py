@@ -11,6 +11,11 @@ features assigned to them (EMA; momentum unpublished, 0.99 by default).
 Each view's student pixels predict the same view's teacher assignment (the teacher is a
 different, slowly moving network, so this is not trivial, unlike SwAV's single network which
 needs swapped views). Both views are of one place, so they share ``lat``/``lon``.
+
+Under torch.distributed (DDP or FSDP, several processes) both the assignment and the EMA are
+global, as SwAV's distributed Sinkhorn: the balance of each region's prototypes holds over the
+global batch, and the EMA target sums every process's features, so every process applies the
+same update and N processes sharing a global batch match one process holding it all.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class GeoPrototypeLoss(nn.Module):
             b, _, h, w = teacher.shape
             pixels = teacher.detach().flatten(2).transpose(1, 2).flatten(0, 1)  # (B*H*W, D)
             pixel_regions = regions.repeat_interleave(h * w)
-            assignment = prototypes.assign(pixels, pixel_regions, self.epsilon)  # (B*H*W, P)
+            assignment = prototypes.assign(pixels, pixel_regions, self.epsilon, distributed=True)  # (B*H*W, P)
             queries = F.normalize(student.flatten(2).transpose(1, 2).float(), dim=-1)  # (B, H*W, D)
             scores = (queries @ bank.transpose(1, 2)).flatten(0, 1) / self.temperature
             losses.append(-(assignment * F.log_softmax(scores, dim=-1)).sum(-1).mean())
@@ -70,5 +75,5 @@ class GeoPrototypeLoss(nn.Module):
         if self._pending is None:
             raise RuntimeError("GeoPrototypeLoss.update_prototypes: no forward since the last update")
         features, regions, assignment = self._pending
-        prototypes.ema_update(features, regions, assignment, self.momentum)
+        prototypes.ema_update(features, regions, assignment, self.momentum, distributed=True)
         self._pending = None
