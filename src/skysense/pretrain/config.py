@@ -55,6 +55,14 @@ class DataConfig:
     grayscale_prob: float = 0.0
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.001, 0.02)
+    # Multi-crop (DINO): small local views per sample besides the two views; the student sees them,
+    # the teacher does not, and only the image-level loss uses them. 0: off.
+    local_views: int = 0
+    local_view_size: int = 32
+    # Side of each local S2/S1 view; None: the two views' S2/S1 side scaled like the HR side.
+    local_sentinel_view_size: int | None = None
+    # Range of a local crop's side as a fraction of the image (or crop_size window) side.
+    local_crop_scale: tuple[float, float] = (0.1, 0.4)
 
     def augment(self) -> ViewAugment:
         return ViewAugment(self.color_jitter_prob, self.color_jitter, self.grayscale_prob, self.blur_prob,
@@ -67,7 +75,10 @@ class DataConfig:
             hr_size=self.view_size, sentinel_size=sentinel, crop_scale=tuple(self.crop_scale),
             crop_size=self.crop_size, rotate=self.rotate, jitter=self.jitter, s2_frames=self.s2_frames,
             s1_frames=self.s1_frames, date_jitter=self.date_jitter, modality_dropout=self.modality_dropout,
-            augment=self.augment(),
+            augment=self.augment(), local_views=self.local_views, local_hr_size=self.local_view_size,
+            local_sentinel_size=self.local_sentinel_view_size or max(1, round(sentinel * self.local_view_size
+                                                                           / self.view_size)),
+            local_crop_scale=tuple(self.local_crop_scale),
         )
 
 

@@ -32,7 +32,8 @@ from skysense.data.units import is_normalized, normalize
 from skysense.pretrain.config import PretrainConfig
 from skysense.pretrain.views import MODALITIES, ViewConfig, draw_kept_modalities, multimodal_views
 
-ViewPair = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+ViewPair = tuple[dict[str, torch.Tensor], ...]
+"""The two aligned views of a sample, then its local views (``data.local_views``, usually none)."""
 ViewKey = tuple[int, int, int]
 """(sample index, view seed, step seed)."""
 
@@ -55,23 +56,32 @@ class PairMaker:
         self.views = views
 
     def check_grids(self, present: Sequence[str]) -> None:
-        """The views' modalities must land on one fusion grid (the model's same-ground rule)."""
-        cfg, v = self.model_config, self.views
+        """The views' modalities must land on one fusion grid (the model's same-ground rule);
+        the local views' too, when there are any."""
+        v = self.views
+        self._check_grid(present, v.hr_size, v.sentinel_size, "data.view_size", "data.sentinel_view_size")
+        if v.local_views:
+            self._check_grid(present, v.local_hr_size, v.local_sentinel_size, "data.local_view_size",
+                             "data.local_sentinel_view_size")
+
+    def _check_grid(self, present: Sequence[str], hr_size: int, sentinel_size: int, hr_key: str,
+                    sentinel_key: str) -> None:
+        cfg = self.model_config
         grids = {}
         for m in present:
             if m == "hr":
-                grids[m] = -(-v.hr_size // cfg.hr_stride)
+                grids[m] = -(-hr_size // cfg.hr_stride)
             else:
                 patch = (cfg.s2 if m == "s2" else cfg.s1).patch_size
-                grids[m] = -(-v.sentinel_size // patch) * patch
+                grids[m] = -(-sentinel_size // patch) * patch
         if len(set(grids.values())) > 1:
             patch = cfg.s2.patch_size
             raise ValueError(
                 f"views: the modalities {list(present)} would not cover one fusion grid "
                 f"({', '.join(f'{m} -> {g}x{g}' for m, g in grids.items())}): S2/S1 views "
-                f"(data.sentinel_view_size) must be 1/{cfg.hr_stride} of the HR views (data.view_size) and a "
-                f"multiple of the ViT patch {patch}, e.g. {cfg.hr_stride * patch} and {patch}; got {v.hr_size} "
-                f"and {v.sentinel_size}"
+                f"({sentinel_key}) must be 1/{cfg.hr_stride} of the HR views ({hr_key}) and a "
+                f"multiple of the ViT patch {patch}, e.g. {cfg.hr_stride * patch} and {patch}; got {hr_size} "
+                f"and {sentinel_size}"
             )
 
     def __call__(self, sample: Mapping[str, Any], view_seed: int, step_seed: int) -> ViewPair:
@@ -83,8 +93,7 @@ class PairMaker:
         if self.views.modality_dropout > 0:
             g = torch.Generator().manual_seed(step_seed)
             keep = [draw_kept_modalities(present, self.views.modality_dropout, g) for _ in range(2)]
-        first, second = multimodal_views(sample, self.views, torch.Generator().manual_seed(view_seed), keep)
-        return first, second
+        return tuple(multimodal_views(sample, self.views, torch.Generator().manual_seed(view_seed), keep))
 
 
 class ViewPairDataset(Dataset):
@@ -153,7 +162,7 @@ class StepBatchSampler(Sampler[list[ViewKey]]):
 
 def collate_view_pairs(pairs: Sequence[ViewPair]) -> ViewPair:
     """Each view's tensors over the batch; series of different lengths padded with invalid frames."""
-    return tuple(collate([pair[v] for pair in pairs]) for v in range(2))  # type: ignore[return-value]
+    return tuple(collate([pair[v] for pair in pairs]) for v in range(len(pairs[0])))  # type: ignore[return-value]
 
 
 class ShardViewBatches(IterableDataset):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skysense.distributed import gather_rows
 from skysense.pretrain.dino_loss import CenteredCrossEntropy
 
 
@@ -80,19 +81,38 @@ class InfoNCEImageContrastLoss(nn.Module):
         student_head: nn.Module,
         teacher_head: nn.Module,
     ) -> torch.Tensor:
-        """One (B, D, H, W) map per view (two views) -> scalar loss."""
-        if len(student_maps) != 2 or len(teacher_maps) != 2:
-            raise ValueError("InfoNCEImageContrastLoss: needs exactly two views")
+        """One (B, D, H, W) map per view -> scalar loss.
+
+        Two teacher views; two student views, then any local views (multi-crop; ``keys="teacher"``
+        only). Student view ``a`` of the two is contrasted with teacher view ``1 - a``, a local view
+        with both teacher views; the loss is the mean over these pairs (DINO's multi-crop pairing).
+        """
+        if len(teacher_maps) != 2 or len(student_maps) < 2:
+            raise ValueError(f"InfoNCEImageContrastLoss: needs two teacher views and at least two student views, "
+                             f"got {len(teacher_maps)} and {len(student_maps)}")
+        if self.keys == "student" and len(student_maps) != 2:
+            raise ValueError(f"InfoNCEImageContrastLoss: keys='student' takes exactly two views (no local views), "
+                             f"got {len(student_maps)}")
         student = [self.embed(student_head, m) for m in student_maps]
+        b = student[0].shape[0]
         if self.keys == "student":
-            z = torch.cat(student)  # (2B, E)
-            b = student[0].shape[0]
-            logits = z @ z.T / self.temperature
-            logits = logits.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
-            target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+            # Keys: both views of the whole global batch (gathered with gradients under DDP/FSDP).
+            keys = [gather_rows(z)[0] for z in student]
+            first = gather_rows(student[0].detach())[1]
+            n = keys[0].shape[0]
+            queries, everything = torch.cat(student), torch.cat(keys)  # (2B, E), (2N, E)
+            logits = queries @ everything.T / self.temperature
+            own = torch.cat([torch.arange(first, first + b), torch.arange(n + first, n + first + b)])
+            own = own.to(queries.device)
+            itself = torch.zeros_like(logits, dtype=torch.bool)
+            itself[torch.arange(2 * b, device=queries.device), own] = True
+            logits = logits.masked_fill(itself, float("-inf"))
+            target = torch.cat([own[b:], own[:b]])
             return F.cross_entropy(logits, target)
-        with torch.no_grad():
-            teacher = [self.embed(teacher_head, m) for m in teacher_maps]
-        target = torch.arange(student[0].shape[0], device=student[0].device)
-        pairs = [F.cross_entropy(student[a] @ teacher[1 - a].T / self.temperature, target) for a in range(2)]
+        with torch.no_grad():  # keys: the teacher's embeddings of the whole global batch
+            teacher = [gather_rows(self.embed(teacher_head, m)) for m in teacher_maps]
+        first = teacher[0][1]
+        target = torch.arange(first, first + b, device=student[0].device)
+        pairs = [F.cross_entropy(query @ teacher[k][0].T / self.temperature, target)
+                 for a, query in enumerate(student) for k in range(2) if a != k]
         return torch.stack(pairs).mean()

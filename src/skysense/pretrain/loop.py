@@ -6,11 +6,13 @@ then the teacher, its heads and the geo-context prototypes follow by EMA.
 
 Everything that decides a step (data order, view augmentation, stochastic depth) is seeded by
 ``(seed, step)``, so a resumed run repeats an uninterrupted one exactly, and N processes sharing
-a global batch match one process. N processes replicate the model (``distributed.strategy:
-ddp``) or shard it per transformer block with FSDP2 (``fsdp``); see :mod:`skysense.distributed`.
+a global batch match one process (the objectives that look across the batch, the DINO centres,
+Sinkhorn balance, prototype EMA and cross-modal negatives, all-reduce or gather over the
+processes). N processes replicate the model (``distributed.strategy: ddp``) or shard it per
+transformer block with FSDP2 (``fsdp``); see :mod:`skysense.distributed`.
 
 Output folder:
-    ``model.safetensors`` + ``config.json``   the student, loadable with ``--weights DIR``
+    ``model.safetensors`` + ``config.json``   the student at the latest checkpoint (``--weights DIR``)
     ``training_state.pt`` (ddp) or
     ``checkpoint-<step>/`` (fsdp)             everything needed to resume (skysense.pretrain.checkpoint)
     ``metrics.csv``                           one row per step
@@ -36,9 +38,9 @@ from skysense.distributed import (
     apply_activation_checkpointing,
     apply_fsdp,
     average_gradients,
-    broadcast_from_main,
     clip_grad_norm,
     close_distributed,
+    gather_rows,
     init_distributed,
     mean_across_processes,
     wrap_data_parallel,
@@ -53,7 +55,6 @@ from skysense.pretrain.checkpoint import (
     is_sharded,
     load_checkpoint,
     save_checkpoint,
-    save_student_weights,
 )
 from skysense.pretrain.config import PretrainConfig
 from skysense.pretrain.data import build_view_loader
@@ -91,8 +92,8 @@ class PretrainingModel(nn.Module):
 
     def forward(self, views: tuple[dict[str, torch.Tensor], ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student = [self.student.forward_features(**view) for view in views]
-        with torch.no_grad():
-            teacher = [self.teacher.forward_features(**view) for view in views]
+        with torch.no_grad():  # the teacher sees the two views only, not the local ones (multi-crop)
+            teacher = [self.teacher.forward_features(**view) for view in views[:2]]
         total, terms = self.objective(student, teacher, views, prototypes=self.student.geo_context)
         terms.update(collapse_monitors(student, teacher))
         return total, terms
@@ -100,15 +101,15 @@ class PretrainingModel(nn.Module):
 
 @torch.no_grad()
 def collapse_monitors(student: list[dict], teacher: list[dict]) -> dict[str, torch.Tensor]:
-    """Signals of representation collapse, on the pooled fused features.
+    """Signals of representation collapse, on the pooled fused features of the global batch.
 
     ``monitor/feature_std``: per-dimension std over the batch of L2-normalised features, times
     sqrt(D): about 1 for spread features, 0 when every sample maps to one point.
     ``monitor/teacher_similarity``: mean cosine similarity between different samples' teacher
     features: near 1 means collapse.
     """
-    s = torch.nn.functional.normalize(student[0]["fused"].float().mean((-2, -1)), dim=1)
-    t = torch.nn.functional.normalize(teacher[0]["fused"].float().mean((-2, -1)), dim=1)
+    s = gather_rows(torch.nn.functional.normalize(student[0]["fused"].float().mean((-2, -1)), dim=1))[0]
+    t = gather_rows(torch.nn.functional.normalize(teacher[0]["fused"].float().mean((-2, -1)), dim=1))[0]
     monitors = {"monitor/feature_std": s.std(0).mean() * math.sqrt(s.shape[1])}
     if t.shape[0] > 1:
         sim = t @ t.T
@@ -239,10 +240,8 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
         grad_norm = clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], config.optim.grad_clip)
         optimizer.step()
         with torch.no_grad():
-            if "geo" in terms:
+            if "geo" in terms:  # the same update on every process: from all-reduced sums
                 module.objective.update_prototypes(module.student.geo_context)
-                if sharded:  # DDP broadcasts rank 0's buffers itself, before the next forward
-                    broadcast_from_main(module.student.geo_context.prototypes)
             module.objective.update_teacher_heads(momentum)
             ema_update(module.teacher, module.student, momentum)
         names = ["loss", *terms]
@@ -260,8 +259,6 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
             if log is not None:
                 log.flush()
             save_checkpoint(out, done, module, optimizer, config, context)
-            if done == config.max_steps and is_sharded(config):
-                save_student_weights(out, module, done, context)
     bar.close()
     if context.is_main and rows:
         elapsed = time.perf_counter() - started

@@ -161,13 +161,17 @@ class SkySensePretrainingObjective(nn.Module):
                 ``lat``, ``lon`` and the optional ``overlap`` boxes).
             prototypes: the student's :class:`GeoContextPrototypes`; None skips the geo term.
         """
-        if not len(student) == len(teacher) == len(views) == 2:
-            raise ValueError(f"pretraining objective: needs two views, got {len(student)} student, "
+        if not (len(teacher) == 2 and len(student) == len(views) >= 2):
+            raise ValueError(f"pretraining objective: needs two views (teacher) and as many student outputs as "
+                             f"input dicts (two, plus any local views); got {len(student)} student, "
                              f"{len(teacher)} teacher and {len(views)} input dicts")
         c = self.config
         terms: dict[str, torch.Tensor] = {}
         level_weights = {"pixel": c.pixel_weight, "object": c.object_weight, "image": c.image_weight}
-        present = [s for s in SOURCES if all(_has(out, s) for out in list(student) + list(teacher))]
+        # Local views (multi-crop, after the first two) enter the image level only.
+        local_outputs, local_views = list(student[2:]), list(views[2:])
+        student, views = student[:2], views[:2]
+        present = [s for s in SOURCES if all(_has(out, s) for out in list(student) + list(teacher) + local_outputs)]
         if not present:
             raise ValueError("pretraining objective: no feature source is present in all four outputs")
         for source in present:
@@ -183,7 +187,8 @@ class SkySensePretrainingObjective(nn.Module):
             if c.object_weight:
                 terms[f"object/{source}"] = self.object[source](s_aligned, t_aligned, *heads)
             if c.image_weight:
-                terms[f"image/{source}"] = self.image[source](s_maps, t_maps, *heads)
+                local_maps = [source_map(out, view, source) for out, view in zip(local_outputs, local_views)]
+                terms[f"image/{source}"] = self.image[source](s_maps + local_maps, t_maps, *heads)
         levels = [
             weight * torch.stack([terms[f"{level}/{s}"] for s in present]).mean()
             for level, weight in level_weights.items() if weight

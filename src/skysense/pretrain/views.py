@@ -23,6 +23,14 @@ cover the same ground (the dataset's footprint), each at its own resolution. Per
   whole number of days in ``[-date_jitter, date_jitter]`` (circular over 1..366).
 * **Modality dropout.** :func:`draw_kept_modalities` chooses which modalities a view keeps
   (never none); the caller draws it per batch, because a batch must share its modalities.
+* **Local views (multi-crop).** Optionally ``local_views`` more, smaller views (DINO's
+  multi-crop, Caron et al., 2021): each a random square of ``local_crop_scale`` of the footprint
+  (or window), anywhere in it, cut from every modality alike at ``local_hr_size`` /
+  ``local_sentinel_size`` px, with its own orientation, jitter, frames and augmentation. They
+  carry no ``overlap``: only the image-level loss uses them (a student-only view predicting the
+  teacher's embedding of the two large views), which is what made multi-crop pay on AID (see
+  ``benchmarks/RESULTS.md``). A local view keeping S2/S1 must still put them on one fusion grid
+  with its HR (for ``tiny``: 4 S2/S1 px with 128 HR px); HR-only data can use any size.
 
 ``overlap`` gives, per view, the shared ground as ``(x0, y0, x1, y1)`` fractions of that view;
 after a flip the box runs backwards (x0 > x1 or y0 > y1), so sampling the box from its first to
@@ -137,6 +145,13 @@ class ViewConfig:
     # Probability that a view drops each modality (never all of them); see draw_kept_modalities.
     modality_dropout: float = 0.0
     augment: ViewAugment = field(default_factory=ViewAugment)
+    # Multi-crop (DINO, Caron et al., 2021): extra small "local" views per sample, cut anywhere in
+    # the same footprint (or window), at ``local_hr_size`` / ``local_sentinel_size`` px, with their
+    # side a ``local_crop_scale`` fraction of the footprint's shorter side. 0: two views only.
+    local_views: int = 0
+    local_hr_size: int = 32
+    local_sentinel_size: int = 1
+    local_crop_scale: tuple[float, float] = (0.1, 0.4)
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str, got: object) -> None:
@@ -160,6 +175,14 @@ class ViewConfig:
             fail("date_jitter", "a number of days >= 0", self.date_jitter)
         if not 0 <= self.modality_dropout < 1:
             fail("modality_dropout", "a probability in [0, 1)", self.modality_dropout)
+        if self.local_views < 0:
+            fail("local_views", "a number of views >= 0", self.local_views)
+        for name in ("local_hr_size", "local_sentinel_size"):
+            if getattr(self, name) < 1:
+                fail(name, "a positive number of pixels", getattr(self, name))
+        low, high = self.local_crop_scale
+        if not 0 < low <= high <= 1:
+            fail("local_crop_scale", "0 < low <= high <= 1", self.local_crop_scale)
 
     def frames(self, modality: str) -> int | None:
         return {"s2": self.s2_frames, "s1": self.s1_frames}[modality]
@@ -242,8 +265,9 @@ def _footprint(sample: Mapping[str, Any], present: Sequence[str]) -> tuple[int, 
     return int(h), int(w)
 
 
-def _crop_pair(h: int, w: int, config: ViewConfig, g: torch.Generator) -> tuple[Box, Box, Box]:
-    """Two crop boxes and their shared box, in pixels of the reference modality."""
+def _crop_pair(h: int, w: int, config: ViewConfig, g: torch.Generator) -> tuple[Box, Box, Box, Box]:
+    """Two crop boxes, their shared box and the window they were drawn in (x, y, side_w, side_h),
+    in pixels of the reference modality."""
     ox = oy = 0.0
     side_h, side_w = float(h), float(w)
     if config.crop_size is not None and config.crop_size < min(h, w):
@@ -256,7 +280,7 @@ def _crop_pair(h: int, w: int, config: ViewConfig, g: torch.Generator) -> tuple[
     first, second = ((b[0] + ox, b[1] + oy, b[2] + ox, b[3] + oy) for b in (first, second))
     shared = (max(first[0], second[0]), max(first[1], second[1]),
               min(first[2], second[2]), min(first[3], second[3]))
-    return first, second, shared
+    return first, second, shared, (ox, oy, side_w, side_h)
 
 
 def _frames(sample: Mapping[str, Any], m: str, config: ViewConfig,
@@ -285,21 +309,70 @@ def _frames(sample: Mapping[str, Any], m: str, config: ViewConfig,
     return chosen, dates, valid
 
 
+def _render_view(
+    sample: Mapping[str, Any], present: Sequence[str], config: ViewConfig, box: Box, footprint: tuple[int, int],
+    sizes: tuple[int, int], transpose: bool, g: torch.Generator,
+) -> tuple[dict[str, torch.Tensor], bool, bool]:
+    """One view: every modality cut to ``box`` (pixels of the footprint) at ``sizes`` (HR, S2/S1)
+    px, transposed and flipped alike, jittered per modality. Returns the view and its flips."""
+    h, w = footprint
+    fraction = (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
+    flip_x = bool(torch.rand((), generator=g) < 0.5)
+    flip_y = bool(torch.rand((), generator=g) < 0.5)
+    view: dict[str, torch.Tensor] = {}
+    for m in present:
+        x = sample[m]
+        if m in SERIES:
+            chosen, dates, valid = _frames(sample, m, config, g)
+            x = x[chosen]
+            if dates is not None:
+                view[f"{m}_dates"] = dates.contiguous()
+            view[f"{m}_mask"] = valid.contiguous()
+        x = _cut(x, fraction, sizes[0] if m == "hr" else sizes[1])
+        if transpose:
+            x = x.transpose(-1, -2)
+        if flip_x:
+            x = x.flip(-1)
+        if flip_y:
+            x = x.flip(-2)
+        x = _jitter(x, config.jitter, g)
+        if m == "hr" and config.augment.active:
+            x = augment_view(x, config.augment, g)
+        view[m] = x.contiguous()
+    for key in ("lat", "lon"):
+        if sample.get(key) is not None:
+            view[key] = torch.as_tensor(sample[key], dtype=torch.float32)
+    return view, flip_x, flip_y
+
+
+def _drop(view: dict[str, torch.Tensor], present: Sequence[str], kept: Sequence[str], index: int
+          ) -> dict[str, torch.Tensor]:
+    dropped = set(present) - set(kept)
+    if dropped == set(present):
+        raise ValueError(f"views: keep: view {index + 1} keeps none of the sample's modalities {list(present)}")
+    return {k: t for k, t in view.items() if k.split("_")[0] not in dropped}
+
+
 def multimodal_views(
     sample: Mapping[str, Any], config: ViewConfig, generator: torch.Generator,
     keep: Sequence[Sequence[str]] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Two aligned views of a normalised multi-modal ``sample`` (see the module docstring).
+    """Two aligned views of a normalised multi-modal ``sample`` (see the module docstring), then
+    ``config.local_views`` small local views.
 
     Args:
         sample: ``hr`` (3, H, W), ``s2`` (T, 10, h, w), ``s2_dates``, ``s2_mask``, ``s1`` ...,
             ``lat``, ``lon`` (any subset of the modalities, at least one); other keys are ignored.
-        keep: for each view, the modalities it keeps (e.g. from :func:`draw_kept_modalities`);
-            None keeps all.
+        keep: for each of the two views, the modalities it keeps (e.g. from
+            :func:`draw_kept_modalities`); None keeps all. Local view ``k`` keeps what view
+            ``k % 2`` keeps.
 
     Returns:
-        ``[view_1, view_2]``, each with the kept modalities at ``hr_size`` / ``sentinel_size`` px,
-        their ``*_dates`` and ``*_mask``, ``lat``/``lon`` when given, and ``overlap`` (4,).
+        ``[view_1, view_2, local_1, ...]``: the two views with the kept modalities at ``hr_size``
+        / ``sentinel_size`` px, their ``*_dates`` and ``*_mask``, ``lat``/``lon`` when given, and
+        ``overlap`` (4,); the local views alike at ``local_hr_size`` / ``local_sentinel_size`` px,
+        without ``overlap``. The local views draw their random numbers after the two views, so
+        the two views do not depend on ``local_views``.
     """
     present = [m for m in MODALITIES if sample.get(m) is not None]
     if not present:
@@ -312,53 +385,32 @@ def multimodal_views(
     if keep is not None and len(keep) != 2:
         raise ValueError(f"views: keep: expected one modality list per view (2), got {len(keep)}")
     g = generator
-    h, w = _footprint(sample, present)
-    first, second, shared = _crop_pair(h, w, config, g)
+    footprint = _footprint(sample, present)
+    first, second, shared, window = _crop_pair(*footprint, config, g)
     transpose = config.rotate and bool(torch.rand((), generator=g) < 0.5)
     views = []
     for v, box in enumerate((first, second)):
         bw, bh = box[2] - box[0], box[3] - box[1]
-        fraction = (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
         overlap = [(shared[0] - box[0]) / bw, (shared[1] - box[1]) / bh,
                    (shared[2] - box[0]) / bw, (shared[3] - box[1]) / bh]
         if transpose:
             overlap = [overlap[1], overlap[0], overlap[3], overlap[2]]
-        flip_x = bool(torch.rand((), generator=g) < 0.5)
-        flip_y = bool(torch.rand((), generator=g) < 0.5)
+        view, flip_x, flip_y = _render_view(sample, present, config, box, footprint,
+                                            (config.hr_size, config.sentinel_size), transpose, g)
         if flip_x:
             overlap[0], overlap[2] = 1 - overlap[0], 1 - overlap[2]
         if flip_y:
             overlap[1], overlap[3] = 1 - overlap[1], 1 - overlap[3]
-        view: dict[str, torch.Tensor] = {}
-        for m in present:
-            x = sample[m]
-            if m in SERIES:
-                chosen, dates, valid = _frames(sample, m, config, g)
-                x = x[chosen]
-                if dates is not None:
-                    view[f"{m}_dates"] = dates.contiguous()
-                view[f"{m}_mask"] = valid.contiguous()
-            x = _cut(x, fraction, config.hr_size if m == "hr" else config.sentinel_size)
-            if transpose:
-                x = x.transpose(-1, -2)
-            if flip_x:
-                x = x.flip(-1)
-            if flip_y:
-                x = x.flip(-2)
-            x = _jitter(x, config.jitter, g)
-            if m == "hr" and config.augment.active:
-                x = augment_view(x, config.augment, g)
-            view[m] = x.contiguous()
-        for key in ("lat", "lon"):
-            if sample.get(key) is not None:
-                view[key] = torch.as_tensor(sample[key], dtype=torch.float32)
         view["overlap"] = torch.tensor(overlap, dtype=torch.float32)
-        if keep is not None:
-            dropped = set(present) - set(keep[v])
-            if dropped == set(present):
-                raise ValueError(f"views: keep: view {v + 1} keeps none of the sample's modalities {present}")
-            view = {k: t for k, t in view.items() if k.split("_")[0] not in dropped}
-        views.append(view)
+        views.append(view if keep is None else _drop(view, present, keep[v], v))
+    ox, oy, side_w, side_h = window
+    for k in range(config.local_views):
+        box = _crop_box(side_h, side_w, config.local_crop_scale, g)
+        box = (box[0] + ox, box[1] + oy, box[2] + ox, box[3] + oy)
+        local_transpose = config.rotate and bool(torch.rand((), generator=g) < 0.5)
+        view, _, _ = _render_view(sample, present, config, box, footprint,
+                                  (config.local_hr_size, config.local_sentinel_size), local_transpose, g)
+        views.append(view if keep is None else _drop(view, present, keep[k % 2], 2 + k))
     return views
 
 
