@@ -14,16 +14,7 @@ from skysense.downstream.sliding_window import sliding_window
 from skysense.downstream.tasks import TaskSpec, build_task_model
 from skysense.evaluation.metrics import SemanticChangeScore, change_scores, confusion_matrix
 
-
-class Samples(torch.utils.data.Dataset):
-    def __init__(self, samples: list[dict]) -> None:
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        return dict(self.samples[index])
+from downstream_helpers import Samples
 
 
 @pytest.fixture(scope="module")

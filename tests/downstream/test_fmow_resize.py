@@ -20,6 +20,8 @@ from skysense.downstream.finetune import TASK_NAME, FinetuneConfig, build_datase
 from skysense.downstream.registry import REGISTRY
 from skysense.downstream.tasks import TaskSpec
 
+from downstream_helpers import Samples
+
 SIZES = {"airport": 20, "dam": 33, "zoo": 47}
 """Side of each location's images (fMoW-Sentinel images follow each location's footprint)."""
 
@@ -27,17 +29,6 @@ SIZES = {"airport": 20, "dam": 33, "zoo": 47}
 def _series(size: int, frames: int = 2, value: float = 1000.0) -> dict:
     return {"s2": torch.full((frames, 10, size, size), value), "s2_dates": torch.tensor([10, 200][:frames]),
             "s2_mask": torch.ones(frames, dtype=torch.bool), "label": torch.tensor(size % 3)}
-
-
-class Samples(torch.utils.data.Dataset):
-    def __init__(self, samples: list[dict]) -> None:
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        return dict(self.samples[index])
 
 
 def test_resize_series_touches_only_the_sentinel_frames():
