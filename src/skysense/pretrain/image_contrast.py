@@ -19,6 +19,11 @@ head's L2-normalised bottleneck (the prototype layer is not used). Two key sourc
 * ``keys="student"`` (SimCLR's NT-Xent): the 2B student embeddings of both views; each one's
   positive is the other view of its image, the other 2B - 2 are negatives; gradient flows
   through both sides. The teacher is not used by this term.
+
+Under DDP/FSDP the keys are those of the whole global batch (:func:`skysense.distributed.gather_rows`;
+gathered with gradients for student keys), so N processes compute the loss of one process
+holding the whole batch. Local views (multi-crop) are queries only: each is contrasted with
+both teacher views (teacher keys only).
 """
 
 from __future__ import annotations

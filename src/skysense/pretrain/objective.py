@@ -22,6 +22,10 @@ the two views' pooled embeddings with in-batch negatives, keys from the EMA teac
 student). A level whose weight is 0 is skipped entirely (no head, no clustering), so e.g.
 ``pixel_weight: 0, object_weight: 0`` trains with the image level only, at less cost.
 
+Multi-crop: the student may also encode local views (``data.local_views``), given after the two
+views; they enter the image level only, as extra queries against the teacher's two views
+(DINO's pairing). Pixel, object, cross-modal and geo terms use the two views.
+
 Each view's input dict may hold ``overlap``: (B, 4) ``(x0, y0, x1, y1)`` fractions of that view
 covering the ground shared with the other view (default: the whole view, i.e. the views differ
 only in non-geometric augmentations).
