@@ -102,8 +102,8 @@ class InfoNCEImageContrastLoss(nn.Module):
         b = student[0].shape[0]
         if self.keys == "student":
             # Keys: both views of the whole global batch (gathered with gradients under DDP/FSDP).
-            keys = [gather_rows(z)[0] for z in student]
-            first = gather_rows(student[0].detach())[1]
+            gathered = [gather_rows(z) for z in student]
+            keys, first = [g[0] for g in gathered], gathered[0][1]
             n = keys[0].shape[0]
             queries, everything = torch.cat(student), torch.cat(keys)  # (2B, E), (2N, E)
             logits = queries @ everything.T / self.temperature
