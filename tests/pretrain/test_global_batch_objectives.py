@@ -27,7 +27,8 @@ from skysense.pretrain import CrossModalAlignment, GeoPrototypeLoss
 from skysense.pretrain.heads import DINOHead
 from skysense.pretrain.image_contrast import InfoNCEImageContrastLoss
 from skysense.pretrain.config import PretrainConfig
-from skysense.pretrain.loop import PretrainingModel, pretrain
+from skysense.pretrain.loop import pretrain
+from skysense.pretrain.model import PretrainingModel
 from skysense.sinkhorn import sinkhorn_knopp
 from test_fsdp import _restored, _run, _torchrun
 from test_multimodal_views import MANIFEST_CONFIG, write_manifest

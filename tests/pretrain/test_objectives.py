@@ -266,7 +266,7 @@ def test_objective_uses_only_the_sources_present() -> None:
 
 def test_pretraining_model_keeps_teacher_in_eval_mode():
     from skysense.pretrain.config import PretrainConfig
-    from skysense.pretrain.loop import PretrainingModel
+    from skysense.pretrain.model import PretrainingModel
 
     module = PretrainingModel(PretrainConfig.from_dict({"preset": "tiny"}))
     module.train()

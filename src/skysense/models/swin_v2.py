@@ -62,6 +62,9 @@ class WindowAttentionV2(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.window = window
+        # Pad heads to the width SDPA's fused kernels take on this device (fused_head_multiple);
+        # switched off to count the model's own FLOPs (benchmarks/gpu_step.py).
+        self.pad_heads = True
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
         self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -109,18 +112,31 @@ class WindowAttentionV2(nn.Module):
         # SwinV2-H's heads are 44 wide. Zero columns change no dot product q.k, the output
         # columns that v's zero columns add are dropped, and the scale is explicit, so it does
         # not follow the padded width.
-        pad = -d % fused_head_multiple(q.device)
+        pad = -d % fused_head_multiple(q.device) if self.pad_heads else 0
         if pad:
             q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)[..., :d]
         return self.proj(out.reshape(b, nw, heads, n, d).transpose(2, 3).reshape(b, nw, n, c))
 
 
-@functools.lru_cache(maxsize=64)
+def constant_mask(fn):
+    """Caches a mask builder per shape and device in eager mode. Under ``torch.compile`` the
+    builder is traced as part of the graph instead: dynamo does not trace through ``lru_cache``
+    (it warns and ignores the cache), and the mask depends on shapes only."""
+    cached = functools.lru_cache(maxsize=64)(fn)
+
+    @functools.wraps(fn)
+    def mask(*args):
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return mask
+
+
+@constant_mask
 def shifted_window_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     """``(nW, w*w, w*w)`` additive mask: -100 between tokens from different pre-shift regions.
 
-    Cached per shape and device: every shifted block of a stage reuses it.
+    Cached per shape and device: every shifted block of a stage reuses it (see :func:`constant_mask`).
     """
     region = torch.zeros(height, width, device=device)
     count = 0
@@ -210,7 +226,7 @@ class PatchMerging(nn.Module):
         return self.norm(self.reduction(x))
 
 
-@functools.lru_cache(maxsize=64)
+@constant_mask
 def padded_key_mask(height: int, width: int, padded_height: int, padded_width: int, window: int, shift: int,
                     device: torch.device) -> torch.Tensor:
     """``(nW, w*w, w*w)`` additive mask: -100 on keys that are padding (outside ``height`` x

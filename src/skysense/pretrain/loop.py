@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from skysense.config import preset_config
+from skysense.compilation import compile_blocks
 from skysense.distributed import (
     DistributedContext,
     apply_activation_checkpointing,
@@ -40,12 +40,10 @@ from skysense.distributed import (
     average_gradients,
     clip_grad_norm,
     close_distributed,
-    gather_rows,
     init_distributed,
     mean_across_processes,
     wrap_data_parallel,
 )
-from skysense.models import SkySense
 from skysense.models.fusion import PixelShuffleProjection
 from skysense.models.layers import TransformerBlock
 from skysense.models.swin_v2 import SwinV2Block
@@ -58,64 +56,22 @@ from skysense.pretrain.checkpoint import (
 )
 from skysense.pretrain.config import PretrainConfig
 from skysense.pretrain.data import build_view_loader
-from skysense.pretrain.objective import SkySensePretrainingObjective
-from skysense.pretrain.teacher import build_teacher, cosine_momentum, ema_update
+from skysense.pretrain.model import PretrainingModel, parameter_groups
+from skysense.pretrain.teacher import cosine_momentum, ema_update
 from skysense.weights import atomic_write
 
 METRICS_NAME = "metrics.csv"
+# The transformer blocks of every encoder and of the fusion: what activation checkpointing
+# recomputes and `compile: blocks` compiles.
+BLOCKS: tuple[type[nn.Module], ...] = (TransformerBlock, SwinV2Block)
 # FSDP2 units: each block of every encoder and of the fusion (student and teacher alike, so that
 # their shards line up for the EMA), and the two large S2/S1 projections (46M parameters each at
 # huge). The rest (embeddings, patch merging, heads) is the root group.
-FSDP_UNITS: tuple[type[nn.Module], ...] = (TransformerBlock, SwinV2Block, PixelShuffleProjection)
+FSDP_UNITS: tuple[type[nn.Module], ...] = (*BLOCKS, PixelShuffleProjection)
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the step and the offending terms."""
-
-
-class PretrainingModel(nn.Module):
-    """Student, EMA teacher and the objective (with its heads) as one module."""
-
-    def __init__(self, config: PretrainConfig) -> None:
-        super().__init__()
-        model_config = preset_config(config.preset)
-        self.student = SkySense(model_config)
-        self.objective = SkySensePretrainingObjective(model_config, config.objective)
-        self.teacher = build_teacher(self.student)
-
-    def train(self, mode: bool = True) -> "PretrainingModel":
-        """Student and heads follow ``mode``; the teacher stays in eval mode (no stochastic depth
-        or dropout in the EMA targets, as in DINO)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    def forward(self, views: tuple[dict[str, torch.Tensor], ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        student = [self.student.forward_features(**view) for view in views]
-        with torch.no_grad():  # the teacher sees the two views only, not the local ones (multi-crop)
-            teacher = [self.teacher.forward_features(**view) for view in views[:2]]
-        total, terms = self.objective(student, teacher, views, prototypes=self.student.geo_context)
-        terms.update(collapse_monitors(student, teacher))
-        return total, terms
-
-
-@torch.no_grad()
-def collapse_monitors(student: list[dict], teacher: list[dict]) -> dict[str, torch.Tensor]:
-    """Signals of representation collapse, on the pooled fused features of the global batch.
-
-    ``monitor/feature_std``: per-dimension std over the batch of L2-normalised features, times
-    sqrt(D): about 1 for spread features, 0 when every sample maps to one point.
-    ``monitor/teacher_similarity``: mean cosine similarity between different samples' teacher
-    features: near 1 means collapse.
-    """
-    s = gather_rows(torch.nn.functional.normalize(student[0]["fused"].float().mean((-2, -1)), dim=1))[0]
-    t = gather_rows(torch.nn.functional.normalize(teacher[0]["fused"].float().mean((-2, -1)), dim=1))[0]
-    monitors = {"monitor/feature_std": s.std(0).mean() * math.sqrt(s.shape[1])}
-    if t.shape[0] > 1:
-        sim = t @ t.T
-        off = sim.sum() - sim.diagonal().sum()
-        monitors["monitor/teacher_similarity"] = off / (t.shape[0] * (t.shape[0] - 1))
-    return monitors
 
 
 def learning_rate(step: int, config: PretrainConfig) -> float:
@@ -125,16 +81,6 @@ def learning_rate(step: int, config: PretrainConfig) -> float:
         return o.lr * (step + 1) / o.warmup_steps
     progress = (step - o.warmup_steps) / max(1, config.max_steps - o.warmup_steps)
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def parameter_groups(module: PretrainingModel, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; norms, biases, tokens and tables are not decayed."""
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if not param.requires_grad or name.startswith("teacher."):
-            continue
-        (decay if param.ndim >= 2 and "day_of_year" not in name else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class MetricsLog:
@@ -203,13 +149,15 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
     torch.manual_seed(config.seed)  # identical initialisation on every process
     module = PretrainingModel(config).to(context.device)
     if config.activation_checkpointing:
-        apply_activation_checkpointing(module.student, (TransformerBlock, SwinV2Block))
+        apply_activation_checkpointing(module.student, BLOCKS)
+    if config.compile == "blocks":  # after checkpointing, before FSDP: both hook around the compiled forward
+        compile_blocks(module, BLOCKS)
     sharded = is_sharded(config) and context.enabled
     replicated = apply_fsdp(module, context, FSDP_UNITS) if sharded else []
     optimizer = torch.optim.AdamW(parameter_groups(module, config.optim.weight_decay), lr=config.optim.lr)
     start = load_checkpoint(out, module, optimizer, config) if resume else 0
     wrapped = module if sharded else wrap_data_parallel(module, context)
-    step_fn = torch.compile(wrapped) if config.compile else wrapped
+    step_fn = torch.compile(wrapped) if config.compile == "model" else wrapped
 
     loader = build_view_loader(config, data_root, module.student.config, start, context.rank, context.world_size)
     log = MetricsLog(out, start) if context.is_main else None
