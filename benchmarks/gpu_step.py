@@ -13,16 +13,31 @@ each for skysense and for timm's equivalent (``SwinTransformerV2``, ``VisionTran
 eager (Sinkhorn-Knopp's convergence test breaks a compiled graph at every iteration).
 
 Numbers (PERFORMANCE.md's conventions): the step time is the median of the timed steps; FLOPs
-are counted once per model with ``torch.utils.flop_counter.FlopCounterMode`` on one eager step
-without activation checkpointing (its recomputation is not model work; torch does count the
-score recomputation inside fused attention's backward, 2.5x the forward attention instead of
-2x, under 1% of these steps); MFU is achieved FLOP/s over the peak of an n x n matmul in the
-compute dtype measured in the same run. CUDA runs under bf16 autocast; the CPU runs fp32 unless
-``--dtype bf16``. Parts (a)-(c) run with stochastic depth off, as timm's counterparts are built;
-(d) keeps the preset's.
+are the model's, counted once per model with ``torch.utils.flop_counter.FlopCounterMode`` on one
+eager step without activation checkpointing (its recomputation is not model work) and without
+SwinV2's head padding (44-wide heads run 48 wide on CUDA; the padded columns are not model
+work); torch does count the score recomputation inside fused attention's backward (2.5x the
+forward attention instead of 2x), under 1% of these steps. MFU is achieved FLOP/s over the
+peak of an n x n matmul in the compute dtype measured in the same run. CUDA runs under bf16
+autocast; the CPU runs fp32 unless ``--dtype bf16``. Parts (a)-(c) run with stochastic depth
+off, as timm's counterparts are built; (d) keeps the preset's.
+
+Compilation (``--compile-scope``): ``blocks`` (the default) compiles each transformer block's
+forward on its own (:func:`skysense.compilation.compile_blocks`), for ours and for timm's
+models alike; identical blocks share a graph, so compiling takes a fraction of the whole-model
+time, and (d) compiles too (Sinkhorn-Knopp's convergence test stays eager between blocks).
+``model`` compiles the whole model, as PERFORMANCE.md's timm numbers were taken; (d) then runs
+eager only.
+
+(d) runs at each batch of ``--step-batch`` in turn (default 3, the paper's 240 sequences over
+80 GPUs, then 4 and 6) until one does not fit; it is compiled at the largest that fitted.
+
+The report is rewritten (atomically) after every row, so a run stopped by a time limit keeps
+what it measured; ``--budget`` stops starting new measurements after that many seconds.
 
     python benchmarks/gpu_step.py --json gpu_step.json                    # CUDA, huge shapes
     python benchmarks/gpu_step.py --device cpu --small --no-compile       # CPU, tiny models
+    bash benchmarks/gpu_step_device.sh                                     # the device run
 
 On a small CPU, use one thread (``OMP_NUM_THREADS=1``) when other jobs share it, and skip
 compilation for a quick run: inductor takes minutes to compile even the tiny models there.
@@ -43,7 +58,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,14 +67,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from skysense.compilation import compile_blocks
 from skysense.config import preset_config
 from skysense.distributed import apply_activation_checkpointing, clip_grad_norm
 from skysense.models.fusion import FusionTransformer
 from skysense.models.layers import TransformerBlock
-from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block
+from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block, WindowAttentionV2
 from skysense.models.vit import VisionTransformer
 from skysense.pretrain.config import PretrainConfig
-from skysense.pretrain.loop import PretrainingModel, parameter_groups
+from skysense.pretrain.model import PretrainingModel, parameter_groups
 from skysense.pretrain.teacher import ema_update
 from skysense.timm_reference import timm_swin_like, timm_vit_like
 
@@ -92,8 +108,9 @@ class Shapes:
     vit_batch: int
     fusion_tokens: int
     fusion_batch: int
-    # Pretraining step: per-device batch, HR side (S2/S1 sides are HR / 32), frames per series.
-    step_batch: int
+    # Pretraining step: per-device batches to try in turn, HR side (S2/S1 sides are HR / 32),
+    # frames per series.
+    step_batches: tuple[int, ...]
     step_hr: int
     step_s2_frames: int
     step_s1_frames: int
@@ -101,9 +118,13 @@ class Shapes:
 
 
 HUGE = Shapes(preset="huge", swin_image=512, swin_batch=8, vit_image=64, vit_batch=256, fusion_tokens=32,
-              fusion_batch=2048, step_batch=2, step_hr=512, step_s2_frames=20, step_s1_frames=10, matmul_n=8192)
+              fusion_batch=2048, step_batches=(3, 4, 6), step_hr=512, step_s2_frames=20, step_s1_frames=10,
+              matmul_n=8192)
 SMALL = Shapes(preset="tiny", swin_image=64, swin_batch=4, vit_image=16, vit_batch=16, fusion_tokens=8,
-               fusion_batch=64, step_batch=2, step_hr=128, step_s2_frames=2, step_s1_frames=2, matmul_n=1024)
+               fusion_batch=64, step_batches=(2,), step_hr=128, step_s2_frames=2, step_s1_frames=2, matmul_n=1024)
+COMPILE_SCOPES = ("blocks", "model")
+# Issue 7's targets on an H100 (bf16): the MFU each of our parts must reach.
+MFU_TARGETS = {"swin_v2": 0.50, "vit": 0.55, "fusion": 0.55, "pretrain_step": 0.45}
 
 
 @dataclass
@@ -114,10 +135,17 @@ class Options:
     dtype: str = "bf16"
     shapes: Shapes = HUGE
     compile: bool = True
+    compile_scope: str = "blocks"
     activation_checkpointing: bool = False
     warmup: int = 3
     repeats: int = 10
     parts: tuple[str, ...] = ("swin_v2", "vit", "fusion", "pretrain_step")
+    # Seconds after which no new measurement starts (None: no limit).
+    budget_s: float | None = None
+    # Rewritten after every row.
+    json_path: Path | None = None
+    # The operators that took most time in two profiled steps of every compiled row.
+    profile: bool = False
 
 
 @dataclass
@@ -131,9 +159,18 @@ class Workload:
     input_shape: str
     model: nn.Module
     step: Callable[[nn.Module], None]
-    # Blocks recomputed in the backward pass under --activation-checkpointing.
+    # Blocks recomputed under --activation-checkpointing and compiled under --compile-scope blocks.
     blocks: tuple[type[nn.Module], ...]
-    compilable: bool = True
+    # Can run under torch.compile of the whole model (--compile-scope model).
+    whole_model_compilable: bool = True
+    # Its blocks recompute their activations in the backward pass.
+    checkpointed: bool = False
+
+    def checkpoint(self) -> None:
+        """Apply activation checkpointing to the blocks (of the student, for (d))."""
+        target = self.model.pretraining.student if isinstance(self.model, PretrainStep) else self.model
+        apply_activation_checkpointing(target, self.blocks)
+        self.checkpointed = True
 
 
 class _Features(nn.Module):
@@ -185,29 +222,30 @@ def encoder_step(inputs: torch.Tensor, options: Options) -> Callable[[nn.Module]
 
 def encoder_models(part: str, shapes: Shapes, device: torch.device) -> tuple[dict[str, nn.Module], torch.Tensor]:
     """Ours (``"skysense"``) and timm's model of part (a) ``swin_v2``, (b) ``vit`` or (c) ``fusion``,
-    in training mode, and an input batch for them."""
+    in training mode, and an input batch for them, built on ``device``."""
     config = preset_config(shapes.preset)
     torch.manual_seed(0)
-    if part == "swin_v2":
-        hr = dataclasses.replace(config.hr, drop_path_rate=0.0)
-        x = torch.randn(shapes.swin_batch, hr.in_chans, shapes.swin_image, shapes.swin_image)
-        models = {"skysense": SwinTransformerV2(hr), "timm": _Features(timm_swin_like(hr, shapes.swin_image))}
-    elif part == "vit":
-        vit = dataclasses.replace(config.s2, drop_path_rate=0.0)
-        x = torch.randn(shapes.vit_batch, vit.in_chans, shapes.vit_image, shapes.vit_image)
-        models = {"skysense": VisionTransformer(vit), "timm": _Features(timm_vit_like(vit))}
-    elif part == "fusion":
-        from timm.models.vision_transformer import Block
+    with device:  # initialised where they run: a CPU would take minutes over SwinV2-H
+        if part == "swin_v2":
+            hr = dataclasses.replace(config.hr, drop_path_rate=0.0)
+            x = torch.randn(shapes.swin_batch, hr.in_chans, shapes.swin_image, shapes.swin_image)
+            models = {"skysense": SwinTransformerV2(hr), "timm": _Features(timm_swin_like(hr, shapes.swin_image))}
+        elif part == "vit":
+            vit = dataclasses.replace(config.s2, drop_path_rate=0.0)
+            x = torch.randn(shapes.vit_batch, vit.in_chans, shapes.vit_image, shapes.vit_image)
+            models = {"skysense": VisionTransformer(vit), "timm": _Features(timm_vit_like(vit))}
+        elif part == "fusion":
+            from timm.models.vision_transformer import Block
 
-        fusion = dataclasses.replace(config.fusion, drop_path_rate=0.0)
-        x = torch.randn(shapes.fusion_batch, shapes.fusion_tokens, fusion.embed_dim)
-        norm = functools.partial(nn.LayerNorm, eps=fusion.norm_eps)
-        timm_blocks = [Block(fusion.embed_dim, fusion.num_heads, fusion.mlp_ratio, qkv_bias=True, norm_layer=norm)
-                       for _ in range(fusion.depth)]
-        models = {"skysense": _Blocks(FusionTransformer(fusion, config.fusion_input_dim).blocks),
-                  "timm": _Blocks(timm_blocks)}
-    else:
-        raise ValueError(f"unknown part {part!r}; expected swin_v2, vit or fusion")
+            fusion = dataclasses.replace(config.fusion, drop_path_rate=0.0)
+            x = torch.randn(shapes.fusion_batch, shapes.fusion_tokens, fusion.embed_dim)
+            norm = functools.partial(nn.LayerNorm, eps=fusion.norm_eps)
+            timm_blocks = [Block(fusion.embed_dim, fusion.num_heads, fusion.mlp_ratio, qkv_bias=True,
+                                 norm_layer=norm) for _ in range(fusion.depth)]
+            models = {"skysense": _Blocks(FusionTransformer(fusion, config.fusion_input_dim).blocks),
+                      "timm": _Blocks(timm_blocks)}
+        else:
+            raise ValueError(f"unknown part {part!r}; expected swin_v2, vit or fusion")
     return {name: model.to(device).train() for name, model in models.items()}, x.to(device)
 
 
@@ -223,18 +261,19 @@ def encoder_workloads(part: str, options: Options) -> list[Workload]:
                      blocks[name]) for name, model in models.items()]
 
 
-def pretrain_config(shapes: Shapes) -> PretrainConfig:
+def pretrain_config(shapes: Shapes, batch: int) -> PretrainConfig:
     """The pretraining run of part (d): the preset with default objective, smaller for tiny."""
-    config = PretrainConfig(preset=shapes.preset, batch_size=shapes.step_batch)
+    config = PretrainConfig(preset=shapes.preset, batch_size=batch)
     if shapes.preset == "tiny":
         config.objective.head.hidden_dim, config.objective.head.bottleneck_dim, config.objective.head.out_dim = 64, 32, 128
         config.objective.sinkhorn_iterations = 20
     return config
 
 
-def pretrain_views(shapes: Shapes, device: torch.device, generator: torch.Generator) -> tuple[dict, dict]:
+def pretrain_views(shapes: Shapes, batch: int, device: torch.device,
+                   generator: torch.Generator) -> tuple[dict, dict]:
     """Two multi-modal views: HR, S2 and S1 series (HR / 32 pixels), dates, lat/lon."""
-    b, side, small = shapes.step_batch, shapes.step_hr, max(1, shapes.step_hr // 32)
+    b, side, small = batch, shapes.step_hr, max(1, shapes.step_hr // 32)
     lat = torch.rand(b, generator=generator) * 140 - 70
     lon = torch.rand(b, generator=generator) * 360 - 180
 
@@ -253,9 +292,10 @@ def pretrain_views(shapes: Shapes, device: torch.device, generator: torch.Genera
 class PretrainStep(nn.Module):
     """The pretraining loop's step: forward, backward, clipping, AdamW, prototype and EMA updates."""
 
-    def __init__(self, config: PretrainConfig, views: tuple[dict, dict], options: Options) -> None:
+    def __init__(self, config: PretrainConfig, options: Options) -> None:
         super().__init__()
-        self.config, self.views, self.options = config, views, options
+        self.config, self.options = config, options
+        self.views: tuple[dict, dict] | None = None
         self.pretraining = PretrainingModel(config)
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -277,16 +317,26 @@ class PretrainStep(nn.Module):
             ema_update(module.teacher, module.student, self.config.optim.teacher_momentum)
 
 
-def pretrain_workload(options: Options) -> Workload:
-    s, device = options.shapes, torch.device(options.device)
+def pretrain_model(options: Options) -> PretrainStep:
+    """Part (d)'s model, built on the device, without inputs (see :func:`pretrain_workload`)."""
+    device = torch.device(options.device)
     torch.manual_seed(0)
-    views = pretrain_views(s, device, torch.Generator().manual_seed(0))
-    model = PretrainStep(pretrain_config(s), views, options).to(device)
+    with device:
+        model = PretrainStep(pretrain_config(options.shapes, options.shapes.step_batches[0]), options)
     model.pretraining.train()
+    return model
+
+
+def pretrain_workload(model: PretrainStep, batch: int, options: Options, checkpointed: bool = False) -> Workload:
+    """Part (d) at per-device ``batch``: ``model`` takes two fresh views of that batch.
+    ``checkpointed``: activation checkpointing was applied to ``model`` before."""
+    s = options.shapes
+    model.views = views = pretrain_views(s, batch, torch.device(options.device), torch.Generator().manual_seed(0))
     shape = (f"2 views x (hr {tuple(views[0]['hr'].shape)}, s2 {tuple(views[0]['s2'].shape)}, "
              f"s1 {tuple(views[0]['s1'].shape)})")
-    return Workload("pretrain_step", "skysense", "sample", s.step_batch, shape, model,
-                    lambda m: m(), (TransformerBlock, SwinV2Block), compilable=False)
+    # Sinkhorn-Knopp's convergence test breaks a whole-model graph at every iteration.
+    return Workload("pretrain_step", "skysense", "sample", batch, shape, model, lambda m: m(),
+                    (TransformerBlock, SwinV2Block), whole_model_compilable=False, checkpointed=checkpointed)
 
 
 def synchronize(device: torch.device) -> None:
@@ -317,28 +367,87 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, repea
     return times
 
 
+@contextmanager
+def unpadded_heads(model: nn.Module):
+    """SwinV2 attention at its own head width (no padding for the fused kernels) inside."""
+    attentions = [m for m in model.modules() if isinstance(m, WindowAttentionV2)]
+    for attention in attentions:
+        attention.pad_heads = False
+    try:
+        yield
+    finally:
+        for attention in attentions:
+            attention.pad_heads = True
+
+
 def count_flops(workload: Workload) -> int:
-    """FLOPs of one step (matmuls, convolutions, attention), forward and backward."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+    """The model's FLOPs in one step (matmuls, convolutions, attention), forward and backward,
+    without activation checkpointing's recomputation or SwinV2's head padding."""
+    with unpadded_heads(workload.model), checkpointing_off(workload.model), \
+            FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         workload.step(workload.model)
     return counter.get_total_flops()
 
 
-def measure(workload: Workload, mode: str, flops: int, peak: float, options: Options) -> dict[str, Any]:
-    """Time ``workload`` eagerly or compiled; one result row."""
-    device = torch.device(options.device)
-    row: dict[str, Any] = {
+@contextmanager
+def checkpointing_off(model: nn.Module):
+    """Blocks under composable activation checkpointing run plain inside (its per-module switch)."""
+    from torch.distributed._composable.checkpoint_activation import checkpoint
+
+    states = [checkpoint.state(m) for m in model.modules()]
+    states = [state for state in states if state is not None and state.enable_hook]
+    for state in states:
+        state.enable_hook = False
+    try:
+        yield
+    finally:
+        for state in states:
+            state.enable_hook = True
+
+
+def top_operators(step: Callable[[], Any], device: torch.device, steps: int = 2, top: int = 15) -> list[dict[str, Any]]:
+    """The operators (CUDA kernels on a GPU) with the most self time over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == (device.type == "cuda")]
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    if device.type == "cuda" and events and not hasattr(events[0], attribute):
+        attribute = "self_cuda_time_total"  # torch < 2.4
+    total = sum(getattr(e, attribute) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attribute), reverse=True)
+    return [{"name": e.key[:120], "ms_per_step": getattr(e, attribute) / 1e3 / steps,
+             "share": getattr(e, attribute) / total, "calls_per_step": e.count / steps} for e in events[:top]]
+
+
+def empty_row(workload: Workload, mode: str, flops: int | None) -> dict[str, Any]:
+    return {
         "part": workload.part, "implementation": workload.implementation, "mode": mode, "unit": workload.unit,
         "batch": workload.batch, "input_shape": workload.input_shape,
+        "activation_checkpointing": workload.checkpointed,
         "parameters": sum(p.numel() for p in workload.model.parameters() if p.requires_grad),
         "flops_per_step": flops, "compile_s": None, "step_ms": None, "items_per_s": None, "tflops_per_s": None,
         "mfu": None, "peak_memory_gib": None, "error": None,
     }
+
+
+def measure(workload: Workload, mode: str, flops: int, peak: float, options: Options) -> dict[str, Any]:
+    """Time ``workload`` eagerly or compiled; one result row. Compiling changes the model in place
+    (--compile-scope blocks), so a workload's compiled row comes after its eager one."""
+    device = torch.device(options.device)
+    row = empty_row(workload, mode, flops)
     try:
         model = workload.model
         if mode == "compiled":
-            model = torch.compile(model)
             start = time.perf_counter()
+            if options.compile_scope == "model":
+                model = torch.compile(model)
+            else:
+                compile_blocks(model, workload.blocks)
             workload.step(model)  # compiles
             synchronize(device)
             row["compile_s"] = time.perf_counter() - start
@@ -350,11 +459,23 @@ def measure(workload: Workload, mode: str, flops: int, peak: float, options: Opt
                    mfu=flops / seconds / peak)
         if device.type == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if options.profile and mode == "compiled":
+            try:
+                row["top_operators"] = top_operators(lambda: workload.step(model), device)
+            except Exception as error:  # a profiler that cannot start must not cost the row its timing
+                row["top_operators"] = error_text(error)
     except (torch.OutOfMemoryError, RuntimeError, AssertionError) as error:
         # One part that does not fit or does not compile must not cost the others their numbers.
-        row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        # (torch's compile errors derive from RuntimeError.)
+        row["error"] = error_text(error)
         print(f"{workload.part}/{workload.implementation}/{mode}: {row['error']}", file=sys.stderr)
     return row
+
+
+def error_text(error: BaseException) -> str:
+    """The error's type and the first line of its message."""
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
 
 
 def release(device: torch.device) -> None:
@@ -374,58 +495,190 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """Write ``report`` to ``path`` atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
+class Run:
+    """The report of one run as it grows: rows, the time budget, the JSON rewritten per row."""
+
+    def __init__(self, options: Options, peak: float) -> None:
+        import timm
+
+        device = torch.device(options.device)
+        self.options, self.peak, self.started = options, peak, time.perf_counter()
+        self.report: dict[str, Any] = {
+            "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+            "timm": timm.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "dtype": options.dtype, "autocast": options.dtype == "bf16",
+            "compile_scope": options.compile_scope if options.compile else None,
+            "activation_checkpointing": options.activation_checkpointing, "warmup": options.warmup,
+            "repeats": options.repeats, "budget_s": options.budget_s,
+            "shapes": dataclasses.asdict(options.shapes),
+            "peak": {"matmul_n": options.shapes.matmul_n, "dtype": options.dtype, "tflops_per_s": peak / 1e12},
+            "results": [], "complete": False, "elapsed_s": 0.0,
+        }
+
+    def out_of_time(self) -> bool:
+        budget = self.options.budget_s
+        return budget is not None and time.perf_counter() - self.started > budget
+
+    def add(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.report["results"].append(row)
+        self.save()
+        return row
+
+    def skip(self, workload: Workload, mode: str, flops: int | None) -> dict[str, Any]:
+        row = empty_row(workload, mode, flops)
+        row["error"] = f"skipped: the time budget ({self.options.budget_s:g} s) was spent"
+        return self.add(row)
+
+    def measure(self, workload: Workload, mode: str, flops: int | None = None) -> dict[str, Any]:
+        """One row of ``workload`` in ``mode`` (counting its FLOPs first when not given)."""
+        if self.out_of_time():
+            return self.skip(workload, mode, flops)
+        if flops is None:
+            try:
+                flops = count_flops(workload)
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                row = empty_row(workload, mode, None)
+                row["error"] = error_text(error)
+                print(f"{workload.part}/{workload.implementation}/{mode}: {row['error']}", file=sys.stderr)
+                return self.add(row)
+        return self.add(measure(workload, mode, flops, self.peak, self.options))
+
+    def compiles(self, workload: Workload) -> bool:
+        o = self.options
+        return o.compile and (o.compile_scope == "blocks" or workload.whole_model_compilable)
+
+    def save(self, complete: bool = False) -> None:
+        self.report.update(complete=complete, elapsed_s=time.perf_counter() - self.started)
+        if self.options.json_path is not None:
+            write_json(self.report, self.options.json_path)
+
+
+def run_encoder_part(run: Run, part: str) -> None:
+    for workload in encoder_workloads(part, run.options):
+        if run.options.activation_checkpointing:
+            workload.checkpoint()
+        eager = run.measure(workload, "eager")
+        if run.compiles(workload):
+            run.measure(workload, "compiled", eager["flops_per_step"])
+            torch._dynamo.reset()
+
+
+def run_pretrain_step(run: Run) -> None:
+    """(d) eager at each batch until one does not fit, then compiled at the largest that did.
+
+    When the first batch (the paper's) does not fit without activation checkpointing, it is
+    tried again with it, and the following batches keep it.
+    """
+    options, device = run.options, torch.device(run.options.device)
+    try:
+        model = pretrain_model(options)
+    except torch.OutOfMemoryError as error:
+        print(f"pretrain_step: the model does not fit: {error}", file=sys.stderr)
+        run.report["pretrain_step_error"] = f"building the model: {error_text(error)}"
+        return
+    checkpointed = False
+    if options.activation_checkpointing:
+        pretrain_workload(model, options.shapes.step_batches[0], options).checkpoint()
+        checkpointed = True
+    fitted: dict[str, Any] | None = None
+    for batch in options.shapes.step_batches:
+        row = run.measure(pretrain_workload(model, batch, options, checkpointed), "eager")
+        if fitted is None and not checkpointed and (row["error"] or "").startswith("OutOfMemoryError"):
+            release(device)
+            workload = pretrain_workload(model, batch, options)
+            workload.checkpoint()
+            checkpointed = True
+            row = run.measure(workload, "eager")
+        if row["error"]:
+            release(device)
+            break
+        fitted = row
+    if fitted is not None and run.compiles(pretrain_workload(model, fitted["batch"], options)):
+        workload = pretrain_workload(model, fitted["batch"], options, checkpointed)
+        run.measure(workload, "compiled", fitted["flops_per_step"])
+        torch._dynamo.reset()
+
+
 def run_benchmark(options: Options) -> dict[str, Any]:
     """Every requested part, ours and timm's, eager and compiled; the report as a JSON-able dict."""
-    import timm
-
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available; use --device cpu")
-    peak = matmul_peak(options)
-    rows = []
+    if options.compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile_scope: expected one of {list(COMPILE_SCOPES)}, got {options.compile_scope!r}")
+    run = Run(options, matmul_peak(options))
     for part in options.parts:
-        workloads = [pretrain_workload(options)] if part == "pretrain_step" else encoder_workloads(part, options)
-        for workload in workloads:
-            flops = count_flops(workload)
-            if options.activation_checkpointing:
-                target = workload.model.pretraining.student if part == "pretrain_step" else workload.model
-                apply_activation_checkpointing(target, workload.blocks)
-            modes = ["eager"] + (["compiled"] if options.compile and workload.compilable else [])
-            for mode in modes:
-                rows.append(measure(workload, mode, flops, peak, options))
-                if mode == "compiled":
-                    torch._dynamo.reset()
-        del workloads, workload
+        if part == "pretrain_step":
+            run_pretrain_step(run)
+        else:
+            run_encoder_part(run, part)
         release(device)
-    return {
-        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-        "timm": timm.__version__, "threads": torch.get_num_threads(), "dtype": options.dtype,
-        "autocast": options.dtype == "bf16", "activation_checkpointing": options.activation_checkpointing,
-        "warmup": options.warmup, "repeats": options.repeats, "shapes": dataclasses.asdict(options.shapes),
-        "peak": {"matmul_n": options.shapes.matmul_n, "dtype": options.dtype, "tflops_per_s": peak / 1e12},
-        "results": rows,
-    }
+    run.report["summary"] = summary(run.report)
+    run.save(complete=True)
+    return run.report
+
+
+def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per part: our best MFU (any mode), timm's best, their ratio and issue 7's H100 target."""
+    rows = []
+    for part in dict.fromkeys(r["part"] for r in report["results"]):
+        best = {}
+        for impl in ("skysense", "timm"):
+            measured = [r for r in report["results"] if r["part"] == part and r["implementation"] == impl
+                        and r["mfu"] is not None]
+            best[impl] = max(measured, key=lambda r: r["mfu"], default=None)
+        ours, timm = best["skysense"], best["timm"]
+        rows.append({
+            "part": part, "target_mfu": MFU_TARGETS.get(part),
+            "skysense_mfu": ours and ours["mfu"], "skysense_mode": ours and ours["mode"],
+            "skysense_batch": ours and ours["batch"], "timm_mfu": timm and timm["mfu"],
+            "ratio_to_timm": ours["mfu"] / timm["mfu"] if ours and timm else None,
+            # The targets are for an H100 in bf16; elsewhere they are not judged.
+            "met": (bool(ours and ours["mfu"] >= MFU_TARGETS[part])
+                    if part in MFU_TARGETS and report["device"].startswith("cuda") else None),
+        })
+    return rows
 
 
 def format_table(report: dict[str, Any]) -> str:
     peak = report["peak"]
+    scope = f"compile {report['compile_scope']}" if report.get("compile_scope") else "no compile"
     lines = [
         f"{report['device_name']} ({report['device']}), torch {report['torch']}, timm {report['timm']}, "
-        f"{report['dtype']}{' autocast' if report['autocast'] else ''}, activation checkpointing "
+        f"{report['dtype']}{' autocast' if report['autocast'] else ''}, {scope}, activation checkpointing "
         f"{'on' if report['activation_checkpointing'] else 'off'}; matmul peak "
         f"{peak['tflops_per_s']:.2f} TFLOP/s (n={peak['matmul_n']}, {peak['dtype']})",
         f"{'part':<14} {'impl':<9} {'mode':<9} {'batch':>5} {'step ms':>9} {'items/s':>9} {'TFLOP/s':>8} "
-        f"{'MFU':>6} {'GiB':>6}",
+        f"{'MFU':>6} {'GiB':>6} {'compile s':>9}",
     ]
     for r in report["results"]:
         if r["error"]:
             lines.append(f"{r['part']:<14} {r['implementation']:<9} {r['mode']:<9} {r['batch']:>5} {r['error']}")
             continue
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        compiled = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
         lines.append(
             f"{r['part']:<14} {r['implementation']:<9} {r['mode']:<9} {r['batch']:>5} {r['step_ms']:>9.1f} "
-            f"{r['items_per_s']:>9.1f} {r['tflops_per_s']:>8.3f} {100 * r['mfu']:>5.1f}% {memory:>6}"
+            f"{r['items_per_s']:>9.1f} {r['tflops_per_s']:>8.3f} {100 * r['mfu']:>5.1f}% {memory:>6} {compiled:>9}"
         )
+    lines.append(f"{'part':<14} {'ours MFU':>9} {'timm MFU':>9} {'ratio':>6} {'target':>7}  (best mode of each; targets for an H100)")
+    for row in summary(report):
+        def pct(value: float | None) -> str:
+            return f"{100 * value:.1f}%" if value is not None else "-"
+        ratio = f"{row['ratio_to_timm']:.2f}x" if row["ratio_to_timm"] is not None else "-"
+        verdict = {True: "met", False: "not met", None: ""}[row["met"]]
+        lines.append(f"{row['part']:<14} {pct(row['skysense_mfu']):>9} {pct(row['timm_mfu']):>9} {ratio:>6} "
+                     f"{pct(row['target_mfu']):>7}  {verdict}")
     return "\n".join(lines)
 
 
@@ -435,15 +688,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dtype", choices=("bf16", "fp32"),
                         help="compute dtype: bf16 autocast (default on CUDA) or fp32 (default on the CPU)")
     parser.add_argument("--small", action="store_true", help="tiny models and shapes (a CPU smoke run)")
-    parser.add_argument("--step-batch", type=int, help="per-device batch of the pretraining step (default 2)")
+    parser.add_argument("--step-batch", metavar="B[,B...]",
+                        help="per-device batches of the pretraining step, tried in turn until one does not fit "
+                             "(default 3,4,6; --small: 2)")
     parser.add_argument("--parts", default="swin_v2,vit,fusion,pretrain_step",
                         help="comma-separated among swin_v2, vit, fusion, pretrain_step")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="blocks",
+                        help="compile each transformer block (default) or the whole model")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute every transformer block's activations in the backward pass")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (the median is reported)")
-    parser.add_argument("--json", metavar="PATH", help="also write the report to this JSON file")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="start no new measurement after this many seconds (the rest is reported as skipped)")
+    parser.add_argument("--profile", action="store_true",
+                        help="record the operators that take most time in every compiled row")
+    parser.add_argument("--json", metavar="PATH", help="also write the report to this JSON file (after every row)")
     args = parser.parse_args(argv)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     unknown = set(parts) - set(Options.parts)
@@ -453,19 +714,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--warmup must be >= 0 and --repeats >= 1")
     shapes = SMALL if args.small else HUGE
     if args.step_batch is not None:
-        shapes = dataclasses.replace(shapes, step_batch=args.step_batch)
+        try:
+            batches = tuple(int(b) for b in args.step_batch.split(","))
+        except ValueError:
+            parser.error(f"--step-batch: expected comma-separated integers, got {args.step_batch!r}")
+        if not batches or min(batches) < 1:
+            parser.error(f"--step-batch: batches must be >= 1, got {args.step_batch!r}")
+        shapes = dataclasses.replace(shapes, step_batches=batches)
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     options = Options(device=args.device, dtype=dtype, shapes=shapes, compile=not args.no_compile,
-                      activation_checkpointing=args.activation_checkpointing, warmup=args.warmup,
-                      repeats=args.repeats, parts=parts)
+                      compile_scope=args.compile_scope, activation_checkpointing=args.activation_checkpointing,
+                      warmup=args.warmup, repeats=args.repeats, parts=parts, budget_s=args.budget,
+                      json_path=Path(args.json) if args.json else None, profile=args.profile)
     report = run_benchmark(options)
     print(format_table(report))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(path)
     return report
 
 

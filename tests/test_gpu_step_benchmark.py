@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
 
@@ -24,8 +26,10 @@ def _load_script():
 gpu_step = _load_script()
 
 TINY = gpu_step.Shapes(preset="tiny", swin_image=64, swin_batch=2, vit_image=16, vit_batch=4, fusion_tokens=8,
-                       fusion_batch=16, step_batch=2, step_hr=128, step_s2_frames=1, step_s1_frames=1, matmul_n=64)
-RESULT_FIELDS = {"part", "implementation", "mode", "unit", "batch", "input_shape", "parameters", "flops_per_step",
+                       fusion_batch=16, step_batches=(2,), step_hr=128, step_s2_frames=1, step_s1_frames=1,
+                       matmul_n=64)
+RESULT_FIELDS = {"part", "implementation", "mode", "unit", "batch", "input_shape", "activation_checkpointing",
+                 "parameters", "flops_per_step",
                  "compile_s", "step_ms", "items_per_s", "tflops_per_s", "mfu", "peak_memory_gib", "error"}
 
 
@@ -55,6 +59,11 @@ def test_report_has_every_part_and_field(tmp_path: Path) -> None:
         assert by_key[part, "skysense"]["parameters"] == by_key[part, "timm"]["parameters"]
     table = gpu_step.format_table(report)
     assert all(part in table for part in ("swin_v2", "vit", "fusion", "pretrain_step"))
+    assert report["complete"] is True
+    summary = {row["part"]: row for row in report["summary"]}
+    assert summary["vit"]["ratio_to_timm"] == pytest.approx(by_key["vit", "skysense"]["mfu"] / by_key["vit", "timm"]["mfu"])
+    assert summary["pretrain_step"]["timm_mfu"] is None and summary["pretrain_step"]["target_mfu"] == 0.45
+    assert all(row["met"] is None for row in summary.values()), "H100 targets are not judged on a CPU"
 
 
 def test_flops_follow_the_transformer_formula() -> None:
@@ -118,3 +127,130 @@ def test_swin_head_padding_changes_nothing(monkeypatch) -> None:
         results[multiple] = (out.detach(), model.stages[0].blocks[1].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(results[8][0], results[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[8][1], results[1][1], rtol=1e-5, atol=1e-7)
+
+
+def _quick(**changes) -> "gpu_step.Options":
+    return gpu_step.Options(**{"device": "cpu", "dtype": "fp32", "shapes": TINY, "compile": False, "warmup": 0,
+                               "repeats": 1, **changes})
+
+
+def test_a_spent_budget_skips_the_rest_and_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "report.json"
+    report = gpu_step.run_benchmark(_quick(parts=("fusion", "pretrain_step"), budget_s=0.0, json_path=path))
+    assert [r["error"] for r in report["results"]] == ["skipped: the time budget (0 s) was spent"] * 3
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report))
+
+
+def test_a_run_cut_short_keeps_its_rows(tmp_path: Path, monkeypatch) -> None:
+    """The JSON is rewritten after every row: a run killed in (d) still holds (c)."""
+
+    def killed(run) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_step, "run_pretrain_step", killed)
+    path = tmp_path / "report.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_step.run_benchmark(_quick(parts=("fusion", "pretrain_step"), json_path=path))
+    report = json.loads(path.read_text())
+    assert report["complete"] is False
+    assert [(r["part"], r["implementation"], r["error"]) for r in report["results"]] == [
+        ("fusion", "skysense", None), ("fusion", "timm", None)]
+
+
+def test_pretrain_step_retries_the_paper_batch_with_checkpointing(monkeypatch) -> None:
+    """(d): a first batch that does not fit is tried again with activation checkpointing, the
+    next batches keep it; the FLOPs do not count the recomputation."""
+    from torch.distributed._composable.checkpoint_activation import checkpoint
+
+    forward = gpu_step.PretrainStep.forward
+
+    def needs_checkpointing(self) -> None:
+        if not any(checkpoint.state(m) is not None for m in self.pretraining.student.modules()):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        forward(self)
+
+    monkeypatch.setattr(gpu_step.PretrainStep, "forward", needs_checkpointing)
+    shapes = dataclasses.replace(TINY, step_batches=(2, 3))
+    rows = gpu_step.run_benchmark(_quick(shapes=shapes, parts=("pretrain_step",)))["results"]
+    assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
+        (2, False, "OutOfMemoryError"), (2, True, ""), (3, True, "")]
+    monkeypatch.setattr(gpu_step.PretrainStep, "forward", forward)
+    plain = gpu_step.run_benchmark(_quick(shapes=dataclasses.replace(TINY, step_batches=(3,)),
+                                          parts=("pretrain_step",)))["results"]
+    assert rows[2]["flops_per_step"] == plain[0]["flops_per_step"]
+
+
+def test_flops_leave_out_head_padding(monkeypatch) -> None:
+    """On CUDA our SwinV2 pads heads to a multiple of 8; the MFU counts the model's own FLOPs."""
+    from skysense.config import SwinV2Config
+    from skysense.models import swin_v2
+
+    torch.manual_seed(0)
+    model = swin_v2.SwinTransformerV2(SwinV2Config(embed_dim=44, depths=(2,), num_heads=(1,), window_size=4))
+    workload = gpu_step.Workload("swin_v2", "skysense", "image", 2, "", model,
+                                 gpu_step.encoder_step(torch.randn(2, 3, 32, 32), _quick()), (swin_v2.SwinV2Block,))
+    unpadded = gpu_step.count_flops(workload)
+    monkeypatch.setattr(swin_v2, "fused_head_multiple", lambda device: 8)
+    assert gpu_step.count_flops(workload) == unpadded
+    with FlopCounterMode(display=False, custom_mapping=gpu_step.CPU_ATTENTION_FLOPS) as padded:
+        workload.step(model)
+    assert padded.get_total_flops() > unpadded, "the padding was not on: the check proves nothing"
+
+
+def _swin_formula(config, image: int) -> float:
+    """PERFORMANCE.md's forward FLOPs of SwinV2 per image: 24 N C^2 + 4 N M^2 C per block, plus
+    the patch embedding and patch merging (2 N 4C 2C each) that the formula leaves out."""
+    side, total = image // config.patch_size, 2 * (image // config.patch_size) ** 2 * config.embed_dim * 3 * 16
+    for stage, (depth, width) in enumerate(zip(config.depths, config.out_dims)):
+        if stage:
+            side //= 2
+            total += 2 * side * side * (2 * width) * width
+        n = side * side
+        total += depth * (24 * n * width**2 + 4 * n * config.window_size**2 * width)
+    return total
+
+
+def test_paper_shapes_count_the_same_flops_as_timm_and_the_formula() -> None:
+    """At issue 7's shapes (counted on the meta device: no memory, no compute), our parts do
+    exactly the work of timm's, and SwinV2-H's is PERFORMANCE.md's formula: the MFU of the two
+    implementations is comparable."""
+    shapes, options = gpu_step.HUGE, gpu_step.Options(device="meta", dtype="fp32")
+    flops = {}
+    for part in ("swin_v2", "vit", "fusion"):
+        models, x = gpu_step.encoder_models(part, shapes, torch.device("meta"))
+        for name, model in models.items():
+            workload = gpu_step.Workload(part, name, "", x.shape[0], "", model, gpu_step.encoder_step(x, options), ())
+            flops[part, name] = gpu_step.count_flops(workload)
+        assert flops[part, "skysense"] == flops[part, "timm"], part
+    hr = gpu_step.preset_config("huge").hr
+    expected = 3 * shapes.swin_batch * _swin_formula(hr, shapes.swin_image)
+    assert flops["swin_v2", "skysense"] == pytest.approx(expected, rel=0.005)
+    fusion = gpu_step.preset_config("huge").fusion
+    n, d = shapes.fusion_tokens, fusion.embed_dim
+    # On the meta device attention takes SDPA's math path: its backward is 2x its forward, not the
+    # fused kernels' 2.5x.
+    assert flops["fusion", "skysense"] == shapes.fusion_batch * fusion.depth * 3 * (24 * n * d * d + 4 * n * n * d)
+
+
+# Installed here but not on the lent GPU machines' image (benchmarks/gpu_step_device.sh runs
+# skysense from src/ there, uninstalled).
+NOT_ON_THE_GPU_IMAGE = ("rasterio", "zarr", "bigearthnet_common", "affine", "pyproj")
+BLOCKER = f"""
+import importlib.abc, runpy, sys
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {NOT_ON_THE_GPU_IMAGE!r}:
+            raise ImportError("not on the GPU image: " + name)
+sys.meta_path.insert(0, Blocker())
+sys.argv = [{str(SCRIPT)!r}, "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_the_benchmark_needs_no_raster_stack() -> None:
+    """The GPU image has torch and timm but no rasterio: the benchmark must import without it."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", BLOCKER], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--step-batch" in result.stdout

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 7's GPU measurement in one command, for a lent H100 (the `device` tool's `run`):
+#
+#     bash benchmarks/gpu_step_device.sh                  # every part, compile scope "blocks"
+#     BUDGET=200 bash benchmarks/gpu_step_device.sh --parts swin_v2   # a shorter second try
+#
+# It needs only what the device image holds (torch, timm, safetensors, pyyaml, tqdm): skysense
+# runs from src/ without being installed, and nothing it imports needs rasterio. What it writes
+# goes to $OUT (the folder the tool brings back), or ./gpu_step_out elsewhere:
+#   environment.txt  the GPU, its driver and clocks, the library versions
+#   gpu_step.json    the report, rewritten after every row (a run cut short keeps its rows)
+#   gpu_step.log     what the benchmark printed, the table at its end
+# BUDGET (seconds, default 360) is when gpu_step.py stops starting measurements; give the call a
+# timeout about 3 minutes longer, since a compilation or (d) may still be running then.
+# Extra arguments go to benchmarks/gpu_step.py.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_step_out}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+    python3 -c "import sys, torch, timm; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'timm', timm.__version__)"
+} 2>&1 | tee "$out/environment.txt"
+python3 benchmarks/gpu_step.py --json "$out/gpu_step.json" --budget "${BUDGET:-360}" --profile "$@" 2>&1 \
+    | tee "$out/gpu_step.log"
