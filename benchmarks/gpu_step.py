@@ -27,7 +27,8 @@ forward on its own (:func:`skysense.compilation.compile_blocks`), for ours and f
 models alike; identical blocks share a graph, so compiling takes a fraction of the whole-model
 time, and (d) compiles too (Sinkhorn-Knopp's convergence test stays eager between blocks).
 ``model`` compiles the whole model, as PERFORMANCE.md's timm numbers were taken; (d) then runs
-eager only.
+eager only. ``--compile-mode max-autotune-no-cudagraphs`` also tunes the matmul kernels for the
+shapes at hand (minutes more of compilation).
 
 (d) runs at each batch of ``--step-batch`` in turn (default 3, the paper's 240 sequences over
 80 GPUs, then 4 and 6) until one does not fit; it is compiled at the largest that fitted.
@@ -136,6 +137,8 @@ class Options:
     shapes: Shapes = HUGE
     compile: bool = True
     compile_scope: str = "blocks"
+    # torch.compile's mode (None: its default; "max-autotune-no-cudagraphs" tunes the GEMMs).
+    compile_mode: str | None = None
     activation_checkpointing: bool = False
     warmup: int = 3
     repeats: int = 10
@@ -445,9 +448,9 @@ def measure(workload: Workload, mode: str, flops: int, peak: float, options: Opt
         if mode == "compiled":
             start = time.perf_counter()
             if options.compile_scope == "model":
-                model = torch.compile(model)
+                model = torch.compile(model, mode=options.compile_mode)
             else:
-                compile_blocks(model, workload.blocks)
+                compile_blocks(model, workload.blocks, mode=options.compile_mode)
             workload.step(model)  # compiles
             synchronize(device)
             row["compile_s"] = time.perf_counter() - start
@@ -518,6 +521,7 @@ class Run:
             "timm": timm.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "dtype": options.dtype, "autocast": options.dtype == "bf16",
             "compile_scope": options.compile_scope if options.compile else None,
+            "compile_mode": options.compile_mode if options.compile else None,
             "activation_checkpointing": options.activation_checkpointing, "warmup": options.warmup,
             "repeats": options.repeats, "budget_s": options.budget_s,
             "shapes": dataclasses.asdict(options.shapes),
@@ -653,6 +657,8 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
 def format_table(report: dict[str, Any]) -> str:
     peak = report["peak"]
     scope = f"compile {report['compile_scope']}" if report.get("compile_scope") else "no compile"
+    if report.get("compile_mode"):
+        scope += f" ({report['compile_mode']})"
     lines = [
         f"{report['device_name']} ({report['device']}), torch {report['torch']}, timm {report['timm']}, "
         f"{report['dtype']}{' autocast' if report['autocast'] else ''}, {scope}, activation checkpointing "
@@ -696,6 +702,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="blocks",
                         help="compile each transformer block (default) or the whole model")
+    parser.add_argument("--compile-mode", choices=("default", "max-autotune-no-cudagraphs", "max-autotune"),
+                        help="torch.compile's mode (default: its default)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute every transformer block's activations in the backward pass")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
@@ -723,7 +731,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shapes = dataclasses.replace(shapes, step_batches=batches)
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     options = Options(device=args.device, dtype=dtype, shapes=shapes, compile=not args.no_compile,
-                      compile_scope=args.compile_scope, activation_checkpointing=args.activation_checkpointing,
+                      compile_scope=args.compile_scope, compile_mode=args.compile_mode,
+                      activation_checkpointing=args.activation_checkpointing,
                       warmup=args.warmup, repeats=args.repeats, parts=parts, budget_s=args.budget,
                       json_path=Path(args.json) if args.json else None, profile=args.profile)
     report = run_benchmark(options)
