@@ -162,3 +162,22 @@ def test_a_truncated_image_is_reported_even_in_an_unlabelled_pair(levir_like):
     assert "test_8" not in ds.excluded and [it.id for it in ds.items] == ["test_6", "test_8"]
     with pytest.raises(RasterReadError, match="test_8.png"):
         ds[1]
+
+
+def test_dsifn_changeformer_layout_leaves_out_unusable_pairs_as_levir_does(levir_like):
+    """DSIFN in ChangeFormer's layout (A/, B/, label/, list/*.txt) follows LEVIR-CD's rule."""
+    from skysense.data.datasets import DSIFN
+
+    (levir_like / "list").mkdir()
+    (levir_like / "list" / "train.txt").write_text("train_1.png\ntrain_2.png\nval_4.png\n")
+    (levir_like / "list" / "test.txt").write_text("test_3.png\n")
+    with pytest.warns(UserWarning) as caught:
+        ds = DSIFN(levir_like)
+    assert ds.layout == "ChangeFormer"
+    assert sorted(ds.excluded) == ["test_3", "train_2"]
+    assert all("dsifn: pair" in str(w.message) for w in caught) and len(caught) == 2
+    assert [it.id for it in ds.items] == ["test_6", "train_1", "val_4", "val_5"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_only = DSIFN(levir_like, split="unlisted")  # train_2 and test_3 are not looked at
+    assert train_only.excluded == {} and [it.id for it in train_only.items] == ["test_6", "val_5"]

@@ -10,7 +10,7 @@ import torch
 
 from skysense.config import HR_BANDS
 from skysense.data.datasets.base import IMAGE_SUFFIXES, Item, SampleDataset
-from skysense.data.datasets.levir_cd import load_change_pair
+from skysense.data.datasets.levir_cd import leave_out_unusable_pairs, load_change_pair
 from skysense.data.rasters import RasterReadError, read_image
 from skysense.data.units import hr_to_8bit
 
@@ -43,6 +43,10 @@ class DSIFN(SampleDataset):
     8-bit. Sample: ``hr`` (before), ``hr_post`` (after), ``mask`` (H, W) int64 0/1. No
     georeference or dates are published.
 
+    In the ChangeFormer layout, unusable pairs are left out with a warning as in LEVIR-CD
+    (``excluded``). In the authors' release a missing after image or mask is an error when the
+    pair is read.
+
     Splits: the split folders (authors' release) or ``list/train.txt``, ``val.txt``, ``test.txt``
     (ChangeFormer); images in no list (e.g. only ``list/demo.txt``, as in the project's samples)
     are ``"unlisted"``.
@@ -53,8 +57,12 @@ class DSIFN(SampleDataset):
     bands = {"hr": HR_BANDS}
     layout: str = ""
     """The layout found under ``root``: ``AUTHORS`` or ``CHANGEFORMER``."""
+    excluded: dict[str, str]
+    """ChangeFormer layout: pairs of the selected split left out (name -> reason), by LEVIR-CD's
+    rule (no after image or change mask; a transparent RGBA image); see :class:`LEVIRCD`."""
 
     def _index(self) -> list[Item]:
+        self.excluded = {}
         if (self.root / "A").is_dir():
             self.layout = CHANGEFORMER
             return self._changeformer_items()
@@ -72,8 +80,10 @@ class DSIFN(SampleDataset):
             if path.is_file():
                 for line in path.read_text().split():
                     split_of[line.strip()] = split
-        return [Item(p.stem, split_of.get(p.name, "unlisted"), p, {"layout": CHANGEFORMER})
-                for p in sorted((self.root / "A").glob("*.png"))]
+        items = [Item(p.stem, split_of.get(p.name, "unlisted"), p, {"layout": CHANGEFORMER})
+                 for p in sorted((self.root / "A").glob("*.png"))]
+        items, self.excluded = leave_out_unusable_pairs(self.name, self.root, items, self.split)
+        return items
 
     def _authors_items(self) -> list[Item]:
         items = []

@@ -66,19 +66,13 @@ class LEVIRCD(SampleDataset):
             if not (self.root / sub).is_dir():
                 raise FileNotFoundError(f"{self.name}: folder {self.root / sub} does not exist "
                                         f"(expected {', '.join(f'{s}/' for s in PAIR_FOLDERS)})")
-        self.excluded = {}
         items = []
         for path in sorted((self.root / "A").glob("*.png")):
             prefix = path.stem.split("_", 1)[0]
             if prefix not in self.splits:
                 raise ValueError(f"{self.name}: {path}: name does not start with train_, val_ or test_")
-            if self.split is None or prefix == self.split:
-                reason = unusable_pair(self.root, path)
-                if reason is not None:
-                    self.excluded[path.stem] = reason
-                    warnings.warn(f"{self.name}: pair {path.stem} left out: {reason}", stacklevel=3)
-                    continue
             items.append(Item(path.stem, prefix, path))
+        items, self.excluded = leave_out_unusable_pairs(self.name, self.root, items, self.split)
         return items
 
     def _load(self, item: Item) -> dict[str, Any]:
@@ -130,6 +124,23 @@ def unusable_pair(root: Path, before: Path) -> str | None:
     if not label.is_file():
         return f"change mask {label} does not exist (unlabelled pair)"
     return next((reason for reason in reasons if reason is not None), None)
+
+
+def leave_out_unusable_pairs(dataset: str, root: Path, items: list[Item],
+                             split: str | None) -> tuple[list[Item], dict[str, str]]:
+    """``items`` (pairs ``A/<name>`` of a LEVIR-CD-style layout) without the unusable pairs of
+    ``split`` (None: all), each left out with a warning; and the left-out names with the reason.
+    Only the selected split is read (headers, and the alpha band of RGBA images)."""
+    kept, excluded = [], {}
+    for item in items:
+        if split is None or item.split == split:
+            reason = unusable_pair(root, item.path)
+            if reason is not None:
+                excluded[item.id] = reason
+                warnings.warn(f"{dataset}: pair {item.id} left out: {reason}", stacklevel=4)
+                continue
+        kept.append(item)
+    return kept, excluded
 
 
 def load_change_pair(root: Path, item: Item, dataset: str) -> dict[str, Any]:
