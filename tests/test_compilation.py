@@ -86,3 +86,25 @@ def test_compile_setting_accepts_scopes_and_booleans() -> None:
     assert PretrainConfig.from_dict({"compile": "blocks"}).compile == "blocks"
     with pytest.raises(ValueError, match=r"compile: expected one of \['off', 'blocks', 'model'\].*'graph'"):
         PretrainConfig.from_dict({"compile": "graph"})
+
+
+@pytest.mark.parametrize("encoder", ["hr", "s2"])
+def test_compiled_blocks_under_bf16_autocast_match_fp32_eager(encoder: str) -> None:
+    """The GPU benchmark's path (compiled blocks inside bf16 autocast) against the fp32 eager
+    reference, within bf16 tolerance."""
+    config = preset_config("tiny")
+    torch.manual_seed(0)
+    if encoder == "hr":
+        model, x = SwinTransformerV2(config.hr).eval(), torch.randn(2, 3, 64, 64)
+    else:
+        model, x = VisionTransformer(config.s2).eval(), torch.randn(4, 10, 16, 16)
+    with torch.no_grad():
+        reference = model(x)
+        compile_blocks(model, BLOCKS, backend="aot_eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    reference = reference if isinstance(reference, (list, tuple)) else [reference]
+    low = low if isinstance(low, (list, tuple)) else [low]
+    for a, b in zip(low, reference):
+        error = ((a.float() - b).norm() / b.norm()).item()
+        assert 0 < error < 10 * 2**-8, f"{encoder}: bf16 compiled differs from fp32 eager by {error:.4f}"

@@ -254,3 +254,14 @@ def test_the_benchmark_needs_no_raster_stack() -> None:
     result = subprocess.run([sys.executable, "-c", BLOCKER], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--step-batch" in result.stdout
+
+
+def test_pretrain_step_runs_every_objective() -> None:
+    """(d) is the full step: every level of the multi-granularity contrast for every modality,
+    cross-modal alignment and the geo-context prototypes."""
+    options = _quick()
+    model = gpu_step.pretrain_model(options)
+    gpu_step.pretrain_workload(model, 2, options)
+    _, terms = model.pretraining(model.views)
+    expected = {f"{level}/{m}" for level in ("pixel", "object", "image") for m in ("hr", "s2", "s1", "fused")}
+    assert expected | {"cross_modal", "geo"} <= set(terms)
