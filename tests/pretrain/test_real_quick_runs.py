@@ -49,3 +49,20 @@ def test_oscd_pretrain_and_change_probe_quick(data_root: Path, tmp_path: Path) -
     result = change_probe(model, train, test, train_pixels=5000, weight_decays=(1e-3,), progress=False)
     assert 0.0 <= result.f1 <= 1.0 and result.test_pixels > 0
     assert result.train_pixels > 4000 and torch.isfinite(torch.tensor(result.threshold))
+
+
+def test_paper_scale_config_builds_the_paper_setup() -> None:
+    """configs/pretrain/huge-paper.yaml: the huge model, 3 sequences per GPU on 80 GPUs, 20 S2
+    and 10 S1 frames, views on one fusion grid, FSDP2 with checkpointing and compiled blocks."""
+    from skysense.config import preset_config
+    from skysense.pretrain.config import PretrainConfig
+    from skysense.pretrain.data import PairMaker
+
+    config = PretrainConfig.from_yaml(CONFIGS / "huge-paper.yaml")
+    assert (config.preset, config.batch_size // 80, config.max_steps) == ("huge", 3, 875_000)
+    assert (config.data.s2_frames, config.data.s1_frames) == (20, 10)
+    assert (config.distributed.strategy, config.activation_checkpointing, config.compile) == ("fsdp", True, "blocks")
+    model = preset_config("huge")
+    views = config.data.view_config(model)
+    assert (views.hr_size, views.sentinel_size) == (512, 16)
+    PairMaker(model, views).check_grids(["hr", "s2", "s1"])  # raises if they miss one grid
