@@ -58,6 +58,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -622,10 +623,15 @@ def run_benchmark(options: Options) -> dict[str, Any]:
         raise ValueError(f"compile_scope: expected one of {list(COMPILE_SCOPES)}, got {options.compile_scope!r}")
     run = Run(options, matmul_peak(options))
     for part in options.parts:
-        if part == "pretrain_step":
-            run_pretrain_step(run)
-        else:
-            run_encoder_part(run, part)
+        try:
+            if part == "pretrain_step":
+                run_pretrain_step(run)
+            else:
+                run_encoder_part(run, part)
+        except Exception as error:  # e.g. a timm too old to build the counterpart: the other parts still run
+            traceback.print_exc()
+            run.report.setdefault("part_errors", {})[part] = error_text(error)
+            run.save()
         release(device)
     run.report["summary"] = summary(run.report)
     run.save(complete=True)
@@ -677,6 +683,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['part']:<14} {r['implementation']:<9} {r['mode']:<9} {r['batch']:>5} {r['step_ms']:>9.1f} "
             f"{r['items_per_s']:>9.1f} {r['tflops_per_s']:>8.3f} {100 * r['mfu']:>5.1f}% {memory:>6} {compiled:>9}"
         )
+    for part, error in report.get("part_errors", {}).items():
+        lines.append(f"{part:<14} failed: {error}")
     lines.append(f"{'part':<14} {'ours MFU':>9} {'timm MFU':>9} {'ratio':>6} {'target':>7}  (best mode of each; targets for an H100)")
     for row in summary(report):
         def pct(value: float | None) -> str:

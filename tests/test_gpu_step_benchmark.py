@@ -265,3 +265,15 @@ def test_pretrain_step_runs_every_objective() -> None:
     _, terms = model.pretraining(model.views)
     expected = {f"{level}/{m}" for level in ("pixel", "object", "image") for m in ("hr", "s2", "s1", "fused")}
     assert expected | {"cross_modal", "geo"} <= set(terms)
+
+
+def test_a_part_that_cannot_be_built_does_not_stop_the_others(monkeypatch) -> None:
+    def too_old(part, options):
+        raise TypeError("VisionTransformer.__init__() got an unexpected keyword argument 'final_norm'")
+
+    monkeypatch.setattr(gpu_step, "encoder_workloads", too_old)
+    report = gpu_step.run_benchmark(_quick(parts=("vit", "pretrain_step")))
+    assert report["part_errors"] == {"vit": "TypeError: VisionTransformer.__init__() got an unexpected keyword "
+                                            "argument 'final_norm'"}
+    assert [r["part"] for r in report["results"]] == ["pretrain_step"] and report["results"][0]["error"] is None
+    assert "vit            failed: TypeError" in gpu_step.format_table(report)

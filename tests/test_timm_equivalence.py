@@ -120,3 +120,25 @@ def test_swin_v2_matches_timm(window: int, image_size: tuple[int, int]) -> None:
         actual = ours(x)
     assert actual.shape == (2, config.out_dims[-1], image_size[0] // 32, image_size[1] // 32)
     assert relative_error(actual, expected) < MAX_RELATIVE_ERROR
+
+
+def test_timm_without_final_norm_argument_gets_an_identity(monkeypatch) -> None:
+    """Older timm releases have no ``final_norm``: the reference is built the same without it."""
+    import timm.models.vision_transformer as timm_vit
+
+    from skysense.config import preset_config
+    from skysense.timm_reference import timm_vit_like
+
+    config = preset_config("tiny").s2
+    current = timm_vit_like(config)
+    init = timm_vit.VisionTransformer.__init__
+
+    def older(self, *args, final_norm=None, **kwargs):
+        if final_norm is not None:
+            raise TypeError("VisionTransformer.__init__() got an unexpected keyword argument 'final_norm'")
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(timm_vit.VisionTransformer, "__init__", older)
+    model = timm_vit_like(config)
+    assert isinstance(model.norm, torch.nn.Identity)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in current.state_dict().items()}

@@ -18,11 +18,12 @@ from skysense.config import SwinV2Config, ViTConfig
 def timm_vit_like(config: ViTConfig) -> nn.Module:
     """timm ViT with our architecture: class token, no final norm, dynamic input size.
 
-    Without head and final norm its state dict has exactly our names and shapes.
+    Without head and final norm its state dict has exactly our names and shapes. timm releases
+    without the ``final_norm`` argument get their final norm replaced by an identity.
     """
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(
+    arguments = dict(
         img_size=config.patch_size * config.pos_grid,
         patch_size=config.patch_size,
         in_chans=config.in_chans,
@@ -35,9 +36,16 @@ def timm_vit_like(config: ViTConfig) -> nn.Module:
         qkv_bias=True,
         class_token=True,
         dynamic_img_size=True,
-        final_norm=False,
         norm_layer=functools.partial(nn.LayerNorm, eps=config.norm_eps),
     )
+    try:
+        return VisionTransformer(**arguments, final_norm=False)
+    except TypeError as error:
+        if "final_norm" not in str(error):
+            raise
+    model = VisionTransformer(**arguments)
+    model.norm = nn.Identity()
+    return model
 
 
 def timm_swin_like(config: SwinV2Config, image_size: int | tuple[int, int]) -> nn.Module:
