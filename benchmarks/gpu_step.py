@@ -165,8 +165,6 @@ class Workload:
     step: Callable[[nn.Module], None]
     # Blocks recomputed under --activation-checkpointing and compiled under --compile-scope blocks.
     blocks: tuple[type[nn.Module], ...]
-    # Can run under torch.compile of the whole model (--compile-scope model).
-    whole_model_compilable: bool = True
     # Its blocks recompute their activations in the backward pass.
     checkpointed: bool = False
 
@@ -338,9 +336,8 @@ def pretrain_workload(model: PretrainStep, batch: int, options: Options, checkpo
     model.views = views = pretrain_views(s, batch, torch.device(options.device), torch.Generator().manual_seed(0))
     shape = (f"2 views x (hr {tuple(views[0]['hr'].shape)}, s2 {tuple(views[0]['s2'].shape)}, "
              f"s1 {tuple(views[0]['s1'].shape)})")
-    # Sinkhorn-Knopp's convergence test breaks a whole-model graph at every iteration.
     return Workload("pretrain_step", "skysense", "sample", batch, shape, model, lambda m: m(),
-                    (TransformerBlock, SwinV2Block), whole_model_compilable=False, checkpointed=checkpointed)
+                    (TransformerBlock, SwinV2Block), checkpointed=checkpointed)
 
 
 def synchronize(device: torch.device) -> None:
@@ -558,10 +555,6 @@ class Run:
                 return self.add(row)
         return self.add(measure(workload, mode, flops, self.peak, self.options))
 
-    def compiles(self, workload: Workload) -> bool:
-        o = self.options
-        return o.compile and (o.compile_scope == "blocks" or workload.whole_model_compilable)
-
     def save(self, complete: bool = False) -> None:
         self.report.update(complete=complete, elapsed_s=time.perf_counter() - self.started)
         if self.options.json_path is not None:
@@ -573,7 +566,7 @@ def run_encoder_part(run: Run, part: str) -> None:
         if run.options.activation_checkpointing:
             workload.checkpoint()
         eager = run.measure(workload, "eager")
-        if run.compiles(workload):
+        if run.options.compile:
             run.measure(workload, "compiled", eager["flops_per_step"])
             torch._dynamo.reset()
 
@@ -585,12 +578,7 @@ def run_pretrain_step(run: Run) -> None:
     tried again with it, and the following batches keep it.
     """
     options, device = run.options, torch.device(run.options.device)
-    try:
-        model = pretrain_model(options)
-    except torch.OutOfMemoryError as error:
-        print(f"pretrain_step: the model does not fit: {error}", file=sys.stderr)
-        run.report["pretrain_step_error"] = f"building the model: {error_text(error)}"
-        return
+    model = pretrain_model(options)  # one that does not fit is a part error (run_benchmark)
     checkpointed = False
     if options.activation_checkpointing:
         pretrain_workload(model, options.shapes.step_batches[0], options).checkpoint()
@@ -608,7 +596,9 @@ def run_pretrain_step(run: Run) -> None:
             release(device)
             break
         fitted = row
-    if fitted is not None and run.compiles(pretrain_workload(model, fitted["batch"], options)):
+    # Sinkhorn-Knopp's convergence test breaks a whole-model graph at every iteration: (d) is
+    # compiled block-wise only.
+    if fitted is not None and options.compile and options.compile_scope == "blocks":
         workload = pretrain_workload(model, fitted["batch"], options, checkpointed)
         run.measure(workload, "compiled", fitted["flops_per_step"])
         torch._dynamo.reset()
