@@ -157,3 +157,32 @@ def test_config_file_and_overrides(tmp_path):
                               "--modalities", "hr"])
     config = build_config(args)
     assert config.weights is None and config.modalities == ("hr",)
+
+
+def test_compiled_checkpointed_encoder_trains_like_eager(aid_like, tmp_path, monkeypatch):
+    """`compile: blocks` with activation checkpointing gives the eager run's losses (compiled with
+    the aot_eager backend here: the graph capture without minutes of inductor on a CPU)."""
+    import skysense.downstream.finetune as finetune_module
+    from skysense.compilation import compile_blocks
+
+    calls = []
+
+    def traced(model, blocks):
+        calls.append(compile_blocks(model, blocks, backend="aot_eager"))
+        return calls[-1]
+
+    monkeypatch.setattr(finetune_module, "compile_blocks", traced)
+    eager = finetune(_config(aid_like, max_steps=3, device="cpu"), tmp_path / "eager", progress=False)
+    compiled = finetune(_config(aid_like, max_steps=3, compile="blocks", activation_checkpointing=True),
+                        tmp_path / "compiled", progress=False)
+    torch._dynamo.reset()
+    assert calls and calls[0] > 0
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+    with pytest.raises(ValueError, match=r"compile: expected one of \['off', 'blocks'\], got 'model'"):
+        _config(aid_like, compile="model")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_a_missing_gpu_is_named(aid_like, tmp_path):
+    with pytest.raises(ValueError, match=r"device: 'cuda' asked for, but this machine has 0 CUDA device\(s\)"):
+        finetune(_config(aid_like, device="cuda"), tmp_path / "run", progress=False)

@@ -19,6 +19,7 @@ import torch
 
 from skysense.config import PRESETS
 from skysense.data.dates import parse_date
+from skysense.devices import resolve_device
 from skysense.inference.embed import LEVELS, EmbedOptions, embed_scene
 from skysense.inference.scene import Scene, resolve_frames, s2_frame_offsets
 from skysense.inference.writers import DTYPES, FORMATS
@@ -56,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overlap", type=int, default=16, help="overlap of windows in fusion-grid pixels (default 16)")
     parser.add_argument("--block", type=int, default=256, help="output block side in output pixels (default 256)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: CUDA when this machine has a GPU, else the CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-preview", action="store_true", help="do not write <out>.preview.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an output left by a finished run")
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     fmt = args.format or ("zarr" if args.out.suffix == ".zarr" else "cog")
-    model = load_model(args).to(args.device).eval()
+    model = load_model(args).to(resolve_device(args.device)).eval()
     options = EmbedOptions(
         level=args.level, window=args.window, overlap=args.overlap, block=args.block, batch_size=args.batch_size,
         dtype=args.dtype, format=fmt, preview=not args.no_preview, progress=not args.no_progress,

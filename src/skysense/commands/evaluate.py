@@ -28,6 +28,7 @@ import torch
 
 from skysense.config import PRESETS
 from skysense.data.datasets import DATASETS, dataset_root
+from skysense.devices import resolve_device
 from skysense.downstream.tasks import TASKS
 from skysense.evaluation.features import extract_features, per_class_subset
 from skysense.evaluation.linear_probe import linear_probe
@@ -61,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--limit-per-class", type=int, default=None,
                        help="use only the first N images of each class in each split (single-label datasets)")
     probe.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_argument(probe)
     probe.add_argument("--no-progress", action="store_true", help="no progress bars")
     probe.add_argument("--json", action="store_true", help="print JSON")
     probe.set_defaults(run=run_linear_probe)
@@ -75,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     change.add_argument("--tile", type=int, default=64, help="window side the S2 encoder embeds (default 64)")
     change.add_argument("--train-pixels", type=int, default=100_000)
     change.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_argument(change)
     change.add_argument("--no-progress", action="store_true", help="no progress bars")
     change.add_argument("--json", action="store_true", help="print JSON")
     change.set_defaults(run=run_change_probe)
@@ -104,6 +107,7 @@ def _register_task(sub: argparse._SubParsersAction, task: str) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="classification batch size")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(run=run_task, task=task)
@@ -128,7 +132,8 @@ def run_task(args: argparse.Namespace) -> int:
                           split=args.split, limit=args.limit, window=getattr(args, "window", None),
                           stride=getattr(args, "stride", None), batch_size=args.batch_size,
                           predictions=getattr(args, "predictions", None), num_workers=args.num_workers,
-                          progress=not args.no_progress, excluded_classes=getattr(args, "exclude_classes", None))
+                          progress=not args.no_progress, excluded_classes=getattr(args, "exclude_classes", None),
+                          device=args.device)
     report["seconds"] = round(time.perf_counter() - start, 2)
     report["threads"] = torch.get_num_threads()
     print_report(report, args.json)
@@ -151,10 +156,17 @@ def load_model(weights: Path | None, preset: str | None, random_init: bool, seed
 
 
 def probe_inputs(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
-    """Shared set-up of the probe commands: torch threads, the dataset folder and the model."""
+    """Shared set-up of the probe commands: torch threads, the dataset folder and the model (on
+    ``--device``)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    return dataset_root(args.dataset, args.data_root), load_model(args.weights, args.preset, args.random_init, args.seed)
+    model = load_model(args.weights, args.preset, args.random_init, args.seed)
+    return dataset_root(args.dataset, args.data_root), model.to(resolve_device(args.device))
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: CUDA when this machine has a GPU, else the CPU)")
 
 
 def run_linear_probe(args: argparse.Namespace) -> int:

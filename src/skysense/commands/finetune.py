@@ -28,7 +28,7 @@ OVERRIDES = {
     "warmup_steps": "optim.warmup_steps", "crop_size": "crop_size", "image_size": "image_size",
     "train_split": "train_split", "eval_split": "eval_split", "limit_train": "limit_train", "seed": "seed",
     "checkpoint_every": "checkpoint_every", "threads": "num_threads", "num_workers": "num_workers",
-    "sentinel_size": "sentinel_size",
+    "sentinel_size": "sentinel_size", "device": "device", "compile": "compile",
     "eval_window": "eval_window", "eval_stride": "eval_stride", "decoder_channels": "decoder_channels",
 }
 
@@ -67,6 +67,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--checkpoint-every", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: CUDA when this machine has a GPU, else the CPU); "
+                             "CUDA trains in bf16 autocast")
+    parser.add_argument("--compile", choices=("off", "blocks"), default=None,
+                        help="blocks: compile each transformer block of the encoder (torch.compile)")
+    parser.add_argument("--activation-checkpointing", action="store_true", default=None,
+                        help="recompute the encoder blocks' activations in the backward pass (less memory)")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers")
     parser.add_argument("--evaluate", action="store_true", help="score the evaluation split afterwards (eval.json)")
     parser.add_argument("--limit-eval", type=int, default=None, help="with --evaluate: N samples spread over the split")
@@ -99,6 +106,8 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
         data["geo_context"] = True
     if args.freeze_encoder:
         data["freeze_encoder"] = True
+    if args.activation_checkpointing:
+        data["activation_checkpointing"] = True
     return FinetuneConfig.from_dict(data)
 
 
@@ -111,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from skysense.downstream.evaluate import evaluate_run
 
-    report = evaluate_run(args.out, limit=args.limit_eval, predictions=args.predictions, progress=not args.no_progress)
+    report = evaluate_run(args.out, limit=args.limit_eval, predictions=args.predictions, progress=not args.no_progress,
+                          device=config.device)
     report["seconds"] = {"finetune": round(trained, 1), "evaluate": round(time.perf_counter() - started - trained, 1)}
     atomic_write(args.out / EVAL_NAME, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     print_report(report, args.json)

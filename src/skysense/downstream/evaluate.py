@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from skysense.data.sample import collate
+from skysense.devices import resolve_device, to_device
 from skysense.downstream.data import EvaluationSamples, model_keys
 from skysense.downstream.predictions import prediction_path, write_prediction
 from skysense.downstream.sliding_window import sliding_window
@@ -103,16 +104,12 @@ def evaluate_model(
         model.train(was_training)
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _classification(model: DownstreamModel, samples: Dataset, batch_size: int, num_workers: int, progress: bool,
                     device: torch.device) -> dict[str, Any]:
     loader = DataLoader(samples, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     logits, labels = [], []
     for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         logits.append(model(batch)["label"].float().cpu())
         labels.append(model.targets(batch)["label"].cpu())
     scores, targets = torch.cat(logits), torch.cat(labels)
@@ -136,7 +133,7 @@ def _dense(model: DownstreamModel, samples: Dataset, window: int | None, stride:
     loader = DataLoader(samples, batch_size=1, num_workers=num_workers, collate_fn=collate)
     written = 0
     for batch in tqdm(loader, desc="evaluate", unit="tile", disable=not progress, leave=False):
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         if window is None:
             logits = model(batch)
         else:
@@ -185,10 +182,12 @@ def evaluate_run(
     num_workers: int = 0,
     progress: bool = True,
     excluded_classes: Sequence[int | str] | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a fine-tuned run folder; unset arguments come from its ``task.json``.
 
     Args:
+        device: where the model runs ("cpu", "cuda", "cuda:N"); None: CUDA when there is a GPU.
         excluded_classes: segmentation: classes (indices or names) left out of the extra means
             ``mf1_excluding`` / ``miou_excluding``; None: the evaluated dataset's protocol
             (:mod:`skysense.downstream.registry`: clutter for Potsdam and Vaihingen); ``()``: none.
@@ -201,7 +200,7 @@ def evaluate_run(
     from skysense.downstream.registry import downstream_dataset
 
     info = read_task(run)
-    model = load_finetuned(run)
+    model = load_finetuned(run).to(resolve_device(device))
     if task is not None and task != model.spec.task:
         raise ValueError(f"{run}: is a {model.spec.task} model, not {task}")
     name = dataset or info["dataset"]

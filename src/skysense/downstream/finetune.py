@@ -32,14 +32,17 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from skysense.compilation import compile_blocks
 from skysense.config import PRESETS, build_dataclass, config_from_yaml
 from skysense.data.datasets import DATASETS, dataset_root
 from skysense.data.sample import collate
 from skysense.downstream.data import TrainingSamples, evenly_spaced, model_keys
 from skysense.downstream.lr_decay import parameter_groups
 from skysense.downstream.registry import downstream_dataset
+from skysense.devices import resolve_device, to_device, training_autocast
+from skysense.distributed import apply_activation_checkpointing
 from skysense.downstream.tasks import TASKS, DownstreamModel, TaskSpec, build_task_model
-from skysense.models import SkySense
+from skysense.models import TRANSFORMER_BLOCKS, SkySense
 from skysense.pretrain.data import StepBatchSampler
 from skysense.pretrain.loop import METRICS_NAME, STATE_NAME, MetricsLog, NonFiniteLossError, learning_rate
 from skysense.weights import atomic_write, save_pretrained
@@ -64,6 +67,9 @@ class FinetuneOptim:
     layer_decay: float = 0.75
     # Max gradient norm (None: no clipping).
     grad_clip: float | None = 3.0
+
+
+FINETUNE_COMPILE = ("off", "blocks")
 
 
 @dataclass
@@ -107,6 +113,13 @@ class FinetuneConfig:
     num_threads: int | None = None
     # Use only this many training samples, spread evenly over the split (None: all).
     limit_train: int | None = None
+    # Where to train: "cpu", "cuda", "cuda:N"; None: CUDA when there is a GPU (bf16 autocast
+    # there), else the CPU.
+    device: str | None = None
+    # "blocks": each transformer block of the encoder compiled on its own (skysense.compilation).
+    compile: str = "off"
+    # Recompute the encoder blocks' activations in the backward pass (less memory, more time).
+    activation_checkpointing: bool = False
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
 
     def __post_init__(self) -> None:
@@ -121,6 +134,8 @@ class FinetuneConfig:
             raise ValueError(f"sentinel_size: expected >= 0 (0: no resize) or None, got {self.sentinel_size}")
         if self.modalities is not None:
             self.modalities = tuple(self.modalities)
+        if self.compile not in FINETUNE_COMPILE:
+            raise ValueError(f"compile: expected one of {list(FINETUNE_COMPILE)}, got {self.compile!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -265,17 +280,22 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
         raise ValueError(f"{out / STATE_NAME} exists: pass --resume to continue it, or choose another --out")
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device, "device")
     train_split, eval_split = config.splits()
     dataset = build_dataset(config.dataset, config.task, train_split, config.data_root, config.dataset_options)
     spec = task_spec(config, dataset)
     encoder = load_encoder(config.weights, config.preset, config.seed)
     torch.manual_seed(config.seed)  # the head's initialisation
-    model = build_task_model(encoder, spec)
+    model = build_task_model(encoder, spec).to(device)
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
+    if config.activation_checkpointing:
+        apply_activation_checkpointing(model.encoder, TRANSFORMER_BLOCKS)
     optimizer = torch.optim.AdamW(parameter_groups(model, encoder.config, config.optim.weight_decay,
                                                    config.optim.layer_decay), lr=config.optim.lr)
     start = _load_state(out, model, optimizer, config) if resume else 0
+    if config.compile == "blocks":  # after checkpointing: its hooks stay around the compiled forward
+        compile_blocks(model.encoder, TRANSFORMER_BLOCKS)
 
     samples = TrainingSamples(evenly_spaced(dataset, config.limit_train), encoder.config, spec.task,
                               model_keys(spec.modalities, spec.geo_context), config.crop_size, config.flips,
@@ -300,7 +320,9 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         torch.manual_seed(config.seed * 1_000_003 + step * 7919)  # dropout, stochastic depth
-        total, terms = model.loss(model(batch), batch)
+        batch = to_device(batch, device)
+        with training_autocast(device):
+            total, terms = model.loss(model(batch), batch)
         if not torch.isfinite(total):
             raise NonFiniteLossError(f"step {step}: loss is {total.item()}; stopped without saving, the last "
                                      f"checkpoint in {out} is intact")

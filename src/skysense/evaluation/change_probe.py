@@ -90,11 +90,12 @@ def s2_feature_map(model: torch.nn.Module, s2: torch.Tensor, tile: int = 64, bat
     padded = F.pad(s2, (0, cols * tile - w, 0, rows * tile - h))
     windows = (padded.reshape(t, c, rows, tile, cols, tile).permute(0, 2, 4, 1, 3, 5)
                .reshape(t * rows * cols, 1, c, tile, tile))
+    device = next(model.parameters()).device  # the features come back to the CPU
     outputs = []
     for start in range(0, windows.shape[0], batch_size):
-        chunk = windows[start:start + batch_size]
-        valid = torch.ones(chunk.shape[:2], dtype=torch.bool)
-        outputs.append(model.encode_frames("s2", chunk, valid)[:, 0])
+        chunk = windows[start:start + batch_size].to(device)
+        valid = torch.ones(chunk.shape[:2], dtype=torch.bool, device=device)
+        outputs.append(model.encode_frames("s2", chunk, valid)[:, 0].cpu())
     feats = torch.cat(outputs)  # (T * rows * cols, D, g, g)
     d, g = feats.shape[1], feats.shape[-1]
     return feats.reshape(t, rows, cols, d, g, g).permute(0, 3, 1, 4, 2, 5).reshape(t, d, rows * g, cols * g)

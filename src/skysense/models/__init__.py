@@ -2,9 +2,14 @@
 
 from skysense.models.fusion import FusionTransformer, PixelShuffleProjection
 from skysense.models.geo_context import GeoContextPrototypes, region_index
+from skysense.models.layers import TransformerBlock
 from skysense.models.skysense import SkySense
-from skysense.models.swin_v2 import SwinTransformerV2
+from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block
 from skysense.models.vit import VisionTransformer
+
+TRANSFORMER_BLOCKS = (TransformerBlock, SwinV2Block)
+"""The blocks of every encoder and of the fusion: what activation checkpointing recomputes and
+block-wise compilation compiles."""
 
 __all__ = [
     "FusionTransformer",
@@ -12,6 +17,7 @@ __all__ = [
     "PixelShuffleProjection",
     "SkySense",
     "SwinTransformerV2",
+    "TRANSFORMER_BLOCKS",
     "VisionTransformer",
     "region_index",
 ]

@@ -25,7 +25,6 @@ import csv
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from skysense.compilation import compile_blocks
+from skysense.devices import training_autocast
 from skysense.distributed import (
     DistributedContext,
     apply_activation_checkpointing,
@@ -44,9 +44,7 @@ from skysense.distributed import (
     mean_across_processes,
     wrap_data_parallel,
 )
-from skysense.models.fusion import PixelShuffleProjection
-from skysense.models.layers import TransformerBlock
-from skysense.models.swin_v2 import SwinV2Block
+from skysense.models import TRANSFORMER_BLOCKS, PixelShuffleProjection
 from skysense.pretrain.checkpoint import (
     STATE_NAME,
     has_checkpoint,
@@ -61,13 +59,10 @@ from skysense.pretrain.teacher import cosine_momentum, ema_update
 from skysense.weights import atomic_write
 
 METRICS_NAME = "metrics.csv"
-# The transformer blocks of every encoder and of the fusion: what activation checkpointing
-# recomputes and `compile: blocks` compiles.
-BLOCKS: tuple[type[nn.Module], ...] = (TransformerBlock, SwinV2Block)
 # FSDP2 units: each block of every encoder and of the fusion (student and teacher alike, so that
 # their shards line up for the EMA), and the two large S2/S1 projections (46M parameters each at
 # huge). The rest (embeddings, patch merging, heads) is the root group.
-FSDP_UNITS: tuple[type[nn.Module], ...] = (*BLOCKS, PixelShuffleProjection)
+FSDP_UNITS: tuple[type[nn.Module], ...] = (*TRANSFORMER_BLOCKS, PixelShuffleProjection)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -149,9 +144,9 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
     torch.manual_seed(config.seed)  # identical initialisation on every process
     module = PretrainingModel(config).to(context.device)
     if config.activation_checkpointing:
-        apply_activation_checkpointing(module.student, BLOCKS)
+        apply_activation_checkpointing(module.student, TRANSFORMER_BLOCKS)
     if config.compile == "blocks":  # after checkpointing, before FSDP: both hook around the compiled forward
-        compile_blocks(module, BLOCKS)
+        compile_blocks(module, TRANSFORMER_BLOCKS)
     sharded = is_sharded(config) and context.enabled
     replicated = apply_fsdp(module, context, FSDP_UNITS) if sharded else []
     optimizer = torch.optim.AdamW(parameter_groups(module, config.optim.weight_decay), lr=config.optim.lr)
@@ -161,7 +156,7 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
 
     loader = build_view_loader(config, data_root, module.student.config, start, context.rank, context.world_size)
     log = MetricsLog(out, start) if context.is_main else None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if context.device.type == "cuda" else nullcontext())
+    autocast = training_autocast(context.device)
     bar = tqdm(total=config.max_steps, initial=start, desc="pretrain", disable=not (progress and context.is_main))
     rows: list[dict[str, float]] = []
     module.train()

@@ -1,0 +1,39 @@
+"""Where a command runs: the device from a ``--device`` flag or config, and its compute precision."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+
+
+def resolve_device(name: str | None, setting: str = "--device") -> torch.device:
+    """``name`` as a device; None or ``"auto"``: the first CUDA device when there is one, else the CPU.
+
+    Raises ``ValueError`` naming ``setting`` for a name torch does not know, or a CUDA device that
+    this machine does not have.
+    """
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"{setting}: {name!r} is not a device (expected cpu, cuda, cuda:N or auto): {error}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or count == 0:
+            raise ValueError(f"{setting}: {name!r} asked for, but this machine has {count} CUDA device(s)")
+    return device
+
+
+def training_autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA (how SkySense trains on GPUs); full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device``; other values as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
