@@ -31,7 +31,7 @@ eager only. ``--compile-mode max-autotune-no-cudagraphs`` also tunes the matmul 
 shapes at hand (minutes more of compilation).
 
 (d) runs at each batch of ``--step-batch`` in turn (default 3, the paper's 240 sequences over
-80 GPUs, then 4 and 6) until one does not fit; it is compiled at the largest that fitted.
+80 GPUs, then 4, 6 and 8) until one does not fit; it is compiled at the largest that fitted.
 
 The report is rewritten (atomically) after every row, so a run stopped by a time limit keeps
 what it measured; ``--budget`` stops starting new measurements after that many seconds.
@@ -120,7 +120,7 @@ class Shapes:
 
 
 HUGE = Shapes(preset="huge", swin_image=512, swin_batch=8, vit_image=64, vit_batch=256, fusion_tokens=32,
-              fusion_batch=2048, step_batches=(3, 4, 6), step_hr=512, step_s2_frames=20, step_s1_frames=10,
+              fusion_batch=2048, step_batches=(3, 4, 6, 8), step_hr=512, step_s2_frames=20, step_s1_frames=10,
               matmul_n=8192)
 SMALL = Shapes(preset="tiny", swin_image=64, swin_batch=4, vit_image=16, vit_batch=16, fusion_tokens=8,
                fusion_batch=64, step_batches=(2,), step_hr=128, step_s2_frames=2, step_s1_frames=2, matmul_n=1024)
@@ -694,7 +694,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--small", action="store_true", help="tiny models and shapes (a CPU smoke run)")
     parser.add_argument("--step-batch", metavar="B[,B...]",
                         help="per-device batches of the pretraining step, tried in turn until one does not fit "
-                             "(default 3,4,6; --small: 2)")
+                             "(default 3,4,6,8; --small: 2)")
     parser.add_argument("--parts", default="swin_v2,vit,fusion,pretrain_step",
                         help="comma-separated among swin_v2, vit, fusion, pretrain_step")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
