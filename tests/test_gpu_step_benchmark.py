@@ -277,3 +277,20 @@ def test_a_part_that_cannot_be_built_does_not_stop_the_others(monkeypatch) -> No
                                             "argument 'final_norm'"}
     assert [r["part"] for r in report["results"]] == ["pretrain_step"] and report["results"][0]["error"] is None
     assert "vit            failed: TypeError" in gpu_step.format_table(report)
+
+
+def test_device_script_writes_its_three_files(tmp_path: Path) -> None:
+    """benchmarks/gpu_step_device.sh, run here on the CPU (its arguments go to gpu_step.py)."""
+    import os
+    import subprocess
+
+    script = SCRIPT.parent / "gpu_step_device.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(script), "--device", "cpu", "--small", "--no-compile", "--parts", "fusion",
+                             "--warmup", "0", "--repeats", "1"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["environment.txt", "gpu_step.json", "gpu_step.log"]
+    assert "torch" in (tmp_path / "environment.txt").read_text()
+    report = json.loads((tmp_path / "gpu_step.json").read_text())
+    assert report["complete"] and report["budget_s"] == 360 and len(report["results"]) == 2
+    assert "fusion" in (tmp_path / "gpu_step.log").read_text()
