@@ -9,8 +9,8 @@ In one run, on one device, forward + backward of
 each for skysense and for timm's equivalent (``SwinTransformerV2``, ``VisionTransformer``,
 ``Block``), eager and under ``torch.compile``; and (d) one full ``huge`` pretraining step
 (student and EMA teacher on two multi-modal views, every objective of
-``skysense.pretrain.objective``, gradient clipping, AdamW, EMA) at a given per-device batch,
-eager (Sinkhorn-Knopp's convergence test breaks a compiled graph at every iteration).
+``skysense.pretrain.objective``, gradient clipping, AdamW, EMA) at the per-device batches of
+``--step-batch``, eager and with its blocks compiled.
 
 Numbers (PERFORMANCE.md's conventions): the step time is the median of the timed steps; FLOPs
 are the model's, counted once per model with ``torch.utils.flop_counter.FlopCounterMode`` on one
