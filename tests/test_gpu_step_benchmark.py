@@ -294,3 +294,25 @@ def test_device_script_writes_its_three_files(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "gpu_step.json").read_text())
     assert report["complete"] and report["budget_s"] == 360 and len(report["results"]) == 2
     assert "fusion" in (tmp_path / "gpu_step.log").read_text()
+
+
+@pytest.mark.parametrize("image_loss,keys", [("dino", "teacher"), ("infonce", "teacher"), ("infonce", "student")])
+def test_pretrain_step_creates_its_tensors_on_the_inputs_device(image_loss: str, keys: str) -> None:
+    """A GPU step must not build tensors on the CPU (a device mismatch there; never run here).
+
+    Checked on the CPU: once the model, optimizer and inputs exist, the default device becomes
+    ``meta``; a tensor made without ``device=`` then lands on ``meta``, and the first operation
+    mixing it with the real tensors fails at that line.
+    """
+    options = _quick()
+    config = gpu_step.pretrain_config(TINY, 2)
+    config.objective.image_loss, config.objective.infonce_keys = image_loss, keys
+    model = gpu_step.PretrainStep(config, options)
+    model.pretraining.train()
+    gpu_step.pretrain_workload(model, 2, options)
+    model()  # the optimizer and its state, on the real device
+    torch.set_default_device("meta")
+    try:
+        model()
+    finally:
+        torch.set_default_device(None)

@@ -211,3 +211,35 @@ def test_parameter_groups_cover_every_trainable_parameter_once(encoder):
     model.encoder.requires_grad_(True)
     with pytest.raises(ValueError, match="layer_decay"):
         parameter_groups(model, encoder.config, 0.05, 0.0)
+
+
+@pytest.mark.parametrize("spec,inputs", [
+    (TaskSpec("classification", 7, modalities=("hr", "s2", "s1"), geo_context=True), dict(hr=128, s2=4, s1=4)),
+    (TaskSpec("segmentation", 3, modalities=("hr", "s2"), class_weights=(1.0, 2.0, 3.0)), dict(hr=256, s2=8)),
+    (TaskSpec("change", 2, modalities=("s2",), semantic_classes=5), dict(s2=16)),
+])
+def test_task_models_create_their_tensors_on_the_inputs_device(encoder, spec, inputs):
+    """Fine-tuning on a GPU (never run here) must not build tensors on the CPU mid-step. With the
+    default device set to ``meta`` after model and batch exist, a tensor made without
+    ``device=`` lands on ``meta`` and the first operation mixing it with real tensors fails there.
+    The sliding-window evaluation runs too."""
+    from skysense.downstream.sliding_window import sliding_window
+
+    model = build_task_model(encoder, spec)
+    batch = _batch(**inputs)
+    size = inputs.get("hr", inputs["s2"])
+    targets = {"classification": {"label": torch.tensor([1, 6])},
+               "segmentation": {"mask": torch.randint(-1, 3, (2, size, size))},
+               "change": {"mask": torch.randint(-1, 5, (2, size, size)), "mask_post": torch.randint(0, 5, (2, size, size)),
+                          "change": torch.randint(-1, 2, (2, size, size))}}[spec.task]
+    batch.update(targets)
+    torch.set_default_device("meta")
+    try:
+        total, _ = model.loss(model(batch), batch)
+        total.backward()
+        if spec.task != "classification":
+            with torch.no_grad():
+                sliding_window(model.eval(), batch, size // 2, size // 4)
+    finally:
+        torch.set_default_device(None)
+        model.zero_grad()

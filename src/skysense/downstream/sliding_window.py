@@ -144,15 +144,19 @@ def sliding_window(
     ys = window_starts(height, window, stride, align)
     xs = window_starts(width, window, stride, align)
     sums: dict[str, torch.Tensor] = {}
-    count = torch.zeros(height, width)
+    count: torch.Tensor | None = None  # on the logits' device, made with the first window's
     for y in ys:
         for x in xs:
             h = height - y if y == ys[-1] else window
             w = width - x if x == xs[-1] else window
             out = predict(crop(batch, y, x, h, w))
+            if not out:
+                raise ValueError("sliding_window: predict returned no logits")
             for key, logits in out.items():
                 if key not in sums:
                     sums[key] = logits.new_zeros(logits.shape[:-2] + (height, width), dtype=torch.float32)
                 sums[key][..., y:y + h, x:x + w] += logits.float()
+                if count is None:
+                    count = logits.new_zeros((height, width), dtype=torch.float32)
             count[y:y + h, x:x + w] += 1
-    return {key: value / count.to(value.device) for key, value in sums.items()}
+    return {key: value / count for key, value in sums.items()}

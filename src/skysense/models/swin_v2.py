@@ -183,7 +183,8 @@ class SwinV2Block(nn.Module):
         if self.mask_padding and h <= win and w <= win:
             # One window holding the whole map: attend over its h*w tokens only, with their
             # position bias; the same as padding to the window and masking the padded keys.
-            index = (torch.arange(h)[:, None] * win + torch.arange(w)[None, :]).flatten().to(x.device)
+            rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+            index = (rows[:, None] * win + cols[None, :]).flatten()
             return self.attn(x.reshape(b, 1, h * w, c), None, index).reshape(b, h, w, c)
         x = pad_to_multiple(x.permute(0, 3, 1, 2), win).permute(0, 2, 3, 1)
         hp, wp = x.shape[1], x.shape[2]

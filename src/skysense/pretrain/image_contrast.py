@@ -107,8 +107,8 @@ class InfoNCEImageContrastLoss(nn.Module):
             n = keys[0].shape[0]
             queries, everything = torch.cat(student), torch.cat(keys)  # (2B, E), (2N, E)
             logits = queries @ everything.T / self.temperature
-            own = torch.cat([torch.arange(first, first + b), torch.arange(n + first, n + first + b)])
-            own = own.to(queries.device)
+            rows = torch.arange(first, first + b, device=queries.device)
+            own = torch.cat([rows, rows + n])
             itself = torch.zeros_like(logits, dtype=torch.bool)
             itself[torch.arange(2 * b, device=queries.device), own] = True
             logits = logits.masked_fill(itself, float("-inf"))
