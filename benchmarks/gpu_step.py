@@ -436,12 +436,15 @@ def empty_row(workload: Workload, mode: str, flops: int | None) -> dict[str, Any
     }
 
 
-def measure(workload: Workload, mode: str, flops: int, peak: float, options: Options) -> dict[str, Any]:
-    """Time ``workload`` eagerly or compiled; one result row. Compiling changes the model in place
-    (--compile-scope blocks), so a workload's compiled row comes after its eager one."""
+def measure(workload: Workload, mode: str, flops: int | None, peak: float, options: Options) -> dict[str, Any]:
+    """Time ``workload`` eagerly or compiled; one result row. ``flops``: of one step, counted
+    first when None. Compiling changes the model in place (--compile-scope blocks), so a
+    workload's compiled row comes after its eager one."""
     device = torch.device(options.device)
     row = empty_row(workload, mode, flops)
     try:
+        if flops is None:
+            row["flops_per_step"] = flops = count_flops(workload)
         model = workload.model
         if mode == "compiled":
             start = time.perf_counter()
@@ -545,14 +548,6 @@ class Run:
         """One row of ``workload`` in ``mode`` (counting its FLOPs first when not given)."""
         if self.out_of_time():
             return self.skip(workload, mode, flops)
-        if flops is None:
-            try:
-                flops = count_flops(workload)
-            except (torch.OutOfMemoryError, RuntimeError) as error:
-                row = empty_row(workload, mode, None)
-                row["error"] = error_text(error)
-                print(f"{workload.part}/{workload.implementation}/{mode}: {row['error']}", file=sys.stderr)
-                return self.add(row)
         return self.add(measure(workload, mode, flops, self.peak, self.options))
 
     def save(self, complete: bool = False) -> None:

@@ -120,7 +120,7 @@ class _GatherRows(torch.autograd.Function):
 
 def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
     """Average a tensor over all processes (identity in a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         value = value.clone()
         dist.all_reduce(value)
         value /= dist.get_world_size()
@@ -206,16 +206,6 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Ten
     for group in groups:
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
-
-
-def broadcast_from_main(tensor: torch.Tensor) -> None:
-    """Overwrite ``tensor`` on every process with rank 0's value (no-op in a single process).
-
-    For state that is not a gradient-trained parameter but must stay identical on every
-    process; DDP does the same to all buffers before each forward.
-    """
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(tensor, src=0)
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from skysense.commands import add_device_argument
 from skysense.config import PRESETS
 from skysense.data.dates import parse_date
 from skysense.devices import resolve_device
@@ -57,8 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overlap", type=int, default=16, help="overlap of windows in fusion-grid pixels (default 16)")
     parser.add_argument("--block", type=int, default=256, help="output block side in output pixels (default 256)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda or cuda:N (default: CUDA when this machine has a GPU, else the CPU)")
+    add_device_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-preview", action="store_true", help="do not write <out>.preview.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an output left by a finished run")

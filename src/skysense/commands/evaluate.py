@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from skysense.commands import add_device_argument
 from skysense.config import PRESETS
 from skysense.data.datasets import DATASETS, dataset_root
 from skysense.devices import resolve_device
@@ -163,10 +164,6 @@ def probe_inputs(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     model = load_model(args.weights, args.preset, args.random_init, args.seed)
     return dataset_root(args.dataset, args.data_root), model.to(resolve_device(args.device))
 
-
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda or cuda:N (default: CUDA when this machine has a GPU, else the CPU)")
 
 
 def run_linear_probe(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from skysense.commands import add_device_argument
 from skysense.config import PRESETS
 from skysense.downstream.finetune import FinetuneConfig, finetune
 from skysense.downstream.tasks import TASKS
@@ -67,9 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--checkpoint-every", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda or cuda:N (default: CUDA when this machine has a GPU, else the CPU); "
-                             "CUDA trains in bf16 autocast")
+    add_device_argument(parser, "; CUDA trains in bf16 autocast")
     parser.add_argument("--compile", choices=("off", "blocks"), default=None,
                         help="blocks: compile each transformer block of the encoder (torch.compile)")
     parser.add_argument("--activation-checkpointing", action="store_true", default=None,

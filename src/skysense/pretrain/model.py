@@ -64,7 +64,6 @@ def collapse_monitors(student: list[dict], teacher: list[dict]) -> dict[str, tor
     return monitors
 
 
-
 def parameter_groups(module: PretrainingModel, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; norms, biases, tokens and tables are not decayed."""
     decay, no_decay = [], []
