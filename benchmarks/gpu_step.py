@@ -406,6 +406,21 @@ def checkpointing_off(model: nn.Module):
             state.enable_hook = True
 
 
+def meta_flops(shapes: Shapes, parts: tuple[str, ...] = ("swin_v2", "vit", "fusion")) -> dict[tuple[str, str], int]:
+    """FLOPs of one training step of parts (a)-(c), ours and timm's, counted on the meta device
+    (no memory, no compute: the huge shapes count on any machine in seconds). On meta, attention
+    takes SDPA's math path, so its backward counts 2x its forward instead of the fused kernels'
+    2.5x."""
+    options = Options(device="meta", dtype="fp32", shapes=shapes)
+    flops = {}
+    for part in parts:
+        models, x = encoder_models(part, shapes, torch.device("meta"))
+        for name, model in models.items():
+            workload = Workload(part, name, "", x.shape[0], "", model, encoder_step(x, options), ())
+            flops[part, name] = count_flops(workload)
+    return flops
+
+
 def top_operators(step: Callable[[], Any], device: torch.device, steps: int = 2, top: int = 15) -> list[dict[str, Any]]:
     """The operators (CUDA kernels on a GPU) with the most self time over ``steps`` steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -706,6 +721,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--profile", action="store_true",
                         help="record the operators that take most time in every compiled row")
     parser.add_argument("--json", metavar="PATH", help="also write the report to this JSON file (after every row)")
+    parser.add_argument("--meta-flops", action="store_true",
+                        help="only count the FLOPs of (a)-(c), ours and timm's, on the meta device, and print them")
     args = parser.parse_args(argv)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     unknown = set(parts) - set(Options.parts)
@@ -714,6 +731,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.warmup < 0 or args.repeats < 1:
         parser.error("--warmup must be >= 0 and --repeats >= 1")
     shapes = SMALL if args.small else HUGE
+    if args.meta_flops:
+        encoders = tuple(p for p in parts if p != "pretrain_step")
+        counted = meta_flops(shapes, encoders)
+        for (part, name), flops in counted.items():
+            print(f"{part:<8} {name:<9} {flops:>20,d} FLOPs per step")
+        return {f"{part}/{name}": flops for (part, name), flops in counted.items()}
     if args.step_batch is not None:
         try:
             batches = tuple(int(b) for b in args.step_batch.split(","))
