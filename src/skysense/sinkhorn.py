@@ -32,6 +32,7 @@ def sinkhorn_knopp(
     row_sums: torch.Tensor | None = None,
     col_sums: torch.Tensor | None = None,
     tolerance: float = 1e-4,
+    check_every: int = 10,
     groups: torch.Tensor | None = None,
     num_groups: int | None = None,
     distributed: bool = False,
@@ -44,6 +45,11 @@ def sinkhorn_knopp(
     tolerance; a problem that converged earlier keeps being rescaled, which only moves it
     further inside its tolerance.
 
+    The tolerance is tested every ``check_every`` rounds only: each test reads a value back to
+    the host, which on a GPU waits for all queued work and leaves the GPU idle until the next
+    kernels are queued. Between tests the rounds queue without waiting; at most
+    ``check_every - 1`` rounds run past convergence.
+
     Args:
         scores: (..., N, K) similarities of N samples to K clusters.
         epsilon: entropic regularisation; smaller is closer to a hard assignment.
@@ -52,6 +58,7 @@ def sinkhorn_knopp(
         col_sums: (K,) target sum of each column, or (G, K) per problem with ``groups``;
             default: the problem's total row sum / K (equal cluster sizes).
         tolerance: stop once every column sum is within this of its target.
+        check_every: test the tolerance every this many rounds (1: every round).
         groups: (N,) problem index in ``[0, num_groups)`` of each row of 2-D ``scores``.
         num_groups: number of problems ``G``; default ``groups.max() + 1``; required when
             ``distributed`` (a process may hold no row of some groups, the last included).
@@ -63,6 +70,8 @@ def sinkhorn_knopp(
     """
     if scores.ndim < 2:
         raise ValueError(f"sinkhorn_knopp: scores must be (N, K) or (..., N, K), got shape {tuple(scores.shape)}")
+    if check_every < 1:
+        raise ValueError(f"sinkhorn_knopp: check_every must be at least 1, got {check_every}")
     distributed = distributed and is_distributed()
     n, k = scores.shape[-2:]
     scores = scores.float()
@@ -71,23 +80,28 @@ def sinkhorn_knopp(
     row_totals = column.sum(rows[:, None].expand(*scores.shape[:-1], 1))  # (..., 1, 1) or (G, 1)
     per_column = (*row_totals.shape[:-1], k)
     cols = (row_totals / k).expand(per_column) if col_sums is None else col_sums.float().expand(per_column)
-    unequal = ~torch.isclose(row_totals[..., 0], cols.sum(-1), rtol=1e-4)
-    if unequal.any():
-        first = unequal.flatten().nonzero()[0, 0]
-        raise ValueError(
-            f"sinkhorn_knopp: row sums total {row_totals.flatten()[first].item():.6g} but column sums total "
-            f"{cols.sum(-1).flatten()[first].item():.6g}; they must be equal"
-        )
+    if row_sums is not None or col_sums is not None:  # else equal by construction: no check, no sync
+        _check_totals(row_totals[..., 0], cols.sum(-1))
     log_q = scores / epsilon
     log_rows, log_cols = rows.log()[:, None], cols.log()
     for round_ in range(iterations):
         log_sums = column.logsumexp(log_q)  # (..., 1, K) or (G, K): the current column sums
         # Checked on the sums the column step needs anyway: no extra pass or collective per round.
-        if round_ and (log_sums.exp() - cols).abs().max() < tolerance:
+        if round_ and round_ % check_every == 0 and (log_sums.exp() - cols).abs().max() < tolerance:
             break
         log_q = log_q + column.spread(log_cols - log_sums)
         log_q = log_q + (log_rows - torch.logsumexp(log_q, dim=-1, keepdim=True))
     return log_q.exp()
+
+
+def _check_totals(row_totals: torch.Tensor, col_totals: torch.Tensor) -> None:
+    unequal = ~torch.isclose(row_totals, col_totals, rtol=1e-4)
+    if unequal.any():
+        first = unequal.flatten().nonzero()[0, 0]
+        raise ValueError(
+            f"sinkhorn_knopp: row sums total {row_totals.flatten()[first].item():.6g} but column sums total "
+            f"{col_totals.flatten()[first].item():.6g}; they must be equal"
+        )
 
 
 class _ColumnReduction:

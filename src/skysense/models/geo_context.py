@@ -73,10 +73,12 @@ class GeoContextPrototypes(nn.Module):
         With ``distributed`` (under torch.distributed) ``present`` covers every process's
         features, so it is the same list on every process.
         """
-        counts = torch.bincount(regions, minlength=self.config.num_regions)
+        # Not bincount: on a GPU it reads the largest index back to size its output.
+        counts = torch.zeros(self.config.num_regions, dtype=torch.long, device=regions.device)
+        counts.index_add_(0, regions, torch.ones_like(regions))
         if distributed:
             all_reduce_(counts, "sum")
-        present = counts.nonzero().flatten()
+        present = counts.nonzero().flatten()  # the one read-back (host sync) of each call
         return present, torch.searchsorted(present, regions)
 
     @torch.no_grad()
@@ -92,10 +94,12 @@ class GeoContextPrototypes(nn.Module):
         """
         feats = F.normalize(features.float(), dim=-1)
         present, group = self.present_regions(regions, distributed)
-        scores = feats.new_empty(feats.shape[0], self.config.num_prototypes)
-        for g in torch.unique(group).tolist():  # this process's regions
-            rows = group == g
-            scores[rows] = feats[rows] @ F.normalize(self.prototypes[present[g]].float(), dim=-1).T
+        # Every feature against every present region's prototypes in one product, then each
+        # feature's own region picked: no per-region loop, and no read-back of which rows are
+        # whose. The (N, R, P) scores are small next to a step (R: regions in the global batch).
+        bank = F.normalize(self.prototypes[present].float(), dim=-1)  # (R, P, D)
+        every = (feats @ bank.flatten(0, 1).T).unflatten(1, bank.shape[:2])  # (N, R, P)
+        scores = every[torch.arange(len(group), device=group.device), group]
         return sinkhorn_knopp(scores, epsilon=epsilon, groups=group, num_groups=len(present),
                               distributed=distributed)
 
@@ -113,11 +117,13 @@ class GeoContextPrototypes(nn.Module):
         feats = features.float()
         present, group = self.present_regions(regions, distributed)
         # (R, P, D + 1): S_r^T F_r and, in the last channel, colsum(S_r); one all-reduce for both.
-        totals = feats.new_zeros(len(present), self.config.num_prototypes, feats.shape[1] + 1)
-        for g in torch.unique(group).tolist():  # this process's regions; the rest stay zero
-            rows = group == g
-            s = assignment[rows].float()
-            totals[g] = s.T @ torch.cat([feats[rows], feats.new_ones(len(s), 1)], dim=1)
+        # One product for every region: each feature's assignment placed in its region's block of
+        # an (N, R * P) matrix (zeros elsewhere; regions of other processes stay zero).
+        n, p = assignment.shape
+        blocks = feats.new_zeros(n, len(present), p)
+        blocks[torch.arange(n, device=group.device), group] = assignment.float()
+        weighted = torch.cat([feats, feats.new_ones(n, 1)], dim=1)  # (N, D + 1)
+        totals = (blocks.flatten(1).T @ weighted).unflatten(0, (len(present), p))
         if distributed:
             all_reduce_(totals, "sum")
         sums, masses = totals[..., :-1], totals[..., -1]
