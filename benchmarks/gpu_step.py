@@ -71,6 +71,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from skysense.compilation import compile_blocks
 from skysense.config import preset_config
+from skysense.devices import adamw, to_device
 from skysense.distributed import apply_activation_checkpointing, clip_grad_norm
 from skysense.models.fusion import FusionTransformer
 from skysense.models.layers import TransformerBlock
@@ -78,6 +79,7 @@ from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block, WindowAttent
 from skysense.models.vit import VisionTransformer
 from skysense.pretrain.config import PretrainConfig
 from skysense.pretrain.model import PretrainingModel, parameter_groups
+from skysense.validation import checked_on_host
 from skysense.pretrain.teacher import ema_update
 from skysense.timm_reference import timm_swin_like, timm_vit_like
 
@@ -304,8 +306,8 @@ class PretrainStep(nn.Module):
     def forward(self) -> None:
         module = self.pretraining
         if self.optimizer is None:  # after .to(device)
-            self.optimizer = torch.optim.AdamW(parameter_groups(module, self.config.optim.weight_decay),
-                                               lr=self.config.optim.lr)
+            self.optimizer = adamw(parameter_groups(module, self.config.optim.weight_decay), self.config.optim.lr,
+                                   next(module.parameters()).device)
         with autocast(self.options):
             total, terms = module(self.views)
         self.optimizer.zero_grad(set_to_none=True)
@@ -326,6 +328,7 @@ def pretrain_model(options: Options) -> PretrainStep:
     with device:
         model = PretrainStep(pretrain_config(options.shapes, options.shapes.step_batches[0]), options)
     model.pretraining.train()
+    model.pretraining.student.check_values = model.pretraining.teacher.check_values = False
     return model
 
 
@@ -333,7 +336,10 @@ def pretrain_workload(model: PretrainStep, batch: int, options: Options, checkpo
     """Part (d) at per-device ``batch``: ``model`` takes two fresh views of that batch.
     ``checkpointed``: activation checkpointing was applied to ``model`` before."""
     s = options.shapes
-    model.views = views = pretrain_views(s, batch, torch.device(options.device), torch.Generator().manual_seed(0))
+    views = pretrain_views(s, batch, torch.device("cpu"), torch.Generator().manual_seed(0))
+    # As the pretraining loop: values checked on the host, the model's value checks off.
+    device = torch.device(options.device)
+    model.views = views = tuple(to_device(checked_on_host(view), device) for view in views)
     shape = (f"2 views x (hr {tuple(views[0]['hr'].shape)}, s2 {tuple(views[0]['s2'].shape)}, "
              f"s1 {tuple(views[0]['s1'].shape)})")
     return Workload("pretrain_step", "skysense", "sample", batch, shape, model, lambda m: m(),

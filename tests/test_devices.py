@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skysense.devices import resolve_device, to_device, training_autocast
+from skysense.devices import adamw, resolve_device, to_device, training_autocast
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 
@@ -45,3 +45,9 @@ def test_commands_name_a_missing_gpu(tmp_path, capsys) -> None:
                  "--random-init", "--device", "cuda"])
     assert code != 0
     assert "--device: 'cuda' asked for, but this machine has 0 CUDA device(s)" in capsys.readouterr().err
+
+
+def test_adamw_is_fused_on_cuda_only() -> None:
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert adamw([{"params": params}], 1e-3, torch.device("cuda")).defaults["fused"] is True
+    assert not adamw([{"params": params}], 1e-3, torch.device("cpu")).defaults["fused"]

@@ -11,6 +11,7 @@ import torch
 
 from skysense import SkySense, preset_config
 from skysense.parameters import count_parameters
+from skysense.validation import checked_on_host
 
 from model_inputs import tiny_inputs
 
@@ -105,28 +106,60 @@ def test_hr_size_not_multiple_of_window_is_padded(tiny_model: SkySense) -> None:
     assert out["fused"].shape[-2:] == (4, 3)
 
 
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (lambda x: x.update(s2=x["s2"][:, :, :9]), "s2: band count: expected 10, got 9"),
-        (lambda x: x.update(s1=x["s1"][0]), "s1: rank: expected 5 dims"),
-        (lambda x: x.update(hr=x["hr"].to(torch.uint8)), "hr: dtype: expected a floating-point tensor"),
-        (lambda x: x["s2"].__setitem__((0, 1, 3, 0, 0), float("nan")), "s2: values: expected finite numbers"),
-        (lambda x: x["s1"].__setitem__((1, 0, 0, 0, 0), float("inf")), "s1: values: expected finite numbers"),
-        (lambda x: x["s2_dates"].__setitem__((0, 0), 367), "s2_dates: day of year: expected values within 1..366"),
-        (lambda x: x["s1_dates"].__setitem__((0, 0), 0), "s1_dates: day of year"),
-        (lambda x: x.update(s2_dates=x["s2_dates"].float()), "s2_dates: dtype"),
-        (lambda x: x.update(s2=torch.randn(2, 3, 10, 8, 8)), "modalities do not cover the same ground"),
-        (lambda x: x.update(lat=torch.tensor([91.0, 0.0])), "lat: degrees"),
-        (lambda x: x.update(s1=x["s1"][:1], s1_dates=x["s1_dates"][:1]), "s1: batch size: expected 2"),
-        (lambda x: x.pop("s2_dates"), "s2_dates: required"),
-    ],
-)
+BAD_INPUTS = [
+    (lambda x: x.update(s2=x["s2"][:, :, :9]), "s2: band count: expected 10, got 9"),
+    (lambda x: x.update(s1=x["s1"][0]), "s1: rank: expected 5 dims"),
+    (lambda x: x.update(hr=x["hr"].to(torch.uint8)), "hr: dtype: expected a floating-point tensor"),
+    (lambda x: x["s2"].__setitem__((0, 1, 3, 0, 0), float("nan")), "s2: values: expected finite numbers"),
+    (lambda x: x["s1"].__setitem__((1, 0, 0, 0, 0), float("inf")), "s1: values: expected finite numbers"),
+    (lambda x: x["s2_dates"].__setitem__((0, 0), 367), "s2_dates: day of year: expected values within 1..366"),
+    (lambda x: x["s1_dates"].__setitem__((0, 0), 0), "s1_dates: day of year"),
+    (lambda x: x.update(s2_dates=x["s2_dates"].float()), "s2_dates: dtype"),
+    (lambda x: x.update(s2=torch.randn(2, 3, 10, 8, 8)), "modalities do not cover the same ground"),
+    (lambda x: x.update(lat=torch.tensor([91.0, 0.0])), "lat: degrees"),
+    (lambda x: x.update(s1=x["s1"][:1], s1_dates=x["s1_dates"][:1]), "s1: batch size: expected 2"),
+    (lambda x: x.pop("s2_dates"), "s2_dates: required"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_INPUTS)
 def test_bad_input_is_named(tiny_model: SkySense, change, message: str) -> None:
     inputs = tiny_inputs()
     change(inputs)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         tiny_model(**inputs)
+
+
+VALUE_ERRORS = [(change, message) for change, message in BAD_INPUTS if "values" in message or "day of year" in message
+                or "degrees" in message]
+
+
+@pytest.mark.parametrize("change, message", VALUE_ERRORS)
+def test_value_checks_run_on_the_host_with_the_same_errors(tiny_model: SkySense, change, message: str) -> None:
+    """The training loops check values on the host batch (no GPU sync) and switch the model's
+    value checks off; the errors are the model's."""
+    inputs = tiny_inputs()
+    change(inputs)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        checked_on_host(inputs)
+    tiny_model.check_values = False
+    try:
+        with torch.no_grad():
+            tiny_model(**inputs)  # unchecked: the model no longer reads the values
+    finally:
+        tiny_model.check_values = True
+
+
+def test_host_check_leaves_out_full_masks_only_and_the_output_is_unchanged(tiny_model: SkySense) -> None:
+    inputs = tiny_inputs()
+    inputs["s2_mask"] = torch.ones(inputs["s2"].shape[:2], dtype=torch.bool)
+    inputs["s1_mask"] = torch.ones(inputs["s1"].shape[:2], dtype=torch.bool)
+    inputs["s1_mask"][0, -1] = False
+    checked = checked_on_host(inputs)
+    assert "s2_mask" not in checked and torch.equal(checked["s1_mask"], inputs["s1_mask"])
+    assert set(inputs) - set(checked) == {"s2_mask"}
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(**checked), tiny_model(**inputs), rtol=0, atol=0)
 
 
 def test_no_modality_is_an_error(tiny_model: SkySense) -> None:

@@ -27,6 +27,15 @@ def resolve_device(name: str | None, setting: str = "--device") -> torch.device:
     return device
 
 
+def adamw(param_groups: list[dict[str, Any]], lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, with its fused kernel on CUDA: a step over SkySense-huge's 2B parameters is then a
+    few kernels reading each parameter's state once, instead of the multi-tensor path's several
+    passes (on one GPU, without FSDP, the step moves over 30 GB). Elsewhere torch's default."""
+    if device.type == "cuda":
+        return torch.optim.AdamW(param_groups, lr=lr, fused=True)
+    return torch.optim.AdamW(param_groups, lr=lr)
+
+
 def training_autocast(device: torch.device) -> AbstractContextManager:
     """bf16 autocast on CUDA (how SkySense trains on GPUs); full precision elsewhere."""
     if device.type == "cuda":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from skysense.config import SkySenseConfig
@@ -35,12 +38,16 @@ def check_finite(name: str, x: torch.Tensor, valid: torch.Tensor | None = None) 
 
 
 def check_dates(name: str, day_of_year: torch.Tensor, batch: int, frames: int) -> None:
-    """Day-of-year tensor (B, T) of integers within 1..366."""
+    """Day-of-year tensor (B, T) of integers (shape and dtype; the range: :func:`check_date_range`)."""
     if day_of_year.shape != (batch, frames):
         _fail(f"{name}_dates", "shape", (batch, frames), tuple(day_of_year.shape))
     if day_of_year.is_floating_point() or day_of_year.dtype == torch.bool:
         _fail(f"{name}_dates", "dtype", "integer day of year", day_of_year.dtype)
-    if day_of_year.numel() and (day_of_year.min() < 1 or day_of_year.max() > 366):
+
+
+def check_date_range(name: str, day_of_year: torch.Tensor) -> None:
+    """Every day of year within 1..366."""
+    if day_of_year.numel() and bool((day_of_year.min() < 1) | (day_of_year.max() > 366)):
         _fail(
             f"{name}_dates",
             "day of year",
@@ -57,12 +64,48 @@ def check_mask(name: str, valid: torch.Tensor, batch: int, frames: int) -> None:
 
 
 def check_location(lat: torch.Tensor, lon: torch.Tensor, batch: int) -> None:
-    for name, value, limit in (("lat", lat, 90.0), ("lon", lon, 180.0)):
+    """Shapes (B,) of latitude and longitude (the range: :func:`check_location_range`)."""
+    for name, value in (("lat", lat), ("lon", lon)):
         if value.shape != (batch,):
             _fail(name, "shape", (batch,), tuple(value.shape))
-        if not bool(torch.isfinite(value).all()) or bool((value.abs() > limit).any()):
+
+
+def check_location_range(lat: torch.Tensor, lon: torch.Tensor) -> None:
+    """Finite degrees within [-90, 90] (lat) and [-180, 180] (lon)."""
+    for name, value, limit in (("lat", lat, 90.0), ("lon", lon, 180.0)):
+        if bool((~torch.isfinite(value) | (value.abs() > limit)).any()):
             _fail(name, "degrees", f"finite values within [-{limit}, {limit}]",
                   f"range {value.min().item()}..{value.max().item()}")
+
+
+def check_values(inputs: Mapping[str, torch.Tensor | None]) -> None:
+    """The checks that read values: finite images (valid frames of a series only), days of year
+    within 1..366, lat/lon within range. Each reads a result back to the host, which on a GPU
+    waits for the work queued before it (a host-device synchronisation): training loops run
+    these on the host batch (:func:`checked_on_host`) and switch the model's off."""
+    for m in ("hr", "s2", "s1"):
+        x = inputs.get(m)
+        if x is None:
+            continue
+        check_finite(m, x, inputs.get(f"{m}_mask") if m != "hr" else None)
+        dates = inputs.get(f"{m}_dates")
+        if dates is not None:
+            check_date_range(m, dates)
+    if inputs.get("lat") is not None and inputs.get("lon") is not None:
+        check_location_range(inputs["lat"], inputs["lon"])
+
+
+def checked_on_host(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` (on the CPU) with its values checked (:func:`check_values`) and every series
+    mask that marks all frames valid left out, before it goes to a GPU.
+
+    A model given no mask knows, without reading a value back, that every frame is valid: it
+    runs its encoders on all frames and the fusion without a key mask. Given a mask, it must
+    read it to know (one host-device synchronisation each).
+    """
+    check_values(batch)
+    return {key: value for key, value in batch.items()
+            if not (key in ("s2_mask", "s1_mask") and isinstance(value, torch.Tensor) and bool(value.all()))}
 
 
 def check_same_ground(grids: dict[str, tuple[int, int]], config: SkySenseConfig) -> None:

@@ -147,7 +147,8 @@ def test_multimodal_fsdp_matches_ddp(tmp_path: Path) -> None:
     for key in rows["ddp"][0]:
         fsdp = [float(r[key]) if r[key] else np.nan for r in rows["fsdp"]]
         ddp = [float(r[key]) if r[key] else np.nan for r in rows["ddp"]]
-        np.testing.assert_allclose(fsdp, ddp, rtol=0, atol=1e-4, err_msg=key)
+        # Relative too: the gradient norm is in the thousands, where one float32 step is 1.2e-4.
+        np.testing.assert_allclose(fsdp, ddp, rtol=1e-6, atol=1e-4, err_msg=key)
     _, fsdp_model, _ = _restored(*runs["fsdp"])
     ddp_model = torch.load(runs["ddp"][1] / "training_state.pt", weights_only=True)["module"]
     assert fsdp_model.keys() == ddp_model.keys()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -39,7 +40,7 @@ from skysense.data.sample import collate
 from skysense.downstream.data import TrainingSamples, evenly_spaced, model_keys
 from skysense.downstream.lr_decay import parameter_groups
 from skysense.downstream.registry import downstream_dataset
-from skysense.devices import resolve_device, to_device, training_autocast
+from skysense.devices import adamw, resolve_device, to_device, training_autocast
 from skysense.distributed import apply_activation_checkpointing
 from skysense.downstream.tasks import TASKS, DownstreamModel, TaskSpec, build_task_model
 from skysense.models import TRANSFORMER_BLOCKS, SkySense
@@ -291,8 +292,8 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
         model.encoder.requires_grad_(False)
     if config.activation_checkpointing:
         apply_activation_checkpointing(model.encoder, TRANSFORMER_BLOCKS)
-    optimizer = torch.optim.AdamW(parameter_groups(model, encoder.config, config.optim.weight_decay,
-                                                   config.optim.layer_decay), lr=config.optim.lr)
+    optimizer = adamw(parameter_groups(model, encoder.config, config.optim.weight_decay, config.optim.layer_decay),
+                      config.optim.lr, device)
     start = _load_state(out, model, optimizer, config) if resume else 0
     if config.compile == "blocks":  # after checkpointing: its hooks stay around the compiled forward
         compile_blocks(model.encoder, TRANSFORMER_BLOCKS)
@@ -323,19 +324,22 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
         batch = to_device(batch, device)
         with training_autocast(device):
             total, terms = model.loss(model(batch), batch)
-        if not torch.isfinite(total):
-            raise NonFiniteLossError(f"step {step}: loss is {total.item()}; stopped without saving, the last "
-                                     f"checkpoint in {out} is intact")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if config.optim.grad_clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
         else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         optimizer.step()
-        values = {"loss": float(total.detach()), **{f"loss/{k}": float(v.detach()) for k, v in terms.items()}, "lr": lr,
-                  "grad_norm": grad_norm}
+        # Every logged value in one read-back to the host (on a GPU, the step's one wait).
+        names = ["loss", *(f"loss/{k}" for k in terms), "grad_norm"]
+        logged = torch.stack([v.detach().float() for v in (total, *terms.values(), grad_norm)]).tolist()
+        values = dict(zip(names, logged))
+        if not math.isfinite(values["loss"]):
+            raise NonFiniteLossError(f"step {step}: loss is {values['loss']}; stopped without saving, the last "
+                                     f"checkpoint in {out} is intact")
+        values = {"loss": values["loss"], **{n: values[n] for n in names[1:-1]}, "lr": lr, "grad_norm": values["grad_norm"]}
         rows.append({"step": step, **values})
         log.add(step, values)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")

@@ -77,26 +77,31 @@ class FusionTransformer(nn.Module):
             tokens: one entry per present modality, in sequence order, each
                 ``(features, day_of_year, valid)`` with ``features`` (B, T, C_in, H, W),
                 ``day_of_year`` (B, T) integers in 1..366 or None (no date encoding),
-                ``valid`` (B, T) bool.
+                ``valid`` (B, T) bool, or None when every frame is valid.
 
         Returns:
             (B, D, H, W): the extra token's output at every location.
         """
         b, _, _, h, w = tokens[0][0].shape
         dim = self.config.embed_dim
+        device = tokens[0][0].device
         sequence = [self.extra_token.expand(b, h * w, 1, dim)]
-        valid = [torch.ones(b, 1, dtype=torch.bool, device=tokens[0][0].device)]
+        valid = [torch.ones(b, 1, dtype=torch.bool, device=device)]
         for features, day_of_year, frame_valid in tokens:
             x = self.input_proj(features.permute(0, 3, 4, 1, 2).reshape(b, h * w, -1, features.shape[2]))
             if day_of_year is not None:
                 x = x + self.date_offsets(day_of_year)[:, None]
             sequence.append(x)
-            valid.append(frame_valid)
+            valid.append(torch.ones(b, x.shape[2], dtype=torch.bool, device=device) if frame_valid is None
+                         else frame_valid)
         x = torch.cat(sequence, dim=2).reshape(b * h * w, -1, dim)
-        key_valid = torch.cat(valid, dim=1)
-        # Every sample's mask is shared by all its locations.
-        key_valid = key_valid[:, None, :].expand(b, h * w, -1).reshape(b * h * w, -1)
-        mask = None if bool(key_valid.all()) else key_valid
+        mask = None
+        if any(frame_valid is not None for _, _, frame_valid in tokens):
+            key_valid = torch.cat(valid, dim=1)
+            # Every sample's mask is shared by all its locations. Reading whether all are valid
+            # is a host sync on a GPU; without any mask given, it is known without one.
+            if not bool(key_valid.all()):
+                mask = key_valid[:, None, :].expand(b, h * w, -1).reshape(b * h * w, -1)
         for block in self.blocks:
             x = block(x, mask)
         return x[:, 0].reshape(b, h, w, dim).permute(0, 3, 1, 2).contiguous()

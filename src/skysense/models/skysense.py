@@ -48,6 +48,10 @@ class SkySense(nn.Module):
         self.s2_projection = PixelShuffleProjection(config.s2.embed_dim, width, config.s2.patch_size)
         self.s1_projection = PixelShuffleProjection(config.s1.embed_dim, width, config.s1.patch_size)
         self.fusion = FusionTransformer(config.fusion, width)
+        # Read the inputs' values to check them (NaN/inf, day-of-year and lat/lon ranges): on a
+        # GPU each check waits for the queued work. Training loops check batches on the host
+        # (validation.checked_on_host) and switch this off.
+        self.check_values = True
         self.geo_context = (
             GeoContextPrototypes(config.geo_context, config.fusion.embed_dim) if config.geo_context.enabled else None
         )
@@ -75,16 +79,17 @@ class SkySense(nn.Module):
     def projection(self, modality: str) -> PixelShuffleProjection:
         return {"s2": self.s2_projection, "s1": self.s1_projection}[modality]
 
-    def encode_frames(self, modality: str, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def encode_frames(self, modality: str, frames: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Run a Sentinel encoder on the valid frames only: (B, T, C, h, w) -> (B, T, D, h/p, w/p).
 
-        Invalid frames come out as zeros; they are masked downstream.
+        ``valid`` (B, T), or None when every frame is valid. Invalid frames come out as zeros;
+        they are masked downstream.
         """
         b, t = frames.shape[:2]
         flat = frames.flatten(0, 1)
-        keep = valid.flatten()
         encoder = self.encoder(modality)
-        if bool(keep.all()):
+        keep = None if valid is None else valid.flatten()
+        if keep is None or bool(keep.all()):  # a mask is read back to the host to know
             feats = encoder.forward_features(flat)
         else:
             chosen = encoder.forward_features(flat[keep])
@@ -111,17 +116,14 @@ class SkySense(nn.Module):
                 raise ValueError(f"{m}: batch size: expected {batch} (as the first modality), got {x.shape[0]}")
             checked[m] = x
             if m == "hr":
-                validation.check_finite(m, x)
                 stride = cfg.hr_stride
                 grids[m] = (_ceil_div(x.shape[-2], stride), _ceil_div(x.shape[-1], stride))
                 continue
             frames = x.shape[1]
             valid = inputs.get(f"{m}_mask")
-            if valid is None:
-                valid = torch.ones(batch, frames, dtype=torch.bool, device=x.device)
-            validation.check_mask(m, valid, batch, frames)
-            validation.check_finite(m, x, valid)
-            checked[f"{m}_mask"] = valid
+            if valid is not None:  # None: every frame valid, known without reading a value
+                validation.check_mask(m, valid, batch, frames)
+                checked[f"{m}_mask"] = valid
             dates = inputs.get(f"{m}_dates")
             if m in cfg.fusion.date_encoded:
                 if dates is None:
@@ -137,6 +139,8 @@ class SkySense(nn.Module):
         if lat is not None:
             validation.check_location(lat, lon, batch)
             checked["lat"], checked["lon"] = lat, lon
+        if self.check_values:
+            validation.check_values(checked)
         return checked
 
     def forward_features(
@@ -170,12 +174,11 @@ class SkySense(nn.Module):
         if "hr" in inputs:
             pyramid = self.hr_encoder.forward_pyramid(inputs["hr"])
             out["hr_pyramid"] = pyramid
-            always = torch.ones(pyramid[-1].shape[0], 1, dtype=torch.bool, device=pyramid[-1].device)
-            sequence.append((pyramid[-1][:, None], None, always))
+            sequence.append((pyramid[-1][:, None], None, None))
         for m in SENTINEL:
             if m not in inputs:
                 continue
-            valid = inputs[f"{m}_mask"]
+            valid = inputs.get(f"{m}_mask")
             feats = self.encode_frames(m, inputs[m], valid)
             out[m] = feats
             b, t = feats.shape[:2]

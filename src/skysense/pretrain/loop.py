@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from skysense.compilation import compile_blocks
-from skysense.devices import training_autocast
+from skysense.devices import adamw, to_device, training_autocast
 from skysense.distributed import (
     DistributedContext,
     apply_activation_checkpointing,
@@ -55,6 +55,7 @@ from skysense.pretrain.checkpoint import (
 from skysense.pretrain.config import PretrainConfig
 from skysense.pretrain.data import build_view_loader
 from skysense.pretrain.model import PretrainingModel, parameter_groups
+from skysense.validation import checked_on_host
 from skysense.pretrain.teacher import cosine_momentum, ema_update
 from skysense.weights import atomic_write
 
@@ -143,13 +144,14 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)  # identical initialisation on every process
     module = PretrainingModel(config).to(context.device)
+    module.student.check_values = module.teacher.check_values = False  # on the host instead
     if config.activation_checkpointing:
         apply_activation_checkpointing(module.student, TRANSFORMER_BLOCKS)
     if config.compile == "blocks":  # after checkpointing, before FSDP: both hook around the compiled forward
         compile_blocks(module, TRANSFORMER_BLOCKS)
     sharded = is_sharded(config) and context.enabled
     replicated = apply_fsdp(module, context, FSDP_UNITS) if sharded else []
-    optimizer = torch.optim.AdamW(parameter_groups(module, config.optim.weight_decay), lr=config.optim.lr)
+    optimizer = adamw(parameter_groups(module, config.optim.weight_decay), config.optim.lr, context.device)
     start = load_checkpoint(out, module, optimizer, config) if resume else 0
     wrapped = module if sharded else wrap_data_parallel(module, context)
     step_fn = torch.compile(wrapped) if config.compile == "model" else wrapped
@@ -162,7 +164,8 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
     module.train()
     started = time.perf_counter()
     for step, views in zip(range(start, config.max_steps), loader):
-        views = tuple({k: v.to(context.device) for k, v in view.items()} for view in views)
+        # Values checked here, on the host: on a GPU each check in the model would be a sync.
+        views = tuple(to_device(checked_on_host(view), context.device) for view in views)
         lr = learning_rate(step, config)
         momentum = cosine_momentum(step, config.max_steps, config.optim.teacher_momentum,
                                    config.optim.final_teacher_momentum)
@@ -171,12 +174,6 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
         torch.manual_seed(config.seed * 1_000_003 + step * 7919 + context.rank)  # stochastic depth
         with autocast:
             total, terms = step_fn(views)
-        if not torch.isfinite(total):
-            bad = [name for name, value in terms.items() if not torch.isfinite(value)]
-            raise NonFiniteLossError(
-                f"step {step}: loss is {total.item()} (non-finite terms: {', '.join(bad) or 'none individually'}); "
-                f"stopped without saving, the last checkpoint in {out} is intact"
-            )
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         average_gradients(replicated)
@@ -187,11 +184,19 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
                 module.objective.update_prototypes(module.student.geo_context)
             module.objective.update_teacher_heads(momentum)
             ema_update(module.teacher, module.student, momentum)
-        names = ["loss", *terms]
-        # One collective for every logged value, not one per value.
-        means = mean_across_processes(torch.stack([total.detach().float(), *(terms[n].float() for n in terms)]))
+        names = ["loss", *terms, "grad_norm"]
+        # One collective and one read-back to the host (the step's only sync) for every logged
+        # value; the gradient norm is the same on every process, so its mean is itself.
+        logged = [total.detach(), *terms.values(), grad_norm.detach()]
+        means = mean_across_processes(torch.stack([value.float() for value in logged]))
         values = dict(zip(names, means.tolist()))
-        values.update(lr=lr, teacher_momentum=momentum, grad_norm=float(grad_norm))
+        if not math.isfinite(values["loss"]):  # the same on every process: a mean over all
+            bad = [name for name in terms if not math.isfinite(values[name])]
+            raise NonFiniteLossError(
+                f"step {step}: loss is {values['loss']} (non-finite terms: {', '.join(bad) or 'none individually'}); "
+                f"stopped without saving, the last checkpoint in {out} is intact"
+            )
+        values.update(lr=lr, teacher_momentum=momentum, grad_norm=values.pop("grad_norm"))
         rows.append({"step": step, **values})
         done = step + 1
         if log is not None:
