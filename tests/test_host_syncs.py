@@ -1,0 +1,61 @@
+"""Host-device synchronisations of the pretraining step, counted on the CPU
+(benchmarks/host_syncs.py): on a GPU each one idles the GPU until Python queues more work."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import host_syncs  # noqa: E402
+
+from skysense.sinkhorn import sinkhorn_knopp  # noqa: E402
+
+
+def test_the_counter_sees_every_kind_of_read_back() -> None:
+    x = torch.arange(6.0)
+    with host_syncs.HostSyncCounter() as counter:
+        x.sum().item()
+        bool((x > 2).any())
+        x[x > 2]
+        torch.nonzero(x)
+        torch.unique(x)
+        x * 2  # no read-back
+    names = sorted(name for name, _ in counter.counts.elements())
+    assert names == sorted(["aten._local_scalar_dense.default"] * 2 + ["aten.index.Tensor (bool mask)",
+                            "aten.nonzero.default", "aten._unique2.default"]), names
+    assert all("test_host_syncs.py" not in where for _, where in counter.counts)  # only our package's lines
+
+
+def test_pretraining_step_reads_back_only_sinkhorn_convergence_and_present_regions() -> None:
+    """Input validation, frame masks, the fusion's key mask, the geo prototypes' per-region
+    loops and Sinkhorn's sum check read back 187 values per step at these shapes before;
+    what is left: Sinkhorn-Knopp's convergence test every 10th round, and one list of present
+    regions per geo-prototype call (two assignments, one EMA update)."""
+    torch.manual_seed(0)
+    counter = host_syncs.pretraining_step_syncs(batch=2)
+    by_line = {where.split(":")[0] + ":" + where.split(": ", 1)[1]: n for (_, where), n in counter.counts.items()}
+    files = {where.split(":")[0] for where in by_line}
+    assert files <= {"sinkhorn.py", "geo_context.py"}, counter.counts
+    assert sum(n for where, n in by_line.items() if where.startswith("geo_context.py")) == 3, counter.counts
+    # Sinkhorn-Knopp runs at most 20 rounds here (the tiny objective): at most 2 tests per call.
+    assert 0 < counter.total <= 3 + 2 * 10, counter.counts
+
+
+def test_sinkhorn_tests_convergence_every_check_every_rounds() -> None:
+    torch.manual_seed(0)
+    scores = torch.randn(64, 8)
+    counts = {}
+    for every in (1, 10):
+        with host_syncs.HostSyncCounter() as counter:
+            q = sinkhorn_knopp(scores, epsilon=0.1, iterations=200, tolerance=1e-4, check_every=every)
+        counts[every] = counter.total
+        torch.testing.assert_close(q.sum(1), torch.ones(64))
+        assert (q.sum(0) - 8.0).abs().max() < 1e-4  # converged within the tolerance either way
+    assert counts[1] >= 5 * counts[10] > 0, counts
+    with pytest.raises(ValueError, match="check_every must be at least 1, got 0"):
+        sinkhorn_knopp(scores, check_every=0)
