@@ -308,9 +308,9 @@ class PretrainStep(nn.Module):
         if self.optimizer is None:  # after .to(device)
             self.optimizer = adamw(parameter_groups(module, self.config.optim.weight_decay), self.config.optim.lr,
                                    next(module.parameters()).device)
+        self.optimizer.zero_grad(set_to_none=True)  # as the loop: before the forward, where memory peaks
         with autocast(self.options):
             total, terms = module(self.views)
-        self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         clip_grad_norm([p for g in self.optimizer.param_groups for p in g["params"]], self.config.optim.grad_clip)
         self.optimizer.step()

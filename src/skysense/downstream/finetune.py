@@ -322,9 +322,9 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
             group["lr"] = lr * group["lr_scale"]
         torch.manual_seed(config.seed * 1_000_003 + step * 7919)  # dropout, stochastic depth
         batch = to_device(batch, device)
+        optimizer.zero_grad(set_to_none=True)  # before the forward pass: memory peaks there
         with training_autocast(device):
             total, terms = model.loss(model(batch), batch)
-        optimizer.zero_grad(set_to_none=True)
         total.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if config.optim.grad_clip is not None:

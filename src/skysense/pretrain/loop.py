@@ -172,9 +172,11 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(config.seed * 1_000_003 + step * 7919 + context.rank)  # stochastic depth
+        # Before the forward pass: the last step's gradients would otherwise stay allocated
+        # through it, when memory peaks (benchmarks/step_memory.py).
+        optimizer.zero_grad(set_to_none=True)
         with autocast:
             total, terms = step_fn(views)
-        optimizer.zero_grad(set_to_none=True)
         total.backward()
         average_gradients(replicated)
         grad_norm = clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], config.optim.grad_clip)
