@@ -129,6 +129,7 @@ def constant_mask(fn):
     def mask(*args):
         return fn(*args) if torch.compiler.is_compiling() else cached(*args)
 
+    mask.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
     return mask
 
 

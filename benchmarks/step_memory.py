@@ -1,0 +1,245 @@
+"""Peak memory of one pretraining step at any size, estimated on the CPU without allocating it.
+
+Part (d) of ``benchmarks/gpu_step.py`` (student and EMA teacher on two multi-modal views, every
+objective, clipping, AdamW, the prototype and EMA updates) runs on fake tensors
+(``torch._subclasses.fake_tensor.FakeTensorMode``): every operator computes its output's shape
+and dtype only, so SkySense-huge's step at the paper's shapes runs in a minute on a laptop. A
+dispatch mode adds up the bytes of every storage alive at each moment (freed when its last
+tensor goes) and keeps the peak; the model state (parameters, buffers, gradients, AdamW's
+moments) is measured after a step, and the peak during the second step (the first has no
+optimizer state yet).
+
+How it differs from a GPU run, so read the result as an estimate:
+
+* bf16 autocast runs with the CPU's operator lists, which match CUDA's for the matmuls,
+  convolutions and attention that hold most of the memory; SwinV2's heads are padded to 48 as
+  on CUDA; AdamW is the fused one the loop uses on CUDA.
+* Not counted: the CUDA context (about 0.5 GiB), cuBLAS/cuDNN workspaces, and the caching
+  allocator's rounding and fragmentation (``torch.cuda.memory_reserved`` is typically a few
+  to 15% above the allocated peak this estimates).
+* Eager: compiled blocks usually save fewer tensors for the backward pass.
+* ``--world N`` shards with FSDP2 as the loop does, over a process group whose collectives do
+  nothing: the shards, the gathered parameters and gradient buffers are allocated as on N
+  devices (FSDP2 frees gathered parameters by resizing their storage: that is counted too).
+* Values the step reads back get stand-ins: Sinkhorn-Knopp never meets its tolerance early
+  (every round runs; each round replaces the last, so memory does not grow with rounds), and
+  every sample of both views is in its own geo region (the most memory).
+
+    PYTHONPATH=src python benchmarks/step_memory.py                       # huge, batches 3,4,6,8
+    PYTHONPATH=src python benchmarks/step_memory.py --batches 3 --checkpointing off,fusion,all
+    PYTHONPATH=src python benchmarks/step_memory.py --batches 3 --world 80  # the paper: FSDP2, 80 GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import weakref
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_step  # noqa: E402
+
+from skysense.devices import adamw  # noqa: E402
+from skysense.distributed import DistributedContext, apply_activation_checkpointing, apply_fsdp  # noqa: E402
+from skysense.models import swin_v2  # noqa: E402
+from skysense.models.layers import TransformerBlock  # noqa: E402
+from skysense.models.swin_v2 import SwinV2Block  # noqa: E402
+from skysense.pretrain.loop import FSDP_UNITS  # noqa: E402
+from skysense.pretrain.model import parameter_groups  # noqa: E402
+from skysense.validation import checked_on_host  # noqa: E402
+
+GIB = 2**30
+# Activation checkpointing of the student: none, the fusion transformer's blocks, or every
+# transformer block (what --activation-checkpointing / ``activation_checkpointing: true`` do).
+CHECKPOINTING = ("off", "fusion", "all")
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of every storage alive, and their peak, over the operators run in its context.
+
+    Storages are counted once however many tensors view them, and leave the count when their
+    last tensor goes. Values an operator would read back to the host (``.item()``, ``bool``,
+    ``nonzero``) cannot exist on fake tensors: ``.item()`` answers 0 (False), ``nonzero`` answers
+    ``nonzero_rows`` rows (at most the input's size).
+    """
+
+    def __init__(self, nonzero_rows: int) -> None:
+        super().__init__()
+        self.nonzero_rows = nonzero_rows
+        self.sizes: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        if isinstance(tensor, DTensor):  # FSDP2's sharded parameters, gradients, moments
+            tensor = tensor.to_local()
+        storage = tensor.untyped_storage()
+        key = id(storage)  # storages keep one Python object while they live
+        if key in self.sizes:
+            return
+        size = storage.nbytes()
+        self.sizes[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self.sizes.pop(key)
+
+    def resized(self, storage: torch.UntypedStorage) -> None:
+        """A storage's size changed in place (FSDP2 frees and re-allocates gathered parameters so)."""
+        key = id(storage)
+        if key in self.sizes:
+            self.live += storage.nbytes() - self.sizes[key]
+            self.sizes[key] = storage.nbytes()
+            self.peak = max(self.peak, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return False if args[0].dtype == torch.bool else 0
+        if func is torch.ops.aten.nonzero.default:
+            out = torch.zeros(min(self.nonzero_rows, args[0].numel()), args[0].ndim, dtype=torch.long,
+                              device=args[0].device)
+        else:
+            out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.track(tensor)
+        return out
+
+
+def clear_mask_caches() -> None:
+    for builder in (swin_v2.shifted_window_mask, swin_v2.padded_key_mask):
+        builder.cache_clear()
+
+
+@contextmanager
+def resizes_reported_to(live: LiveBytes):
+    """``UntypedStorage.resize_`` reports to ``live``: it is no operator, so no dispatch mode sees it."""
+    resize = torch.UntypedStorage.resize_
+
+    def reporting(storage, size):
+        out = resize(storage, size)
+        live.resized(storage)
+        return out
+
+    torch.UntypedStorage.resize_ = reporting
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = resize
+
+
+@contextmanager
+def fake_process_group(world: int):
+    """A process group of ``world`` ranks, this one rank 0, whose collectives do nothing
+    (``torch.testing._internal.distributed.fake_pg``): FSDP2 shards and allocates as it would."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield DistributedContext(rank=0, world_size=world, device=torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass
+class StepMemory:
+    batch: int
+    checkpointing: str
+    world: int  # FSDP2 over this many devices (1: none)
+    state_gib: float  # parameters, buffers, gradients and AdamW moments after a step
+    peak_gib: float  # during a step, state included
+    seconds: float
+
+
+def estimate(batch: int, checkpointing: str = "off", shapes: gpu_step.Shapes = gpu_step.HUGE,
+             world: int = 1) -> StepMemory:
+    """Peak memory of part (d)'s step at per-device ``batch`` (see the module docstring), on one
+    device, or on each of ``world`` devices with the pretraining loop's FSDP2 sharding."""
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing: expected one of {CHECKPOINTING}, got {checkpointing!r}")
+    if world < 1:
+        raise ValueError(f"world: expected at least 1 device, got {world}")
+    with fake_process_group(world) if world > 1 else nullcontext() as context:
+        return _estimate(batch, checkpointing, shapes, context)
+
+
+def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
+              context: DistributedContext | None) -> StepMemory:
+    started = time.perf_counter()
+    options = gpu_step.Options(device="cpu", dtype="bf16", shapes=shapes)
+    with torch.device("meta"):  # initialisation would read values (trunc_normal_); shapes suffice
+        model = gpu_step.PretrainStep(gpu_step.pretrain_config(shapes, batch), options)
+    model.pretraining.train()
+    model.pretraining.student.check_values = model.pretraining.teacher.check_values = False
+    views = gpu_step.pretrain_views(shapes, batch, torch.device("cpu"), torch.Generator().manual_seed(0))
+    views = tuple(checked_on_host(view) for view in views)  # as the loop: values checked on the host
+    student = model.pretraining.student
+    if checkpointing == "fusion":
+        apply_activation_checkpointing(student.fusion, (TransformerBlock,))
+    elif checkpointing == "all":
+        apply_activation_checkpointing(student, (TransformerBlock, SwinV2Block))
+    if context is not None:  # after checkpointing, as the loop
+        apply_fsdp(model.pretraining, context, FSDP_UNITS)
+    padding = swin_v2.fused_head_multiple
+    swin_v2.fused_head_multiple = lambda device: 8  # SwinV2-H's heads 44 -> 48, as on CUDA
+    clear_mask_caches()  # masks cached by an earlier run would not be counted (or be real)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+            model.to_empty(device="cpu")
+            model.views = tuple({k: fake.from_tensor(v) for k, v in view.items()} for view in views)
+            model.optimizer = adamw(parameter_groups(model.pretraining, model.config.optim.weight_decay),
+                                    model.config.optim.lr, torch.device("cuda"))  # fused, as on CUDA
+            live = LiveBytes(nonzero_rows=2 * batch)
+            for tensor in (*model.parameters(), *model.buffers(), *tree_leaves(model.views)):
+                live.track(tensor)
+            with live, resizes_reported_to(live):
+                model()  # creates gradients and AdamW's moments
+                state = live.live
+                live.peak = live.live
+                model()
+    finally:
+        swin_v2.fused_head_multiple = padding
+        clear_mask_caches()  # fake masks must not reach a later real run
+    world = 1 if context is None else context.world_size
+    return StepMemory(batch, checkpointing, world, state / GIB, live.peak / GIB, time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="3,4,6,8", help="per-device batches (default 3,4,6,8)")
+    parser.add_argument("--checkpointing", default="off,all",
+                        help=f"comma-separated, of {', '.join(CHECKPOINTING)} (default off,all)")
+    parser.add_argument("--world", default="1", help="comma-separated device counts to shard over with FSDP2 "
+                        "(1: one device, no sharding; default 1)")
+    parser.add_argument("--small", action="store_true", help="the tiny preset at gpu_step's --small shapes")
+    args = parser.parse_args(argv)
+    shapes = gpu_step.SMALL if args.small else gpu_step.HUGE
+    print(f"pretraining step ({shapes.preset}, HR {shapes.step_hr} px, S2 {shapes.step_s2_frames} / "
+          f"S1 {shapes.step_s1_frames} frames, two views), bf16 autocast, fused AdamW, per device, "
+          f"torch {torch.__version__}")
+    print(f"{'devices':>7} {'batch':>5} {'checkpointing':>13} {'state GiB':>10} {'peak GiB':>9} {'seconds':>8}")
+    for world in (int(w) for w in args.world.split(",")):
+        for mode in args.checkpointing.split(","):
+            for batch in (int(b) for b in args.batches.split(",")):
+                row = estimate(batch, mode, shapes, world)
+                print(f"{row.world:7d} {row.batch:5d} {row.checkpointing:>13} {row.state_gib:10.2f} "
+                      f"{row.peak_gib:9.2f} {row.seconds:8.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""benchmarks/step_memory.py: the pretraining step's peak memory on fake tensors."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gpu_step  # noqa: E402
+import step_memory  # noqa: E402
+
+from skysense.models.swin_v2 import shifted_window_mask  # noqa: E402
+from skysense.pretrain.model import parameter_groups  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _estimate(batch: int, checkpointing: str = "off", world: int = 1) -> step_memory.StepMemory:
+    """Each estimate once per session (several seconds each at tiny shapes)."""
+    return step_memory.estimate(batch, checkpointing, gpu_step.SMALL, world)
+
+
+def test_live_bytes_counts_storages_once_and_frees_them() -> None:
+    with step_memory.LiveBytes(nonzero_rows=3) as live:
+        a = torch.ones(1000)  # 4000 bytes
+        view = a[10:20]  # same storage: nothing more
+        b = a * 2  # 4000 more
+        assert (live.live, live.peak) == (8000, 8000)
+        del a
+        assert live.live == 8000  # the view keeps the storage
+        del view, b
+        assert live.live == 0 and live.peak == 8000
+        c = torch.ones(10, 10)
+        assert torch.nonzero(c).shape == (3, 2)  # the stand-in for a value read back
+        assert (c.sum() > 0).item() is False
+
+
+def test_tiny_step_state_is_weights_gradients_and_adamw_moments() -> None:
+    row = _estimate(2)
+    with torch.device("meta"):
+        model = gpu_step.PretrainStep(gpu_step.pretrain_config(gpu_step.SMALL, 2), gpu_step.Options(device="cpu"))
+    trained = [p for group in parameter_groups(model.pretraining, 0.0) for p in group["params"]]
+    every = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    views = gpu_step.pretrain_views(gpu_step.SMALL, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
+    inputs = sum(t.numel() * t.element_size() for view in views for key, t in view.items()
+                 if not key.endswith("_mask"))  # all-valid masks are left out on the host
+    # Gradient + two moments per trained value (fp32), and fused AdamW's step count per tensor.
+    expected = every + 3 * sum(p.numel() * 4 for p in trained) + 4 * len(trained) + inputs
+    # Within 1%: SwinV2's cached shift masks are alive too, and a parameter the step leaves
+    # without a gradient has no moments.
+    assert abs(row.state_gib * step_memory.GIB / expected - 1) < 0.01, (row.state_gib * step_memory.GIB, expected)
+    assert row.peak_gib > row.state_gib
+    # No fake mask stays cached for a later real run (the tiny HR map is 32 x 32 at stage 1).
+    assert type(shifted_window_mask(32, 32, 8, 4, torch.device("cpu"))) is torch.Tensor
+
+
+def test_checkpointing_and_batch_move_the_peak_the_expected_way() -> None:
+    off2, all2 = _estimate(2), _estimate(2, "all")
+    off4 = _estimate(4)
+    assert all2.peak_gib < off2.peak_gib < off4.peak_gib
+    assert all2.state_gib == off2.state_gib
+
+
+def test_resizing_a_storage_in_place_is_counted() -> None:
+    """FSDP2 frees gathered parameters with ``untyped_storage().resize_(0)``, which is no operator."""
+    live = step_memory.LiveBytes(nonzero_rows=1)
+    with live, step_memory.resizes_reported_to(live):
+        gathered = torch.ones(256)
+        assert live.live == 1024
+        gathered.untyped_storage().resize_(0)
+        assert live.live == 0
+        gathered.untyped_storage().resize_(2048)
+        assert (live.live, live.peak) == (2048, 2048)
+
+
+def test_fsdp_shards_the_state_over_the_devices() -> None:
+    one, four = _estimate(2), _estimate(2, world=4)
+    # Weights, gradients and moments shard 4 ways; buffers (the geo prototypes) do not.
+    assert four.state_gib < one.state_gib / 2
+    assert four.peak_gib < one.peak_gib
+    assert four.world == 4
