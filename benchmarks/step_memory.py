@@ -18,9 +18,10 @@ How it differs from a GPU run, so read the result as an estimate:
   allocator's rounding and fragmentation (``torch.cuda.memory_reserved`` is typically a few
   to 15% above the allocated peak this estimates).
 * Eager: compiled blocks usually save fewer tensors for the backward pass.
-* ``--world N`` shards with FSDP2 as the loop does, over a process group whose collectives do
-  nothing: the shards, the gathered parameters and gradient buffers are allocated as on N
-  devices (FSDP2 frees gathered parameters by resizing their storage: that is counted too).
+* ``--world N`` shards with FSDP2 as the loop does on CUDA (parameters gathered in bf16), over
+  a process group whose collectives do nothing: the shards, the gathered parameters and
+  gradient buffers are allocated as on N devices (FSDP2 frees gathered parameters by resizing
+  their storage: that is counted too).
 * Values the step reads back get stand-ins: Sinkhorn-Knopp never meets its tolerance early
   (every round runs; each round replaces the last, so memory does not grow with rounds), and
   every sample of both views is in its own geo region (the most memory).
@@ -50,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_step  # noqa: E402
 
-from skysense.devices import adamw  # noqa: E402
+from skysense.devices import adamw, training_dtype  # noqa: E402
 from skysense.distributed import DistributedContext, apply_activation_checkpointing, apply_fsdp  # noqa: E402
 from skysense.models import swin_v2  # noqa: E402
 from skysense.models.layers import TransformerBlock  # noqa: E402
@@ -193,7 +194,7 @@ def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
     elif checkpointing == "all":
         apply_activation_checkpointing(student, (TransformerBlock, SwinV2Block))
     if context is not None:  # after checkpointing, as the loop
-        apply_fsdp(model.pretraining, context, FSDP_UNITS)
+        apply_fsdp(model.pretraining, context, FSDP_UNITS, training_dtype(torch.device("cuda")))  # as on CUDA
     padding = swin_v2.fused_head_multiple
     swin_v2.fused_head_multiple = lambda device: 8  # SwinV2-H's heads 44 -> 48, as on CUDA
     clear_mask_caches()  # masks cached by an earlier run would not be counted (or be real)

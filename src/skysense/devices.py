@@ -36,11 +36,16 @@ def adamw(param_groups: list[dict[str, Any]], lr: float, device: torch.device) -
     return torch.optim.AdamW(param_groups, lr=lr)
 
 
+def training_dtype(device: torch.device) -> torch.dtype | None:
+    """The compute dtype of training on ``device``: bf16 on CUDA, None (full precision) elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def training_autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on CUDA (how SkySense trains on GPUs); full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """Autocast to :func:`training_dtype` (bf16 on CUDA, how SkySense trains on GPUs); full
+    precision elsewhere."""
+    dtype = training_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -143,7 +143,8 @@ def wrap_data_parallel(module: nn.Module, context: DistributedContext) -> nn.Mod
 
 
 def apply_fsdp(
-    module: nn.Module, context: DistributedContext, unit_types: tuple[type[nn.Module], ...]
+    module: nn.Module, context: DistributedContext, unit_types: tuple[type[nn.Module], ...],
+    param_dtype: torch.dtype | None = None,
 ) -> list[nn.Parameter]:
     """Shard ``module`` in place with FSDP2 over all processes.
 
@@ -158,9 +159,15 @@ def apply_fsdp(
     fully_shard refuses 0-d parameters (it shards dim 0), e.g. a learnable temperature: they
     stay whole on every process and are returned. Average their gradients with
     :func:`average_gradients` after each backward, as DDP would.
+
+    ``param_dtype`` (e.g. ``torch.bfloat16`` when training in bf16 autocast): parameters are
+    all-gathered in this dtype, so the gathers move half the bytes and autocast finds its
+    matmul weights already cast (it would otherwise make a bf16 copy of every gathered weight,
+    once per forward of its unit). Gradients are reduced and kept in float32, the shards and
+    AdamW's moments stay float32.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not context.enabled:
         raise ValueError("apply_fsdp: needs a process group of several processes (run under torchrun)")
@@ -168,9 +175,10 @@ def apply_fsdp(
     scalars = [p for p in module.parameters() if p.ndim == 0]
     units = [m for m in module.modules() if isinstance(m, unit_types)]
     # Innermost units first: fully_shard must see a unit's sharded children before the unit.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for unit in reversed(units):
-        fully_shard(unit, mesh=mesh, ignored_params=set(scalars))
-    fully_shard(module, mesh=mesh, ignored_params=set(scalars))
+        fully_shard(unit, mesh=mesh, ignored_params=set(scalars), mp_policy=policy)
+    fully_shard(module, mesh=mesh, ignored_params=set(scalars), mp_policy=policy)
     return scalars
 
 

@@ -347,3 +347,27 @@ def test_fsdp_run_with_compiled_checkpointed_blocks_matches_eager(tmp_path: Path
     assert len(_losses(compiled)) == 3
     # Seen: relative differences of 2e-6 (kernel order), far below the step-to-step changes.
     assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-4)
+
+
+def test_fsdp_gathers_parameters_in_the_given_dtype_and_keeps_float32_shards() -> None:
+    """``apply_fsdp(param_dtype=bf16)`` (the loop's choice on CUDA): weights reach the forward
+    in bf16, while the shards the optimizer updates stay float32. A process group of two ranks
+    whose collectives do nothing stands in for a second process."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from skysense.distributed import DistributedContext, apply_fsdp
+    from skysense.models.layers import TransformerBlock
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        model = nn.Sequential(TransformerBlock(16, 2, 2.0), TransformerBlock(16, 2, 2.0))
+        seen = []
+        model[0].mlp.fc1.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
+        apply_fsdp(model, DistributedContext(rank=0, world_size=2), (TransformerBlock,), torch.bfloat16)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        model(torch.randn(3, 5, 16)).float().sum().backward()
+        assert seen == [torch.bfloat16]
+        assert {p.grad.dtype for p in model.parameters()} == {torch.float32}
+    finally:
+        dist.destroy_process_group()

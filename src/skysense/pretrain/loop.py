@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from skysense.compilation import compile_blocks
-from skysense.devices import adamw, to_device, training_autocast
+from skysense.devices import adamw, to_device, training_autocast, training_dtype
 from skysense.distributed import (
     DistributedContext,
     apply_activation_checkpointing,
@@ -150,7 +150,9 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
     if config.compile == "blocks":  # after checkpointing, before FSDP: both hook around the compiled forward
         compile_blocks(module, TRANSFORMER_BLOCKS)
     sharded = is_sharded(config) and context.enabled
-    replicated = apply_fsdp(module, context, FSDP_UNITS) if sharded else []
+    # Parameters gathered in the compute dtype (bf16 on CUDA): half the bytes per gather, and no
+    # autocast copy of every gathered weight per forward (benchmarks/step_memory.py).
+    replicated = apply_fsdp(module, context, FSDP_UNITS, training_dtype(context.device)) if sharded else []
     optimizer = adamw(parameter_groups(module, config.optim.weight_decay), config.optim.lr, context.device)
     start = load_checkpoint(out, module, optimizer, config) if resume else 0
     wrapped = module if sharded else wrap_data_parallel(module, context)
