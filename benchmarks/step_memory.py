@@ -24,7 +24,8 @@ How it differs from a GPU run, so read the result as an estimate:
   their storage: that is counted too).
 * Values the step reads back get stand-ins: Sinkhorn-Knopp never meets its tolerance early
   (every round runs; each round replaces the last, so memory does not grow with rounds), and
-  every sample of both views is in its own geo region (the most memory).
+  every sample of the global batch is in its own geo region (the most memory: the prototype
+  scores and updates cover every region present on any device).
 
     PYTHONPATH=src python benchmarks/step_memory.py                       # huge, batches 3,4,6,8
     PYTHONPATH=src python benchmarks/step_memory.py --batches 3 --checkpointing off,fusion,all
@@ -204,7 +205,8 @@ def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
             model.views = tuple({k: fake.from_tensor(v) for k, v in view.items()} for view in views)
             model.optimizer = adamw(parameter_groups(model.pretraining, model.config.optim.weight_decay),
                                     model.config.optim.lr, torch.device("cuda"))  # fused, as on CUDA
-            live = LiveBytes(nonzero_rows=2 * batch)
+            world = 1 if context is None else context.world_size
+            live = LiveBytes(nonzero_rows=batch * world)  # regions present: one per sample, all devices
             for tensor in (*model.parameters(), *model.buffers(), *tree_leaves(model.views)):
                 live.track(tensor)
             with live, resizes_reported_to(live):
@@ -215,7 +217,6 @@ def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
     finally:
         swin_v2.fused_head_multiple = padding
         clear_mask_caches()  # fake masks must not reach a later real run
-    world = 1 if context is None else context.world_size
     return StepMemory(batch, checkpointing, world, state / GIB, live.peak / GIB, time.perf_counter() - started)
 
 
