@@ -32,6 +32,9 @@ shapes at hand (minutes more of compilation).
 
 (d) runs at each batch of ``--step-batch`` in turn (default 3, the paper's 240 sequences over
 80 GPUs, then 4, 6 and 8) until one does not fit; it is compiled at the largest that fitted.
+On one 80 GB GPU, without FSDP's sharding of 35 GiB of weights, gradients and moments, batch 3
+is estimated at 90 GiB without activation checkpointing and 39 GiB with it
+(``benchmarks/step_memory.py``), so expect the retry with checkpointing.
 
 The report is rewritten (atomically) after every row, so a run stopped by a time limit keeps
 what it measured; ``--budget`` stops starting new measurements after that many seconds.
