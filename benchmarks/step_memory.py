@@ -73,10 +73,11 @@ class LiveBytes(TorchDispatchMode):
     Storages are counted once however many tensors view them, and leave the count when their
     last tensor goes. Values an operator would read back to the host (``.item()``, ``bool``,
     ``nonzero``) cannot exist on fake tensors: ``.item()`` answers 0 (False), ``nonzero`` answers
-    ``nonzero_rows`` rows (at most the input's size).
+    ``nonzero_rows`` rows (at most the input's size). ``nonzero_rows=None``: real tensors, no
+    stand-ins.
     """
 
-    def __init__(self, nonzero_rows: int) -> None:
+    def __init__(self, nonzero_rows: int | None) -> None:
         super().__init__()
         self.nonzero_rows = nonzero_rows
         self.sizes: dict[int, int] = {}
@@ -108,9 +109,10 @@ class LiveBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        fake = self.nonzero_rows is not None
+        if fake and func is torch.ops.aten._local_scalar_dense.default:
             return False if args[0].dtype == torch.bool else 0
-        if func is torch.ops.aten.nonzero.default:
+        if fake and func is torch.ops.aten.nonzero.default:
             out = torch.zeros(min(self.nonzero_rows, args[0].numel()), args[0].ndim, dtype=torch.long,
                               device=args[0].device)
         else:
@@ -168,22 +170,30 @@ class StepMemory:
 
 
 def estimate(batch: int, checkpointing: str = "off", shapes: gpu_step.Shapes = gpu_step.HUGE,
-             world: int = 1) -> StepMemory:
+             world: int = 1, fake: bool = True) -> StepMemory:
     """Peak memory of part (d)'s step at per-device ``batch`` (see the module docstring), on one
-    device, or on each of ``world`` devices with the pretraining loop's FSDP2 sharding."""
+    device, or on each of ``world`` devices with the pretraining loop's FSDP2 sharding.
+
+    ``fake=False`` runs the step for real on the CPU (small shapes only), counted the same way:
+    the check that fake tensors are counted as real ones would be.
+    """
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing: expected one of {CHECKPOINTING}, got {checkpointing!r}")
     if world < 1:
         raise ValueError(f"world: expected at least 1 device, got {world}")
+    if not fake and world > 1:
+        raise ValueError(f"fake=False runs on this machine's one device, not world={world}")
     with fake_process_group(world) if world > 1 else nullcontext() as context:
-        return _estimate(batch, checkpointing, shapes, context)
+        return _estimate(batch, checkpointing, shapes, context, fake)
 
 
 def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
-              context: DistributedContext | None) -> StepMemory:
+              context: DistributedContext | None, fake: bool) -> StepMemory:
     started = time.perf_counter()
     options = gpu_step.Options(device="cpu", dtype="bf16", shapes=shapes)
-    with torch.device("meta"):  # initialisation would read values (trunc_normal_); shapes suffice
+    torch.manual_seed(0)
+    # Fake: built on meta (initialisation would read values, trunc_normal_; shapes suffice).
+    with torch.device("meta" if fake else "cpu"):
         model = gpu_step.PretrainStep(gpu_step.pretrain_config(shapes, batch), options)
     model.pretraining.train()
     model.pretraining.student.check_values = model.pretraining.teacher.check_values = False
@@ -200,13 +210,16 @@ def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
     swin_v2.fused_head_multiple = lambda device: 8  # SwinV2-H's heads 44 -> 48, as on CUDA
     clear_mask_caches()  # masks cached by an earlier run would not be counted (or be real)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-            model.to_empty(device="cpu")
-            model.views = tuple({k: fake.from_tensor(v) for k, v in view.items()} for view in views)
+        with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext() as mode:
+            if fake:
+                model.to_empty(device="cpu")
+                views = tuple({k: mode.from_tensor(v) for k, v in view.items()} for view in views)
+            model.views = views
             model.optimizer = adamw(parameter_groups(model.pretraining, model.config.optim.weight_decay),
                                     model.config.optim.lr, torch.device("cuda"))  # fused, as on CUDA
             world = 1 if context is None else context.world_size
-            live = LiveBytes(nonzero_rows=batch * world)  # regions present: one per sample, all devices
+            # Fake: regions present, one per sample on all devices (the most).
+            live = LiveBytes(nonzero_rows=batch * world if fake else None)
             for tensor in (*model.parameters(), *model.buffers(), *tree_leaves(model.views)):
                 live.track(tensor)
             with live, resizes_reported_to(live):
@@ -228,18 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", default="1", help="comma-separated device counts to shard over with FSDP2 "
                         "(1: one device, no sharding; default 1)")
     parser.add_argument("--small", action="store_true", help="the tiny preset at gpu_step's --small shapes")
+    parser.add_argument("--real", action="store_true", help="run the step for real on this CPU, counted the "
+                        "same way (with --small: checks the fake count)")
     args = parser.parse_args(argv)
     shapes = gpu_step.SMALL if args.small else gpu_step.HUGE
     print(f"pretraining step ({shapes.preset}, HR {shapes.step_hr} px, S2 {shapes.step_s2_frames} / "
           f"S1 {shapes.step_s1_frames} frames, two views), bf16 autocast, fused AdamW, per device, "
           f"torch {torch.__version__}")
+    print("real tensors on this CPU" if args.real else "fake tensors (an estimate)")
+    digits = 4 if args.small else 2
     print(f"{'devices':>7} {'batch':>5} {'checkpointing':>13} {'state GiB':>10} {'peak GiB':>9} {'seconds':>8}")
     for world in (int(w) for w in args.world.split(",")):
         for mode in args.checkpointing.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
-                row = estimate(batch, mode, shapes, world)
-                print(f"{row.world:7d} {row.batch:5d} {row.checkpointing:>13} {row.state_gib:10.2f} "
-                      f"{row.peak_gib:9.2f} {row.seconds:8.0f}", flush=True)
+                row = estimate(batch, mode, shapes, world, fake=not args.real)
+                print(f"{row.world:7d} {row.batch:5d} {row.checkpointing:>13} {row.state_gib:10.{digits}f} "
+                      f"{row.peak_gib:9.{digits}f} {row.seconds:8.0f}", flush=True)
     return 0
 
 

@@ -82,3 +82,11 @@ def test_fsdp_shards_the_state_over_the_devices() -> None:
     assert four.state_gib < one.state_gib / 2
     assert four.peak_gib < one.peak_gib
     assert four.world == 4
+
+
+def test_fake_tensors_are_counted_as_the_real_step_would_be() -> None:
+    """The same tiny step run for real on the CPU (real values: Sinkhorn stops early, regions
+    are the real ones) and counted the same way gives the same state and nearly the same peak."""
+    fake, real = _estimate(2), step_memory.estimate(2, "off", gpu_step.SMALL, fake=False)
+    assert abs(real.state_gib / fake.state_gib - 1) < 0.01, (real, fake)
+    assert abs(real.peak_gib / fake.peak_gib - 1) < 0.01, (real, fake)
