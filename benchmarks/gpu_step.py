@@ -33,8 +33,9 @@ shapes at hand (minutes more of compilation).
 (d) runs at each batch of ``--step-batch`` in turn (default 3, the paper's 240 sequences over
 80 GPUs, then 4, 6 and 8) until one does not fit; it is compiled at the largest that fitted.
 On one 80 GB GPU, without FSDP's sharding of 35 GiB of weights, gradients and moments, batch 3
-is estimated at 90 GiB without activation checkpointing and 39 GiB with it
-(``benchmarks/step_memory.py``), so expect the retry with checkpointing.
+is estimated at 90 GiB without activation checkpointing, 54 GiB with the fusion transformer's
+blocks checkpointed and 39 GiB with every block (``benchmarks/step_memory.py``): expect the
+retry, with the fusion's blocks first (they hold most of the activations and recompute less).
 
 The report is rewritten (atomically) after every row, so a run stopped by a time limit keeps
 what it measured; ``--budget`` stops starting new measurements after that many seconds.
@@ -170,14 +171,23 @@ class Workload:
     step: Callable[[nn.Module], None]
     # Blocks recomputed under --activation-checkpointing and compiled under --compile-scope blocks.
     blocks: tuple[type[nn.Module], ...]
-    # Its blocks recompute their activations in the backward pass.
-    checkpointed: bool = False
+    # Which of its blocks recompute their activations in the backward pass: "off", "fusion" (the
+    # fusion transformer's, in (d)) or "all".
+    checkpointed: str = "off"
 
-    def checkpoint(self) -> None:
-        """Apply activation checkpointing to the blocks (of the student, for (d))."""
-        target = self.model.pretraining.student if isinstance(self.model, PretrainStep) else self.model
-        apply_activation_checkpointing(target, self.blocks)
-        self.checkpointed = True
+    def checkpoint(self, scope: str = "all") -> None:
+        """Apply activation checkpointing to the blocks (of the student, for (d)). ``scope``
+        "fusion" (for (d)): the fusion transformer's blocks only, which hold two thirds of the
+        step's activations (benchmarks/step_memory.py) and recompute less than all blocks;
+        "all" after "fusion" adds the others."""
+        target, blocks = self.model, self.blocks
+        if isinstance(self.model, PretrainStep):
+            student = self.model.pretraining.student
+            target, blocks = (student.fusion, (TransformerBlock,)) if scope == "fusion" else (student, self.blocks)
+        elif scope != "all":
+            raise ValueError(f"checkpoint scope {scope!r}: only (d) has a fusion transformer; use 'all'")
+        apply_activation_checkpointing(target, blocks)
+        self.checkpointed = scope
 
 
 class _Features(nn.Module):
@@ -335,9 +345,10 @@ def pretrain_model(options: Options) -> PretrainStep:
     return model
 
 
-def pretrain_workload(model: PretrainStep, batch: int, options: Options, checkpointed: bool = False) -> Workload:
+def pretrain_workload(model: PretrainStep, batch: int, options: Options, checkpointed: str = "off") -> Workload:
     """Part (d) at per-device ``batch``: ``model`` takes two fresh views of that batch.
-    ``checkpointed``: activation checkpointing was applied to ``model`` before."""
+    ``checkpointed``: the activation checkpointing applied to ``model`` before ("off",
+    "fusion", "all")."""
     s = options.shapes
     views = pretrain_views(s, batch, torch.device("cpu"), torch.Generator().manual_seed(0))
     # As the pretraining loop: values checked on the host, the model's value checks off.
@@ -594,22 +605,23 @@ def run_pretrain_step(run: Run) -> None:
     """(d) eager at each batch until one does not fit, then compiled at the largest that did.
 
     When the first batch (the paper's) does not fit without activation checkpointing, it is
-    tried again with it, and the following batches keep it.
+    tried again with the fusion transformer's blocks checkpointed, then with every block; the
+    following batches keep what fitted.
     """
     options, device = run.options, torch.device(run.options.device)
     model = pretrain_model(options)  # one that does not fit is a part error (run_benchmark)
-    checkpointed = False
+    checkpointed = "off"
     if options.activation_checkpointing:
-        pretrain_workload(model, options.shapes.step_batches[0], options).checkpoint()
-        checkpointed = True
+        pretrain_workload(model, options.shapes.step_batches[0], options).checkpoint("all")
+        checkpointed = "all"
     fitted: dict[str, Any] | None = None
     for batch in options.shapes.step_batches:
         row = run.measure(pretrain_workload(model, batch, options, checkpointed), "eager")
-        if fitted is None and not checkpointed and (row["error"] or "").startswith("OutOfMemoryError"):
+        while fitted is None and checkpointed != "all" and (row["error"] or "").startswith("OutOfMemoryError"):
             release(device)
-            workload = pretrain_workload(model, batch, options)
-            workload.checkpoint()
-            checkpointed = True
+            checkpointed = "fusion" if checkpointed == "off" else "all"
+            workload = pretrain_workload(model, batch, options, checkpointed)
+            workload.checkpoint(checkpointed)
             row = run.measure(workload, "eager")
         if row["error"]:
             release(device)

@@ -6,11 +6,14 @@ import dataclasses
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from skysense.models.layers import TransformerBlock
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
 
@@ -159,27 +162,43 @@ def test_a_run_cut_short_keeps_its_rows(tmp_path: Path, monkeypatch) -> None:
         ("fusion", "skysense", None), ("fusion", "timm", None)]
 
 
-def test_pretrain_step_retries_the_paper_batch_with_checkpointing(monkeypatch) -> None:
-    """(d): a first batch that does not fit is tried again with activation checkpointing, the
-    next batches keep it; the FLOPs do not count the recomputation."""
+def _out_of_memory_unless_checkpointed(blocks: type) -> Callable:
+    """(d)'s step, raising a (simulated) CUDA OOM unless some student ``blocks`` are checkpointed."""
     from torch.distributed._composable.checkpoint_activation import checkpoint
 
     forward = gpu_step.PretrainStep.forward
 
-    def needs_checkpointing(self) -> None:
-        if not any(checkpoint.state(m) is not None for m in self.pretraining.student.modules()):
+    def step(self) -> None:
+        if not any(checkpoint.state(m) is not None for m in self.pretraining.student.modules()
+                   if isinstance(m, blocks)):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         forward(self)
 
-    monkeypatch.setattr(gpu_step.PretrainStep, "forward", needs_checkpointing)
+    return step
+
+
+def test_pretrain_step_retries_the_paper_batch_with_the_fusion_checkpointed(monkeypatch) -> None:
+    """(d): a first batch that does not fit is tried again with the fusion's blocks checkpointed,
+    the next batches keep it; the FLOPs do not count the recomputation."""
+    monkeypatch.setattr(gpu_step.PretrainStep, "forward", _out_of_memory_unless_checkpointed(TransformerBlock))
     shapes = dataclasses.replace(TINY, step_batches=(2, 3))
     rows = gpu_step.run_benchmark(_quick(shapes=shapes, parts=("pretrain_step",)))["results"]
     assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
-        (2, False, "OutOfMemoryError"), (2, True, ""), (3, True, "")]
-    monkeypatch.setattr(gpu_step.PretrainStep, "forward", forward)
+        (2, "off", "OutOfMemoryError"), (2, "fusion", ""), (3, "fusion", "")]
+    monkeypatch.undo()
     plain = gpu_step.run_benchmark(_quick(shapes=dataclasses.replace(TINY, step_batches=(3,)),
                                           parts=("pretrain_step",)))["results"]
     assert rows[2]["flops_per_step"] == plain[0]["flops_per_step"]
+
+
+def test_pretrain_step_checkpoints_every_block_when_the_fusion_alone_is_not_enough(monkeypatch) -> None:
+    from skysense.models.swin_v2 import SwinV2Block
+
+    monkeypatch.setattr(gpu_step.PretrainStep, "forward", _out_of_memory_unless_checkpointed(SwinV2Block))
+    shapes = dataclasses.replace(TINY, step_batches=(2, 3))
+    rows = gpu_step.run_benchmark(_quick(shapes=shapes, parts=("pretrain_step",)))["results"]
+    assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
+        (2, "off", "OutOfMemoryError"), (2, "fusion", "OutOfMemoryError"), (2, "all", ""), (3, "all", "")]
 
 
 def test_flops_leave_out_head_padding(monkeypatch) -> None:

@@ -228,11 +228,12 @@ def apply_activation_checkpointing(model: nn.Module, block_types: tuple[type[nn.
 
     Uses the composable ``checkpoint``, which hooks the block instead of wrapping it, so
     parameter names (state dicts, the EMA teacher's name matching, FSDP units) are unchanged.
-    Returns the number of checkpointed blocks.
+    Blocks already checkpointed are left as they are (so a second call can extend the first).
+    Returns the number of blocks checkpointed by this call.
     """
     from torch.distributed._composable import checkpoint
 
-    blocks = [m for m in model.modules() if isinstance(m, block_types)]
+    blocks = [m for m in model.modules() if isinstance(m, block_types) and checkpoint.state(m) is None]
     for block in blocks:
         checkpoint(block)
     return len(blocks)
