@@ -314,6 +314,8 @@ class PretrainStep(nn.Module):
         self.config, self.options = config, options
         self.views: tuple[dict, dict] | None = None
         self.pretraining = PretrainingModel(config)
+        # As the pretraining loop: values are checked on the host (pretrain_workload).
+        self.pretraining.student.check_values = self.pretraining.teacher.check_values = False
         self.optimizer: torch.optim.Optimizer | None = None
 
     def forward(self) -> None:
@@ -341,7 +343,6 @@ def pretrain_model(options: Options) -> PretrainStep:
     with device:
         model = PretrainStep(pretrain_config(options.shapes, options.shapes.step_batches[0]), options)
     model.pretraining.train()
-    model.pretraining.student.check_values = model.pretraining.teacher.check_values = False
     return model
 
 

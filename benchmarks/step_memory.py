@@ -196,7 +196,6 @@ def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
     with torch.device("meta" if fake else "cpu"):
         model = gpu_step.PretrainStep(gpu_step.pretrain_config(shapes, batch), options)
     model.pretraining.train()
-    model.pretraining.student.check_values = model.pretraining.teacher.check_values = False
     views = gpu_step.pretrain_views(shapes, batch, torch.device("cpu"), torch.Generator().manual_seed(0))
     views = tuple(checked_on_host(view) for view in views)  # as the loop: values checked on the host
     student = model.pretraining.student

@@ -339,7 +339,7 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
         if not math.isfinite(values["loss"]):
             raise NonFiniteLossError(f"step {step}: loss is {values['loss']}; stopped without saving, the last "
                                      f"checkpoint in {out} is intact")
-        values = {"loss": values["loss"], **{n: values[n] for n in names[1:-1]}, "lr": lr, "grad_norm": values["grad_norm"]}
+        values.update(lr=lr, grad_norm=values.pop("grad_norm"))
         rows.append({"step": step, **values})
         log.add(step, values)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")

@@ -9,6 +9,8 @@ output is the fused feature of that location. Missing frames are excluded by a k
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,20 +86,17 @@ class FusionTransformer(nn.Module):
         """
         b, _, _, h, w = tokens[0][0].shape
         dim = self.config.embed_dim
-        device = tokens[0][0].device
         sequence = [self.extra_token.expand(b, h * w, 1, dim)]
-        valid = [torch.ones(b, 1, dtype=torch.bool, device=device)]
-        for features, day_of_year, frame_valid in tokens:
+        for features, day_of_year, _ in tokens:
             x = self.input_proj(features.permute(0, 3, 4, 1, 2).reshape(b, h * w, -1, features.shape[2]))
             if day_of_year is not None:
                 x = x + self.date_offsets(day_of_year)[:, None]
             sequence.append(x)
-            valid.append(torch.ones(b, x.shape[2], dtype=torch.bool, device=device) if frame_valid is None
-                         else frame_valid)
         x = torch.cat(sequence, dim=2).reshape(b * h * w, -1, dim)
         mask = None
         if any(frame_valid is not None for _, _, frame_valid in tokens):
-            key_valid = torch.cat(valid, dim=1)
+            ones = functools.partial(torch.ones, dtype=torch.bool, device=x.device)
+            key_valid = torch.cat([ones(b, 1)] + [ones(b, f.shape[1]) if v is None else v for f, _, v in tokens], dim=1)
             # Every sample's mask is shared by all its locations. Reading whether all are valid
             # is a host sync on a GPU; without any mask given, it is known without one.
             if not bool(key_valid.all()):
