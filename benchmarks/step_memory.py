@@ -232,6 +232,13 @@ def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
     return StepMemory(batch, checkpointing, world, state / GIB, live.peak / GIB, time.perf_counter() - started)
 
 
+def trained_parameters(shapes: gpu_step.Shapes = gpu_step.HUGE) -> int:
+    """Parameters AdamW updates in part (d) (the student and its heads), counted on meta."""
+    with torch.device("meta"):
+        model = gpu_step.PretrainStep(gpu_step.pretrain_config(shapes, 1), gpu_step.Options(device="cpu"))
+    return sum(p.numel() for group in parameter_groups(model.pretraining, 0.0) for p in group["params"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="3,4,6,8", help="per-device batches (default 3,4,6,8)")
@@ -244,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
                         "same way (with --small: checks the fake count)")
     args = parser.parse_args(argv)
     shapes = gpu_step.SMALL if args.small else gpu_step.HUGE
+    trained = trained_parameters(shapes)
     print(f"pretraining step ({shapes.preset}, HR {shapes.step_hr} px, S2 {shapes.step_s2_frames} / "
           f"S1 {shapes.step_s1_frames} frames, two views), bf16 autocast, fused AdamW, per device, "
           f"torch {torch.__version__}")
+    print(f"trained parameters {trained:,} (float32 gradients {trained * 4 / GIB:.2f} GiB, twice that in AdamW "
+          f"moments)")
     print("real tensors on this CPU" if args.real else "fake tensors (an estimate)")
     digits = 4 if args.small else 2
     print(f"{'devices':>7} {'batch':>5} {'checkpointing':>13} {'state GiB':>10} {'peak GiB':>9} {'seconds':>8}")
