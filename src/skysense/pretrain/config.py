@@ -137,6 +137,10 @@ class PretrainConfig:
     # when another job held a core.
     num_threads: int | None = None
     activation_checkpointing: bool = False
+    # Encode the views of a step that share their shapes (the two global views) in one pass of
+    # the student and one of the teacher, stacked along the batch (skysense.pretrain.view_batching):
+    # the same features with half the launches and FSDP gathers. False: one pass per view.
+    batch_views: bool = True
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:

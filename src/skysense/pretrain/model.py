@@ -17,6 +17,7 @@ from skysense.models import SkySense
 from skysense.pretrain.config import PretrainConfig
 from skysense.pretrain.objective import SkySensePretrainingObjective
 from skysense.pretrain.teacher import build_teacher
+from skysense.pretrain.view_batching import encode_views
 
 
 class PretrainingModel(nn.Module):
@@ -28,6 +29,7 @@ class PretrainingModel(nn.Module):
         self.student = SkySense(model_config)
         self.objective = SkySensePretrainingObjective(model_config, config.objective)
         self.teacher = build_teacher(self.student)
+        self.batch_views = config.batch_views
 
     def train(self, mode: bool = True) -> "PretrainingModel":
         """Student and heads follow ``mode``; the teacher stays in eval mode (no stochastic depth
@@ -37,9 +39,9 @@ class PretrainingModel(nn.Module):
         return self
 
     def forward(self, views: tuple[dict[str, torch.Tensor], ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        student = [self.student.forward_features(**view) for view in views]
+        student = encode_views(self.student.forward_features, views, self.batch_views)
         with torch.no_grad():  # the teacher sees the two views only, not the local ones (multi-crop)
-            teacher = [self.teacher.forward_features(**view) for view in views[:2]]
+            teacher = encode_views(self.teacher.forward_features, views[:2], self.batch_views)
         total, terms = self.objective(student, teacher, views, prototypes=self.student.geo_context)
         terms.update(collapse_monitors(student, teacher))
         return total, terms
