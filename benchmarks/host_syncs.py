@@ -16,6 +16,10 @@ those by review.
     PYTHONPATH=src python benchmarks/host_syncs.py             # tiny preset, two views of 2
     PYTHONPATH=src python benchmarks/host_syncs.py --per-line  # and where each comes from
 
+It also counts every operator dispatched, about one kernel launch each on a GPU, and prints both
+counts for the step as the loop runs it (the views of one shape stacked into one pass,
+``batch_views``) and with one pass per view.
+
 The optimizer is left out of the count: on the CPU, ``torch.optim.AdamW`` reads its step counter
 with ``.item()`` per parameter, which on a GPU is a host tensor (or, fused, a device tensor read
 on the device) and no sync.
@@ -53,18 +57,20 @@ class HostSyncCounter(TorchDispatchMode):
     """Counts the operators that would wait for a GPU, by the line of our code that called them.
 
     ``counts``: ``{(operator, "file:line: code"): n}``. A boolean-mask index (``x[mask]``)
-    counts once, as ``aten.index.Tensor (bool mask)``.
+    counts once, as ``aten.index.Tensor (bool mask)``. ``operators``: every operator dispatched.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[tuple[str, str]] = Counter()
+        self.operators = 0
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operators += 1
         name = str(func)
         if name in READ_BACK or (name.startswith("aten.index") and _has_bool_index(args)):
             if name.startswith("aten.index"):
@@ -85,11 +91,13 @@ def _caller() -> str:
     return "(outside skysense)"
 
 
-def pretraining_step_syncs(batch: int = 2) -> HostSyncCounter:
+def pretraining_step_syncs(batch: int = 2, batch_views: bool = True) -> HostSyncCounter:
     """Counts one pretraining step of the tiny preset (after one uncounted step), as
-    ``benchmarks/gpu_step.py`` runs it, without the optimizer (see the module docstring)."""
+    ``benchmarks/gpu_step.py`` runs it, without the optimizer (see the module docstring).
+    ``batch_views=False``: one pass of each encoder per view."""
     options = gpu_step.Options(device="cpu", dtype="fp32", shapes=gpu_step.SMALL)
     model = gpu_step.pretrain_model(options)
+    model.pretraining.batch_views = batch_views
     gpu_step.pretrain_workload(model, batch, options)
     model()
     counter = HostSyncCounter()
@@ -100,10 +108,40 @@ def pretraining_step_syncs(batch: int = 2) -> HostSyncCounter:
     return counter
 
 
+def finetuning_step_syncs(host_checks: bool = True, batch: int = 2) -> HostSyncCounter:
+    """Counts the forward pass, loss and backward pass of fine-tuning the tiny preset for semantic
+    change detection on HR, S2 and S1 pairs with geo-context (the task that uses every input).
+    ``host_checks``: as the fine-tuning loop runs it (values checked on the host batch, the
+    encoder's checks off); False: the encoder checks the values it is given."""
+    from skysense.downstream.tasks import TaskSpec, build_task_model
+    from skysense.models import SkySense
+    from skysense.validation import checked_on_host
+
+    spec = TaskSpec("change", 2, modalities=("hr", "s2", "s1"), geo_context=True, semantic_classes=3)
+    model = build_task_model(SkySense.from_preset("tiny"), spec).train()
+    model.encoder.check_values = not host_checks
+    g = torch.Generator().manual_seed(0)
+    inputs = {"hr": torch.randn(batch, 3, 128, 128, generator=g), "hr_post": torch.randn(batch, 3, 128, 128, generator=g),
+              "lat": torch.tensor([48.1, -33.9] * batch)[:batch], "lon": torch.tensor([11.6, 151.2] * batch)[:batch]}
+    for m, bands in (("s2", 10), ("s1", 2)):
+        inputs[m] = torch.randn(batch, 2, bands, 4, 4, generator=g)
+        inputs[f"{m}_dates"] = torch.tensor([[100, 200]] * batch)
+        inputs[f"{m}_mask"] = torch.ones(batch, 2, dtype=torch.bool)
+    for key, classes in (("mask", 2), ("change", 2), ("mask_post", 3)):
+        inputs[key] = torch.randint(-1, classes, (batch, 128, 128), generator=g)  # -1: unlabelled
+    if host_checks:
+        inputs = checked_on_host(inputs)
+    counter = HostSyncCounter()
+    with counter:
+        total, _ = model.loss(model(inputs), inputs)
+        total.backward()
+    return counter
+
+
 def _uncounted(counter: HostSyncCounter, fn, *args, **kwargs):
-    before = counter.counts.copy()
+    before = counter.counts.copy(), counter.operators
     result = fn(*args, **kwargs)
-    counter.counts = before
+    counter.counts, counter.operators = before
     return result
 
 
@@ -112,10 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="per-view batch (default 2)")
     parser.add_argument("--per-line", action="store_true", help="list the syncs by source line")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    counter = pretraining_step_syncs(args.batch)
-    print(f"host syncs in one pretraining step (tiny, batch {args.batch}, optimizer excluded): {counter.total}")
-    if args.per_line:
+    print(f"one pretraining step (tiny, batch {args.batch} per view, optimizer excluded):")
+    for batch_views in (False, True):
+        torch.manual_seed(0)
+        counter = pretraining_step_syncs(args.batch, batch_views)
+        label = "views stacked (the loop's default)" if batch_views else "one pass per view"
+        print(f"  {label:38s} host syncs {counter.total:4d}   operators dispatched {counter.operators:6d}")
+    print("fine-tuning step (semantic change on HR, S2, S1 with geo-context; forward, loss, backward):")
+    for host_checks in (False, True):
+        label = "values checked on the host (the loop)" if host_checks else "values checked in the model"
+        print(f"  {label:38s} host syncs {finetuning_step_syncs(host_checks).total:4d}")
+    if args.per_line:  # of the pretraining loop's default
         for (name, where), n in counter.counts.most_common():
             print(f"{n:5d}  {name:34s} {where}")
     return 0

@@ -59,3 +59,12 @@ def test_sinkhorn_tests_convergence_every_check_every_rounds() -> None:
     assert counts[1] >= 5 * counts[10] > 0, counts
     with pytest.raises(ValueError, match="check_every must be at least 1, got 0"):
         sinkhorn_knopp(scores, check_every=0)
+
+
+def test_fine_tuning_reads_nothing_back_once_values_are_checked_on_the_host() -> None:
+    """The encoder's value checks (NaN/inf, days of year, lat/lon) and the loss's test for a
+    batch with nothing labelled read back 13 values per step before; the loop now checks
+    values on the host batch and the loss needs no test."""
+    torch.manual_seed(0)
+    assert host_syncs.finetuning_step_syncs(host_checks=True).total == 0
+    assert host_syncs.finetuning_step_syncs(host_checks=False).total > 0  # the counter sees the model's checks

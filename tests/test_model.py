@@ -162,6 +162,15 @@ def test_host_check_leaves_out_full_masks_only_and_the_output_is_unchanged(tiny_
         torch.testing.assert_close(tiny_model(**checked), tiny_model(**inputs), rtol=0, atol=0)
 
 
+def test_host_check_covers_the_after_image_of_a_change_pair() -> None:
+    inputs = tiny_inputs()
+    inputs["hr_post"] = inputs["hr"].clone()
+    checked_on_host(inputs)
+    inputs["hr_post"][1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"hr_post: values: expected finite numbers, got NaN or inf, first at index \(1, 2, 3, 4\)"):
+        checked_on_host(inputs)
+
+
 def test_no_modality_is_an_error(tiny_model: SkySense) -> None:
     with pytest.raises(ValueError, match="at least one of hr, s2, s1"):
         tiny_model()

@@ -80,14 +80,15 @@ def check_location_range(lat: torch.Tensor, lon: torch.Tensor) -> None:
 
 def check_values(inputs: Mapping[str, torch.Tensor | None]) -> None:
     """The checks that read values: finite images (valid frames of a series only), days of year
-    within 1..366, lat/lon within range. Each reads a result back to the host, which on a GPU
-    waits for the work queued before it (a host-device synchronisation): training loops run
-    these on the host batch (:func:`checked_on_host`) and switch the model's off."""
-    for m in ("hr", "s2", "s1"):
+    within 1..366, lat/lon within range; also ``hr_post``, the after-image of a change pair.
+    Each reads a result back to the host, which on a GPU waits for the work queued before it (a
+    host-device synchronisation): training loops run these on the host batch
+    (:func:`checked_on_host`) and switch the model's off."""
+    for m in ("hr", "hr_post", "s2", "s1"):
         x = inputs.get(m)
         if x is None:
             continue
-        check_finite(m, x, inputs.get(f"{m}_mask") if m != "hr" else None)
+        check_finite(m, x, inputs.get(f"{m}_mask") if m in ("s2", "s1") else None)
         dates = inputs.get(f"{m}_dates")
         if dates is not None:
             check_date_range(m, dates)

@@ -13,6 +13,7 @@ from skysense.downstream.tasks import (
     bitemporal_inputs,
     build_task_model,
     feature_pyramid,
+    labelled_cross_entropy,
     pyramid_channels,
 )
 
@@ -159,6 +160,18 @@ def test_loss_ignores_unlabelled_pixels_and_weights_classes(encoder):
     assert torch.allclose(loss, expected, atol=1e-6)
     nothing, _ = model.loss(out, {**batch, "mask": torch.full((2, 8, 8), -1)})
     assert nothing.item() == 0.0
+
+
+@pytest.mark.parametrize("weight", [None, torch.tensor([0.5, 2.0, 3.0])])
+def test_labelled_cross_entropy_is_the_mean_over_labelled_targets_and_zero_without_any(weight):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, 5, generator=g, requires_grad=True)
+    target = torch.randint(-1, 3, (2, 5, 5), generator=g)  # about a quarter unlabelled (-1)
+    expected = torch.nn.functional.cross_entropy(logits, target, weight=weight, ignore_index=-1)
+    torch.testing.assert_close(labelled_cross_entropy(logits, target, weight), expected)
+    nothing = labelled_cross_entropy(logits, torch.full_like(target, -1), weight)
+    nothing.backward()
+    assert nothing.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
 
 
 def test_task_spec_validation_and_round_trip():

@@ -46,6 +46,7 @@ from skysense.downstream.tasks import TASKS, DownstreamModel, TaskSpec, build_ta
 from skysense.models import TRANSFORMER_BLOCKS, SkySense
 from skysense.pretrain.data import StepBatchSampler
 from skysense.pretrain.loop import METRICS_NAME, STATE_NAME, MetricsLog, NonFiniteLossError, learning_rate
+from skysense.validation import checked_on_host
 from skysense.weights import atomic_write, save_pretrained
 
 HEAD_NAME = "head.safetensors"
@@ -288,6 +289,7 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
     encoder = load_encoder(config.weights, config.preset, config.seed)
     torch.manual_seed(config.seed)  # the head's initialisation
     model = build_task_model(encoder, spec).to(device)
+    model.encoder.check_values = False  # on the host batch instead (checked_on_host): no syncs
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
     if config.activation_checkpointing:
@@ -321,7 +323,7 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         torch.manual_seed(config.seed * 1_000_003 + step * 7919)  # dropout, stochastic depth
-        batch = to_device(batch, device)
+        batch = to_device(checked_on_host(batch), device)
         optimizer.zero_grad(set_to_none=True)  # before the forward pass: memory peaks there
         with training_autocast(device):
             total, terms = model.loss(model(batch), batch)

@@ -226,13 +226,25 @@ class DownstreamModel(nn.Module):
                 terms[key] = F.binary_cross_entropy_with_logits(logits.float(), target.float())
                 continue
             weight = self.class_weights if key == self.output_keys[0] else None
-            target = target.long()
-            if not bool((target != IGNORE_INDEX).any()):
-                terms[key] = logits.sum() * 0.0  # nothing labelled in this batch
-                continue
-            terms[key] = F.cross_entropy(logits.float(), target, weight=weight, ignore_index=IGNORE_INDEX)
+            terms[key] = labelled_cross_entropy(logits, target.long(), weight)
         total = torch.stack(list(terms.values())).sum()
         return total, terms
+
+
+def labelled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled targets (weighted as ``F.cross_entropy``'s mean);
+    0, with zero gradients, when nothing is labelled (``IGNORE_INDEX`` everywhere).
+
+    Without reading a value: ``F.cross_entropy``'s mean is NaN for a batch with nothing
+    labelled, and asking first whether anything is would wait for the GPU every step.
+    """
+    labelled = target != IGNORE_INDEX
+    summed = F.cross_entropy(logits.float(), target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    if weight is None:
+        count = labelled.sum().to(summed.dtype)
+    else:  # the sum of the labelled targets' class weights, as the mean reduction divides by
+        count = (weight[target.clamp_min(0)] * labelled).sum().to(summed.dtype)
+    return summed / torch.where(count > 0, count, torch.ones_like(count))
 
 
 class ClassificationModel(DownstreamModel):
