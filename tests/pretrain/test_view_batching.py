@@ -10,6 +10,7 @@ import torch
 from skysense import SkySense
 from skysense.config import preset_config
 from skysense.pretrain.config import PretrainConfig
+from skysense.pretrain.heads import DINOHead, apply_per_view
 from skysense.pretrain.model import PretrainingModel
 from skysense.pretrain.view_batching import encode_views, group_views, stack_views
 from tests.model_inputs import tiny_inputs
@@ -88,3 +89,17 @@ def test_pretraining_loss_and_gradients_do_not_depend_on_batching(local_views):
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 100
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_head_runs_once_on_views_of_one_shape_with_the_outputs_of_one_call_each():
+    torch.manual_seed(0)
+    head = DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8)
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    maps = [torch.randn(2, 16, 4, 4), torch.randn(3, 16, 4, 4), torch.randn(2, 16, 2, 2)]
+    for inputs, expected_calls in ((maps[:2], [5]), (maps, [2, 3, 2])):  # a crop of another size: one call each
+        calls.clear()
+        outputs = apply_per_view(head, inputs)
+        assert calls == expected_calls
+        for out, x in zip(outputs, inputs, strict=True):
+            torch.testing.assert_close(out, head(x), rtol=1e-5, atol=1e-6)

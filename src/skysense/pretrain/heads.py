@@ -8,6 +8,8 @@ instead of a frozen gain and a direction, and nothing special for ``deepcopy`` o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,3 +53,12 @@ class DINOHead(nn.Module):
         """Scores for features in the last dimension: (..., in_dim) -> (..., out_dim)."""
         z = F.normalize(self.mlp(x), dim=-1)
         return F.linear(z, F.normalize(self.prototypes, dim=-1))
+
+
+def apply_per_view(head: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[head(x) for x in inputs]``, computed in one call on the inputs stacked along the batch
+    when they share every other dimension (the views of a step do): the same outputs from one
+    matrix product per layer instead of one per view."""
+    if len(inputs) > 1 and all(x.shape[1:] == inputs[0].shape[1:] for x in inputs):
+        return list(head(torch.cat(list(inputs))).split([x.shape[0] for x in inputs]))
+    return [head(x) for x in inputs]

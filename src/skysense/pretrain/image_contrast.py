@@ -36,6 +36,7 @@ from torch import nn
 
 from skysense.distributed import gather_rows
 from skysense.pretrain.dino_loss import CenteredCrossEntropy
+from skysense.pretrain.heads import apply_per_view
 
 
 class ImageContrastLoss(nn.Module):
@@ -56,9 +57,9 @@ class ImageContrastLoss(nn.Module):
         teacher_head: nn.Module,
     ) -> torch.Tensor:
         """One (B, D, H, W) map per view (views may differ in size) -> scalar loss."""
-        student = [student_head(m.mean((-2, -1))) for m in student_maps]
+        student = apply_per_view(student_head, [m.mean((-2, -1)) for m in student_maps])
         with torch.no_grad():
-            teacher = [teacher_head(m.mean((-2, -1))) for m in teacher_maps]
+            teacher = apply_per_view(teacher_head, [m.mean((-2, -1)) for m in teacher_maps])
         return self.criterion.cross_view(student, teacher)
 
 

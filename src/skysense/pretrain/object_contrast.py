@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skysense.pretrain.dino_loss import CenteredCrossEntropy, require_common_grid
+from skysense.pretrain.heads import apply_per_view
 from skysense.sinkhorn import sinkhorn_knopp
 
 # Column sums are H*W / N_C, so an absolute tolerance would be out of float32's reach for large maps.
@@ -83,7 +84,7 @@ class ObjectContrastLoss(nn.Module):
         """One (B, D, H, W) map per view, all on the common overlap grid -> scalar loss."""
         require_common_grid("ObjectContrastLoss", student_maps, teacher_maps)
         assignment = self.assign(torch.stack(list(teacher_maps)).mean(0))
-        student = [student_head(self.pool(m, assignment)) for m in student_maps]
+        student = apply_per_view(student_head, [self.pool(m, assignment) for m in student_maps])
         with torch.no_grad():
-            teacher = [teacher_head(self.pool(m, assignment)) for m in teacher_maps]
+            teacher = apply_per_view(teacher_head, [self.pool(m, assignment) for m in teacher_maps])
         return self.criterion.cross_view(student, teacher)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skysense.pretrain.dino_loss import CenteredCrossEntropy, require_common_grid
+from skysense.pretrain.heads import apply_per_view
 
 
 def resample_to_overlap(maps: torch.Tensor, boxes: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
@@ -62,7 +63,7 @@ class PixelContrastLoss(nn.Module):
     ) -> torch.Tensor:
         """One (B, D, H, W) map per view, all on the common overlap grid -> scalar loss."""
         require_common_grid("PixelContrastLoss", student_maps, teacher_maps)
-        student = [student_head(m).permute(0, 2, 3, 1).flatten(0, 2) for m in student_maps]
+        student = [s.permute(0, 2, 3, 1).flatten(0, 2) for s in apply_per_view(student_head, student_maps)]
         with torch.no_grad():
-            teacher = [teacher_head(m).permute(0, 2, 3, 1).flatten(0, 2) for m in teacher_maps]
+            teacher = [t.permute(0, 2, 3, 1).flatten(0, 2) for t in apply_per_view(teacher_head, teacher_maps)]
         return self.criterion.cross_view(student, teacher)
