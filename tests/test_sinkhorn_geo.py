@@ -105,6 +105,41 @@ def test_ema_update_is_exact() -> None:
     assert torch.equal(geo.prototypes[3], before[3])
 
 
+def _cosines(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.functional.normalize(torch.randn(*shape[:-1], 16, generator=g), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(*shape[:-2], shape[-1], 16, generator=g), dim=-1)
+    return a @ b.transpose(-2, -1)
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.1])
+@pytest.mark.parametrize("problem", ["dense", "batched", "grouped", "marginals"])
+def test_sinkhorn_scaling_domain_gives_the_log_domain_plan(problem: str, epsilon: float) -> None:
+    """With scores bounded by the caller the rounds run on diag(u) K diag(v): the same iterates,
+    round for round (fixed rounds here, no early stop), as the log domain."""
+    kwargs: dict = {}
+    scores = _cosines(6, 64, 8) if problem == "batched" else _cosines(64, 8)
+    if problem == "grouped":
+        kwargs = {"groups": torch.arange(64) % 3, "num_groups": 3}
+    if problem == "marginals":
+        rows = torch.linspace(0.5, 1.5, 64)
+        kwargs = {"row_sums": rows, "col_sums": torch.tensor([1, 2, 3, 4, 4, 3, 2, 1.0]) / 20 * rows.sum()}
+    for rounds in (1, 7, 60):
+        log_plan = sinkhorn_knopp(scores, epsilon, rounds, tolerance=0.0, **kwargs)
+        scaled = sinkhorn_knopp(scores, epsilon, rounds, tolerance=0.0, score_bound=1.0, **kwargs)
+        torch.testing.assert_close(scaled, log_plan, rtol=1e-4, atol=1e-6)
+    assert (scaled.sum(-1) - (kwargs.get("row_sums", 1.0))).abs().max() < 1e-5
+
+
+def test_sinkhorn_scaling_domain_is_used_only_within_its_range() -> None:
+    scores = _cosines(64, 8)
+    # 2 * 1 / 0.01 = 200 > SCALING_RANGE: the log domain, bit for bit.
+    assert torch.equal(sinkhorn_knopp(scores, 0.01, 50, score_bound=1.0), sinkhorn_knopp(scores, 0.01, 50))
+    with_bound = sinkhorn_knopp(scores, 0.05, 50, tolerance=0.0, score_bound=1.0)
+    assert not torch.equal(with_bound, sinkhorn_knopp(scores, 0.05, 50, tolerance=0.0))  # another computation...
+    torch.testing.assert_close(with_bound, sinkhorn_knopp(scores, 0.05, 50, tolerance=0.0))  # ...same plan
+
+
 def test_sinkhorn_batched_equals_one_problem_at_a_time():
     torch.manual_seed(0)
     scores = torch.randn(5, 40, 4)

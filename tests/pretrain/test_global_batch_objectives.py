@@ -72,6 +72,8 @@ def _compute(rank: int, world: int) -> dict[str, torch.Tensor]:
     out["assignment"] = bank.assign(pixels, regions, distributed=True)
     dense = data["dense"].chunk(world, dim=1)[rank]
     out["dense"] = sinkhorn_knopp(dense, epsilon=0.1, iterations=500, tolerance=1e-6, distributed=True)
+    out["dense_scaling"] = sinkhorn_knopp(dense.tanh(), epsilon=0.1, iterations=500, tolerance=1e-6,
+                                          distributed=True, score_bound=1.0)  # the scaling domain
     bank.ema_update(pixels, regions, out["assignment"], momentum=0.5, distributed=True)
     out["ema"] = bank.prototypes.clone()
 
@@ -126,8 +128,8 @@ def test_assignments_are_those_of_the_global_batch(two_processes: list[dict[str,
     one = one_process
     both = torch.cat([r["assignment"] for r in two_processes])
     torch.testing.assert_close(both, one["assignment"], rtol=0, atol=1e-5)
-    torch.testing.assert_close(torch.cat([r["dense"] for r in two_processes], dim=1), one["dense"],
-                               rtol=0, atol=1e-5)
+    for key in ("dense", "dense_scaling"):
+        torch.testing.assert_close(torch.cat([r[key] for r in two_processes], dim=1), one[key], rtol=0, atol=1e-5)
     # Balanced per region over the global batch; region 3 is split between the processes.
     bank = GeoContextPrototypes(GEO, DIM)
     regions = bank.regions(LAT, LON).repeat_interleave(SIDE * SIDE)

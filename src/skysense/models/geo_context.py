@@ -101,7 +101,7 @@ class GeoContextPrototypes(nn.Module):
         every = (feats @ bank.flatten(0, 1).T).unflatten(1, bank.shape[:2])  # (N, R, P)
         scores = every[torch.arange(len(group), device=group.device), group]
         return sinkhorn_knopp(scores, epsilon=epsilon, groups=group, num_groups=len(present),
-                              distributed=distributed)
+                              distributed=distributed, score_bound=1.0)  # cosine similarities
 
     @torch.no_grad()
     def ema_update(

@@ -59,12 +59,13 @@ class ObjectContrastLoss(nn.Module):
         start = torch.linspace(0, n - 1, self.num_clusters, device=maps.device).round().long()
         tolerance = RELATIVE_TOLERANCE * n / self.num_clusters
         # One clustering per image, all images solved together (batched Sinkhorn-Knopp).
+        # Cosine similarities: within 1, so Sinkhorn-Knopp may run in its scaling domain.
         q = sinkhorn_knopp(pixels @ pixels[:, start].transpose(1, 2), self.epsilon, self.sinkhorn_iterations,
-                           tolerance=tolerance)
+                           tolerance=tolerance, score_bound=1.0)
         for _ in range(self.rounds):
             centroids = F.normalize(q.transpose(1, 2) @ pixels, dim=-1)  # (B, N_C, D)
             q = sinkhorn_knopp(pixels @ centroids.transpose(1, 2), self.epsilon, self.sinkhorn_iterations,
-                               tolerance=tolerance)
+                               tolerance=tolerance, score_bound=1.0)
         return q
 
     @staticmethod
