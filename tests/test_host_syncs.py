@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -59,6 +60,17 @@ def test_sinkhorn_tests_convergence_every_check_every_rounds() -> None:
     assert counts[1] >= 5 * counts[10] > 0, counts
     with pytest.raises(ValueError, match="check_every must be at least 1, got 0"):
         sinkhorn_knopp(scores, check_every=0)
+
+
+def test_sinkhorn_scaling_domain_stops_early_with_a_problem_that_has_no_rows() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = F.normalize(torch.randn(30, 16, generator=g), dim=-1) @ F.normalize(torch.randn(4, 16, generator=g), dim=-1).T
+    groups = torch.arange(30) % 3  # problem 3 of 4 has no rows
+    with host_syncs.HostSyncCounter() as counter:
+        plan = sinkhorn_knopp(scores, 0.05, 1000, groups=groups, num_groups=4, score_bound=1.0)
+    assert not plan.isnan().any() and counter.total < 20, counter.total  # stopped before 200 rounds, not 1000
+    torch.testing.assert_close(plan, sinkhorn_knopp(scores, 0.05, 1000, groups=groups, num_groups=4),
+                               rtol=1e-3, atol=1e-4)
 
 
 def test_fine_tuning_reads_nothing_back_once_values_are_checked_on_the_host() -> None:

@@ -178,7 +178,8 @@ class _ColumnReduction:
         if self.groups is None:
             total = row_weights.transpose(-2, -1) @ kernel  # (..., 1, K): one product
             return all_reduce_(total, "sum") if self.distributed else total
-        return self.sum(row_weights * kernel)
+        # A problem with no rows anywhere (target sums 0) gets scale 0 / tiny = 0, not 0 / 0.
+        return self.sum(row_weights * kernel).clamp_min(torch.finfo(kernel.dtype).tiny)
 
     def row_products(self, kernel: torch.Tensor, per_column: torch.Tensor) -> torch.Tensor:
         """``K v`` for each row, with ``v`` per problem: (..., N, 1)."""
