@@ -188,7 +188,10 @@ def test_pretrain_step_retries_the_paper_batch_with_the_fusion_checkpointed(monk
     monkeypatch.undo()
     plain = gpu_step.run_benchmark(_quick(shapes=dataclasses.replace(TINY, step_batches=(3,)),
                                           parts=("pretrain_step",)))["results"]
-    assert rows[2]["flops_per_step"] == plain[0]["flops_per_step"]
+    # Equal but for Sinkhorn-Knopp's rounds (two small products each, and as many rounds as it
+    # takes to converge, which float rounding can move by one check: 2e-6 of this step seen on
+    # torch 2.11). Counting the recomputation would add a third of the fusion's FLOPs.
+    assert rows[2]["flops_per_step"] == pytest.approx(plain[0]["flops_per_step"], rel=1e-4)
 
 
 def test_pretrain_step_checkpoints_every_block_when_the_fusion_alone_is_not_enough(monkeypatch) -> None:
