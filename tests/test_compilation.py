@@ -8,11 +8,13 @@ FSDP pretraining run.
 
 from __future__ import annotations
 
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from skysense import SkySense, compilation
 from skysense.compilation import RECOMPILE_LIMIT, compile_blocks
 from skysense.config import preset_config
 from skysense.distributed import apply_activation_checkpointing
@@ -108,3 +110,28 @@ def test_compiled_blocks_under_bf16_autocast_match_fp32_eager(encoder: str) -> N
     for a, b in zip(low, reference):
         error = ((a.float() - b).norm() / b.norm()).item()
         assert 0 < error < 10 * 2**-8, f"{encoder}: bf16 compiled differs from fp32 eager by {error:.4f}"
+
+
+@pytest.mark.parametrize("release, backend, swin_compiled", [
+    ((2, 11), "inductor", False),   # pytorch/pytorch#179135: SwinV2 blocks stay eager on the CPU
+    ((2, 11), "aot_eager", True),   # another backend: not affected
+    ((2, 14), "inductor", True),
+])
+def test_blocks_the_cpu_inductor_cannot_build_stay_eager_with_a_warning(monkeypatch, release, backend,
+                                                                        swin_compiled) -> None:
+    monkeypatch.setattr(compilation, "torch_release", lambda: release)
+    model = SkySense.from_preset("tiny")
+    swin = [m for m in model.modules() if isinstance(m, SwinV2Block)]
+    others = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    eager_forward = swin[0].forward
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = compile_blocks(model, BLOCKS, backend=backend)  # lazy: nothing is built here
+    assert compiled == len(others) + (len(swin) if swin_compiled else 0)
+    assert (swin[0].forward == eager_forward) is not swin_compiled
+    messages = [str(w.message) for w in caught if "stays eager" in str(w.message)]
+    if swin_compiled:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and "SwinV2Block stays eager on the CPU" in messages[0]
+        assert "pytorch/pytorch#179135" in messages[0] and "2.13 or newer" in messages[0]
