@@ -411,6 +411,20 @@ def count_flops(workload: Workload) -> int:
     return counter.get_total_flops()
 
 
+def count_launches(workload: Workload) -> dict[str, int]:
+    """One untimed step of part (d) counted by ``host_syncs.count_step``: the host-device
+    synchronisations (mostly Sinkhorn-Knopp's convergence tests, about a tenth of its rounds)
+    and the operators that compute (about one kernel launch each), the optimizer left out."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # this file loaded by path (the tests)
+        sys.path.insert(0, here)
+    from host_syncs import count_step  # here, not at the top: host_syncs imports this module
+
+    workload.step(workload.model)  # the optimizer's state exists before the counted step
+    counter = count_step(workload.model)
+    return {"host_syncs": counter.total, "operators": counter.operators}
+
+
 @contextmanager
 def checkpointing_off(model: nn.Module):
     """Blocks under composable activation checkpointing run plain inside (its per-module switch)."""
@@ -468,7 +482,7 @@ def empty_row(workload: Workload, mode: str, flops: int | None) -> dict[str, Any
         "activation_checkpointing": workload.checkpointed,
         "parameters": sum(p.numel() for p in workload.model.parameters() if p.requires_grad),
         "flops_per_step": flops, "compile_s": None, "step_ms": None, "items_per_s": None, "tflops_per_s": None,
-        "mfu": None, "peak_memory_gib": None, "error": None,
+        "mfu": None, "peak_memory_gib": None, "host_syncs": None, "operators": None, "error": None,
     }
 
 
@@ -481,6 +495,8 @@ def measure(workload: Workload, mode: str, flops: int | None, peak: float, optio
     try:
         if flops is None:
             row["flops_per_step"] = flops = count_flops(workload)
+        if workload.part == "pretrain_step" and mode == "eager" and workload.batch == options.shapes.step_batches[0]:
+            row.update(count_launches(workload))  # two untimed steps: at the first batch only
         model = workload.model
         if mode == "compiled":
             start = time.perf_counter()
@@ -705,6 +721,10 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['part']:<14} {r['implementation']:<9} {r['mode']:<9} {r['batch']:>5} {r['step_ms']:>9.1f} "
             f"{r['items_per_s']:>9.1f} {r['tflops_per_s']:>8.3f} {100 * r['mfu']:>5.1f}% {memory:>6} {compiled:>9}"
         )
+    for r in report["results"]:
+        if r.get("host_syncs") is not None:
+            lines.append(f"{r['part']:<14} batch {r['batch']}: {r['host_syncs']} host syncs and {r['operators']:,d} "
+                         f"operators (views excluded) in one eager step")
     for part, error in report.get("part_errors", {}).items():
         lines.append(f"{part:<14} failed: {error}")
     lines.append(f"{'part':<14} {'ours MFU':>9} {'timm MFU':>9} {'ratio':>6} {'target':>7}  (best mode of each; targets for an H100)")

@@ -102,11 +102,20 @@ def pretraining_step_syncs(batch: int = 2, batch_views: bool = True) -> HostSync
     model.pretraining.batch_views = batch_views
     gpu_step.pretrain_workload(model, batch, options)
     model()
+    return count_step(model)
+
+
+def count_step(model: "gpu_step.PretrainStep") -> HostSyncCounter:
+    """One step of ``model`` (after its first: the optimizer holds its state) counted, the
+    optimizer's own step left out (see the module docstring)."""
     counter = HostSyncCounter()
     step = model.optimizer.step
     model.optimizer.step = lambda *args, **kwargs: _uncounted(counter, step, *args, **kwargs)
-    with counter:
-        model()
+    try:
+        with counter:
+            model()
+    finally:
+        model.optimizer.step = step
     return counter
 
 

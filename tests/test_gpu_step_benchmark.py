@@ -33,7 +33,8 @@ TINY = gpu_step.Shapes(preset="tiny", swin_image=64, swin_batch=2, vit_image=16,
                        matmul_n=64)
 RESULT_FIELDS = {"part", "implementation", "mode", "unit", "batch", "input_shape", "activation_checkpointing",
                  "parameters", "flops_per_step",
-                 "compile_s", "step_ms", "items_per_s", "tflops_per_s", "mfu", "peak_memory_gib", "error"}
+                 "compile_s", "step_ms", "items_per_s", "tflops_per_s", "mfu", "peak_memory_gib", "host_syncs",
+                 "operators", "error"}
 
 
 def test_report_has_every_part_and_field(tmp_path: Path) -> None:
@@ -192,6 +193,8 @@ def test_pretrain_step_retries_the_paper_batch_with_the_fusion_checkpointed(monk
     # takes to converge, which float rounding can move by one check: 2e-6 of this step seen on
     # torch 2.11). Counting the recomputation would add a third of the fusion's FLOPs.
     assert rows[2]["flops_per_step"] == pytest.approx(plain[0]["flops_per_step"], rel=1e-4)
+    # (d)'s eager row also counts one step's host syncs (Sinkhorn's tests, the geo regions) and launches.
+    assert 3 < plain[0]["host_syncs"] <= 3 + 2 * 18 and plain[0]["operators"] > 1000, plain[0]
 
 
 def test_pretrain_step_checkpoints_every_block_when_the_fusion_alone_is_not_enough(monkeypatch) -> None:
