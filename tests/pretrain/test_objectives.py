@@ -139,6 +139,43 @@ def test_object_assignment_is_balanced() -> None:
     assert assignment.max(2).values.mean() > 0.5
 
 
+def test_sources_with_as_many_pixels_are_clustered_together_with_the_assignments_of_each_alone(monkeypatch) -> None:
+    from skysense.pretrain import object_contrast
+
+    loss = ObjectContrastLoss(OUT, num_clusters=4, rounds=2)
+    g = torch.Generator().manual_seed(3)
+    maps = [torch.randn(3, 12, 6, 5, generator=g), torch.randn(2, 7, 5, 6, generator=g)]  # 30 pixels each
+    calls = []
+    sinkhorn = object_contrast.sinkhorn_knopp
+    monkeypatch.setattr(object_contrast, "sinkhorn_knopp", lambda s, *a, **k: calls.append(s.shape[0]) or sinkhorn(s, *a, **k))
+    together = loss.assign_together(maps)
+    assert calls == [5, 5, 5]  # both sources' problems in each of the 1 + 2 rounds
+    calls.clear()
+    alone = [loss.assign(m) for m in maps]
+    assert calls == [3, 3, 3, 2, 2, 2]
+    for a, b in zip(together, alone, strict=True):
+        # The tolerance is 1e-4 of the column sums (30 / 4): more rounds for one source move it less.
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-3)
+        torch.testing.assert_close(a.sum(1), torch.full((a.shape[0], 4), 7.5), rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match=r"the same number of pixels, got \[30, 16\]"):
+        loss.assign_together([maps[0], torch.randn(2, 7, 4, 4)])
+
+
+def test_objective_clusters_the_sources_in_groups_of_equal_pixel_counts(monkeypatch) -> None:
+    objective = SkySensePretrainingObjective(SkySense.from_preset("tiny").config, SMALL)
+    grouped = []
+    original = ObjectContrastLoss.assign_together
+    monkeypatch.setattr(ObjectContrastLoss, "assign_together",
+                        lambda self, maps: grouped.append([m.shape[-2:] for m in maps]) or original(self, maps))
+    g = torch.Generator().manual_seed(0)
+    sizes = {"hr": 4, "s2": 2, "s1": 2, "fused": 4}
+    aligned = {s: [torch.randn(2, 8, n, n, generator=g) for _ in range(2)] for s, n in sizes.items()}
+    found = objective.object_assignments(aligned)
+    assert grouped == [[(4, 4), (4, 4)], [(2, 2), (2, 2)]]  # hr with fused, s2 with s1
+    k = objective.config.num_clusters
+    assert {s: tuple(a.shape) for s, a in found.items()} == {s: (2, n * n, k) for s, n in sizes.items()}
+
+
 def test_resample_to_overlap_aligns_views() -> None:
     scene = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(7))
     view_a, view_b = scene[..., :6, :6], scene[..., 2:, 2:]

@@ -54,19 +54,32 @@ class ObjectContrastLoss(nn.Module):
         Rows sum to 1; each column sums to ``H*W / N_C`` to a relative ``1e-4`` (or as close as
         ``sinkhorn_iterations`` rounds get).
         """
-        pixels = F.normalize(maps.detach().float().flatten(2).transpose(1, 2), dim=-1)  # (B, N, D)
-        n = pixels.shape[1]
-        start = torch.linspace(0, n - 1, self.num_clusters, device=maps.device).round().long()
-        tolerance = RELATIVE_TOLERANCE * n / self.num_clusters
-        # One clustering per image, all images solved together (batched Sinkhorn-Knopp).
-        # Cosine similarities: within 1, so Sinkhorn-Knopp may run in its scaling domain.
-        q = sinkhorn_knopp(pixels @ pixels[:, start].transpose(1, 2), self.epsilon, self.sinkhorn_iterations,
-                           tolerance=tolerance, score_bound=1.0)
-        for _ in range(self.rounds):
-            centroids = F.normalize(q.transpose(1, 2) @ pixels, dim=-1)  # (B, N_C, D)
-            q = sinkhorn_knopp(pixels @ centroids.transpose(1, 2), self.epsilon, self.sinkhorn_iterations,
-                               tolerance=tolerance, score_bound=1.0)
-        return q
+        return self.assign_together([maps])[0]
+
+    @torch.no_grad()
+    def assign_together(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`assign` of several sources' maps (B_i, D_i, H, W) with the same number of
+        pixels: each source keeps its own features and centroids, and the Sinkhorn-Knopp
+        problems of all of them are solved together (one call per clustering round instead of
+        one per source). The rounds stop once every problem meets the tolerance, so a source
+        may get a few more rounds than alone: the same assignment within the tolerance."""
+        pixels = [F.normalize(m.detach().float().flatten(2).transpose(1, 2), dim=-1) for m in maps]  # (B, N, D)
+        n = pixels[0].shape[1]
+        if any(p.shape[1] != n for p in pixels):
+            raise ValueError(f"ObjectContrastLoss.assign_together: maps need the same number of pixels, got "
+                             f"{[p.shape[1] for p in pixels]}")
+        start = torch.linspace(0, n - 1, self.num_clusters, device=pixels[0].device).round().long()
+        centroids = [p[:, start] for p in pixels]
+        sizes = [p.shape[0] for p in pixels]
+        for round_ in range(self.rounds + 1):
+            if round_:  # each centroid to the normalised mean of its pixels
+                centroids = [F.normalize(a.transpose(1, 2) @ p, dim=-1) for a, p in zip(assignments, pixels)]
+            # Cosine similarities: within 1, so Sinkhorn-Knopp may run in its scaling domain.
+            scores = torch.cat([p @ c.transpose(1, 2) for p, c in zip(pixels, centroids)])  # (sum B, N, N_C)
+            q = sinkhorn_knopp(scores, self.epsilon, self.sinkhorn_iterations,
+                               tolerance=RELATIVE_TOLERANCE * n / self.num_clusters, score_bound=1.0)
+            assignments = list(q.split(sizes))
+        return assignments
 
     @staticmethod
     def pool(maps: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
@@ -81,11 +94,21 @@ class ObjectContrastLoss(nn.Module):
         teacher_maps: Sequence[torch.Tensor],
         student_head: nn.Module,
         teacher_head: nn.Module,
+        assignment: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One (B, D, H, W) map per view, all on the common overlap grid -> scalar loss."""
+        """One (B, D, H, W) map per view, all on the common overlap grid -> scalar loss.
+
+        ``assignment``: :meth:`assign` of :func:`teacher_average` of ``teacher_maps``, when the
+        caller computed it (e.g. with other sources, :meth:`assign_together`)."""
         require_common_grid("ObjectContrastLoss", student_maps, teacher_maps)
-        assignment = self.assign(torch.stack(list(teacher_maps)).mean(0))
+        if assignment is None:
+            assignment = self.assign(teacher_average(teacher_maps))
         student = apply_per_view(student_head, [self.pool(m, assignment) for m in student_maps])
         with torch.no_grad():
             teacher = apply_per_view(teacher_head, [self.pool(m, assignment) for m in teacher_maps])
         return self.criterion.cross_view(student, teacher)
+
+
+def teacher_average(teacher_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The map the views' shared clustering is computed on: the teacher's views averaged."""
+    return torch.stack(list(teacher_maps)).mean(0)

@@ -45,7 +45,7 @@ from skysense.pretrain.cross_modal import CrossModalAlignment
 from skysense.pretrain.geo_prototypes import GeoPrototypeLoss
 from skysense.pretrain.heads import DINOHead
 from skysense.pretrain.image_contrast import ImageContrastLoss, InfoNCEImageContrastLoss
-from skysense.pretrain.object_contrast import ObjectContrastLoss
+from skysense.pretrain.object_contrast import ObjectContrastLoss, teacher_average
 from skysense.pretrain.pixel_contrast import PixelContrastLoss, resample_to_overlap
 from skysense.pretrain.teacher import build_teacher, ema_update
 
@@ -178,18 +178,24 @@ class SkySensePretrainingObjective(nn.Module):
         present = [s for s in SOURCES if all(_has(out, s) for out in list(student) + list(teacher) + local_outputs)]
         if not present:
             raise ValueError("pretraining objective: no feature source is present in all four outputs")
+        maps, aligned = {}, {}
         for source in present:
             s_maps = [source_map(out, view, source) for out, view in zip(student, views)]
             t_maps = [source_map(out, view, source) for out, view in zip(teacher, views)]
             size = (s_maps[0].shape[-2], s_maps[0].shape[-1])
-            s_aligned = [resample_to_overlap(m, view.get("overlap"), size) for m, view in zip(s_maps, views)]
-            t_aligned = [resample_to_overlap(m, view.get("overlap"), size) for m, view in zip(t_maps, views)]
+            maps[source] = s_maps, t_maps
+            aligned[source] = tuple([resample_to_overlap(m, view.get("overlap"), size) for m, view in zip(ms, views)]
+                                    for ms in (s_maps, t_maps))
+        # The object level's clusterings of the sources with the same number of pixels are solved
+        # together (A level whose weight is 0 is not computed: no heads, no clustering).
+        assignments = self.object_assignments({s: a[1] for s, a in aligned.items()}) if c.object_weight else {}
+        for source in present:
+            (s_maps, t_maps), (s_aligned, t_aligned) = maps[source], aligned[source]
             heads = (self.heads[source], self.teacher_heads[source])
-            # A level whose weight is 0 is not computed (saves its heads and Sinkhorn clustering).
             if c.pixel_weight:
                 terms[f"pixel/{source}"] = self.pixel[source](s_aligned, t_aligned, *heads)
             if c.object_weight:
-                terms[f"object/{source}"] = self.object[source](s_aligned, t_aligned, *heads)
+                terms[f"object/{source}"] = self.object[source](s_aligned, t_aligned, *heads, assignment=assignments[source])
             if c.image_weight:
                 local_maps = [source_map(out, view, source) for out, view in zip(local_outputs, local_views)]
                 terms[f"image/{source}"] = self.image[source](s_maps + local_maps, t_maps, *heads)
@@ -211,6 +217,20 @@ class SkySensePretrainingObjective(nn.Module):
                                     views[0]["lat"], views[0]["lon"], prototypes)
             total = total + c.geo_weight * terms["geo"]
         return total, {name: value.detach() for name, value in terms.items()}
+
+    @torch.no_grad()
+    def object_assignments(self, teacher_aligned: Mapping[str, Sequence[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Each source's object clustering (:meth:`ObjectContrastLoss.assign` of its averaged
+        teacher views), sources with the same number of pixels solved in one Sinkhorn-Knopp call
+        per round (:meth:`ObjectContrastLoss.assign_together`; their losses share settings)."""
+        groups: dict[int, list[str]] = {}
+        for source, t_aligned in teacher_aligned.items():
+            groups.setdefault(t_aligned[0].shape[-2] * t_aligned[0].shape[-1], []).append(source)
+        found: dict[str, torch.Tensor] = {}
+        for sources in groups.values():
+            together = self.object[sources[0]].assign_together([teacher_average(teacher_aligned[s]) for s in sources])
+            found.update(zip(sources, together))
+        return found
 
     @torch.no_grad()
     def update_teacher_heads(self, momentum: float) -> None:
