@@ -187,7 +187,7 @@ class SkySensePretrainingObjective(nn.Module):
             aligned[source] = tuple([resample_to_overlap(m, view.get("overlap"), size) for m, view in zip(ms, views)]
                                     for ms in (s_maps, t_maps))
         # The object level's clusterings of the sources with the same number of pixels are solved
-        # together (A level whose weight is 0 is not computed: no heads, no clustering).
+        # together (a level whose weight is 0 is not computed: no heads, no clustering).
         assignments = self.object_assignments({s: a[1] for s, a in aligned.items()}) if c.object_weight else {}
         for source in present:
             (s_maps, t_maps), (s_aligned, t_aligned) = maps[source], aligned[source]
