@@ -83,9 +83,9 @@ from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block, WindowAttent
 from skysense.models.vit import VisionTransformer
 from skysense.pretrain.config import PretrainConfig
 from skysense.pretrain.model import PretrainingModel, parameter_groups
-from skysense.validation import checked_on_host
 from skysense.pretrain.teacher import ema_update
 from skysense.timm_reference import timm_swin_like, timm_vit_like
+from skysense.validation import checked_on_host
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

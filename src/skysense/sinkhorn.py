@@ -18,11 +18,12 @@ Three shapes of problem, one iteration:
 
 Two domains, one sequence of iterates. The log domain (any scores) rescales ``log Q`` by
 log-sum-exp reductions over rows and columns: about 18 operators per round for a dense problem
-(24 grouped), each a kernel launch on a GPU, and a max and a sum all-reduce per round when
+(22 grouped; counted without views by ``benchmarks/host_syncs.py``'s counter), each a kernel
+launch on a GPU, and a max and a sum all-reduce per round when
 distributed. When the caller bounds the scores (``score_bound``: cosine similarities are within
 1) and ``2 * score_bound / epsilon <= SCALING_RANGE``, the rounds run on ``Q = diag(u) K
 diag(v)`` with ``K = exp((scores - score_bound) / epsilon)`` fixed (SwAV's form): a product and
-a division per side, about 6 operators per round (8 grouped) and one all-reduce. ``K`` is the
+a division per side, about 5 operators per round (9 grouped) and one all-reduce. ``K`` is the
 log domain's ``exp(scores / epsilon)`` times a constant, so the rounds produce the same plans up
 to float32 rounding. The range limit keeps every entry of ``K`` (at least ``exp(-range)``) and
 the scalings far from float32's underflow and overflow.
@@ -80,8 +81,8 @@ def sinkhorn_knopp(
         distributed: the rows are this process's share; sums run over every process.
         score_bound: a bound the caller guarantees on ``|scores|`` (1 for cosine similarities),
             or None; with ``2 * score_bound / epsilon <= SCALING_RANGE`` the rounds run in the
-            scaling domain (the module docstring), with the same result and a third of the
-            kernel launches.
+            scaling domain (the module docstring), with the same result and a quarter (dense)
+            to two fifths (grouped) of the kernel launches per round.
 
     Returns:
         ``Q`` with rows summing exactly to ``row_sums`` and columns to ``col_sums`` within

@@ -55,8 +55,8 @@ from skysense.pretrain.checkpoint import (
 from skysense.pretrain.config import PretrainConfig
 from skysense.pretrain.data import build_view_loader
 from skysense.pretrain.model import PretrainingModel, parameter_groups
-from skysense.validation import checked_on_host
 from skysense.pretrain.teacher import cosine_momentum, ema_update
+from skysense.validation import checked_on_host
 from skysense.weights import atomic_write
 
 METRICS_NAME = "metrics.csv"

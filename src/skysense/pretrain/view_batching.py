@@ -14,14 +14,19 @@ drops masks that mark every frame valid) is filled with all-valid rows for the o
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from skysense.models.skysense import SENTINEL
+from skysense.models.skysense import SENTINEL, SkySense
 
-MODEL_INPUTS: tuple[str, ...] = ("hr", "s2", "s2_dates", "s2_mask", "s1", "s1_dates", "s1_mask", "lat", "lon")
-"""The keys of a view that :meth:`SkySense.forward_features` reads; other keys are left out."""
+MODEL_INPUTS: tuple[str, ...] = tuple(
+    name for name, parameter in inspect.signature(SkySense.forward_features).parameters.items()
+    if name != "self" and parameter.kind is parameter.POSITIONAL_OR_KEYWORD
+)
+"""The keys of a view that :meth:`SkySense.forward_features` reads (its named parameters: hr,
+s2 and s1 with their dates and masks, lat, lon); other keys are left out."""
 
 Features = dict[str, torch.Tensor | list[torch.Tensor]]
 
