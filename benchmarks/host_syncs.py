@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_step  # noqa: E402
 
+from skysense.sinkhorn import sinkhorn_knopp  # noqa: E402
+
 # Operators whose output (value or shape) the host must read back from the device.
 READ_BACK = {
     "aten._local_scalar_dense.default",  # .item(), bool(t), int(t), float(t), if t: ...
@@ -149,6 +151,25 @@ def finetuning_step_syncs(host_checks: bool = True, batch: int = 2) -> HostSyncC
     return counter
 
 
+def sinkhorn_operators_per_round(score_bound: float | None, grouped: bool) -> float:
+    """Operators (views excluded) per Sinkhorn-Knopp round on cosine scores: 6 images x 256
+    pixels x 8 clusters (dense, the object clustering's shape) or 256 rows in 3 groups (the geo
+    prototypes' form), the difference between 20 and 10 rounds over 10, no early stop."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.nn.functional.normalize(torch.randn(6, 256, 64, generator=g), dim=-1)
+    centroids = torch.nn.functional.normalize(torch.randn(6, 8, 64, generator=g), dim=-1)
+    scores = pixels @ centroids.transpose(1, 2)
+    kwargs: dict = {"groups": torch.arange(256) % 3, "num_groups": 3} if grouped else {}
+    if grouped:
+        scores = scores[0]
+    counts = []
+    for rounds in (10, 20):
+        with HostSyncCounter() as counter:
+            sinkhorn_knopp(scores, 0.05, rounds, tolerance=0.0, score_bound=score_bound, **kwargs)
+        counts.append(counter.operators)
+    return (counts[1] - counts[0]) / 10
+
+
 def _uncounted(counter: HostSyncCounter, fn, *args, **kwargs):
     before = counter.counts.copy(), counter.operators
     result = fn(*args, **kwargs)
@@ -171,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     for host_checks in (False, True):
         label = "values checked on the host (the loop)" if host_checks else "values checked in the model"
         print(f"  {label:38s} host syncs {finetuning_step_syncs(host_checks).total:4d}")
+    print("Sinkhorn-Knopp operators per round (cosine scores):")
+    for grouped in (False, True):
+        log_domain, scaling = (sinkhorn_operators_per_round(bound, grouped) for bound in (None, 1.0))
+        print(f"  {'grouped (geo regions)' if grouped else 'dense (object clustering)':38s} log domain {log_domain:5.1f}"
+              f"   scaling domain {scaling:5.1f}")
     if args.per_line:  # of the pretraining loop's default
         for (name, where), n in counter.counts.most_common():
             print(f"{n:5d}  {name:34s} {where}")

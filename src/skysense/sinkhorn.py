@@ -23,7 +23,7 @@ launch on a GPU, and a max and a sum all-reduce per round when
 distributed. When the caller bounds the scores (``score_bound``: cosine similarities are within
 1) and ``2 * score_bound / epsilon <= SCALING_RANGE``, the rounds run on ``Q = diag(u) K
 diag(v)`` with ``K = exp((scores - score_bound) / epsilon)`` fixed (SwAV's form): a product and
-a division per side, about 5 operators per round (9 grouped) and one all-reduce. ``K`` is the
+a division per side, about 5 operators per round (10 grouped) and one all-reduce. ``K`` is the
 log domain's ``exp(scores / epsilon)`` times a constant, so the rounds produce the same plans up
 to float32 rounding. The range limit keeps every entry of ``K`` (at least ``exp(-range)``) and
 the scalings far from float32's underflow and overflow.
@@ -82,7 +82,7 @@ def sinkhorn_knopp(
         score_bound: a bound the caller guarantees on ``|scores|`` (1 for cosine similarities),
             or None; with ``2 * score_bound / epsilon <= SCALING_RANGE`` the rounds run in the
             scaling domain (the module docstring), with the same result and a quarter (dense)
-            to two fifths (grouped) of the kernel launches per round.
+            to under half (grouped) of the kernel launches per round.
 
     Returns:
         ``Q`` with rows summing exactly to ``row_sums`` and columns to ``col_sums`` within
