@@ -88,7 +88,11 @@ class FusionTransformer(nn.Module):
         dim = self.config.embed_dim
         sequence = [self.extra_token.expand(b, h * w, 1, dim)]
         for features, day_of_year, _ in tokens:
-            x = self.input_proj(features.permute(0, 3, 4, 1, 2).reshape(b, h * w, -1, features.shape[2]))
+            # Locations and frames as the rows of one matrix: a strided 4-D input would make
+            # F.linear, where no gradient flows to the weight (the EMA teacher), broadcast the
+            # weight over a batched matmul, one (C_in, D) copy per location: 9 GB at huge.
+            rows = features.permute(0, 3, 4, 1, 2).reshape(-1, features.shape[2])
+            x = self.input_proj(rows).reshape(b, h * w, features.shape[1], dim)
             if day_of_year is not None:
                 x = x + self.date_offsets(day_of_year)[:, None]
             sequence.append(x)
