@@ -251,3 +251,21 @@ def test_multimodal_geo_run_of_two_processes_matches_one(tmp_path: Path) -> None
     _, fsdp, _ = _restored(configs["fsdp"], tmp_path / "fsdp")
     for strategy, prototypes in (("ddp", ddp), ("fsdp", fsdp[name])):
         torch.testing.assert_close(prototypes, reference, rtol=0, atol=1e-4, msg=strategy)
+
+
+def test_collapse_monitors_need_two_samples() -> None:
+    """One sample has no spread: the monitors are left out, not NaN with a warning (an H100
+    run of one sample per GPU warned 'degrees of freedom is <= 0')."""
+    import warnings
+
+    from skysense.pretrain.model import collapse_monitors
+
+    g = torch.Generator().manual_seed(0)
+    one = [{"fused": torch.randn(1, 8, 2, 2, generator=g)}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert collapse_monitors(one, one) == {}
+    two = [{"fused": torch.randn(2, 8, 2, 2, generator=g)}]
+    monitors = collapse_monitors(two, two)
+    assert set(monitors) == {"monitor/feature_std", "monitor/teacher_similarity"}
+    assert all(torch.isfinite(v) for v in monitors.values())

@@ -58,7 +58,9 @@ def collapse_monitors(student: list[dict], teacher: list[dict]) -> dict[str, tor
     """
     s = gather_rows(torch.nn.functional.normalize(student[0]["fused"].float().mean((-2, -1)), dim=1))[0]
     t = gather_rows(torch.nn.functional.normalize(teacher[0]["fused"].float().mean((-2, -1)), dim=1))[0]
-    monitors = {"monitor/feature_std": s.std(0).mean() * math.sqrt(s.shape[1])}
+    monitors = {}
+    if s.shape[0] > 1:  # a spread needs two samples (a global batch of one: on one GPU at batch 1)
+        monitors["monitor/feature_std"] = s.std(0).mean() * math.sqrt(s.shape[1])
     if t.shape[0] > 1:
         sim = t @ t.T
         off = sim.sum() - sim.diagonal().sum()
