@@ -338,3 +338,17 @@ def test_pretrain_step_creates_its_tensors_on_the_inputs_device(image_loss: str,
         model()
     finally:
         torch.set_default_device(None)
+
+
+def test_the_pretraining_step_copies_no_weight_per_row() -> None:
+    """The EMA teacher's encoders and heads run without weight gradients; F.linear on their
+    strided 4-D features would broadcast each weight over a batched matmul (one copy per
+    image row or location). The whole step (student, teacher, objective, backward) runs none."""
+    from broadcast_matmuls import BroadcastMatmuls
+
+    options = gpu_step.Options(device="cpu", dtype="bf16", shapes=gpu_step.SMALL)
+    model = gpu_step.pretrain_model(options)
+    workload = gpu_step.pretrain_workload(model, 2, options)
+    with BroadcastMatmuls() as seen:
+        workload.step(model)
+    assert seen.broadcast == []

@@ -50,9 +50,15 @@ class DINOHead(nn.Module):
         return self.channels_last(x)
 
     def channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores for features in the last dimension: (..., in_dim) -> (..., out_dim)."""
-        z = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(z, F.normalize(self.prototypes, dim=-1))
+        """Scores for features in the last dimension: (..., in_dim) -> (..., out_dim).
+
+        The features go through the MLP as the rows of one matrix: on a strided input of more
+        than two dimensions, F.linear without weight gradients (the EMA teacher's heads)
+        would broadcast each weight over a batched matmul, one copy per leading index.
+        """
+        rows = x.reshape(-1, x.shape[-1])
+        z = F.normalize(self.mlp(rows), dim=-1)
+        return F.linear(z, F.normalize(self.prototypes, dim=-1)).reshape(*x.shape[:-1], -1)
 
 
 def apply_per_view(head: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
