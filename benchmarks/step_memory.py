@@ -37,20 +37,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_step  # noqa: E402
+from live_memory import LiveBytes  # noqa: E402
 
 from skysense.devices import adamw, training_dtype  # noqa: E402
 from skysense.distributed import DistributedContext, apply_activation_checkpointing, apply_fsdp  # noqa: E402
@@ -65,62 +63,6 @@ GIB = 2**30
 # Activation checkpointing of the student: none, the fusion transformer's blocks, or every
 # transformer block (what --activation-checkpointing / ``activation_checkpointing: true`` do).
 CHECKPOINTING = ("off", "fusion", "all")
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of every storage alive, and their peak, over the operators run in its context.
-
-    Storages are counted once however many tensors view them, and leave the count when their
-    last tensor goes. Values an operator would read back to the host (``.item()``, ``bool``,
-    ``nonzero``) cannot exist on fake tensors: ``.item()`` answers 0 (False), ``nonzero`` answers
-    ``nonzero_rows`` rows (at most the input's size). ``nonzero_rows=None``: real tensors, no
-    stand-ins.
-    """
-
-    def __init__(self, nonzero_rows: int | None) -> None:
-        super().__init__()
-        self.nonzero_rows = nonzero_rows
-        self.sizes: dict[int, int] = {}
-        self.live = 0
-        self.peak = 0
-
-    def track(self, tensor: torch.Tensor) -> None:
-        if isinstance(tensor, DTensor):  # FSDP2's sharded parameters, gradients, moments
-            tensor = tensor.to_local()
-        storage = tensor.untyped_storage()
-        key = id(storage)  # storages keep one Python object while they live
-        if key in self.sizes:
-            return
-        size = storage.nbytes()
-        self.sizes[key] = size
-        self.live += size
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.live -= self.sizes.pop(key)
-
-    def resized(self, storage: torch.UntypedStorage) -> None:
-        """A storage's size changed in place (FSDP2 frees and re-allocates gathered parameters so)."""
-        key = id(storage)
-        if key in self.sizes:
-            self.live += storage.nbytes() - self.sizes[key]
-            self.sizes[key] = storage.nbytes()
-            self.peak = max(self.peak, self.live)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        fake = self.nonzero_rows is not None
-        if fake and func is torch.ops.aten._local_scalar_dense.default:
-            return False if args[0].dtype == torch.bool else 0
-        if fake and func is torch.ops.aten.nonzero.default:
-            out = torch.zeros(min(self.nonzero_rows, args[0].numel()), args[0].ndim, dtype=torch.long,
-                              device=args[0].device)
-        else:
-            out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                self.track(tensor)
-        return out
 
 
 def clear_mask_caches() -> None:

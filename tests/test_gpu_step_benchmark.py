@@ -352,3 +352,37 @@ def test_the_pretraining_step_copies_no_weight_per_row() -> None:
     with BroadcastMatmuls() as seen:
         workload.step(model)
     assert seen.broadcast == []
+
+
+def test_a_paper_batch_that_never_fits_is_traced_and_smaller_batches_are_measured(monkeypatch) -> None:
+    """(d): when the paper's batch runs out of memory with every block checkpointed, one more
+    step of it records what was alive at the failure, by origin; then smaller batches are tried
+    so the step's speed is measured all the same, and the target is not judged met."""
+    forward = gpu_step.PretrainStep.forward
+
+    def step(self) -> None:
+        batch = self.views[0]["hr"].shape[0]
+        if batch >= 2:
+            kept = torch.zeros(batch, 2**20)  # 8 MiB per sample, made here and alive at the failure
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated, {kept.shape})")
+        forward(self)
+
+    monkeypatch.setattr(gpu_step.PretrainStep, "forward", step)
+    report = gpu_step.run_benchmark(_quick(shapes=dataclasses.replace(TINY, step_batches=(2, 3)),
+                                           parts=("pretrain_step",)))
+    rows = report["results"]
+    assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
+        (2, "off", "OutOfMemoryError"), (2, "fusion", "OutOfMemoryError"), (2, "all", "OutOfMemoryError"),
+        (1, "all", "")]
+    failure = rows[2]["memory_at_failure"]
+    assert failure["error"].startswith("OutOfMemoryError")
+    origins = {o["origin"]: o["gib"] for o in failure["by_origin"]}
+    made_here = [origin for origin in origins if origin.startswith("zeros at test_gpu_step_benchmark.py:")]
+    assert len(made_here) == 1 and origins[made_here[0]] == pytest.approx(2 * 2**20 * 4 / 2**30), origins
+    assert origins["model state"] > 0
+    assert "host_syncs" in rows[3] and rows[3]["host_syncs"] is not None  # counted where it first fitted
+    summary = {row["part"]: row for row in gpu_step.summary({**report, "device": "cuda"})}["pretrain_step"]
+    assert summary["skysense_batch"] == 1 and summary["at_paper_batch"] is False and summary["met"] is False
+    assert "2.0 GiB alive" not in gpu_step.format_table(report)
+    assert "batch 2: " in gpu_step.format_table(report) and "did not fit" in gpu_step.format_table(
+        {**report, "device": "cuda"})

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import gpu_step  # noqa: E402
+import live_memory  # noqa: E402
 import step_memory  # noqa: E402
 
 from skysense.models.swin_v2 import shifted_window_mask  # noqa: E402
@@ -24,7 +25,7 @@ def _estimate(batch: int, checkpointing: str = "off", world: int = 1) -> step_me
 
 
 def test_live_bytes_counts_storages_once_and_frees_them() -> None:
-    with step_memory.LiveBytes(nonzero_rows=3) as live:
+    with live_memory.LiveBytes(nonzero_rows=3) as live:
         a = torch.ones(1000)  # 4000 bytes
         view = a[10:20]  # same storage: nothing more
         b = a * 2  # 4000 more
@@ -66,7 +67,7 @@ def test_checkpointing_and_batch_move_the_peak_the_expected_way() -> None:
 
 def test_resizing_a_storage_in_place_is_counted() -> None:
     """FSDP2 frees gathered parameters with ``untyped_storage().resize_(0)``, which is no operator."""
-    live = step_memory.LiveBytes(nonzero_rows=1)
+    live = live_memory.LiveBytes(nonzero_rows=1)
     with live, step_memory.resizes_reported_to(live):
         gathered = torch.ones(256)
         assert live.live == 1024
@@ -90,3 +91,24 @@ def test_fake_tensors_are_counted_as_the_real_step_would_be() -> None:
     fake, real = _estimate(2), step_memory.estimate(2, "off", gpu_step.SMALL, fake=False)
     assert abs(real.state_gib / fake.state_gib - 1) < 0.01, (real, fake)
     assert abs(real.peak_gib / fake.peak_gib - 1) < 0.01, (real, fake)
+
+
+def test_live_sites_name_where_the_bytes_alive_at_a_failure_were_made() -> None:
+    """At an out-of-memory error, the bytes alive are listed by origin: the model state, the
+    operator and our line that made each large storage, the autograd node in the backward."""
+    weight = torch.randn(256, 256, requires_grad=True)
+    sites = live_memory.LiveSites(min_bytes=2**18)
+    sites.track_state([weight])
+    kept = []
+    with sites:
+        x = torch.randn(1024, 256)  # 1 MiB
+        kept.append(torch.relu(x @ weight))  # 1 MiB, saved for the backward
+        (kept[0] * 2).sum().backward()  # the gradient: 256 KiB, made in the backward
+        small = torch.ones(8)  # under min_bytes
+    rows = {row["origin"]: row for row in sites.by_origin()}
+    assert rows["model state"]["gib"] == weight.numel() * 4 / 2**30
+    made_here = [origin for origin in rows if origin.startswith(("relu at test_step_memory.py:", "randn at test_"))]
+    assert len(made_here) == 2 and all("(test_live_sites_name_where" in origin for origin in made_here), sorted(rows)
+    assert any(origin.startswith("mm in MmBackward0") for origin in rows), sorted(rows)
+    assert rows["storages under 0 MiB"]["storages"] >= 1 and small.numel() == 8
+    assert sum(row["gib"] for row in rows.values()) * 2**30 == sites.live
