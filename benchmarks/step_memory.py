@@ -30,11 +30,14 @@ How it differs from a GPU run, so read the result as an estimate:
     PYTHONPATH=src python benchmarks/step_memory.py                       # huge, batches 3,4,6,8
     PYTHONPATH=src python benchmarks/step_memory.py --batches 3 --checkpointing off,fusion,all
     PYTHONPATH=src python benchmarks/step_memory.py --batches 3 --world 80  # the paper: FSDP2, 80 GPUs
+    # real tensors at the paper's widths and shapes, every stack cut to 2 blocks (fits 24 GiB)
+    PYTHONPATH=src python benchmarks/step_memory.py --max-depth 2 --batches 2,3 --checkpointing all --real
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -50,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_step  # noqa: E402
 from live_memory import LiveBytes  # noqa: E402
 
+from skysense import config as model_config  # noqa: E402
 from skysense.devices import adamw, training_dtype  # noqa: E402
 from skysense.distributed import DistributedContext, apply_activation_checkpointing, apply_fsdp  # noqa: E402
 from skysense.models import swin_v2  # noqa: E402
@@ -99,6 +103,33 @@ def fake_process_group(world: int):
         yield DistributedContext(rank=0, world_size=world, device=torch.device("cpu"))
     finally:
         dist.destroy_process_group()
+
+
+@contextmanager
+def stacks_capped(preset: str, max_depth: int | None):
+    """Every transformer stack of ``preset`` (each SwinV2 stage, both ViTs, the fusion) cut to
+    at most ``max_depth`` blocks, widths, heads, windows and input shapes kept: a real step at
+    the paper's widths that fits a small machine (``--max-depth``). None: unchanged."""
+    if max_depth is None:
+        yield
+        return
+    if max_depth < 1:
+        raise ValueError(f"max_depth: expected at least 1 block, got {max_depth}")
+    build = model_config.PRESETS[preset]
+
+    def capped() -> model_config.SkySenseConfig:
+        config = build()
+        config.hr = dataclasses.replace(config.hr, depths=tuple(min(d, max_depth) for d in config.hr.depths))
+        for name in ("s2", "s1", "fusion"):
+            stack = getattr(config, name)
+            setattr(config, name, dataclasses.replace(stack, depth=min(stack.depth, max_depth)))
+        return config
+
+    model_config.PRESETS[preset] = capped
+    try:
+        yield
+    finally:
+        model_config.PRESETS[preset] = build
 
 
 @dataclass
@@ -191,8 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="the tiny preset at gpu_step's --small shapes")
     parser.add_argument("--real", action="store_true", help="run the step for real on this CPU, counted the "
                         "same way (with --small: checks the fake count)")
+    parser.add_argument("--max-depth", type=int, metavar="N",
+                        help="cut every transformer stack to at most N blocks, widths and shapes kept (with "
+                             "--real: the paper's widths on a small machine)")
     args = parser.parse_args(argv)
     shapes = gpu_step.SMALL if args.small else gpu_step.HUGE
+    with stacks_capped(shapes.preset, args.max_depth):
+        return _main(args, shapes)
+
+
+def _main(args: argparse.Namespace, shapes: gpu_step.Shapes) -> int:
     trained = trained_parameters(shapes)
     print(f"pretraining step ({shapes.preset}, HR {shapes.step_hr} px, S2 {shapes.step_s2_frames} / "
           f"S1 {shapes.step_s1_frames} frames, two views), bf16 autocast, fused AdamW, per device, "
@@ -200,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained parameters {trained:,} (float32 gradients {trained * 4 / GIB:.2f} GiB, twice that in AdamW "
           f"moments)")
     print("real tensors on this CPU" if args.real else "fake tensors (an estimate)")
+    if args.max_depth is not None:
+        print(f"every transformer stack cut to at most {args.max_depth} blocks")
     digits = 4 if args.small else 2
     print(f"{'devices':>7} {'batch':>5} {'checkpointing':>13} {'state GiB':>10} {'peak GiB':>9} {'seconds':>8}")
     for world in (int(w) for w in args.world.split(",")):

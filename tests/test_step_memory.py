@@ -112,3 +112,16 @@ def test_live_sites_name_where_the_bytes_alive_at_a_failure_were_made() -> None:
     assert any(origin.startswith("mm in MmBackward0") for origin in rows), sorted(rows)
     assert rows["storages under 0 MiB"]["storages"] >= 1 and small.numel() == 8
     assert sum(row["gib"] for row in rows.values()) * 2**30 == sites.live
+
+
+def test_stacks_capped_cuts_every_stack_and_restores_the_preset() -> None:
+    from skysense.config import preset_config
+
+    before = preset_config("huge")
+    with step_memory.stacks_capped("huge", 2):
+        capped = preset_config("huge")
+    assert capped.hr.depths == (2, 2, 2, 2) and capped.s2.depth == capped.s1.depth == capped.fusion.depth == 2
+    assert capped.hr.embed_dim == before.hr.embed_dim and capped.fusion.embed_dim == before.fusion.embed_dim
+    assert preset_config("huge") == before
+    with step_memory.stacks_capped("huge", None):
+        assert preset_config("huge") == before
