@@ -134,6 +134,7 @@ HUGE = Shapes(preset="huge", swin_image=512, swin_batch=8, vit_image=64, vit_bat
 SMALL = Shapes(preset="tiny", swin_image=64, swin_batch=4, vit_image=16, vit_batch=16, fusion_tokens=8,
                fusion_batch=64, step_batches=(2,), step_hr=128, step_s2_frames=2, step_s1_frames=2, matmul_n=1024)
 COMPILE_SCOPES = ("blocks", "model")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 # Issue 7's targets on an H100 (bf16): the MFU each of our parts must reach.
 MFU_TARGETS = {"swin_v2": 0.50, "vit": 0.55, "fusion": 0.55, "pretrain_step": 0.45}
 
@@ -147,7 +148,8 @@ class Options:
     shapes: Shapes = HUGE
     compile: bool = True
     compile_scope: str = "blocks"
-    # torch.compile's mode (None: its default; "max-autotune-no-cudagraphs" tunes the GEMMs).
+    # torch.compile's mode (None: its default; "max-autotune-no-cudagraphs" tunes the GEMMs,
+    # "reduce-overhead" replays CUDA graphs, "max-autotune" does both).
     compile_mode: str | None = None
     activation_checkpointing: bool = False
     warmup: int = 3
@@ -717,6 +719,8 @@ def run_benchmark(options: Options) -> dict[str, Any]:
         raise RuntimeError("--device cuda: no CUDA device is available; use --device cpu")
     if options.compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"compile_scope: expected one of {list(COMPILE_SCOPES)}, got {options.compile_scope!r}")
+    if options.compile_mode is not None and options.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode: expected one of {list(COMPILE_MODES)}, got {options.compile_mode!r}")
     run = Run(options, matmul_peak(options))
     for part in options.parts:
         try:
@@ -822,8 +826,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="blocks",
                         help="compile each transformer block (default) or the whole model")
-    parser.add_argument("--compile-mode", choices=("default", "max-autotune-no-cudagraphs", "max-autotune"),
-                        help="torch.compile's mode (default: its default)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES,
+                        help="torch.compile's mode (default: its default); reduce-overhead and max-autotune "
+                             "replay CUDA graphs (with --compile-scope model: one for the forward, one for the "
+                             "backward)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute every transformer block's activations in the backward pass")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")

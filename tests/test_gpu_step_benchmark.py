@@ -386,3 +386,15 @@ def test_a_paper_batch_that_never_fits_is_traced_and_smaller_batches_are_measure
     assert "2.0 GiB alive" not in gpu_step.format_table(report)
     assert "batch 2: " in gpu_step.format_table(report) and "did not fit" in gpu_step.format_table(
         {**report, "device": "cuda"})
+
+
+def test_whole_model_compile_with_cuda_graphs_runs_and_is_reported() -> None:
+    """``--compile-scope model --compile-mode reduce-overhead``: one graph per model, replayed as
+    CUDA graphs on a GPU (on the CPU inductor skips the graphs); an unknown mode is refused."""
+    report = gpu_step.main(["--device", "cpu", "--small", "--parts", "fusion", "--compile-scope", "model",
+                            "--compile-mode", "reduce-overhead", "--warmup", "1", "--repeats", "1"])
+    assert report["compile_scope"] == "model" and report["compile_mode"] == "reduce-overhead"
+    compiled = [r for r in report["results"] if r["mode"] == "compiled"]
+    assert len(compiled) == 2 and all(r["error"] is None and r["step_ms"] > 0 for r in compiled), compiled
+    with pytest.raises(ValueError, match="compile_mode: expected one of"):
+        gpu_step.run_benchmark(_quick(compile_mode="fastest"))
