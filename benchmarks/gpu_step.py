@@ -488,7 +488,7 @@ def empty_row(workload: Workload, mode: str, flops: int | None) -> dict[str, Any
         "batch": workload.batch, "input_shape": workload.input_shape,
         "activation_checkpointing": workload.checkpointed,
         "parameters": sum(p.numel() for p in workload.model.parameters() if p.requires_grad),
-        "flops_per_step": flops, "compile_s": None, "step_ms": None, "items_per_s": None, "tflops_per_s": None,
+        "flops_per_step": flops, "compile_s": None, "compiled_graphs": None, "step_ms": None, "items_per_s": None, "tflops_per_s": None,
         "mfu": None, "peak_memory_gib": None, "host_syncs": None, "operators": None, "error": None,
     }
 
@@ -506,6 +506,7 @@ def measure(workload: Workload, mode: str, flops: int | None, peak: float, optio
             row.update(count_launches(workload))  # two untimed steps, in (d) only
         model = workload.model
         if mode == "compiled":
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             start = time.perf_counter()
             if options.compile_scope == "model":
                 model = torch.compile(model, mode=options.compile_mode)
@@ -514,6 +515,8 @@ def measure(workload: Workload, mode: str, flops: int | None, peak: float, optio
             workload.step(model)  # compiles
             synchronize(device)
             row["compile_s"] = time.perf_counter() - start
+            # Distinct graphs compiled for it (each shape, block kind and grad mode is one).
+            row["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = time_steps(lambda: workload.step(model), device, options.warmup, options.repeats)
@@ -775,7 +778,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'on' if report['activation_checkpointing'] else 'off'}; matmul peak "
         f"{peak['tflops_per_s']:.2f} TFLOP/s (n={peak['matmul_n']}, {peak['dtype']})",
         f"{'part':<14} {'impl':<9} {'mode':<9} {'batch':>5} {'step ms':>9} {'items/s':>9} {'TFLOP/s':>8} "
-        f"{'MFU':>6} {'GiB':>6} {'compile s':>9}",
+        f"{'MFU':>6} {'GiB':>6} {'compile s':>9} {'graphs':>6}",
     ]
     for r in report["results"]:
         if r["error"]:
@@ -783,9 +786,10 @@ def format_table(report: dict[str, Any]) -> str:
             continue
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         compiled = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
+        graphs = r["compiled_graphs"] if r.get("compiled_graphs") is not None else "-"
         lines.append(
             f"{r['part']:<14} {r['implementation']:<9} {r['mode']:<9} {r['batch']:>5} {r['step_ms']:>9.1f} "
-            f"{r['items_per_s']:>9.1f} {r['tflops_per_s']:>8.3f} {100 * r['mfu']:>5.1f}% {memory:>6} {compiled:>9}"
+            f"{r['items_per_s']:>9.1f} {r['tflops_per_s']:>8.3f} {100 * r['mfu']:>5.1f}% {memory:>6} {compiled:>9} {graphs:>6}"
         )
     for r in report["results"]:
         failure = r.get("memory_at_failure")

@@ -33,7 +33,7 @@ TINY = gpu_step.Shapes(preset="tiny", swin_image=64, swin_batch=2, vit_image=16,
                        matmul_n=64)
 RESULT_FIELDS = {"part", "implementation", "mode", "unit", "batch", "input_shape", "activation_checkpointing",
                  "parameters", "flops_per_step",
-                 "compile_s", "step_ms", "items_per_s", "tflops_per_s", "mfu", "peak_memory_gib", "host_syncs",
+                 "compile_s", "compiled_graphs", "step_ms", "items_per_s", "tflops_per_s", "mfu", "peak_memory_gib", "host_syncs",
                  "operators", "error"}
 
 
@@ -396,5 +396,6 @@ def test_whole_model_compile_with_cuda_graphs_runs_and_is_reported() -> None:
     assert report["compile_scope"] == "model" and report["compile_mode"] == "reduce-overhead"
     compiled = [r for r in report["results"] if r["mode"] == "compiled"]
     assert len(compiled) == 2 and all(r["error"] is None and r["step_ms"] > 0 for r in compiled), compiled
+    assert all(r["compiled_graphs"] == 1 for r in compiled), compiled  # one graph per whole model
     with pytest.raises(ValueError, match="compile_mode: expected one of"):
         gpu_step.run_benchmark(_quick(compile_mode="fastest"))
