@@ -3,6 +3,9 @@
 #
 #     bash benchmarks/gpu_step_device.sh                  # every part, compile scope "blocks"
 #     BUDGET=200 bash benchmarks/gpu_step_device.sh --parts swin_v2   # a shorter second try
+#     # two runs in one call (a lent machine goes back 30 s after a call): TAG names the files
+#     TAG=d BUDGET=150 bash benchmarks/gpu_step_device.sh --parts pretrain_step --no-compile; \
+#     TAG=enc BUDGET=300 bash benchmarks/gpu_step_device.sh --parts vit,fusion,swin_v2
 #
 # It needs only what the device image holds (torch, timm, safetensors, pyyaml, tqdm): skysense
 # runs from src/ without being installed, and nothing it imports needs rasterio. What it writes
@@ -10,6 +13,7 @@
 #   environment.txt  the GPU, its driver and clocks, the library versions
 #   gpu_step.json    the report, rewritten after every row (a run cut short keeps its rows)
 #   gpu_step.log     what the benchmark printed, the table at its end
+# (gpu_step-$TAG.json and gpu_step-$TAG.log when TAG is set.)
 # BUDGET (seconds, default 360) is when gpu_step.py stops starting measurements; give the call a
 # timeout about 3 minutes longer, since a compilation or (d) may still be running then.
 # Extra arguments go to benchmarks/gpu_step.py.
@@ -24,5 +28,6 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     python3 -c "import sys, torch, timm; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'timm', timm.__version__)"
 } 2>&1 | tee "$out/environment.txt"
-python3 benchmarks/gpu_step.py --json "$out/gpu_step.json" --budget "${BUDGET:-360}" --profile "$@" 2>&1 \
-    | tee "$out/gpu_step.log"
+name=gpu_step${TAG:+-$TAG}
+python3 benchmarks/gpu_step.py --json "$out/$name.json" --budget "${BUDGET:-360}" --profile "$@" 2>&1 \
+    | tee "$out/$name.log"

@@ -316,6 +316,15 @@ def test_device_script_writes_its_three_files(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "gpu_step.json").read_text())
     assert report["complete"] and report["budget_s"] == 360 and len(report["results"]) == 2
     assert "fusion" in (tmp_path / "gpu_step.log").read_text()
+    # TAG names a second run's files, so two runs of one device call keep both reports
+    env["TAG"] = "second"
+    result = subprocess.run(["bash", str(script), "--device", "cpu", "--small", "--no-compile", "--parts", "vit",
+                             "--warmup", "0", "--repeats", "1"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "environment.txt", "gpu_step-second.json", "gpu_step-second.log", "gpu_step.json", "gpu_step.log"]
+    assert json.loads((tmp_path / "gpu_step-second.json").read_text())["results"][0]["part"] == "vit"
+    assert json.loads((tmp_path / "gpu_step.json").read_text())["results"][0]["part"] == "fusion"
 
 
 @pytest.mark.parametrize("image_loss,keys", [("dino", "teacher"), ("infonce", "teacher"), ("infonce", "student")])
