@@ -710,9 +710,20 @@ def memory_at_failure(workload: Workload, top: int = 12) -> dict[str, Any]:
     except torch.OutOfMemoryError as error:
         failure = error_text(error)
         by_origin = sites.by_origin(top)  # while the failed step's tensors are still referenced
+        allocated = allocated_gib(workload)
     else:
         by_origin = sites.by_origin(top)
-    return {"error": failure, "live_gib": sites.live / 2**30, "peak_gib": sites.peak / 2**30, "by_origin": by_origin}
+        allocated = allocated_gib(workload)
+    # allocator_gib well above live_gib: memory held where no operator's output shows it
+    # (a kernel's own workspace, a library's buffers).
+    return {"error": failure, "live_gib": sites.live / 2**30, "peak_gib": sites.peak / 2**30,
+            "allocator_gib": allocated, "by_origin": by_origin}
+
+
+def allocated_gib(workload: Workload) -> float | None:
+    """What the CUDA caching allocator holds for tensors now (None on the CPU)."""
+    device = next(workload.model.parameters()).device
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def run_benchmark(options: Options) -> dict[str, Any]:
@@ -795,8 +806,9 @@ def format_table(report: dict[str, Any]) -> str:
         failure = r.get("memory_at_failure")
         if failure:
             origins = "; ".join(f"{o['origin']} {o['gib']:.2f}" for o in failure["by_origin"][:8])
-            lines.append(f"{r['part']:<14} batch {r['batch']}: {failure['live_gib']:.1f} GiB alive when memory ran "
-                         f"out{'' if failure['error'] else ' (not this time: at the end)'}; by origin (GiB): {origins}")
+            allocator = f" ({failure['allocator_gib']:.1f} GiB in the allocator)" if failure.get("allocator_gib") else ""
+            lines.append(f"{r['part']:<14} batch {r['batch']}: {failure['live_gib']:.1f} GiB alive{allocator} when memory "
+                         f"ran out{'' if failure['error'] else ' (not this time: at the end)'}; by origin (GiB): {origins}")
     for r in report["results"]:
         if r.get("host_syncs") is not None:
             lines.append(f"{r['part']:<14} batch {r['batch']}: {r['host_syncs']} host syncs and {r['operators']:,d} "

@@ -385,6 +385,7 @@ def test_a_paper_batch_that_never_fits_is_traced_and_smaller_batches_are_measure
         (1, "all", "")]
     failure = rows[2]["memory_at_failure"]
     assert failure["error"].startswith("OutOfMemoryError")
+    assert failure["allocator_gib"] is None  # the CUDA allocator's count, on a GPU only
     origins = {o["origin"]: o["gib"] for o in failure["by_origin"]}
     made_here = [origin for origin in origins if origin.startswith("zeros at test_gpu_step_benchmark.py:")]
     assert len(made_here) == 1 and origins[made_here[0]] == pytest.approx(2 * 2**20 * 4 / 2**30), origins
