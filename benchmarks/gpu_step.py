@@ -647,7 +647,7 @@ def run_pretrain_step(run: Run) -> None:
     fitted: dict[str, Any] | None = None
     counted = False
 
-    def measure(batch: int) -> dict[str, Any]:
+    def eager_row(batch: int) -> dict[str, Any]:
         nonlocal counted
         workload = pretrain_workload(model, batch, options, checkpointed)
         workload.count_launches = not counted
@@ -657,12 +657,12 @@ def run_pretrain_step(run: Run) -> None:
 
     first = options.shapes.step_batches[0]
     for batch in options.shapes.step_batches:
-        row = measure(batch)
+        row = eager_row(batch)
         while fitted is None and checkpointed != "all" and out_of_memory(row):
             release(device)
             checkpointed = "fusion" if checkpointed == "off" else "all"
             pretrain_workload(model, batch, options).checkpoint(checkpointed)
-            row = measure(batch)
+            row = eager_row(batch)
         if row["error"]:
             release(device)
             if fitted is None and out_of_memory(row):
@@ -675,7 +675,7 @@ def run_pretrain_step(run: Run) -> None:
         for batch in range(first - 1, 0, -1):  # below the paper's batch: a speed all the same
             if run.out_of_time():
                 break
-            row = measure(batch)
+            row = eager_row(batch)
             release(device)
             if not row["error"]:
                 fitted = row
@@ -703,21 +703,19 @@ def memory_at_failure(workload: Workload, top: int = 12) -> dict[str, Any]:
     sites.track_state([*model.parameters(), *model.buffers(), *optimizer_state,
                        *(p.grad for p in model.parameters() if p.grad is not None),
                        *(t for view in model.views for t in view.values())])
-    failure = None
+
+    def record(failure: str | None) -> dict[str, Any]:
+        # allocator_gib well above live_gib: memory held where no operator's output shows it
+        # (a kernel's own workspace, a library's buffers).
+        return {"error": failure, "live_gib": sites.live / 2**30, "peak_gib": sites.peak / 2**30,
+                "allocator_gib": allocated_gib(workload), "by_origin": sites.by_origin(top)}
+
     try:
         with sites:
             workload.step(model)
     except torch.OutOfMemoryError as error:
-        failure = error_text(error)
-        by_origin = sites.by_origin(top)  # while the failed step's tensors are still referenced
-        allocated = allocated_gib(workload)
-    else:
-        by_origin = sites.by_origin(top)
-        allocated = allocated_gib(workload)
-    # allocator_gib well above live_gib: memory held where no operator's output shows it
-    # (a kernel's own workspace, a library's buffers).
-    return {"error": failure, "live_gib": sites.live / 2**30, "peak_gib": sites.peak / 2**30,
-            "allocator_gib": allocated, "by_origin": by_origin}
+        return record(error_text(error))  # while the failed step's tensors are still referenced
+    return record(None)
 
 
 def allocated_gib(workload: Workload) -> float | None:

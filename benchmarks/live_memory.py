@@ -48,18 +48,20 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
 
-    def track(self, tensor: torch.Tensor) -> None:
+    def track(self, tensor: torch.Tensor) -> int | None:
+        """Count ``tensor``'s storage; its key when it was not counted yet, else None."""
         if isinstance(tensor, DTensor):  # FSDP2's sharded parameters, gradients, moments
             tensor = tensor.to_local()
         storage = tensor.untyped_storage()
         key = id(storage)  # storages keep one Python object while they live
         if key in self.sizes:
-            return
+            return None
         size = storage.nbytes()
         self.sizes[key] = size
         self.live += size
         self.peak = max(self.peak, self.live)
         weakref.finalize(storage, self._free, key)
+        return key
 
     def _free(self, key: int) -> None:
         self.live -= self.sizes.pop(key)
@@ -110,13 +112,11 @@ class LiveSites(LiveBytes):
             if isinstance(tensor, torch.Tensor):
                 self.track(tensor)
 
-    def track(self, tensor: torch.Tensor) -> None:
-        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-        key = id(local.untyped_storage())
-        fresh = key not in self.sizes
-        super().track(tensor)
-        if fresh and self.sizes.get(key, 0) >= self.min_bytes:
+    def track(self, tensor: torch.Tensor) -> int | None:
+        key = super().track(tensor)
+        if key is not None and self.sizes[key] >= self.min_bytes:
             self.origins[key] = self._operator if self._operator == "model state" else self._where()
+        return key
 
     def _free(self, key: int) -> None:
         super()._free(key)
@@ -135,7 +135,7 @@ class LiveSites(LiveBytes):
         return self._operator
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self._operator = str(func.overloadpacket.__name__)
+        self._operator = func.overloadpacket.__name__
         return super().__torch_dispatch__(func, types, args, kwargs)
 
     def by_origin(self, top: int = 12) -> list[dict[str, Any]]:
