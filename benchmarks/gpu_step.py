@@ -14,8 +14,9 @@ each for skysense and for timm's equivalent (``SwinTransformerV2``, ``VisionTran
 
 Numbers (PERFORMANCE.md's conventions): the step time is the median of the timed steps; FLOPs
 are the model's, counted once per model with ``torch.utils.flop_counter.FlopCounterMode`` on one
-eager step without activation checkpointing (its recomputation is not model work) and without
-SwinV2's head padding (44-wide heads run 48 wide on CUDA; the padded columns are not model
+eager step, leaving out activation checkpointing's recomputation (not model work; the step runs
+checkpointed as the timed ones do, so counting needs no more memory) and without SwinV2's head
+padding (44-wide heads run 48 wide on CUDA; the padded columns are not model
 work); torch does count the score recomputation inside fused attention's backward (2.5x the
 forward attention instead of 2x), under 1% of these steps. MFU is achieved FLOP/s over the
 peak of an n x n matmul in the compute dtype measured in the same run. CUDA runs under bf16
@@ -193,7 +194,7 @@ class Workload:
             target, blocks = (student.fusion, (TransformerBlock,)) if scope == "fusion" else (student, self.blocks)
         elif scope != "all":
             raise ValueError(f"checkpoint scope {scope!r}: only (d) has a fusion transformer; use 'all'")
-        apply_activation_checkpointing(target, blocks)
+        apply_activation_checkpointing(target, blocks, context_fn=Recomputation.contexts)
         self.checkpointed = scope
 
 
@@ -409,11 +410,47 @@ def unpadded_heads(model: nn.Module):
             attention.pad_heads = True
 
 
+class Recomputation:
+    """Whether the backward pass is recomputing a checkpointed block's forward (how deep):
+    blocks checkpointed by :meth:`Workload.checkpoint` run their recomputation under
+    :meth:`running`, so FLOP counting can leave it out while the step keeps its memory."""
+
+    depth = 0
+
+    @classmethod
+    @contextmanager
+    def running(cls):
+        cls.depth += 1
+        try:
+            yield
+        finally:
+            cls.depth -= 1
+
+    @classmethod
+    def contexts(cls) -> tuple[Any, Any]:
+        """``context_fn`` of :func:`apply_activation_checkpointing`: the forward as is, the
+        recomputation marked."""
+        return nullcontext(), cls.running()
+
+
+class ModelFlopCounter(FlopCounterMode):
+    """``FlopCounterMode`` that leaves out the recomputation of blocks checkpointed by
+    :meth:`Workload.checkpoint` (their operators run, uncounted)."""
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        if Recomputation.depth:
+            return out
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+
 def count_flops(workload: Workload) -> int:
     """The model's FLOPs in one step (matmuls, convolutions, attention), forward and backward,
-    without activation checkpointing's recomputation or SwinV2's head padding."""
-    with unpadded_heads(workload.model), checkpointing_off(workload.model), \
-            FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+    without activation checkpointing's recomputation or SwinV2's head padding.
+
+    The counted step runs as the timed ones do, checkpointed blocks included (only their
+    recomputation goes uncounted), so it needs no more memory than they do: at the paper's
+    batch a step without checkpointing does not fit one 80 GB GPU."""
+    with unpadded_heads(workload.model), ModelFlopCounter(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         workload.step(workload.model)
     return counter.get_total_flops()
 
@@ -430,22 +467,6 @@ def count_launches(workload: Workload) -> dict[str, int]:
     workload.step(workload.model)  # the optimizer's state exists before the counted step
     counter = count_step(workload.model)
     return {"host_syncs": counter.total, "operators": counter.operators}
-
-
-@contextmanager
-def checkpointing_off(model: nn.Module):
-    """Blocks under composable activation checkpointing run plain inside (its per-module switch)."""
-    from torch.distributed._composable.checkpoint_activation import checkpoint
-
-    states = [checkpoint.state(m) for m in model.modules()]
-    states = [state for state in states if state is not None and state.enable_hook]
-    for state in states:
-        state.enable_hook = False
-    try:
-        yield
-    finally:
-        for state in states:
-            state.enable_hook = True
 
 
 def meta_flops(shapes: Shapes, parts: tuple[str, ...] = ("swin_v2", "vit", "fusion")) -> dict[tuple[str, str], int]:

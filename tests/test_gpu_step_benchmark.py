@@ -84,6 +84,26 @@ def test_flops_follow_the_transformer_formula() -> None:
         assert gpu_step.count_flops(workload) == expected, workload.implementation
 
 
+def test_flops_leave_out_the_recomputation_of_checkpointed_blocks(monkeypatch) -> None:
+    """The counted step runs checkpointed, as the timed ones (a step without checkpointing may
+    not fit where they do), and counts what a step without checkpointing counts."""
+    options = gpu_step.Options(device="cpu", dtype="fp32", shapes=TINY)
+    recomputed = []
+    running = gpu_step.Recomputation.running.__func__
+
+    def watched(cls):
+        recomputed.append(True)
+        return running(cls)
+
+    monkeypatch.setattr(gpu_step.Recomputation, "running", classmethod(watched))
+    for part in ("swin_v2", "vit", "fusion"):
+        plain, checkpointed = gpu_step.encoder_workloads(part, options)[0], gpu_step.encoder_workloads(part, options)[0]
+        checkpointed.checkpoint()
+        recomputed.clear()
+        assert gpu_step.count_flops(checkpointed) == gpu_step.count_flops(plain), part
+        assert recomputed, f"{part}: no block was recomputed while counting: the check proves nothing"
+
+
 @pytest.mark.parametrize("part", ["swin_v2", "vit", "fusion"])
 def test_bf16_autocast_matches_fp32(part: str) -> None:
     models, x = gpu_step.encoder_models(part, TINY, torch.device("cpu"))
@@ -164,14 +184,15 @@ def test_a_run_cut_short_keeps_its_rows(tmp_path: Path, monkeypatch) -> None:
 
 
 def _out_of_memory_unless_checkpointed(blocks: type) -> Callable:
-    """(d)'s step, raising a (simulated) CUDA OOM unless some student ``blocks`` are checkpointed."""
+    """(d)'s step, raising a (simulated) CUDA OOM unless some student ``blocks`` are checkpointed
+    and their checkpointing is on (every step counts: the FLOP count's too)."""
     from torch.distributed._composable.checkpoint_activation import checkpoint
 
     forward = gpu_step.PretrainStep.forward
 
     def step(self) -> None:
-        if not any(checkpoint.state(m) is not None for m in self.pretraining.student.modules()
-                   if isinstance(m, blocks)):
+        states = [checkpoint.state(m) for m in self.pretraining.student.modules() if isinstance(m, blocks)]
+        if not any(state is not None and state.enable_hook for state in states):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         forward(self)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -223,17 +225,25 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def apply_activation_checkpointing(model: nn.Module, block_types: tuple[type[nn.Module], ...]) -> int:
+def apply_activation_checkpointing(
+    model: nn.Module,
+    block_types: tuple[type[nn.Module], ...],
+    context_fn: Callable[[], tuple[AbstractContextManager, AbstractContextManager]] | None = None,
+) -> int:
     """Recompute the activations of every block of the given types in the backward pass.
 
     Uses the composable ``checkpoint``, which hooks the block instead of wrapping it, so
     parameter names (state dicts, the EMA teacher's name matching, FSDP units) are unchanged.
     Blocks already checkpointed are left as they are (so a second call can extend the first).
+    ``context_fn``: as ``torch.utils.checkpoint.checkpoint``'s, the two context managers a
+    block's forward pass and its recomputation run under (for example a selective policy of
+    ``torch.utils.checkpoint.create_selective_checkpoint_contexts``); None: none.
     Returns the number of blocks checkpointed by this call.
     """
     from torch.distributed._composable import checkpoint
 
+    options = {} if context_fn is None else {"context_fn": context_fn}
     blocks = [m for m in model.modules() if isinstance(m, block_types) and checkpoint.state(m) is None]
     for block in blocks:
-        checkpoint(block)
+        checkpoint(block, **options)
     return len(blocks)
