@@ -48,7 +48,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
             # instead of one per parameter (thousands). One lerp, t + (1 - m) (s - t), reads
             # each teacher weight and writes it once (a multiply and an add did both twice).
             names = list(t_dict)
-            torch._foreach_lerp_([t_dict[n] for n in names], [s_dict[n].detach() for n in names], 1.0 - momentum)
+            # (No .detach() of the student's: under no_grad it would only add an operator per tensor.)
+            torch._foreach_lerp_([t_dict[n] for n in names], [s_dict[n] for n in names], 1.0 - momentum)
         else:
             for name, t in t_dict.items():
                 t.copy_(s_dict[name])
