@@ -89,7 +89,8 @@ from skysense.timm_reference import timm_swin_like, timm_vit_like
 from skysense.validation import checked_on_host
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from live_memory import LiveSites  # noqa: E402  (beside this file)
+import compile_cache  # noqa: E402  (beside this file)
+from live_memory import LiveSites  # noqa: E402
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -162,6 +163,9 @@ class Options:
     json_path: Path | None = None
     # The operators that took most time in two profiled steps of every compiled row.
     profile: bool = False
+    # torch.compile's caches: loaded from this file before the first compilation when it exists,
+    # rewritten after every compiled row (benchmarks/compile_cache.py). None: not kept.
+    compile_cache: Path | None = None
 
 
 @dataclass
@@ -631,7 +635,10 @@ class Run:
         """One row of ``workload`` in ``mode`` (counting its FLOPs first when not given)."""
         if self.out_of_time():
             return self.skip(workload, mode, flops)
-        return self.add(measure(workload, mode, flops, self.peak, self.options))
+        row = measure(workload, mode, flops, self.peak, self.options)
+        if mode == "compiled" and self.options.compile_cache is not None:
+            self.report["compile_cache"].update(compile_cache.save(self.options.compile_cache))
+        return self.add(row)
 
     def save(self, complete: bool = False) -> None:
         self.report.update(complete=complete, elapsed_s=time.perf_counter() - self.started)
@@ -755,6 +762,8 @@ def run_benchmark(options: Options) -> dict[str, Any]:
     if options.compile_mode is not None and options.compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode: expected one of {list(COMPILE_MODES)}, got {options.compile_mode!r}")
     run = Run(options, matmul_peak(options))
+    if options.compile and options.compile_cache is not None:
+        run.report["compile_cache"] = {"path": str(options.compile_cache), **compile_cache.load(options.compile_cache)}
     for part in options.parts:
         try:
             if part == "pretrain_step":
@@ -810,6 +819,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'part':<14} {'impl':<9} {'mode':<9} {'batch':>5} {'step ms':>9} {'items/s':>9} {'TFLOP/s':>8} "
         f"{'MFU':>6} {'GiB':>6} {'compile s':>9} {'graphs':>6}",
     ]
+    cache = report.get("compile_cache")
+    if cache:
+        lines.insert(1, f"compile cache {cache['path']}: loaded {cache['loaded_bytes']:,} bytes "
+                        f"({cache.get('loaded_entries', 0)} entries), saved {cache.get('saved_bytes', 0):,} bytes "
+                        f"({cache.get('saved_entries', 0)} entries)")
     for r in report["results"]:
         if r["error"]:
             lines.append(f"{r['part']:<14} {r['implementation']:<9} {r['mode']:<9} {r['batch']:>5} {r['error']}")
@@ -874,6 +888,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--profile", action="store_true",
                         help="record the operators that take most time in every compiled row")
     parser.add_argument("--json", metavar="PATH", help="also write the report to this JSON file (after every row)")
+    parser.add_argument("--compile-cache", metavar="FILE",
+                        help="load torch.compile's caches from FILE when it exists, rewrite it after every "
+                             "compiled row (a later run on a fresh machine compiles only what changed)")
     parser.add_argument("--meta-flops", action="store_true",
                         help="only count the FLOPs of (a)-(c), ours and timm's, on the meta device, and print them")
     args = parser.parse_args(argv)
@@ -903,7 +920,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       compile_scope=args.compile_scope, compile_mode=args.compile_mode,
                       activation_checkpointing=args.activation_checkpointing,
                       warmup=args.warmup, repeats=args.repeats, parts=parts, budget_s=args.budget,
-                      json_path=Path(args.json) if args.json else None, profile=args.profile)
+                      json_path=Path(args.json) if args.json else None, profile=args.profile,
+                      compile_cache=Path(args.compile_cache) if args.compile_cache else None)
     report = run_benchmark(options)
     print(format_table(report))
     return report

@@ -13,7 +13,11 @@
 #   environment.txt  the GPU, its driver and clocks, the library versions
 #   gpu_step.json    the report, rewritten after every row (a run cut short keeps its rows)
 #   gpu_step.log     what the benchmark printed, the table at its end
-# (gpu_step-$TAG.json and gpu_step-$TAG.log when TAG is set.)
+#   gpu_step.cache   torch.compile's caches (benchmarks/compile_cache.py), rewritten after
+#                    every compiled row
+# (gpu_step-$TAG.json, .log and .cache when TAG is set.) When .compile-cache/ (ignored by git)
+# holds a .cache file of that name, brought back by an earlier call and named in the call's
+# `carry`, the run starts from it and compiles only what changed.
 # BUDGET (seconds, default 360) is when gpu_step.py stops starting measurements; give the call a
 # timeout about 3 minutes longer, since a compilation or (d) may still be running then.
 # Extra arguments go to benchmarks/gpu_step.py.
@@ -29,5 +33,8 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'timm', timm.__version__)"
 } 2>&1 | tee "$out/environment.txt"
 name=gpu_step${TAG:+-$TAG}
-python3 benchmarks/gpu_step.py --json "$out/$name.json" --budget "${BUDGET:-360}" --profile "$@" 2>&1 \
-    | tee "$out/$name.log"
+if [ -f ".compile-cache/$name.cache" ] && [ ! -f "$out/$name.cache" ]; then
+    cp ".compile-cache/$name.cache" "$out/$name.cache"
+fi
+python3 benchmarks/gpu_step.py --json "$out/$name.json" --budget "${BUDGET:-360}" --profile \
+    --compile-cache "$out/$name.cache" "$@" 2>&1 | tee "$out/$name.log"

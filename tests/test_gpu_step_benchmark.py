@@ -430,3 +430,24 @@ def test_whole_model_compile_with_cuda_graphs_runs_and_is_reported() -> None:
     assert all(r["compiled_graphs"] == 1 for r in compiled), compiled  # one graph per whole model
     with pytest.raises(ValueError, match="compile_mode: expected one of"):
         gpu_step.run_benchmark(_quick(compile_mode="fastest"))
+
+
+def test_the_compile_cache_is_loaded_first_and_saved_after_every_compiled_row(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(gpu_step.compile_cache, "load", lambda path: calls.append(("load", path)) or
+                        {"loaded_bytes": 7, "loaded_entries": 1})
+    monkeypatch.setattr(gpu_step.compile_cache, "save", lambda path: calls.append(("save", path)) or
+                        {"saved_bytes": 9, "saved_entries": 2})
+
+    def measured(workload, mode, flops, peak, options):
+        calls.append((mode, workload.implementation))
+        return {**gpu_step.empty_row(workload, mode, flops), "error": "not measured in this test"}
+
+    monkeypatch.setattr(gpu_step, "measure", measured)
+    path = tmp_path / "compile.cache"
+    report = gpu_step.run_benchmark(_quick(parts=("fusion",), compile=True, compile_cache=path))
+    assert calls == [("load", path), ("eager", "skysense"), ("compiled", "skysense"), ("save", path),
+                     ("eager", "timm"), ("compiled", "timm"), ("save", path)]
+    assert report["compile_cache"] == {"path": str(path), "loaded_bytes": 7, "loaded_entries": 1,
+                                       "saved_bytes": 9, "saved_entries": 2}
+    assert f"compile cache {path}: loaded 7 bytes (1 entries), saved 9 bytes (2 entries)" in gpu_step.format_table(report)
