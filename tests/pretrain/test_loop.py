@@ -138,3 +138,16 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({**CONFIG, "optim": {"lrate": 1.0}}))
     with pytest.raises(ValueError, match=r"bad.yaml: unknown keys \['lrate'\] in 'config.optim'"):
         PretrainConfig.from_yaml(path)
+
+
+def test_checkpointed_runs_match_a_plain_one(tmp_path: Path, aid_like: Path) -> None:
+    """Every block recomputed (true) or only its element-wise work ("selective"): the same losses."""
+    losses = {}
+    for setting in (False, True, "selective"):
+        config = PretrainConfig.from_dict({**CONFIG, "max_steps": 3, "activation_checkpointing": setting})
+        rows = pretrain(config, tmp_path / str(setting), data_root=str(aid_like), progress=False)
+        losses[setting] = [r["loss"] for r in rows]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(losses["selective"], losses[False], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="activation_checkpointing: expected true, false or 'selective', got 'some'"):
+        PretrainConfig.from_dict({**CONFIG, "activation_checkpointing": "some"})

@@ -66,7 +66,7 @@ class WindowAttentionV2(nn.Module):
         # switched off to count the model's own FLOPs (benchmarks/gpu_step.py).
         self.pad_heads = True
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(), nn.Linear(512, num_heads, bias=False))
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.qkv = nn.Linear(dim, dim * 3, bias=False)

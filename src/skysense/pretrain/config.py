@@ -136,7 +136,10 @@ class PretrainConfig:
     # CPU one thread avoids the OpenMP spin-wait stalls that made a 2-thread step 10-20x slower
     # when another job held a core.
     num_threads: int | None = None
-    activation_checkpointing: bool = False
+    # Recompute the student's transformer blocks in the backward pass: false; true (each block's
+    # whole forward); "selective" (matmul and attention outputs kept, the rest recomputed:
+    # skysense.distributed.matmul_outputs_saved).
+    activation_checkpointing: bool | str = False
     # Encode the views of a step that share their shapes (the two global views) in one pass of
     # the student and one of the teacher, stacked along the batch (skysense.pretrain.view_batching):
     # the same features with half the launches and FSDP gathers. False: one pass per view.
@@ -148,6 +151,9 @@ class PretrainConfig:
             self.compile = "model" if self.compile else "off"
         if self.compile not in COMPILE_SCOPES:
             raise ValueError(f"compile: expected one of {list(COMPILE_SCOPES)} (or true/false), got {self.compile!r}")
+        if self.activation_checkpointing not in (True, False, "selective"):
+            raise ValueError(f"activation_checkpointing: expected true, false or 'selective', got "
+                             f"{self.activation_checkpointing!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

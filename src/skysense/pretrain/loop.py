@@ -41,6 +41,7 @@ from skysense.distributed import (
     clip_grad_norm,
     close_distributed,
     init_distributed,
+    matmul_outputs_saved,
     mean_across_processes,
     wrap_data_parallel,
 )
@@ -146,7 +147,9 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
     module = PretrainingModel(config).to(context.device)
     module.student.check_values = module.teacher.check_values = False  # on the host instead
     if config.activation_checkpointing:
-        apply_activation_checkpointing(module.student, TRANSFORMER_BLOCKS)
+        selective = config.activation_checkpointing == "selective"
+        apply_activation_checkpointing(module.student, TRANSFORMER_BLOCKS,
+                                       context_fn=matmul_outputs_saved() if selective else None)
     if config.compile == "blocks":  # after checkpointing, before FSDP: both hook around the compiled forward
         compile_blocks(module, TRANSFORMER_BLOCKS)
     sharded = is_sharded(config) and context.enabled
