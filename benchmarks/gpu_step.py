@@ -34,9 +34,10 @@ shapes at hand (minutes more of compilation).
 (d) runs at each batch of ``--step-batch`` in turn (default 3, the paper's 240 sequences over
 80 GPUs, then 4, 6 and 8) until one does not fit; it is compiled at the largest that fitted.
 On one 80 GB GPU, without FSDP's sharding of 35 GiB of weights, gradients and moments, batch 3
-is estimated at 90 GiB without activation checkpointing, 54 GiB with the fusion transformer's
-blocks checkpointed and 39 GiB with every block (``benchmarks/step_memory.py``): expect the
-retry, with the fusion's blocks first (they hold most of the activations and recompute less).
+is estimated at 90.7 GiB without activation checkpointing, 70.5 GiB with every block keeping
+only its matmul and attention outputs ("selective": it recomputes element-wise work only),
+54.5 GiB with the fusion transformer's blocks recomputed and 39.4 GiB with every block
+(``benchmarks/step_memory.py``): expect the retries, in that order (CHECKPOINTING).
 
 The report is rewritten (atomically) after every row, so a run stopped by a time limit keeps
 what it measured; ``--budget`` stops starting new measurements after that many seconds.
@@ -65,7 +66,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from skysense.compilation import compile_blocks
 from skysense.config import preset_config
 from skysense.devices import adamw, to_device
-from skysense.distributed import apply_activation_checkpointing, clip_grad_norm
+from skysense.distributed import apply_activation_checkpointing, clip_grad_norm, matmul_outputs_saved
 from skysense.models.fusion import FusionTransformer
 from skysense.models.layers import TransformerBlock
 from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block, WindowAttentionV2
@@ -136,6 +137,10 @@ HUGE = Shapes(preset="huge", swin_image=512, swin_batch=8, vit_image=64, vit_bat
 SMALL = Shapes(preset="tiny", swin_image=64, swin_batch=4, vit_image=16, vit_batch=16, fusion_tokens=8,
                fusion_batch=64, step_batches=(2,), step_hr=128, step_s2_frames=2, step_s1_frames=2, matmul_n=1024)
 COMPILE_SCOPES = ("blocks", "model")
+# Activation checkpointing of a workload (Workload.checkpoint), in the order (d) tries them when
+# the paper's batch does not fit: estimated at batch 3 on one device 90.7, 70.5, 54.5 and 39.4 GiB
+# (benchmarks/step_memory.py).
+CHECKPOINTING = ("off", "selective", "fusion", "all")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 # Issue 7's targets on an H100 (bf16): the MFU each of our parts must reach.
 MFU_TARGETS = {"swin_v2": 0.50, "vit": 0.55, "fusion": 0.55, "pretrain_step": 0.45}
@@ -181,25 +186,65 @@ class Workload:
     step: Callable[[nn.Module], None]
     # Blocks recomputed under --activation-checkpointing and compiled under --compile-scope blocks.
     blocks: tuple[type[nn.Module], ...]
-    # Which of its blocks recompute their activations in the backward pass: "off", "fusion" (the
-    # fusion transformer's, in (d)) or "all".
+    # Which of its blocks recompute their activations in the backward pass (CHECKPOINTING).
     checkpointed: str = "off"
     # Whether its eager row also counts one step's host syncs and operators ((d), once).
     count_launches: bool = False
 
     def checkpoint(self, scope: str = "all") -> None:
-        """Apply activation checkpointing to the blocks (of the student, for (d)). ``scope``
-        "fusion" (for (d)): the fusion transformer's blocks only, which hold two thirds of the
-        step's activations (benchmarks/step_memory.py) and recompute less than all blocks;
-        "all" after "fusion" adds the others."""
-        target, blocks = self.model, self.blocks
+        """Set the activation checkpointing of the blocks (of the student, for (d)); it can be
+        changed between steps. ``scope`` (CHECKPOINTING): "off"; "fusion" (for (d)): the fusion
+        transformer's blocks recompute their whole forward, the others none (they hold two thirds
+        of the step's activations, benchmarks/step_memory.py); "selective": every block keeps its
+        matmul and attention outputs and recomputes the rest
+        (:func:`skysense.distributed.matmul_outputs_saved`); "all": every block recomputes its
+        whole forward."""
+        if scope not in CHECKPOINTING:
+            raise ValueError(f"checkpoint scope {scope!r}: expected one of {list(CHECKPOINTING)}")
+        target, fusion = self.model, None
         if isinstance(self.model, PretrainStep):
-            student = self.model.pretraining.student
-            target, blocks = (student.fusion, (TransformerBlock,)) if scope == "fusion" else (student, self.blocks)
-        elif scope != "all":
+            target, fusion = self.model.pretraining.student, self.model.pretraining.student.fusion
+        elif scope == "fusion":
             raise ValueError(f"checkpoint scope {scope!r}: only (d) has a fusion transformer; use 'all'")
-        apply_activation_checkpointing(target, blocks, context_fn=Recomputation.contexts)
+        switch = getattr(target, "_benchmark_checkpointing", None)
+        if switch is None:
+            switch = target._benchmark_checkpointing = SwitchedCheckpointing(target, self.blocks)
+        switch.set(scope, fusion)
         self.checkpointed = scope
+
+
+class SwitchedCheckpointing:
+    """Activation checkpointing of every block of a model, switched between steps: which blocks
+    recompute (composable ``checkpoint``'s per-block ``enable_hook``) and whether fully or
+    selectively. Recomputation runs under :meth:`Recomputation.running`, which the FLOP count
+    leaves out."""
+
+    def __init__(self, model: nn.Module, blocks: tuple[type[nn.Module], ...]) -> None:
+        from torch.distributed._composable.checkpoint_activation import checkpoint
+
+        self.selective = False
+        apply_activation_checkpointing(model, blocks, context_fn=self.contexts)
+        self.states = {m: checkpoint.state(m) for m in model.modules() if isinstance(m, blocks)}
+        self.selective_contexts = matmul_outputs_saved()
+
+    def set(self, scope: str, fusion: nn.Module | None = None) -> None:
+        inside = set(fusion.modules()) if fusion is not None else set()
+        for block, state in self.states.items():
+            state.enable_hook = scope in ("selective", "all") or (scope == "fusion" and block in inside)
+        self.selective = scope == "selective"
+
+    def contexts(self) -> tuple[Any, Any]:
+        """``context_fn`` of each block's checkpoint: the forward's and the recomputation's."""
+        forward, recompute = self.selective_contexts() if self.selective else (nullcontext(), nullcontext())
+        return forward, _entered_together(recompute, Recomputation.running())
+
+
+@contextmanager
+def _entered_together(*contexts):
+    with ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
 
 
 class _Features(nn.Module):
@@ -360,8 +405,7 @@ def pretrain_model(options: Options) -> PretrainStep:
 
 def pretrain_workload(model: PretrainStep, batch: int, options: Options, checkpointed: str = "off") -> Workload:
     """Part (d) at per-device ``batch``: ``model`` takes two fresh views of that batch.
-    ``checkpointed``: the activation checkpointing applied to ``model`` before ("off",
-    "fusion", "all")."""
+    ``checkpointed``: the activation checkpointing set on ``model`` before (CHECKPOINTING)."""
     s = options.shapes
     views = pretrain_views(s, batch, torch.device("cpu"), torch.Generator().manual_seed(0))
     # As the pretraining loop: values checked on the host, the model's value checks off.
@@ -417,7 +461,8 @@ def unpadded_heads(model: nn.Module):
 class Recomputation:
     """Whether the backward pass is recomputing a checkpointed block's forward (how deep):
     blocks checkpointed by :meth:`Workload.checkpoint` run their recomputation under
-    :meth:`running`, so FLOP counting can leave it out while the step keeps its memory."""
+    :meth:`running` (:class:`SwitchedCheckpointing`), so FLOP counting can leave it out while
+    the step keeps its memory."""
 
     depth = 0
 
@@ -430,11 +475,6 @@ class Recomputation:
         finally:
             cls.depth -= 1
 
-    @classmethod
-    def contexts(cls) -> tuple[Any, Any]:
-        """``context_fn`` of :func:`apply_activation_checkpointing`: the forward as is, the
-        recomputation marked."""
-        return nullcontext(), cls.running()
 
 
 class ModelFlopCounter(FlopCounterMode):
@@ -660,8 +700,9 @@ def run_pretrain_step(run: Run) -> None:
     """(d) eager at each batch until one does not fit, then compiled at the largest that did.
 
     When the first batch (the paper's) does not fit without activation checkpointing, it is
-    tried again with the fusion transformer's blocks checkpointed, then with every block; the
-    following batches keep what fitted. When it does not fit even so, one more step of it runs
+    tried again with each next setting of CHECKPOINTING: every block keeping its matmul
+    outputs (selective), the fusion transformer's blocks recomputed, every block recomputed;
+    the following batches keep what fitted. When it does not fit even so, one more step of it runs
     under :class:`live_memory.LiveSites` to record what was alive when memory ran out
     (``memory_at_failure`` in its row), and smaller batches are tried down to 1, so that the
     step's speed is measured all the same.
@@ -688,7 +729,7 @@ def run_pretrain_step(run: Run) -> None:
         row = eager_row(batch)
         while fitted is None and checkpointed != "all" and out_of_memory(row):
             release(device)
-            checkpointed = "fusion" if checkpointed == "off" else "all"
+            checkpointed = CHECKPOINTING[CHECKPOINTING.index(checkpointed) + 1]
             pretrain_workload(model, batch, options).checkpoint(checkpointed)
             row = eager_row(batch)
         if row["error"]:

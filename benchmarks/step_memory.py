@@ -55,7 +55,8 @@ from live_memory import LiveBytes  # noqa: E402
 
 from skysense import config as model_config  # noqa: E402
 from skysense.devices import adamw, training_dtype  # noqa: E402
-from skysense.distributed import DistributedContext, apply_activation_checkpointing, apply_fsdp  # noqa: E402
+from skysense.distributed import (  # noqa: E402
+    DistributedContext, apply_activation_checkpointing, apply_fsdp, matmul_outputs_saved)
 from skysense.models import swin_v2  # noqa: E402
 from skysense.models.layers import TransformerBlock  # noqa: E402
 from skysense.models.swin_v2 import SwinV2Block  # noqa: E402
@@ -64,9 +65,10 @@ from skysense.pretrain.model import parameter_groups  # noqa: E402
 from skysense.validation import checked_on_host  # noqa: E402
 
 GIB = 2**30
-# Activation checkpointing of the student: none, the fusion transformer's blocks, or every
-# transformer block (what --activation-checkpointing / ``activation_checkpointing: true`` do).
-CHECKPOINTING = ("off", "fusion", "all")
+# Activation checkpointing of the student: none; every transformer block keeping its matmul and
+# attention outputs (``activation_checkpointing: selective``); the fusion transformer's blocks;
+# every transformer block (--activation-checkpointing / ``activation_checkpointing: true``).
+CHECKPOINTING = gpu_step.CHECKPOINTING
 
 
 def clear_mask_caches() -> None:
@@ -176,6 +178,8 @@ def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
         apply_activation_checkpointing(student.fusion, (TransformerBlock,))
     elif checkpointing == "all":
         apply_activation_checkpointing(student, (TransformerBlock, SwinV2Block))
+    elif checkpointing == "selective":
+        apply_activation_checkpointing(student, (TransformerBlock, SwinV2Block), context_fn=matmul_outputs_saved())
     if context is not None:  # after checkpointing, as the loop
         apply_fsdp(model.pretraining, context, FSDP_UNITS, training_dtype(torch.device("cuda")))  # as on CUDA
     padding = swin_v2.fused_head_multiple

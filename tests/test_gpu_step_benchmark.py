@@ -14,6 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from skysense.models.layers import TransformerBlock
+from skysense.models.swin_v2 import SwinV2Block
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
 
@@ -183,16 +184,29 @@ def test_a_run_cut_short_keeps_its_rows(tmp_path: Path, monkeypatch) -> None:
         ("fusion", "skysense", None), ("fusion", "timm", None)]
 
 
-def _out_of_memory_unless_checkpointed(blocks: type) -> Callable:
-    """(d)'s step, raising a (simulated) CUDA OOM unless some student ``blocks`` are checkpointed
-    and their checkpointing is on (every step counts: the FLOP count's too)."""
+def _checkpointing_on(step: "gpu_step.PretrainStep") -> str:
+    """The activation checkpointing (d)'s student runs with now (gpu_step.CHECKPOINTING), read
+    from the blocks' checkpoint switches, so a step run with them off counts as "off"."""
     from torch.distributed._composable.checkpoint_activation import checkpoint
 
+    student = step.pretraining.student
+    blocks = [m for m in student.modules() if isinstance(m, (TransformerBlock, SwinV2Block))]
+    on = [m for m in blocks if checkpoint.state(m) is not None and checkpoint.state(m).enable_hook]
+    if not on:
+        return "off"
+    if len(on) < len(blocks):
+        assert set(on) == {m for m in student.fusion.modules() if isinstance(m, TransformerBlock)}
+        return "fusion"
+    return "selective" if student._benchmark_checkpointing.selective else "all"
+
+
+def _out_of_memory_unless(*fitting: str) -> Callable:
+    """(d)'s step, raising a (simulated) CUDA OOM unless its student runs with one of the
+    ``fitting`` checkpointing settings (every step counts: the FLOP count's too)."""
     forward = gpu_step.PretrainStep.forward
 
     def step(self) -> None:
-        states = [checkpoint.state(m) for m in self.pretraining.student.modules() if isinstance(m, blocks)]
-        if not any(state is not None and state.enable_hook for state in states):
+        if _checkpointing_on(self) not in fitting:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         forward(self)
 
@@ -200,32 +214,39 @@ def _out_of_memory_unless_checkpointed(blocks: type) -> Callable:
 
 
 def test_pretrain_step_retries_the_paper_batch_with_the_fusion_checkpointed(monkeypatch) -> None:
-    """(d): a first batch that does not fit is tried again with the fusion's blocks checkpointed,
-    the next batches keep it; the FLOPs do not count the recomputation."""
-    monkeypatch.setattr(gpu_step.PretrainStep, "forward", _out_of_memory_unless_checkpointed(TransformerBlock))
+    """(d): a first batch that does not fit is tried again with each next checkpointing setting
+    until one fits, the next batches keep it; the FLOPs do not count the recomputation."""
+    monkeypatch.setattr(gpu_step.PretrainStep, "forward", _out_of_memory_unless("fusion", "all"))
     shapes = dataclasses.replace(TINY, step_batches=(2, 3))
     rows = gpu_step.run_benchmark(_quick(shapes=shapes, parts=("pretrain_step",)))["results"]
     assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
-        (2, "off", "OutOfMemoryError"), (2, "fusion", ""), (3, "fusion", "")]
+        (2, "off", "OutOfMemoryError"), (2, "selective", "OutOfMemoryError"), (2, "fusion", ""), (3, "fusion", "")]
     monkeypatch.undo()
     plain = gpu_step.run_benchmark(_quick(shapes=dataclasses.replace(TINY, step_batches=(3,)),
                                           parts=("pretrain_step",)))["results"]
     # Equal but for Sinkhorn-Knopp's rounds (two small products each, and as many rounds as it
     # takes to converge, which float rounding can move by one check: 2e-6 of this step seen on
     # torch 2.11). Counting the recomputation would add a third of the fusion's FLOPs.
-    assert rows[2]["flops_per_step"] == pytest.approx(plain[0]["flops_per_step"], rel=1e-4)
+    assert rows[3]["flops_per_step"] == pytest.approx(plain[0]["flops_per_step"], rel=1e-4)
     # (d)'s eager row also counts one step's host syncs (Sinkhorn's tests, the geo regions) and launches.
     assert 3 < plain[0]["host_syncs"] <= 3 + 2 * 18 and plain[0]["operators"] > 1000, plain[0]
 
 
-def test_pretrain_step_checkpoints_every_block_when_the_fusion_alone_is_not_enough(monkeypatch) -> None:
-    from skysense.models.swin_v2 import SwinV2Block
-
-    monkeypatch.setattr(gpu_step.PretrainStep, "forward", _out_of_memory_unless_checkpointed(SwinV2Block))
+def test_pretrain_step_keeps_matmul_outputs_when_that_fits(monkeypatch) -> None:
+    monkeypatch.setattr(gpu_step.PretrainStep, "forward", _out_of_memory_unless("selective", "fusion", "all"))
     shapes = dataclasses.replace(TINY, step_batches=(2, 3))
     rows = gpu_step.run_benchmark(_quick(shapes=shapes, parts=("pretrain_step",)))["results"]
     assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
-        (2, "off", "OutOfMemoryError"), (2, "fusion", "OutOfMemoryError"), (2, "all", ""), (3, "all", "")]
+        (2, "off", "OutOfMemoryError"), (2, "selective", ""), (3, "selective", "")]
+
+
+def test_pretrain_step_checkpoints_every_block_when_the_fusion_alone_is_not_enough(monkeypatch) -> None:
+    monkeypatch.setattr(gpu_step.PretrainStep, "forward", _out_of_memory_unless("all"))
+    shapes = dataclasses.replace(TINY, step_batches=(2, 3))
+    rows = gpu_step.run_benchmark(_quick(shapes=shapes, parts=("pretrain_step",)))["results"]
+    assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
+        (2, "off", "OutOfMemoryError"), (2, "selective", "OutOfMemoryError"), (2, "fusion", "OutOfMemoryError"),
+        (2, "all", ""), (3, "all", "")]
 
 
 def test_flops_leave_out_head_padding(monkeypatch) -> None:
@@ -402,16 +423,16 @@ def test_a_paper_batch_that_never_fits_is_traced_and_smaller_batches_are_measure
                                            parts=("pretrain_step",)))
     rows = report["results"]
     assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
-        (2, "off", "OutOfMemoryError"), (2, "fusion", "OutOfMemoryError"), (2, "all", "OutOfMemoryError"),
-        (1, "all", "")]
-    failure = rows[2]["memory_at_failure"]
+        (2, "off", "OutOfMemoryError"), (2, "selective", "OutOfMemoryError"), (2, "fusion", "OutOfMemoryError"),
+        (2, "all", "OutOfMemoryError"), (1, "all", "")]
+    failure = rows[3]["memory_at_failure"]
     assert failure["error"].startswith("OutOfMemoryError")
     assert failure["allocator_gib"] is None  # the CUDA allocator's count, on a GPU only
     origins = {o["origin"]: o["gib"] for o in failure["by_origin"]}
     made_here = [origin for origin in origins if origin.startswith("zeros at test_gpu_step_benchmark.py:")]
     assert len(made_here) == 1 and origins[made_here[0]] == pytest.approx(2 * 2**20 * 4 / 2**30), origins
     assert origins["model state"] > 0
-    assert "host_syncs" in rows[3] and rows[3]["host_syncs"] is not None  # counted where it first fitted
+    assert "host_syncs" in rows[4] and rows[4]["host_syncs"] is not None  # counted where it first fitted
     summary = {row["part"]: row for row in gpu_step.summary({**report, "device": "cuda"})}["pretrain_step"]
     assert summary["skysense_batch"] == 1 and summary["at_paper_batch"] is False and summary["met"] is False
     assert "2.0 GiB alive" not in gpu_step.format_table(report)

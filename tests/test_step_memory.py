@@ -59,10 +59,10 @@ def test_tiny_step_state_is_weights_gradients_and_adamw_moments() -> None:
 
 
 def test_checkpointing_and_batch_move_the_peak_the_expected_way() -> None:
-    off2, all2 = _estimate(2), _estimate(2, "all")
+    off2, all2, selective2 = _estimate(2), _estimate(2, "all"), _estimate(2, "selective")
     off4 = _estimate(4)
-    assert all2.peak_gib < off2.peak_gib < off4.peak_gib
-    assert all2.state_gib == off2.state_gib
+    assert all2.peak_gib < selective2.peak_gib < off2.peak_gib < off4.peak_gib
+    assert all2.state_gib == off2.state_gib == selective2.state_gib
 
 
 def test_resizing_a_storage_in_place_is_counted() -> None:
