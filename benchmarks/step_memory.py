@@ -43,6 +43,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -145,12 +146,13 @@ class StepMemory:
 
 
 def estimate(batch: int, checkpointing: str = "off", shapes: gpu_step.Shapes = gpu_step.HUGE,
-             world: int = 1, fake: bool = True) -> StepMemory:
+             world: int = 1, fake: bool = True, second_step_in: Any = None) -> StepMemory:
     """Peak memory of part (d)'s step at per-device ``batch`` (see the module docstring), on one
     device, or on each of ``world`` devices with the pretraining loop's FSDP2 sharding.
 
     ``fake=False`` runs the step for real on the CPU (small shapes only), counted the same way:
-    the check that fake tensors are counted as real ones would be.
+    the check that fake tensors are counted as real ones would be. ``second_step_in``: a context
+    manager (a dispatch mode, say) the second step runs in (``benchmarks/step_operators.py``).
     """
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing: expected one of {CHECKPOINTING}, got {checkpointing!r}")
@@ -159,11 +161,11 @@ def estimate(batch: int, checkpointing: str = "off", shapes: gpu_step.Shapes = g
     if not fake and world > 1:
         raise ValueError(f"fake=False runs on this machine's one device, not world={world}")
     with fake_process_group(world) if world > 1 else nullcontext() as context:
-        return _estimate(batch, checkpointing, shapes, context, fake)
+        return _estimate(batch, checkpointing, shapes, context, fake, second_step_in)
 
 
 def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
-              context: DistributedContext | None, fake: bool) -> StepMemory:
+              context: DistributedContext | None, fake: bool, second_step_in: Any = None) -> StepMemory:
     started = time.perf_counter()
     options = gpu_step.Options(device="cpu", dtype="bf16", shapes=shapes)
     torch.manual_seed(0)
@@ -202,7 +204,8 @@ def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
                 model()  # creates gradients and AdamW's moments
                 state = live.live
                 live.peak = live.live
-                model()
+                with second_step_in or nullcontext():
+                    model()
     finally:
         swin_v2.fused_head_multiple = padding
         clear_mask_caches()  # fake masks must not reach a later real run

@@ -125,3 +125,14 @@ def test_stacks_capped_cuts_every_stack_and_restores_the_preset() -> None:
     assert preset_config("huge") == before
     with step_memory.stacks_capped("huge", None):
         assert preset_config("huge") == before
+
+
+def test_step_operators_are_counted_by_name_and_by_our_line() -> None:
+    import step_operators
+
+    counter = step_operators.count(2, "all", 3, gpu_step.SMALL)
+    assert counter.by_name["addmm"] > 0 and "device" not in counter.by_name
+    assert sum(counter.by_line.values()) == sum(counter.by_name.values())
+    assert any(line.startswith("models/layers.py:") for _, line in counter.by_line)
+    # The EMA teacher's update is multi-tensor: one lerp, no per-tensor detach.
+    assert not any(line.startswith("pretrain/teacher.py:") and name == "detach" for name, line in counter.by_line)
