@@ -236,6 +236,10 @@ def matmul_outputs_saved() -> Callable[[], tuple[AbstractContextManager, Abstrac
     with it, 90.7 without checkpointing and 39.4 with every block fully recomputed
     (``benchmarks/step_memory.py --batches 3 --checkpointing selective``). The blocks must not
     modify those outputs in place (torch raises if they do).
+
+    Eager blocks only: a block compiled on its own (``compile: blocks``) runs as one graph whose
+    matmuls reach the policy as ``out=`` kernels (``addmm.out``), so it recomputes them and keeps
+    only the attention outputs, close to full recomputation.
     """
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
