@@ -47,3 +47,40 @@ def test_selective_checkpointing_recomputes_no_matmul_and_keeps_the_gradients(en
     assert selective.keys() == plain.keys()
     for name in plain:
         torch.testing.assert_close(selective[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_a_block_compiled_on_its_own_shows_the_policy_only_its_external_kernels(monkeypatch) -> None:
+    """The documented limit of ``matmul_outputs_saved`` under ``compile: blocks``: inside a
+    compiled block the matmuls reach the policy as inductor's ``out=`` kernels, which it does
+    not keep, so they are recomputed; eager, the policy sees (and keeps) ``addmm``."""
+    import dataclasses
+    from collections import Counter
+
+    from torch.utils import checkpoint as torch_checkpoint
+
+    from skysense.compilation import compile_blocks
+
+    create = torch_checkpoint.create_selective_checkpoint_contexts
+    asked: Counter[str] = Counter()
+
+    def spied(policy, *args, **kwargs):
+        def asking(ctx, op, *a, **k):
+            asked[str(op)] += 1
+            return policy(ctx, op, *a, **k)
+        return create(asking, *args, **kwargs)
+
+    monkeypatch.setattr(torch_checkpoint, "create_selective_checkpoint_contexts", spied)
+    config = dataclasses.replace(preset_config("tiny").s2, depth=2)
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        asked.clear()
+        torch.manual_seed(0)
+        model = VisionTransformer(config).train()
+        apply_activation_checkpointing(model, TRANSFORMER_BLOCKS, context_fn=matmul_outputs_saved())
+        if compiled:
+            compile_blocks(model, TRANSFORMER_BLOCKS)
+        model(torch.randn(4, 10, 16, 16)).square().mean().backward()
+        matmuls = {op: n for op, n in asked.items() if "mm" in op}
+        assert matmuls == ({"aten.addmm.out": 8} if compiled else {"aten.addmm.default": 8}), (compiled, matmuls)
+    torch._dynamo.reset()
