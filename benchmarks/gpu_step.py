@@ -216,14 +216,16 @@ class Workload:
 class SwitchedCheckpointing:
     """Activation checkpointing of every block of a model, switched between steps: which blocks
     recompute (composable ``checkpoint``'s per-block ``enable_hook``) and whether fully or
-    selectively. Recomputation runs under :meth:`Recomputation.running`, which the FLOP count
-    leaves out."""
+    selectively. It is the blocks' ``context_fn``: recomputation runs under
+    :meth:`Recomputation.running`, which the FLOP count leaves out, and when selective,
+    ``compile_blocks`` traces the selective policy inside each compiled block
+    (``traced_in_compile``; the switch is not changed after compiling)."""
 
     def __init__(self, model: nn.Module, blocks: tuple[type[nn.Module], ...]) -> None:
         from torch.distributed._composable.checkpoint_activation import checkpoint
 
         self.selective = False
-        apply_activation_checkpointing(model, blocks, context_fn=self.contexts)
+        apply_activation_checkpointing(model, blocks, context_fn=self)
         self.states = {m: checkpoint.state(m) for m in model.modules() if isinstance(m, blocks)}
         self.selective_contexts = matmul_outputs_saved()
 
@@ -233,10 +235,14 @@ class SwitchedCheckpointing:
             state.enable_hook = scope in ("selective", "all") or (scope == "fusion" and block in inside)
         self.selective = scope == "selective"
 
-    def contexts(self) -> tuple[Any, Any]:
+    def __call__(self) -> tuple[Any, Any]:
         """``context_fn`` of each block's checkpoint: the forward's and the recomputation's."""
         forward, recompute = self.selective_contexts() if self.selective else (nullcontext(), nullcontext())
         return forward, _entered_together(recompute, Recomputation.running())
+
+    @property
+    def traced_in_compile(self) -> Any:
+        return self.selective_contexts if self.selective else None
 
 
 @contextmanager

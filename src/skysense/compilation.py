@@ -10,7 +10,10 @@ the objectives' Sinkhorn-Knopp iterations) eager. It is what makes a compiled st
 * data-dependent code outside the blocks (the convergence test of Sinkhorn-Knopp, the frame
   masks that keep invalid frames out of the encoders) does not break the compiled graphs;
 * the hooks of activation checkpointing and of FSDP2 stay around the compiled ``forward``, as
-  torchtitan arranges them, so the three compose.
+  torchtitan arranges them, so the three compose. Selective checkpointing
+  (:func:`skysense.distributed.matmul_outputs_saved`) is the exception: its policy must see the
+  block's operators, which a compiled graph hides, so the checkpoint moves inside the graph
+  (torch.compile traces ``torch.utils.checkpoint`` and keeps what the policy saves).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from skysense.models.swin_v2 import SwinV2Block
@@ -66,6 +70,28 @@ def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
     setattr(config, name, max(getattr(config, name), limit))
 
 
+def _traced_checkpoint(block: nn.Module) -> Any:
+    """The ``context_fn`` to trace inside ``block``'s compiled forward (its composable
+    checkpoint is then switched off), or None: a block checkpointed by
+    :func:`skysense.distributed.apply_activation_checkpointing` with a ``context_fn`` that has
+    ``traced_in_compile`` (selective checkpointing)."""
+    from torch.distributed._composable.checkpoint_activation import checkpoint
+
+    state = checkpoint.state(block)
+    traced = getattr(getattr(block, "_checkpoint_context_fn", None), "traced_in_compile", None)
+    if state is None or not state.enable_hook or traced is None:
+        return None
+    state.enable_hook = False  # the compiled graph checkpoints itself
+    return traced
+
+
+def _checkpointed(forward: Any, context_fn: Any) -> Any:
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+    return checkpointed
+
+
 def compile_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...], **options: Any) -> int:
     """Replace the ``forward`` of every submodule of ``block_types`` with its compiled version.
 
@@ -89,7 +115,10 @@ def compile_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...], *
         if reason is not None:
             reasons.add(reason)
             continue
-        block.forward = torch.compile(block.forward, **options)
+        forward, context_fn = block.forward, _traced_checkpoint(block)
+        if context_fn is not None:
+            forward = _checkpointed(forward, context_fn)
+        block.forward = torch.compile(forward, **options)
         compiled += 1
     for reason in sorted(reasons):
         warnings.warn(f"compile_blocks: {reason}", stacklevel=2)

@@ -237,9 +237,10 @@ def matmul_outputs_saved() -> Callable[[], tuple[AbstractContextManager, Abstrac
     (``benchmarks/step_memory.py --batches 3 --checkpointing selective``). The blocks must not
     modify those outputs in place (torch raises if they do).
 
-    Eager blocks only: a block compiled on its own (``compile: blocks``) runs as one graph whose
-    matmuls reach the policy as ``out=`` kernels (``addmm.out``), so it recomputes them and keeps
-    only the attention outputs, close to full recomputation.
+    Under ``compile: blocks``, :func:`skysense.compilation.compile_blocks` moves the checkpoint
+    inside each block's compiled graph (``traced_in_compile``), where torch.compile applies the
+    policy to the graph's operators: outside it, a compiled block's matmuls would reach the
+    policy as inductor's ``out=`` kernels and be recomputed.
     """
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -252,7 +253,9 @@ def matmul_outputs_saved() -> Callable[[], tuple[AbstractContextManager, Abstrac
     def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
-    return functools.partial(create_selective_checkpoint_contexts, policy)
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    context_fn.traced_in_compile = context_fn  # type: ignore[attr-defined]  (see compile_blocks)
+    return context_fn
 
 
 def apply_activation_checkpointing(
@@ -267,7 +270,9 @@ def apply_activation_checkpointing(
     Blocks already checkpointed are left as they are (so a second call can extend the first).
     ``context_fn``: as ``torch.utils.checkpoint.checkpoint``'s, the two context managers a
     block's forward pass and its recomputation run under (for example a selective policy of
-    ``torch.utils.checkpoint.create_selective_checkpoint_contexts``); None: none.
+    ``torch.utils.checkpoint.create_selective_checkpoint_contexts``); None: none. A
+    ``context_fn`` with a ``traced_in_compile`` attribute (:func:`matmul_outputs_saved`) names
+    the one :func:`skysense.compilation.compile_blocks` traces inside a compiled block instead.
     Returns the number of blocks checkpointed by this call.
     """
     from torch.distributed._composable import checkpoint
@@ -276,4 +281,5 @@ def apply_activation_checkpointing(
     blocks = [m for m in model.modules() if isinstance(m, block_types) and checkpoint.state(m) is None]
     for block in blocks:
         checkpoint(block, **options)
+        block._checkpoint_context_fn = context_fn
     return len(blocks)

@@ -334,14 +334,17 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-def test_fsdp_run_with_compiled_checkpointed_blocks_matches_eager(tmp_path: Path, aid_like: Path) -> None:  # noqa: F811
-    """`compile: blocks` with activation checkpointing under 2-process FSDP2 (inductor for real)
-    gives the losses of a 1-process eager run of the same global batch."""
+@pytest.mark.parametrize("checkpointing", [True, "selective"])
+def test_fsdp_run_with_compiled_checkpointed_blocks_matches_eager(tmp_path: Path, aid_like: Path,  # noqa: F811
+                                                                  checkpointing: bool | str) -> None:
+    """`compile: blocks` with activation checkpointing (full, or selective: traced inside each
+    compiled block) under 2-process FSDP2 (inductor for real) gives the losses of a 1-process
+    eager run of the same global batch."""
     eager = tmp_path / "eager"
     config = _write(tmp_path / "eager.yaml", max_steps=3, distributed={"strategy": "ddp"})
     _run(_cli("pretrain", "--config", str(config), "--data-root", str(aid_like), "--no-progress", "--out", str(eager)))
     compiled = tmp_path / "compiled"
-    config = _write(tmp_path / "compiled.yaml", max_steps=3, compile="blocks", activation_checkpointing=True)
+    config = _write(tmp_path / "compiled.yaml", max_steps=3, compile="blocks", activation_checkpointing=checkpointing)
     _run(_torchrun(2, "-m", "skysense.cli", "pretrain", "--config", str(config), "--data-root", str(aid_like),
                    "--no-progress", "--out", str(compiled)))
     assert len(_losses(compiled)) == 3
