@@ -474,3 +474,24 @@ def test_the_compile_cache_is_loaded_first_and_saved_after_every_compiled_row(tm
     assert report["compile_cache"] == {"path": str(path), "loaded_bytes": 7, "loaded_entries": 1,
                                        "saved_bytes": 9, "saved_entries": 2}
     assert f"compile cache {path}: loaded 7 bytes (1 entries), saved 9 bytes (2 entries)" in gpu_step.format_table(report)
+
+
+def test_selective_checkpointing_moves_inside_compiled_blocks() -> None:
+    """After a "selective" setting, compile_blocks traces the policy inside each block's graph:
+    the blocks' composable checkpoints are switched off and the step still runs."""
+    from torch.distributed._composable.checkpoint_activation import checkpoint
+
+    from skysense.compilation import compile_blocks
+
+    options = gpu_step.Options(device="cpu", dtype="fp32", shapes=TINY)
+    workload = gpu_step.encoder_workloads("fusion", options)[0]
+    workload.checkpoint("selective")
+    states = [checkpoint.state(m) for m in workload.model.modules() if isinstance(m, TransformerBlock)]
+    assert states and all(state.enable_hook for state in states)
+    torch._dynamo.reset()
+    try:
+        assert compile_blocks(workload.model, workload.blocks, backend="aot_eager") == len(states)
+        assert not any(state.enable_hook for state in states)
+        workload.step(workload.model)
+    finally:
+        torch._dynamo.reset()
