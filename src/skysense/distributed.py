@@ -226,6 +226,28 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+CHECKPOINTING_SETTINGS: tuple[bool | str, ...] = (False, True, "selective")
+"""Values of the ``activation_checkpointing`` setting of pretraining and fine-tuning."""
+
+
+def check_checkpointing_setting(setting: object) -> None:
+    """Raise ``ValueError`` naming ``activation_checkpointing`` unless ``setting`` is one of
+    :data:`CHECKPOINTING_SETTINGS`."""
+    if not any(setting is value or (isinstance(value, str) and setting == value) for value in CHECKPOINTING_SETTINGS):
+        raise ValueError(f"activation_checkpointing: expected true, false or 'selective', got {setting!r}")
+
+
+def checkpoint_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...], setting: bool | str) -> int:
+    """Apply an ``activation_checkpointing`` setting to the blocks of ``model``: False, nothing;
+    True, each block recomputes its whole forward; "selective", each keeps its matmul and
+    attention outputs (:func:`matmul_outputs_saved`). Returns the number of blocks checkpointed."""
+    check_checkpointing_setting(setting)
+    if setting is False:
+        return 0
+    context_fn = matmul_outputs_saved() if setting == "selective" else None
+    return apply_activation_checkpointing(model, block_types, context_fn=context_fn)
+
+
 def matmul_outputs_saved() -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
     """``context_fn`` of selective activation checkpointing (:func:`apply_activation_checkpointing`).
 

@@ -157,11 +157,17 @@ def test_config_file_and_overrides(tmp_path):
                               "--modalities", "hr"])
     config = build_config(args)
     assert config.weights is None and config.modalities == ("hr",)
+    for flags, expected in ((["--activation-checkpointing"], True),
+                            (["--activation-checkpointing", "selective"], "selective"), ([], False)):
+        args = parser.parse_args(["finetune", "--config", str(path.with_name("d.yaml")), *flags])
+        assert build_config(args).activation_checkpointing == expected, flags
 
 
-def test_compiled_checkpointed_encoder_trains_like_eager(aid_like, tmp_path, monkeypatch):
-    """`compile: blocks` with activation checkpointing gives the eager run's losses (compiled with
-    the aot_eager backend here: the graph capture without minutes of inductor on a CPU)."""
+@pytest.mark.parametrize("checkpointing", [True, "selective"])
+def test_compiled_checkpointed_encoder_trains_like_eager(aid_like, tmp_path, monkeypatch, checkpointing):
+    """`compile: blocks` with activation checkpointing (full, or selective) gives the eager run's
+    losses (compiled with the aot_eager backend here: the graph capture without minutes of
+    inductor on a CPU)."""
     import skysense.downstream.finetune as finetune_module
     from skysense.compilation import compile_blocks
 
@@ -173,13 +179,15 @@ def test_compiled_checkpointed_encoder_trains_like_eager(aid_like, tmp_path, mon
 
     monkeypatch.setattr(finetune_module, "compile_blocks", traced)
     eager = finetune(_config(aid_like, max_steps=3, device="cpu"), tmp_path / "eager", progress=False)
-    compiled = finetune(_config(aid_like, max_steps=3, compile="blocks", activation_checkpointing=True),
+    compiled = finetune(_config(aid_like, max_steps=3, compile="blocks", activation_checkpointing=checkpointing),
                         tmp_path / "compiled", progress=False)
     torch._dynamo.reset()
     assert calls and calls[0] > 0
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
     with pytest.raises(ValueError, match=r"compile: expected one of \['off', 'blocks'\], got 'model'"):
         _config(aid_like, compile="model")
+    with pytest.raises(ValueError, match="activation_checkpointing: expected true, false or 'selective', got 'some'"):
+        _config(aid_like, activation_checkpointing="some")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")

@@ -71,8 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_device_argument(parser, "; CUDA trains in bf16 autocast")
     parser.add_argument("--compile", choices=("off", "blocks"), default=None,
                         help="blocks: compile each transformer block of the encoder (torch.compile)")
-    parser.add_argument("--activation-checkpointing", action="store_true", default=None,
-                        help="recompute the encoder blocks' activations in the backward pass (less memory)")
+    parser.add_argument("--activation-checkpointing", nargs="?", const=True, default=None, choices=[True, "selective"],
+                        metavar="selective",
+                        help="recompute the encoder blocks' activations in the backward pass (less memory); "
+                             "'selective': all but their matmul and attention outputs")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers")
     parser.add_argument("--evaluate", action="store_true", help="score the evaluation split afterwards (eval.json)")
     parser.add_argument("--limit-eval", type=int, default=None, help="with --evaluate: N samples spread over the split")
@@ -106,7 +108,7 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
     if args.freeze_encoder:
         data["freeze_encoder"] = True
     if args.activation_checkpointing:
-        data["activation_checkpointing"] = True
+        data["activation_checkpointing"] = args.activation_checkpointing
     return FinetuneConfig.from_dict(data)
 
 

@@ -41,7 +41,7 @@ from skysense.downstream.data import TrainingSamples, evenly_spaced, model_keys
 from skysense.downstream.lr_decay import parameter_groups
 from skysense.downstream.registry import downstream_dataset
 from skysense.devices import adamw, resolve_device, to_device, training_autocast
-from skysense.distributed import apply_activation_checkpointing
+from skysense.distributed import check_checkpointing_setting, checkpoint_blocks
 from skysense.downstream.tasks import TASKS, DownstreamModel, TaskSpec, build_task_model
 from skysense.models import TRANSFORMER_BLOCKS, SkySense
 from skysense.pretrain.data import StepBatchSampler
@@ -120,13 +120,15 @@ class FinetuneConfig:
     device: str | None = None
     # "blocks": each transformer block of the encoder compiled on its own (skysense.compilation).
     compile: str = "off"
-    # Recompute the encoder blocks' activations in the backward pass (less memory, more time).
-    activation_checkpointing: bool = False
+    # Recompute the encoder blocks' activations in the backward pass (less memory, more time):
+    # true, each block's whole forward; "selective", all but its matmul and attention outputs.
+    activation_checkpointing: bool | str = False
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task: expected one of {TASKS}, got {self.task!r}")
+        check_checkpointing_setting(self.activation_checkpointing)
         if self.weights is None and self.preset not in PRESETS:
             raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("batch_size", "max_steps", "checkpoint_every", "crop_size"):
@@ -292,8 +294,7 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
     model.encoder.check_values = False  # on the host batch instead (checked_on_host): no syncs
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
-    if config.activation_checkpointing:
-        apply_activation_checkpointing(model.encoder, TRANSFORMER_BLOCKS)
+    checkpoint_blocks(model.encoder, TRANSFORMER_BLOCKS, config.activation_checkpointing)
     optimizer = adamw(parameter_groups(model, encoder.config, config.optim.weight_decay, config.optim.layer_decay),
                       config.optim.lr, device)
     start = _load_state(out, model, optimizer, config) if resume else 0

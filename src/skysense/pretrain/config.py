@@ -9,6 +9,7 @@ from typing import Any
 
 
 from skysense.config import SkySenseConfig, build_dataclass, config_from_yaml
+from skysense.distributed import check_checkpointing_setting
 from skysense.pretrain.objective import HeadConfig, PretrainObjectiveConfig
 from skysense.pretrain.views import ViewAugment, ViewConfig
 
@@ -151,9 +152,7 @@ class PretrainConfig:
             self.compile = "model" if self.compile else "off"
         if self.compile not in COMPILE_SCOPES:
             raise ValueError(f"compile: expected one of {list(COMPILE_SCOPES)} (or true/false), got {self.compile!r}")
-        if self.activation_checkpointing not in (True, False, "selective"):
-            raise ValueError(f"activation_checkpointing: expected true, false or 'selective', got "
-                             f"{self.activation_checkpointing!r}")
+        check_checkpointing_setting(self.activation_checkpointing)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -35,13 +35,12 @@ from skysense.compilation import compile_blocks
 from skysense.devices import adamw, to_device, training_autocast, training_dtype
 from skysense.distributed import (
     DistributedContext,
-    apply_activation_checkpointing,
     apply_fsdp,
     average_gradients,
     clip_grad_norm,
     close_distributed,
+    checkpoint_blocks,
     init_distributed,
-    matmul_outputs_saved,
     mean_across_processes,
     wrap_data_parallel,
 )
@@ -146,10 +145,7 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
     torch.manual_seed(config.seed)  # identical initialisation on every process
     module = PretrainingModel(config).to(context.device)
     module.student.check_values = module.teacher.check_values = False  # on the host instead
-    if config.activation_checkpointing:
-        selective = config.activation_checkpointing == "selective"
-        apply_activation_checkpointing(module.student, TRANSFORMER_BLOCKS,
-                                       context_fn=matmul_outputs_saved() if selective else None)
+    checkpoint_blocks(module.student, TRANSFORMER_BLOCKS, config.activation_checkpointing)
     if config.compile == "blocks":  # after checkpointing, before FSDP: both hook around the compiled forward
         compile_blocks(module, TRANSFORMER_BLOCKS)
     sharded = is_sharded(config) and context.enabled
