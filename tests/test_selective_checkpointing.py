@@ -97,3 +97,44 @@ def test_a_compiled_block_keeps_its_matmul_outputs() -> None:
     assert counts["selective"] == counts["off"] and counts["off"]["backward"] > 0, counts
     for name, grad in grads["off"].items():
         torch.testing.assert_close(grads["selective"][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _DroppedBlock(nn.Module):
+    """A linear layer under stochastic depth: its backward pass must use the forward's mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from skysense.models.layers import DropPath
+
+        self.lin = nn.Linear(8, 8)
+        self.drop_path = DropPath(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path(self.lin(x).relu() + 1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [None, "aot_eager", "inductor"])
+def test_recomputed_stochastic_depth_uses_the_forward_mask(backend: str | None) -> None:
+    """Selective checkpointing recomputes the random mask of stochastic depth (eager) or traces
+    it inside the compiled block: either way the gradients follow the mask the forward used."""
+    from skysense.compilation import compile_blocks
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(_DroppedBlock()).train()
+    apply_activation_checkpointing(model, (_DroppedBlock,), context_fn=matmul_outputs_saved())
+    if backend is not None:
+        compile_blocks(model, (_DroppedBlock,), backend=backend)
+    x = torch.randn(64, 8)
+    y = model(x)
+    y.sum().backward()
+    torch._dynamo.reset()
+    block = model[0]
+    with torch.no_grad():
+        pre = block.lin(x)
+        scale = y / (pre.relu() + 1.0)  # per sample: 0 (dropped) or 2 (kept, 1 / 0.5)
+        expected = (scale * (pre > 0)).sum(0)  # d sum(y) / d lin.bias
+    kept = int((scale[:, 0] > 0).sum())
+    assert 0 < kept < 64, "no sample dropped, or none kept: the check proves nothing"
+    torch.testing.assert_close(block.lin.bias.grad, expected, rtol=1e-5, atol=1e-5)
