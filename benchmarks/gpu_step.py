@@ -66,7 +66,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,7 +238,7 @@ class SwitchedCheckpointing:
     def __call__(self) -> tuple[Any, Any]:
         """``context_fn`` of each block's checkpoint: the forward's and the recomputation's."""
         forward, recompute = self.selective_contexts() if self.selective else (nullcontext(), nullcontext())
-        return forward, _entered_together(recompute, Recomputation.running())
+        return forward, _marked(recompute)
 
     @property
     def traced_in_compile(self) -> Any:
@@ -246,10 +246,9 @@ class SwitchedCheckpointing:
 
 
 @contextmanager
-def _entered_together(*contexts):
-    with ExitStack() as stack:
-        for context in contexts:
-            stack.enter_context(context)
+def _marked(recompute):
+    """``recompute`` (a checkpoint's recomputation context) under :meth:`Recomputation.running`."""
+    with recompute, Recomputation.running():
         yield
 
 
@@ -480,7 +479,6 @@ class Recomputation:
             yield
         finally:
             cls.depth -= 1
-
 
 
 class ModelFlopCounter(FlopCounterMode):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +30,14 @@ def _ours(filename: str) -> bool:
     if filename.endswith("live_memory.py") or filename.startswith("<"):
         return False
     return "/skysense/" in filename or not any(path in filename for path in LIBRARY_PATHS)
+
+
+def innermost_frame(accept: Callable[[str], bool]) -> Any:
+    """The innermost frame of the caller's stack whose file name ``accept`` takes, or None."""
+    frame = sys._getframe(1)
+    while frame is not None and not accept(frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame
 
 
 class LiveBytes(TorchDispatchMode):
@@ -126,13 +135,11 @@ class LiveSites(LiveBytes):
         node = torch._C._current_autograd_node()
         if node is not None:
             return f"{self._operator} in {node.name()}"
-        frame = sys._getframe(2)
-        while frame is not None:
-            name = frame.f_code.co_filename
-            if _ours(name):
-                return f"{self._operator} at {name.rsplit('/', 1)[-1]}:{frame.f_lineno} ({frame.f_code.co_name})"
-            frame = frame.f_back
-        return self._operator
+        frame = innermost_frame(_ours)
+        if frame is None:
+            return self._operator
+        name = frame.f_code.co_filename
+        return f"{self._operator} at {name.rsplit('/', 1)[-1]}:{frame.f_lineno} ({frame.f_code.co_name})"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._operator = func.overloadpacket.__name__

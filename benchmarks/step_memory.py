@@ -57,10 +57,9 @@ from live_memory import LiveBytes  # noqa: E402
 from skysense import config as model_config  # noqa: E402
 from skysense.devices import adamw, training_dtype  # noqa: E402
 from skysense.distributed import (  # noqa: E402
-    DistributedContext, apply_activation_checkpointing, apply_fsdp, matmul_outputs_saved)
-from skysense.models import swin_v2  # noqa: E402
+    DistributedContext, apply_activation_checkpointing, apply_fsdp, checkpoint_blocks)
+from skysense.models import TRANSFORMER_BLOCKS, swin_v2  # noqa: E402
 from skysense.models.layers import TransformerBlock  # noqa: E402
-from skysense.models.swin_v2 import SwinV2Block  # noqa: E402
 from skysense.pretrain.loop import FSDP_UNITS  # noqa: E402
 from skysense.pretrain.model import parameter_groups  # noqa: E402
 from skysense.validation import checked_on_host  # noqa: E402
@@ -178,10 +177,8 @@ def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
     student = model.pretraining.student
     if checkpointing == "fusion":
         apply_activation_checkpointing(student.fusion, (TransformerBlock,))
-    elif checkpointing == "all":
-        apply_activation_checkpointing(student, (TransformerBlock, SwinV2Block))
-    elif checkpointing == "selective":
-        apply_activation_checkpointing(student, (TransformerBlock, SwinV2Block), context_fn=matmul_outputs_saved())
+    elif checkpointing in ("all", "selective"):  # the loop's activation_checkpointing: true / selective
+        checkpoint_blocks(student, TRANSFORMER_BLOCKS, True if checkpointing == "all" else checkpointing)
     if context is not None:  # after checkpointing, as the loop
         apply_fsdp(model.pretraining, context, FSDP_UNITS, training_dtype(torch.device("cuda")))  # as on CUDA
     padding = swin_v2.fused_head_multiple

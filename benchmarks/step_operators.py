@@ -18,18 +18,16 @@ Autocast follows the CPU's lists, so the casts differ from CUDA's somewhat, and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import traceback
 from collections import Counter
 from pathlib import Path
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import step_memory  # noqa: E402
+from live_memory import innermost_frame  # noqa: E402
 
 gpu_step = step_memory.gpu_step
 # Operators that do no work of their own on a device (fake tensors' device queries).
@@ -53,10 +51,10 @@ class OperatorCount(TorchDispatchMode):
 
 
 def _our_line() -> str:
-    for frame in reversed(traceback.extract_stack()):
-        if "/skysense/" in frame.filename:
-            return f"{frame.filename.split('/skysense/')[-1]}:{frame.lineno}"
-    return "(outside skysense)"
+    frame = innermost_frame(lambda name: "/skysense/" in name)
+    if frame is None:
+        return "(outside skysense)"
+    return f"{frame.f_code.co_filename.split('/skysense/')[-1]}:{frame.f_lineno}"
 
 
 def count(batch: int, checkpointing: str, sinkhorn_iterations: int,
@@ -66,8 +64,9 @@ def count(batch: int, checkpointing: str, sinkhorn_iterations: int,
     configure = gpu_step.pretrain_config
 
     def config(shapes: gpu_step.Shapes, size: int):
-        return dataclasses.replace(configure(shapes, size), objective=dataclasses.replace(
-            configure(shapes, size).objective, sinkhorn_iterations=sinkhorn_iterations))
+        config = configure(shapes, size)
+        config.objective.sinkhorn_iterations = sinkhorn_iterations
+        return config
 
     gpu_step.pretrain_config = config
     try:

@@ -226,14 +226,10 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-CHECKPOINTING_SETTINGS: tuple[bool | str, ...] = (False, True, "selective")
-"""Values of the ``activation_checkpointing`` setting of pretraining and fine-tuning."""
-
-
 def check_checkpointing_setting(setting: object) -> None:
-    """Raise ``ValueError`` naming ``activation_checkpointing`` unless ``setting`` is one of
-    :data:`CHECKPOINTING_SETTINGS`."""
-    if not any(setting is value or (isinstance(value, str) and setting == value) for value in CHECKPOINTING_SETTINGS):
+    """Raise ``ValueError`` naming ``activation_checkpointing`` unless ``setting`` is one of its
+    values in pretraining and fine-tuning: False, True or "selective"."""
+    if not (setting is False or setting is True or setting == "selective"):
         raise ValueError(f"activation_checkpointing: expected true, false or 'selective', got {setting!r}")
 
 

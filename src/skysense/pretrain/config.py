@@ -139,7 +139,7 @@ class PretrainConfig:
     num_threads: int | None = None
     # Recompute the student's transformer blocks in the backward pass: false; true (each block's
     # whole forward); "selective" (matmul and attention outputs kept, the rest recomputed:
-    # skysense.distributed.matmul_outputs_saved; with compile: blocks, close to true).
+    # skysense.distributed.matmul_outputs_saved; traced inside each block under compile: blocks).
     activation_checkpointing: bool | str = False
     # Encode the views of a step that share their shapes (the two global views) in one pass of
     # the student and one of the teacher, stacked along the batch (skysense.pretrain.view_batching):
