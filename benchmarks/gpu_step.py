@@ -36,7 +36,7 @@ shapes at hand (minutes more of compilation).
 On one 80 GB GPU, without FSDP's sharding of 35 GiB of weights, gradients and moments, batch 3
 is estimated at 90.7 GiB without activation checkpointing, 70.5 GiB with every block keeping
 only its matmul and attention outputs ("selective": it recomputes element-wise work only),
-54.5 GiB with the fusion transformer's blocks recomputed and 39.4 GiB with every block
+54.6 GiB with the fusion transformer's blocks recomputed and 39.5 GiB with every block
 (``benchmarks/step_memory.py``): expect the retries, in that order (CHECKPOINTING).
 
 The report is rewritten (atomically) after every row, so a run stopped by a time limit keeps
@@ -138,7 +138,7 @@ SMALL = Shapes(preset="tiny", swin_image=64, swin_batch=4, vit_image=16, vit_bat
                fusion_batch=64, step_batches=(2,), step_hr=128, step_s2_frames=2, step_s1_frames=2, matmul_n=1024)
 COMPILE_SCOPES = ("blocks", "model")
 # Activation checkpointing of a workload (Workload.checkpoint), in the order (d) tries them when
-# the paper's batch does not fit: estimated at batch 3 on one device 90.7, 70.5, 54.5 and 39.4 GiB
+# the paper's batch does not fit: estimated at batch 3 on one device 90.7, 70.5, 54.6 and 39.5 GiB
 # (benchmarks/step_memory.py).
 CHECKPOINTING = ("off", "selective", "fusion", "all")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")

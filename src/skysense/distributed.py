@@ -251,7 +251,7 @@ def matmul_outputs_saved() -> Callable[[], tuple[AbstractContextManager, Abstrac
     backward pass and recomputes everything else (norms, activations, casts, copies), so the
     recomputation is memory-bound element-wise work instead of the block's whole forward. At
     the paper's batch of 3 on one device the pretraining step peaks at an estimated 70.5 GiB
-    with it, 90.7 without checkpointing and 39.4 with every block fully recomputed
+    with it, 90.7 without checkpointing and 39.5 with every block fully recomputed
     (``benchmarks/step_memory.py --batches 3 --checkpointing selective``). The blocks must not
     modify those outputs in place (torch raises if they do).
 
