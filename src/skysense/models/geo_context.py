@@ -60,7 +60,8 @@ class GeoContextPrototypes(nn.Module):
         """``features``: (B, D, H, W); ``lat``, ``lon``: (B,) degrees -> (B, 2D, H, W)."""
         b, d, h, w = features.shape
         protos = self.prototypes[self.regions(lat, lon)].to(features.dtype)  # (B, P, D)
-        queries = features.flatten(2).transpose(1, 2)[:, None]  # (B, 1, HW, D): one head
+        # (B, 1, HW, D): one head. Contiguous, or CUDA's fused SDPA kernels refuse the queries.
+        queries = features.flatten(2).transpose(1, 2).contiguous()[:, None]
         # softmax(F P^T / sqrt(d)) P is SDPA with the prototypes as keys and values.
         context = F.scaled_dot_product_attention(queries, protos[:, None], protos[:, None])
         context = context[:, 0].transpose(1, 2).reshape(b, d, h, w)

@@ -86,7 +86,10 @@ class WindowAttentionV2(nn.Module):
             index = index[tokens][:, tokens]
         n = index.shape[0]
         bias = table[index.reshape(-1)].reshape(n, n, self.num_heads)
-        return 16 * torch.sigmoid(bias.permute(2, 0, 1))
+        # Contiguous: on CUDA, SDPA's fused kernels refuse a mask whose last dimension is strided
+        # (a permuted view's is ``heads`` apart) and fall back to the math path, which writes out
+        # every attention matrix. The sigmoid would keep the permuted layout.
+        return 16 * torch.sigmoid(bias.permute(2, 0, 1).contiguous())
 
     def forward(self, x: torch.Tensor, shift_mask: torch.Tensor | None,
                 tokens: torch.Tensor | None = None) -> torch.Tensor:
