@@ -84,6 +84,8 @@ def sinkhorn_knopp(
             scaling domain (the module docstring), with the same result and a quarter (dense)
             to under half (grouped) of the kernel launches per round.
 
+    Computed in float32, also under autocast.
+
     Returns:
         ``Q`` with rows summing exactly to ``row_sums`` and columns to ``col_sums`` within
         ``tolerance`` (or the best reached in ``iterations`` rounds).
@@ -104,7 +106,10 @@ def sinkhorn_knopp(
         _check_totals(row_totals[..., 0], cols.sum(-1))
     if score_bound is not None and 2 * score_bound / epsilon <= SCALING_RANGE:
         kernel = ((scores - score_bound) / epsilon).exp()
-        return _scaling_rounds(kernel, rows[:, None], cols, column, iterations, tolerance, check_every)
+        # In float32 under autocast too: the rounds' two products would otherwise run in bf16 in
+        # mixed-precision training, leaving the plan's sums off by up to about 1%.
+        with torch.autocast(scores.device.type, enabled=False):
+            return _scaling_rounds(kernel, rows[:, None], cols, column, iterations, tolerance, check_every)
     log_q = scores / epsilon
     log_rows, log_cols = rows.log()[:, None], cols.log()
     for round_ in range(iterations):
