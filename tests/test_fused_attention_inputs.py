@@ -2,7 +2,8 @@
 
 On CUDA, SDPA picks its memory-efficient (or cuDNN) kernel only for dense 4-D inputs whose
 last dimension is contiguous, mask included, with equal batch and head counts for q, k and v
-and, in bf16, a head width that is a multiple of 8. Anything else silently runs the math
+and, in bf16, a head width that is a multiple of 8; q, k, v and an additive mask in one
+dtype (under autocast SDPA would otherwise cast them, one more pass over each). Anything else silently runs the math
 path, which writes out every attention matrix: on the H100 the SwinV2-H blocks without a
 shift did so, because their position bias was a permuted view (the compiled step's profile
 held softmax-backward kernels next to the fused attention's). A CPU cannot run that dispatch,
@@ -35,6 +36,9 @@ def refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
             reasons.append(f"{name} {tuple(t.shape)} has last-dimension stride {t.stride(-1)}, not 1")
     if not (q.shape[0] == k.shape[0] == v.shape[0] and q.shape[-3] == k.shape[-3] == v.shape[-3]):
         reasons.append(f"batch or heads differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    dtypes = {t.dtype for t in (q, k, v)} | ({mask.dtype} if mask is not None and mask.dtype != torch.bool else set())
+    if len(dtypes) > 1:  # under autocast SDPA would cast them first: one more pass over each
+        reasons.append(f"q, k, v and mask come in {sorted(str(d) for d in dtypes)}, not one dtype")
     if q.shape[-1] % CUDA_HEAD_MULTIPLE:
         reasons.append(f"head width {q.shape[-1]} is not a multiple of {CUDA_HEAD_MULTIPLE}")
     return reasons
@@ -55,23 +59,29 @@ def sdpa_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("mask_padding", [False, True])
-def test_swin_v2_attention_takes_the_fused_kernels(sdpa_calls, mask_padding):
+def test_swin_v2_attention_takes_the_fused_kernels(sdpa_calls, mask_padding, autocast):
     # 44-wide heads as SwinV2-H's, two or more per stage, every stage shifted; 100 px leaves
     # maps that are not a multiple of the window, so the padded-key mask is used too.
     config = SwinV2Config(embed_dim=88, depths=(2, 2), num_heads=(2, 4), window_size=8, mask_padding=mask_padding)
     torch.manual_seed(0)
     model = SwinTransformerV2(config).train()
     x = torch.randn(2, 3, 100, 100)
-    model(x).square().mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    out.float().square().mean().backward()
     assert len(sdpa_calls) == 4
     assert all(not reasons for reasons in sdpa_calls), sdpa_calls
 
 
-def test_skysense_attention_takes_the_fused_kernels(sdpa_calls):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_skysense_attention_takes_the_fused_kernels(sdpa_calls, autocast):
     torch.manual_seed(0)
     model = SkySense(preset_config("tiny")).train()
-    model(**tiny_inputs()).square().mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(**tiny_inputs())
+    out.float().square().mean().backward()
     assert len(sdpa_calls) > 10  # SwinV2, both ViTs, the fusion and the geo-context
     assert all(not reasons for reasons in sdpa_calls), [r for r in sdpa_calls if r]
 

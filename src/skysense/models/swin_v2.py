@@ -100,9 +100,12 @@ class WindowAttentionV2(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias).reshape(b, nw, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
-        q = F.normalize(q, dim=-1) * scale
-        k = F.normalize(k, dim=-1)
-        bias = self.position_bias(tokens).to(q.dtype)[None]  # (1, heads, N, N)
+        # Under autocast the norms come out in float32 and SDPA would cast q, k and the bias back
+        # to v's dtype; casting them here first means the padding and masking below move half
+        # the bytes in eager mode, with the same values.
+        q = (F.normalize(q, dim=-1) * scale).to(v.dtype)
+        k = F.normalize(k, dim=-1).to(v.dtype)
+        bias = self.position_bias(tokens).to(v.dtype)[None]  # (1, heads, N, N)
         # SDPA's fused kernels take 4-D inputs; a 5-D call falls back to the slow math path.
         # Without a shift mask, windows join the batch and the bias broadcasts over it; with
         # one, windows join the heads so the per-window mask still broadcasts over the batch.
