@@ -73,6 +73,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from skysense.compilation import compile_blocks
@@ -171,6 +172,24 @@ class Options:
     # torch.compile's caches: loaded from this file before the first compilation when it exists,
     # rewritten after every compiled row (benchmarks/compile_cache.py). None: not kept.
     compile_cache: Path | None = None
+    # SDPA's backends in priority order, the others switched off (SDPA_BACKENDS names); None:
+    # torch's own choice. Applies to every row, ours and timm's (benchmarks/attention_backends.py).
+    sdpa_priority: tuple[str, ...] | None = None
+
+
+# --sdpa-priority's names for torch's SDPA backends.
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def sdpa_priority(options: Options):
+    """The context that makes SDPA try ``options.sdpa_priority`` in that order, or nothing."""
+    if options.sdpa_priority is None:
+        return nullcontext()
+    unknown = [name for name in options.sdpa_priority if name not in SDPA_BACKENDS]
+    if unknown or not options.sdpa_priority:
+        raise ValueError(f"sdpa_priority: expected names among {list(SDPA_BACKENDS)}, got {list(options.sdpa_priority)}")
+    return sdpa_kernel([SDPA_BACKENDS[name] for name in options.sdpa_priority], set_priority=True)
 
 
 @dataclass
@@ -654,7 +673,8 @@ class Run:
             "dtype": options.dtype, "autocast": options.dtype == "bf16",
             "compile_scope": options.compile_scope if options.compile else None,
             "compile_mode": options.compile_mode if options.compile else None,
-            "activation_checkpointing": options.activation_checkpointing, "warmup": options.warmup,
+            "activation_checkpointing": options.activation_checkpointing,
+            "sdpa_priority": list(options.sdpa_priority) if options.sdpa_priority else None, "warmup": options.warmup,
             "repeats": options.repeats, "budget_s": options.budget_s,
             "shapes": dataclasses.asdict(options.shapes),
             "peak": {"matmul_n": options.shapes.matmul_n, "dtype": options.dtype, "tflops_per_s": peak / 1e12},
@@ -806,15 +826,17 @@ def run_benchmark(options: Options) -> dict[str, Any]:
         raise ValueError(f"compile_scope: expected one of {list(COMPILE_SCOPES)}, got {options.compile_scope!r}")
     if options.compile_mode is not None and options.compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode: expected one of {list(COMPILE_MODES)}, got {options.compile_mode!r}")
+    priority = sdpa_priority(options)  # checked before the first measurement
     run = Run(options, matmul_peak(options))
     if options.compile and options.compile_cache is not None:
         run.report["compile_cache"] = {"path": str(options.compile_cache), **compile_cache.load(options.compile_cache)}
     for part in options.parts:
         try:
-            if part == "pretrain_step":
-                run_pretrain_step(run)
-            else:
-                run_encoder_part(run, part)
+            with priority:  # around counting, compiling and timing alike: compiled graphs keep the choice
+                if part == "pretrain_step":
+                    run_pretrain_step(run)
+                else:
+                    run_encoder_part(run, part)
         except Exception as error:  # e.g. a timm too old to build the counterpart: the other parts still run
             traceback.print_exc()
             run.report.setdefault("part_errors", {})[part] = error_text(error)
@@ -859,7 +881,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['device_name']} ({report['device']}), torch {report['torch']}, timm {report['timm']}, "
         f"{report['dtype']}{' autocast' if report['autocast'] else ''}, {scope}, activation checkpointing "
-        f"{'on' if report['activation_checkpointing'] else 'off'}; matmul peak "
+        f"{'on' if report['activation_checkpointing'] else 'off'}"
+        f"{'; SDPA ' + ' > '.join(report['sdpa_priority']) if report.get('sdpa_priority') else ''}; matmul peak "
         f"{peak['tflops_per_s']:.2f} TFLOP/s (n={peak['matmul_n']}, {peak['dtype']})",
         f"{'part':<14} {'impl':<9} {'mode':<9} {'batch':>5} {'step ms':>9} {'items/s':>9} {'TFLOP/s':>8} "
         f"{'MFU':>6} {'GiB':>6} {'compile s':>9} {'graphs':>6}",
@@ -936,6 +959,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile-cache", metavar="FILE",
                         help="load torch.compile's caches from FILE when it exists, rewrite it after every "
                              "compiled row (a later run on a fresh machine compiles only what changed)")
+    parser.add_argument("--sdpa-priority", metavar="NAME[,NAME...]",
+                        help=f"SDPA backends to try, in this order, the others off (among {', '.join(SDPA_BACKENDS)}); "
+                             "default: torch's own choice")
     parser.add_argument("--meta-flops", action="store_true",
                         help="only count the FLOPs of (a)-(c), ours and timm's, on the meta device, and print them")
     args = parser.parse_args(argv)
@@ -966,7 +992,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       activation_checkpointing=args.activation_checkpointing,
                       warmup=args.warmup, repeats=args.repeats, parts=parts, budget_s=args.budget,
                       json_path=Path(args.json) if args.json else None, profile=args.profile,
-                      compile_cache=Path(args.compile_cache) if args.compile_cache else None)
+                      compile_cache=Path(args.compile_cache) if args.compile_cache else None,
+                      sdpa_priority=tuple(n.strip() for n in args.sdpa_priority.split(",")) if args.sdpa_priority else None)
     report = run_benchmark(options)
     print(format_table(report))
     return report

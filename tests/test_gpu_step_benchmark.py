@@ -137,6 +137,29 @@ def test_command_line_writes_json(tmp_path: Path, monkeypatch) -> None:
     assert list(counted) == ["fusion/skysense", "fusion/timm"] and counted["fusion/skysense"] > 0
 
 
+def test_sdpa_priority_decides_the_backend_of_every_row(monkeypatch) -> None:
+    chosen: list[int] = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(q, k, v, attn_mask=None, *args, **kwargs):
+        chosen.append(int(torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, False)))
+        return attention(q, k, v, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    monkeypatch.setattr(gpu_step, "SMALL", TINY)
+    base = ["--device", "cpu", "--small", "--no-compile", "--parts", "fusion", "--warmup", "0", "--repeats", "1"]
+    default = gpu_step.main(base)
+    assert default["sdpa_priority"] is None
+    assert set(chosen) == {int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)}  # the CPU's own choice here
+    chosen.clear()
+    forced = gpu_step.main([*base, "--sdpa-priority", "math"])
+    assert forced["sdpa_priority"] == ["math"] and "SDPA math" in gpu_step.format_table(forced)
+    assert chosen and set(chosen) == {int(torch.nn.attention.SDPBackend.MATH)}
+    assert all(r["error"] is None for r in forced["results"])
+    with pytest.raises(ValueError, match="sdpa_priority"):
+        gpu_step.main([*base, "--sdpa-priority", "fastest"])
+
+
 def test_swin_head_padding_changes_nothing(monkeypatch) -> None:
     """The CUDA path pads SwinV2-H's 44-wide heads to 48; forced on the CPU it gives the same
     outputs and gradients."""

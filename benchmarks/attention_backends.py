@@ -1,0 +1,229 @@
+"""SDPA's kernels on the attention calls of our models: which backend is fastest for each shape.
+
+On the H100 (run 1, ``device_runs/2026-11-27-h100/run1-gpu_step.json``) the GEMMs of ViT-L/4 ran
+at the measured matmul peak, while cuDNN's attention did 32-token sequences (the fusion, part
+(c)) at about 50 TFLOP/s and 257-token ones (ViT-L/4, part (b)) at about 130: attention was
+15-16% of both steps' GPU time. Short sequences fill few of a flash kernel's tiles, so another
+backend may do better. This measures forward + backward of every distinct attention call the
+parts of ``benchmarks/gpu_step.py`` make, once per SDPA backend (cuDNN, flash, memory-efficient,
+math) and for a plain ``softmax(q k^T + bias) v`` in the input dtype, and names the fastest.
+
+The calls are recorded, not written down: each part's model runs once on the meta device at
+the benchmark's shapes while SDPA's arguments are captured (shapes, the mask's shape and
+whether it takes a gradient). SwinV2's heads are padded as on CUDA.
+
+    python benchmarks/attention_backends.py --json attention.json        # CUDA, huge shapes, bf16
+    python benchmarks/attention_backends.py --device cpu --small         # a CPU smoke run
+
+A backend that refuses a call (e.g. flash with a mask, or any fused kernel on the CPU) is
+listed as refused; "default" is what SDPA picks by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_step  # noqa: E402  (beside this file)
+
+from skysense.config import preset_config  # noqa: E402
+from skysense.models import swin_v2  # noqa: E402
+from skysense.models.skysense import SkySense  # noqa: E402
+from skysense.validation import checked_on_host  # noqa: E402
+
+BACKENDS: dict[str, list[SDPBackend] | None] = {
+    "default": None,
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "math": [SDPBackend.MATH],
+    "explicit": None,  # softmax(q k^T * scale + mask) v in the input dtype, no SDPA
+}
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One distinct SDPA call: shapes, and the mask's shape and gradient (None: no mask)."""
+
+    query: tuple[int, ...]
+    key: tuple[int, ...]
+    mask: tuple[int, ...] | None
+    mask_grad: bool
+    scale: float | None
+
+    @property
+    def forward_flops(self) -> int:
+        """``q k^T`` and ``p v``: 4 B H L S D."""
+        *batch, length, dim = self.query
+        return 4 * length * self.key[-2] * dim * int(torch.tensor(batch).prod())
+
+
+def record_calls(run: Callable[[], Any]) -> dict[AttentionCall, int]:
+    """The distinct SDPA calls ``run`` makes, with how many times each, SwinV2's heads padded as
+    on CUDA (``run`` builds and runs a model on the meta device)."""
+    calls: dict[AttentionCall, int] = {}
+    attention, head_multiple = F.scaled_dot_product_attention, swin_v2.fused_head_multiple
+
+    def recorded(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        call = AttentionCall(tuple(q.shape), tuple(k.shape), None if attn_mask is None else tuple(attn_mask.shape),
+                             attn_mask is not None and attn_mask.requires_grad, scale)
+        calls[call] = calls.get(call, 0) + 1
+        return attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+
+    F.scaled_dot_product_attention, swin_v2.fused_head_multiple = recorded, lambda device: 8
+    try:
+        run()
+    finally:
+        F.scaled_dot_product_attention, swin_v2.fused_head_multiple = attention, head_multiple
+    return calls
+
+
+def part_calls(part: str, shapes: gpu_step.Shapes) -> dict[AttentionCall, int]:
+    """The attention calls of one forward of part ``part`` (swin_v2, vit, fusion or pretrain_step,
+    the student's forward at the first of ``shapes.step_batches``, both views stacked)."""
+    meta = torch.device("meta")
+    if part in ("swin_v2", "vit", "fusion"):
+        def run() -> None:
+            models, x = gpu_step.encoder_models(part, shapes, meta)
+            models["skysense"](x)
+    elif part == "pretrain_step":
+        def run() -> None:
+            with meta:
+                model = SkySense(preset_config(shapes.preset))
+            model.check_values = False
+            views = gpu_step.pretrain_views(shapes, shapes.step_batches[0], torch.device("cpu"),
+                                            torch.Generator().manual_seed(0))
+            # The loop's view batching (skysense.pretrain.view_batching): both views in one pass.
+            # Values checked on the host, as the loop does (all-valid frame masks are dropped).
+            views = [checked_on_host(view) for view in views]
+            model.forward_features(**{key: torch.cat([views[0][key], views[1][key]]).to(meta) for key in views[0]})
+    else:
+        raise ValueError(f"unknown part {part!r}; expected swin_v2, vit, fusion or pretrain_step")
+    return record_calls(run)
+
+
+def explicit_attention(q, k, v, attn_mask=None, scale=None):
+    """``softmax(q k^T * scale + mask) v`` with every product in the inputs' dtype."""
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def time_backend(call: AttentionCall, backend: str, device: torch.device, dtype: torch.dtype,
+                 warmup: int, repeats: int) -> float:
+    """Median seconds of forward + backward of ``call`` with ``backend``; raises RuntimeError
+    when the backend refuses it."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(call.query, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(call.key, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(call.key, generator=g).to(device, dtype).requires_grad_()
+    mask = None
+    if call.mask is not None:
+        mask = torch.randn(call.mask, generator=g).to(device, dtype).requires_grad_(call.mask_grad)
+    grad = torch.randn(call.query, generator=g).to(device, dtype)
+
+    def step() -> None:
+        if backend == "explicit":
+            out = explicit_attention(q, k, v, mask, call.scale)
+        elif BACKENDS[backend] is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
+        else:
+            with sdpa_kernel(BACKENDS[backend]):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
+        out.backward(grad)
+
+    with warnings.catch_warnings():  # a forced backend that refuses says why at length
+        warnings.simplefilter("ignore")
+        times = gpu_step.time_steps(step, device, warmup, repeats)
+    return statistics.median(times)
+
+
+def default_choice(call: AttentionCall, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend SDPA picks by itself for ``call`` (with gradients)."""
+    q = torch.empty(call.query, device=device, dtype=dtype, requires_grad=True)
+    k = torch.empty(call.key, device=device, dtype=dtype, requires_grad=True)
+    mask = None if call.mask is None else torch.empty(call.mask, device=device, dtype=dtype,
+                                                       requires_grad=call.mask_grad)
+    choice = torch._fused_sdp_choice(q, k, k, mask, 0.0, False, scale=call.scale)
+    names = {int(member): name for name, member in SDPBackend.__members__.items()}
+    return names.get(int(choice), str(choice)).lower()
+
+
+def run(parts: tuple[str, ...], shapes: gpu_step.Shapes, device: torch.device, dtype: torch.dtype,
+        warmup: int, repeats: int, budget_s: float | None = None) -> dict[str, Any]:
+    """Every distinct call of ``parts`` timed with every backend; the report."""
+    start = time.perf_counter()
+    rows = []
+    for part in parts:
+        for call, count in part_calls(part, shapes).items():
+            row: dict[str, Any] = {"part": part, **dataclasses.asdict(call), "calls_per_forward": count,
+                                   "forward_flops": call.forward_flops,
+                                   "default_is": default_choice(call, device, dtype), "ms": {}, "refused": {}}
+            for backend in BACKENDS:
+                if budget_s is not None and time.perf_counter() - start > budget_s:
+                    row["refused"][backend] = "skipped: out of time (--budget)"
+                    continue
+                try:
+                    row["ms"][backend] = time_backend(call, backend, device, dtype, warmup, repeats) * 1e3
+                except (RuntimeError, torch.OutOfMemoryError) as error:
+                    row["refused"][backend] = gpu_step.error_text(error)
+                finally:
+                    gpu_step.release(device)
+            timed = row["ms"]
+            row["fastest"] = min(timed, key=timed.get) if timed else None
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return {"device": gpu_step.device_name(device), "torch": torch.__version__, "dtype": str(dtype).split(".")[-1],
+            "warmup": warmup, "repeats": repeats, "rows": rows}
+
+
+def format_row(row: dict[str, Any]) -> str:
+    mask = "-" if row["mask"] is None else f"{tuple(row['mask'])}{' grad' if row['mask_grad'] else ''}"
+    timed = row["ms"]
+    cells = " ".join(f"{name}={timed[name]:.3f}" if name in timed else f"{name}=refused" for name in BACKENDS)
+    fastest = row["fastest"]
+    speedup = (f" {timed['default'] / timed[fastest]:.2f}x over default" if fastest and "default" in timed
+               else "")
+    tflops = (f", {3 * row['forward_flops'] / timed[fastest] / 1e9:.1f} TFLOP/s (3x forward)" if fastest else "")
+    return (f"{row['part']:<13} q {tuple(row['query'])} k {tuple(row['key'])} mask {mask} x{row['calls_per_forward']}: "
+            f"default picks {row['default_is']}; ms fwd+bwd {cells}; fastest {fastest}{speedup}{tflops}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="tiny models and shapes (a CPU smoke run)")
+    parser.add_argument("--parts", default="swin_v2,vit,fusion,pretrain_step")
+    parser.add_argument("--step-batch", type=int, default=3, help="per-device batch of the pretraining step")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--budget", type=float, metavar="SECONDS", help="skip what starts after this many seconds")
+    parser.add_argument("--json", metavar="PATH", help="also write the report here (atomically)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = dataclasses.replace(gpu_step.SMALL if args.small else gpu_step.HUGE, step_batches=(args.step_batch,))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    report = run(parts, shapes, device, dtype, args.warmup, args.repeats, args.budget)
+    if args.json:
+        gpu_step.write_json(report, Path(args.json))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""benchmarks/attention_backends.py on the CPU at tiny shapes: the calls it records and times."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+attention_backends = _load("attention_backends")
+
+
+def test_records_the_calls_of_each_part_with_swin_heads_padded_as_on_cuda() -> None:
+    shapes = attention_backends.gpu_step.SMALL
+    swin = attention_backends.part_calls("swin_v2", shapes)
+    # Tiny SwinV2 at 64 px: 16x16, 8x8, 4x4 and 2x2 maps, window 8, two blocks per stage.
+    assert sum(swin.values()) == 8
+    assert all(call.mask is not None and call.mask_grad and call.scale == 1.0 for call in swin)
+    assert all(call.query[-1] % 8 == 0 for call in swin)
+    fusion = attention_backends.part_calls("fusion", shapes)
+    assert [(call.query, call.mask) for call in fusion] == [((shapes.fusion_batch, 4, shapes.fusion_tokens, 32), None)]
+    step = attention_backends.part_calls("pretrain_step", shapes)
+    # The student's forward on both views: SwinV2's 8 blocks, both ViTs, the fusion, the geo-context.
+    assert sum(step.values()) > 8 and any(call.query[-1] == 128 for call in step)
+
+
+def test_times_every_backend_that_takes_a_call_and_names_the_fastest(tmp_path: Path) -> None:
+    path = tmp_path / "attention.json"
+    report = attention_backends.main(["--device", "cpu", "--small", "--parts", "fusion,swin_v2", "--warmup", "0",
+                                      "--repeats", "1", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report))
+    rows = report["rows"]
+    assert {row["part"] for row in rows} == {"fusion", "swin_v2"}
+    for row in rows:
+        assert set(row["ms"]) | set(row["refused"]) == set(attention_backends.BACKENDS)
+        # No fused kernel of CUDA runs on a CPU; the math path and the explicit product always do.
+        assert {"cudnn", "efficient"} <= set(row["refused"]) and {"math", "explicit", "default"} <= set(row["ms"])
+        assert row["fastest"] in row["ms"] and row["ms"][row["fastest"]] == min(row["ms"].values())
+        assert row["forward_flops"] > 0
+    fusion = next(row for row in rows if row["part"] == "fusion")
+    assert fusion["default_is"] == "flash_attention" and "flash" in fusion["ms"]
+    swin = [row for row in rows if row["part"] == "swin_v2"]
+    assert all(row["default_is"] == "math" and "flash" in row["refused"] for row in swin)  # a mask with a gradient
+
+
+def test_explicit_attention_equals_sdpa() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
+    mask = torch.randn(1, 3, 10, 10, generator=g)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.7)
+    torch.testing.assert_close(attention_backends.explicit_attention(q, k, v, mask, 0.7), expected)
