@@ -41,17 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_step  # noqa: E402  (beside this file)
 
 from skysense.config import preset_config  # noqa: E402
-from skysense.models import swin_v2  # noqa: E402
+from skysense.models import SDPA_BACKENDS, swin_v2  # noqa: E402
 from skysense.models.skysense import SkySense  # noqa: E402
 from skysense.validation import checked_on_host  # noqa: E402
 
+# "default": SDPA's own choice; "explicit": softmax(q k^T * scale + mask) v in the input dtype.
 BACKENDS: dict[str, list[SDPBackend] | None] = {
-    "default": None,
-    "cudnn": [SDPBackend.CUDNN_ATTENTION],
-    "flash": [SDPBackend.FLASH_ATTENTION],
-    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-    "math": [SDPBackend.MATH],
-    "explicit": None,  # softmax(q k^T * scale + mask) v in the input dtype, no SDPA
+    "default": None, **{name: [backend] for name, backend in SDPA_BACKENDS.items()}, "explicit": None,
 }
 
 

@@ -39,6 +39,11 @@ only its matmul and attention outputs ("selective": it recomputes element-wise w
 54.6 GiB with the fusion transformer's blocks recomputed and 39.5 GiB with every block
 (``benchmarks/step_memory.py``): expect the retries, in that order (CHECKPOINTING).
 
+Attention kernels: ``--sdpa-priority`` gives SDPA's backends an order for every row (ours and
+timm's); ``--our-sdpa PART=NAMES`` restricts only our attention layers of that part
+(:func:`skysense.models.set_attention_backends`; in (d) the student's and teacher's matching
+encoders). ``benchmarks/attention_backends.py`` times each backend on the calls of every part.
+
 The report is rewritten (atomically) after every row, so a run stopped by a time limit keeps
 what it measured; ``--budget`` stops starting new measurements after that many seconds.
 
@@ -73,13 +78,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from skysense.compilation import compile_blocks
 from skysense.config import preset_config
 from skysense.devices import adamw, to_device
 from skysense.distributed import apply_activation_checkpointing, clip_grad_norm, matmul_outputs_saved
+from skysense.models import SDPA_BACKENDS, set_attention_backends
 from skysense.models.fusion import FusionTransformer
 from skysense.models.layers import TransformerBlock
 from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block, WindowAttentionV2
@@ -175,11 +181,25 @@ class Options:
     # SDPA's backends in priority order, the others switched off (SDPA_BACKENDS names); None:
     # torch's own choice. Applies to every row, ours and timm's (benchmarks/attention_backends.py).
     sdpa_priority: tuple[str, ...] | None = None
+    # For our models only: the SDPA backends each of OUR_SDPA_SCOPES may use (names of
+    # skysense.models.SDPA_BACKENDS), set with set_attention_backends before compiling.
+    our_sdpa: dict[str, tuple[str, ...]] | None = None
 
 
-# --sdpa-priority's names for torch's SDPA backends.
-SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+# --our-sdpa's scopes: our model of that part in (a)-(c), and these submodules of (d)'s student
+# and teacher.
+OUR_SDPA_SCOPES = {"swin_v2": ("hr_encoder",), "vit": ("s2_encoder", "s1_encoder"), "fusion": ("fusion",)}
+
+
+def set_our_attention(part: str, model: nn.Module, options: Options) -> None:
+    """Restrict the attention backends of our ``model`` of ``part`` as ``options.our_sdpa`` asks."""
+    for scope, backends in (options.our_sdpa or {}).items():
+        if part == "pretrain_step":
+            for network in (model.pretraining.student, model.pretraining.teacher):
+                for name in OUR_SDPA_SCOPES[scope]:
+                    set_attention_backends(getattr(network, name), backends)
+        elif part == scope:
+            set_attention_backends(model, backends)
 
 
 def sdpa_priority(options: Options):
@@ -353,6 +373,7 @@ def encoder_workloads(part: str, options: Options) -> list[Workload]:
     from timm.models.vision_transformer import Block
 
     models, x = encoder_models(part, options.shapes, torch.device(options.device))
+    set_our_attention(part, models["skysense"], options)
     blocks = {"skysense": (SwinV2Block, TransformerBlock), "timm": (SwinTransformerV2Block, Block)}
     unit = {"swin_v2": "image", "vit": "frame", "fusion": "sequence"}[part]
     return [Workload(part, name, unit, x.shape[0], str(tuple(x.shape)), model, encoder_step(x, options),
@@ -424,6 +445,7 @@ def pretrain_model(options: Options) -> PretrainStep:
     with device:
         model = PretrainStep(pretrain_config(options.shapes, options.shapes.step_batches[0]), options)
     model.pretraining.train()
+    set_our_attention("pretrain_step", model, options)
     return model
 
 
@@ -674,7 +696,9 @@ class Run:
             "compile_scope": options.compile_scope if options.compile else None,
             "compile_mode": options.compile_mode if options.compile else None,
             "activation_checkpointing": options.activation_checkpointing,
-            "sdpa_priority": list(options.sdpa_priority) if options.sdpa_priority else None, "warmup": options.warmup,
+            "sdpa_priority": list(options.sdpa_priority) if options.sdpa_priority else None,
+            "our_sdpa": {k: list(v) for k, v in options.our_sdpa.items()} if options.our_sdpa else None,
+            "warmup": options.warmup,
             "repeats": options.repeats, "budget_s": options.budget_s,
             "shapes": dataclasses.asdict(options.shapes),
             "peak": {"matmul_n": options.shapes.matmul_n, "dtype": options.dtype, "tflops_per_s": peak / 1e12},
@@ -882,7 +906,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['device_name']} ({report['device']}), torch {report['torch']}, timm {report['timm']}, "
         f"{report['dtype']}{' autocast' if report['autocast'] else ''}, {scope}, activation checkpointing "
         f"{'on' if report['activation_checkpointing'] else 'off'}"
-        f"{'; SDPA ' + ' > '.join(report['sdpa_priority']) if report.get('sdpa_priority') else ''}; matmul peak "
+        f"{'; SDPA ' + ' > '.join(report['sdpa_priority']) if report.get('sdpa_priority') else ''}"
+        f"{''.join(f'; our {k} SDPA ' + '/'.join(v) for k, v in (report.get('our_sdpa') or {}).items())}; matmul peak "
         f"{peak['tflops_per_s']:.2f} TFLOP/s (n={peak['matmul_n']}, {peak['dtype']})",
         f"{'part':<14} {'impl':<9} {'mode':<9} {'batch':>5} {'step ms':>9} {'items/s':>9} {'TFLOP/s':>8} "
         f"{'MFU':>6} {'GiB':>6} {'compile s':>9} {'graphs':>6}",
@@ -962,6 +987,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sdpa-priority", metavar="NAME[,NAME...]",
                         help=f"SDPA backends to try, in this order, the others off (among {', '.join(SDPA_BACKENDS)}); "
                              "default: torch's own choice")
+    parser.add_argument("--our-sdpa", metavar="PART=NAME[,NAME...]", action="append",
+                        help=f"only for our models: the SDPA backends the attention of PART ({', '.join(OUR_SDPA_SCOPES)}; "
+                             "in (d) the student's and teacher's matching encoders) may use; repeatable")
     parser.add_argument("--meta-flops", action="store_true",
                         help="only count the FLOPs of (a)-(c), ours and timm's, on the meta device, and print them")
     args = parser.parse_args(argv)
@@ -986,6 +1014,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not batches or min(batches) < 1:
             parser.error(f"--step-batch: batches must be >= 1, got {args.step_batch!r}")
         shapes = dataclasses.replace(shapes, step_batches=batches)
+    our_sdpa = {}
+    for item in args.our_sdpa or []:
+        scope, _, names = item.partition("=")
+        backends = tuple(n.strip() for n in names.split(",") if n.strip())
+        if scope not in OUR_SDPA_SCOPES or not backends or set(backends) - set(SDPA_BACKENDS):
+            parser.error(f"--our-sdpa {item!r}: expected PART=NAME[,NAME...] with PART among {list(OUR_SDPA_SCOPES)} "
+                         f"and names among {list(SDPA_BACKENDS)}")
+        our_sdpa[scope] = backends
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     options = Options(device=args.device, dtype=dtype, shapes=shapes, compile=not args.no_compile,
                       compile_scope=args.compile_scope, compile_mode=args.compile_mode,
@@ -993,7 +1029,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       warmup=args.warmup, repeats=args.repeats, parts=parts, budget_s=args.budget,
                       json_path=Path(args.json) if args.json else None, profile=args.profile,
                       compile_cache=Path(args.compile_cache) if args.compile_cache else None,
-                      sdpa_priority=tuple(n.strip() for n in args.sdpa_priority.split(",")) if args.sdpa_priority else None)
+                      sdpa_priority=tuple(n.strip() for n in args.sdpa_priority.split(",")) if args.sdpa_priority else None,
+                      our_sdpa=our_sdpa or None)
     report = run_benchmark(options)
     print(format_table(report))
     return report

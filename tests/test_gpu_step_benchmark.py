@@ -160,6 +160,34 @@ def test_sdpa_priority_decides_the_backend_of_every_row(monkeypatch) -> None:
         gpu_step.main([*base, "--sdpa-priority", "fastest"])
 
 
+def test_our_sdpa_restricts_our_attention_only(monkeypatch) -> None:
+    chosen: list[int] = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(q, k, v, attn_mask=None, *args, **kwargs):
+        chosen.append(int(torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, False)))
+        return attention(q, k, v, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    monkeypatch.setattr(gpu_step, "SMALL", TINY)
+    report = gpu_step.main(["--device", "cpu", "--small", "--no-compile", "--parts", "fusion", "--warmup", "0",
+                            "--repeats", "1", "--our-sdpa", "fusion=math"])
+    assert report["our_sdpa"] == {"fusion": ["math"]} and "our fusion SDPA math" in gpu_step.format_table(report)
+    backends = torch.nn.attention.SDPBackend
+    # Ours ran the math path, timm's blocks the CPU's default flash kernel.
+    assert set(chosen) == {int(backends.MATH), int(backends.FLASH_ATTENTION)}
+    with pytest.raises(SystemExit):
+        gpu_step.main(["--device", "cpu", "--small", "--our-sdpa", "hr=math"])
+    # (d): the named encoders of the student and of the teacher, nothing else.
+    options = gpu_step.Options(device="cpu", dtype="fp32", shapes=TINY, our_sdpa={"vit": ("math", "flash")})
+    step = gpu_step.pretrain_model(options)
+    for network in (step.pretraining.student, step.pretraining.teacher):
+        for name, backends in (("s2_encoder", ("math", "flash")), ("s1_encoder", ("math", "flash")),
+                               ("fusion", None), ("hr_encoder", None)):
+            layers = [m for m in getattr(network, name).modules() if hasattr(m, "sdpa_backends")]
+            assert layers and all(m.sdpa_backends == backends for m in layers), name
+
+
 def test_swin_head_padding_changes_nothing(monkeypatch) -> None:
     """The CUDA path pads SwinV2-H's 44-wide heads to 48; forced on the CPU it gives the same
     outputs and gradients."""

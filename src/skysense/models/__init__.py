@@ -2,7 +2,7 @@
 
 from skysense.models.fusion import FusionTransformer, PixelShuffleProjection
 from skysense.models.geo_context import GeoContextPrototypes, region_index
-from skysense.models.layers import TransformerBlock
+from skysense.models.layers import SDPA_BACKENDS, TransformerBlock, set_attention_backends
 from skysense.models.skysense import SkySense
 from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block
 from skysense.models.vit import VisionTransformer
@@ -15,9 +15,11 @@ __all__ = [
     "FusionTransformer",
     "GeoContextPrototypes",
     "PixelShuffleProjection",
+    "SDPA_BACKENDS",
     "SkySense",
     "SwinTransformerV2",
     "TRANSFORMER_BLOCKS",
     "VisionTransformer",
     "region_index",
+    "set_attention_backends",
 ]

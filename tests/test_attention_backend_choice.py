@@ -1,0 +1,68 @@
+"""set_attention_backends: which SDPA kernel our attention layers may use, eager and compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+from skysense.compilation import compile_blocks
+from skysense.config import preset_config
+from skysense.models import TRANSFORMER_BLOCKS, SkySense, set_attention_backends
+from skysense.models.fusion import FusionTransformer
+
+
+def _chosen_backends(monkeypatch) -> list[int]:
+    """SDPA's own choice at every call, recorded."""
+    chosen: list[int] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recorded(q, k, v, attn_mask=None, *args, **kwargs):
+        chosen.append(int(torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, False)))
+        return sdpa(q, k, v, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+    return chosen
+
+
+def test_every_attention_layer_of_the_model_is_set_and_reset(monkeypatch) -> None:
+    torch.manual_seed(0)
+    config = preset_config("tiny")
+    model = SkySense(config).eval()
+    layers = sum(config.hr.depths) + config.s2.depth + config.s1.depth + config.fusion.depth
+    assert set_attention_backends(model, ["math"]) == layers
+    chosen = _chosen_backends(monkeypatch)
+    x = torch.randn(4, 8, config.fusion.embed_dim)
+    fusion = FusionTransformer(config.fusion, 64).eval()
+    with torch.no_grad():
+        reference = fusion.blocks[0](x)
+        set_attention_backends(fusion, ["math"])
+        restricted = fusion.blocks[0](x)
+    assert chosen == [int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.MATH)]  # the CPU's default, then math
+    torch.testing.assert_close(restricted, reference)
+    assert set_attention_backends(model, None) == layers
+    assert all(getattr(m, "sdpa_backends", None) is None for m in model.modules())
+
+
+def test_unknown_backends_are_refused() -> None:
+    fusion = FusionTransformer(preset_config("tiny").fusion, 64)
+    with pytest.raises(ValueError, match=r"expected one or more of \['cudnn', 'flash', 'efficient', 'math'\], got \['fast'\]"):
+        set_attention_backends(fusion, ["fast"])
+    with pytest.raises(ValueError, match="got \\[\\]"):
+        set_attention_backends(fusion, [])
+
+
+def test_a_compiled_block_keeps_the_backend_it_was_traced_with() -> None:
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    config = preset_config("tiny").fusion
+    fusion = FusionTransformer(config, 64)
+    set_attention_backends(fusion, ["math"])
+    compile_blocks(fusion, TRANSFORMER_BLOCKS)
+    x = torch.randn(4, 8, config.embed_dim, requires_grad=True)
+    _, code = run_and_get_code(lambda: fusion.blocks[0](x).sum().backward())
+    code = "\n".join(code)
+    # The CPU's default would be its flash kernel; allowed math only, the graph holds plain products.
+    assert "flash_attention" not in code and "bmm" in code
