@@ -24,3 +24,20 @@ def data_root() -> Path:
     if not root or not Path(root).is_dir():
         pytest.skip("real data not available: set SKYSENSE_DATA to the shared data folder")
     return Path(root)
+
+
+@pytest.fixture
+def sdpa_choices(monkeypatch) -> list[int]:
+    """The backend SDPA picks by itself (``torch._fused_sdp_choice``, as ints of ``SDPBackend``)
+    at every call of ``F.scaled_dot_product_attention`` during the test, in order."""
+    import torch.nn.functional as F
+
+    chosen: list[int] = []
+    attention = F.scaled_dot_product_attention
+
+    def recorded(q, k, v, attn_mask=None, *args, **kwargs):
+        chosen.append(int(torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, False)))
+        return attention(q, k, v, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+    return chosen

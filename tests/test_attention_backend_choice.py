@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from skysense.compilation import compile_blocks
@@ -13,26 +12,13 @@ from skysense.models import TRANSFORMER_BLOCKS, SkySense, set_attention_backends
 from skysense.models.fusion import FusionTransformer
 
 
-def _chosen_backends(monkeypatch) -> list[int]:
-    """SDPA's own choice at every call, recorded."""
-    chosen: list[int] = []
-    sdpa = F.scaled_dot_product_attention
-
-    def recorded(q, k, v, attn_mask=None, *args, **kwargs):
-        chosen.append(int(torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, False)))
-        return sdpa(q, k, v, attn_mask, *args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
-    return chosen
-
-
-def test_every_attention_layer_of_the_model_is_set_and_reset(monkeypatch) -> None:
+def test_every_attention_layer_of_the_model_is_set_and_reset(sdpa_choices) -> None:
     torch.manual_seed(0)
     config = preset_config("tiny")
     model = SkySense(config).eval()
     layers = sum(config.hr.depths) + config.s2.depth + config.s1.depth + config.fusion.depth
     assert set_attention_backends(model, ["math"]) == layers
-    chosen = _chosen_backends(monkeypatch)
+    chosen = sdpa_choices
     x = torch.randn(4, 8, config.fusion.embed_dim)
     fusion = FusionTransformer(config.fusion, 64).eval()
     with torch.no_grad():

@@ -137,15 +137,8 @@ def test_command_line_writes_json(tmp_path: Path, monkeypatch) -> None:
     assert list(counted) == ["fusion/skysense", "fusion/timm"] and counted["fusion/skysense"] > 0
 
 
-def test_sdpa_priority_decides_the_backend_of_every_row(monkeypatch) -> None:
-    chosen: list[int] = []
-    attention = torch.nn.functional.scaled_dot_product_attention
-
-    def recorded(q, k, v, attn_mask=None, *args, **kwargs):
-        chosen.append(int(torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, False)))
-        return attention(q, k, v, attn_mask, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+def test_sdpa_priority_decides_the_backend_of_every_row(monkeypatch, sdpa_choices) -> None:
+    chosen = sdpa_choices
     monkeypatch.setattr(gpu_step, "SMALL", TINY)
     base = ["--device", "cpu", "--small", "--no-compile", "--parts", "fusion", "--warmup", "0", "--repeats", "1"]
     default = gpu_step.main(base)
@@ -160,15 +153,8 @@ def test_sdpa_priority_decides_the_backend_of_every_row(monkeypatch) -> None:
         gpu_step.main([*base, "--sdpa-priority", "fastest"])
 
 
-def test_our_sdpa_restricts_our_attention_only(monkeypatch) -> None:
-    chosen: list[int] = []
-    attention = torch.nn.functional.scaled_dot_product_attention
-
-    def recorded(q, k, v, attn_mask=None, *args, **kwargs):
-        chosen.append(int(torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, False)))
-        return attention(q, k, v, attn_mask, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+def test_our_sdpa_restricts_our_attention_only(monkeypatch, sdpa_choices) -> None:
+    chosen = sdpa_choices
     monkeypatch.setattr(gpu_step, "SMALL", TINY)
     report = gpu_step.main(["--device", "cpu", "--small", "--no-compile", "--parts", "fusion", "--warmup", "0",
                             "--repeats", "1", "--our-sdpa", "fusion=math"])
