@@ -125,7 +125,9 @@ def sinkhorn_knopp(
 def _scaling_rounds(kernel: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, column: "_ColumnReduction",
                     iterations: int, tolerance: float, check_every: int) -> torch.Tensor:
     """The log domain's rounds on ``Q = diag(u) K diag(v)``: ``rows`` (N, 1), ``cols`` per problem."""
-    u = torch.ones_like(rows).expand(*kernel.shape[:-1], 1)
+    # Whole, not an expanded view: a matmul would copy a broadcast operand
+    # (tests/broadcast_matmuls.py finds such copies).
+    u = rows.new_ones((*kernel.shape[:-1], 1))
     v = torch.ones_like(cols)
     for round_ in range(iterations):
         sums = column.weighted_sum(kernel, u)  # column sums of diag(u) K; Q's are v * sums
