@@ -120,18 +120,33 @@ def explicit_attention(q, k, v, attn_mask=None, scale=None):
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
-def time_backend(call: AttentionCall, backend: str, device: torch.device, dtype: torch.dtype,
+@dataclass
+class AttentionInputs:
+    """Random inputs of one call, made on the device once for every backend."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    grad: torch.Tensor
+
+    @classmethod
+    def make(cls, call: AttentionCall, device: torch.device, dtype: torch.dtype) -> "AttentionInputs":
+        g = torch.Generator(device=device).manual_seed(0)
+
+        def tensor(shape: tuple[int, ...], grad: bool) -> torch.Tensor:
+            return torch.randn(shape, generator=g, device=device, dtype=dtype).requires_grad_(grad)
+
+        mask = None if call.mask is None else tensor(call.mask, call.mask_grad)
+        return cls(tensor(call.query, True), tensor(call.key, True), tensor(call.key, True), mask,
+                   tensor(call.query, False))
+
+
+def time_backend(call: AttentionCall, inputs: AttentionInputs, backend: str, device: torch.device,
                  warmup: int, repeats: int) -> float:
     """Median seconds of forward + backward of ``call`` with ``backend``; raises RuntimeError
     when the backend refuses it."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(call.query, generator=g).to(device, dtype).requires_grad_()
-    k = torch.randn(call.key, generator=g).to(device, dtype).requires_grad_()
-    v = torch.randn(call.key, generator=g).to(device, dtype).requires_grad_()
-    mask = None
-    if call.mask is not None:
-        mask = torch.randn(call.mask, generator=g).to(device, dtype).requires_grad_(call.mask_grad)
-    grad = torch.randn(call.query, generator=g).to(device, dtype)
+    q, k, v, mask = inputs.q, inputs.k, inputs.v, inputs.mask
 
     def step() -> None:
         if backend == "explicit":
@@ -141,7 +156,10 @@ def time_backend(call: AttentionCall, backend: str, device: torch.device, dtype:
         else:
             with sdpa_kernel(BACKENDS[backend]):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
-        out.backward(grad)
+        out.backward(inputs.grad)
+        for t in (q, k, v, mask):  # no accumulation into earlier gradients: each step alike
+            if t is not None:
+                t.grad = None
 
     with warnings.catch_warnings():  # a forced backend that refuses says why at length
         warnings.simplefilter("ignore")
@@ -170,16 +188,17 @@ def run(parts: tuple[str, ...], shapes: gpu_step.Shapes, device: torch.device, d
             row: dict[str, Any] = {"part": part, **dataclasses.asdict(call), "calls_per_forward": count,
                                    "forward_flops": call.forward_flops,
                                    "default_is": default_choice(call, device, dtype), "ms": {}, "refused": {}}
+            inputs = AttentionInputs.make(call, device, dtype)
             for backend in BACKENDS:
                 if budget_s is not None and time.perf_counter() - start > budget_s:
                     row["refused"][backend] = "skipped: out of time (--budget)"
                     continue
                 try:
-                    row["ms"][backend] = time_backend(call, backend, device, dtype, warmup, repeats) * 1e3
+                    row["ms"][backend] = time_backend(call, inputs, backend, device, warmup, repeats) * 1e3
                 except (RuntimeError, torch.OutOfMemoryError) as error:
                     row["refused"][backend] = gpu_step.error_text(error)
-                finally:
-                    gpu_step.release(device)
+            del inputs
+            gpu_step.release(device)
             timed = row["ms"]
             row["fastest"] = min(timed, key=timed.get) if timed else None
             rows.append(row)
