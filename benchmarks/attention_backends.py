@@ -2,8 +2,8 @@
 
 On the H100 (run 1, ``device_runs/2026-11-27-h100/run1-gpu_step.json``) the GEMMs of ViT-L/4 ran
 at the measured matmul peak, while cuDNN's attention did 32-token sequences (the fusion, part
-(c)) at about 50 TFLOP/s and 257-token ones (ViT-L/4, part (b)) at about 130: attention was
-15-16% of both steps' GPU time. Short sequences fill few of a flash kernel's tiles, so another
+(c)) at about 13 TFLOP/s and 257-token ones (ViT-L/4, part (b)) at about 112 (FLOPs by the
+formula, forward x 3; benchmarks/RESULTS.md): attention was 15-16% of both steps' GPU time. Short sequences fill few of a flash kernel's tiles, so another
 backend may do better. This measures forward + backward of every distinct attention call the
 parts of ``benchmarks/gpu_step.py`` make, once per SDPA backend (cuDNN, flash, memory-efficient,
 math) and for a plain ``softmax(q k^T + bias) v`` in the input dtype, and names the fastest.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
