@@ -573,8 +573,11 @@ def meta_flops(shapes: Shapes, parts: tuple[str, ...] = ("swin_v2", "vit", "fusi
     return flops
 
 
-def top_operators(step: Callable[[], Any], device: torch.device, steps: int = 2, top: int = 15) -> list[dict[str, Any]]:
-    """The operators (CUDA kernels on a GPU) with the most self time over ``steps`` steps."""
+def top_operators(step: Callable[[], Any], device: torch.device, steps: int = 2,
+                  top: int = 15) -> tuple[list[dict[str, Any]], float]:
+    """The operators (CUDA kernels on a GPU) with the most self time over ``steps`` steps, and
+    the self time of all of them per step in ms: on a GPU, how long its kernels ran, so the
+    rest of a step's wall time is time the GPU waited for the host."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -588,8 +591,9 @@ def top_operators(step: Callable[[], Any], device: torch.device, steps: int = 2,
         attribute = "self_cuda_time_total"  # torch < 2.4
     total = sum(getattr(e, attribute) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, attribute), reverse=True)
-    return [{"name": e.key[:120], "ms_per_step": getattr(e, attribute) / 1e3 / steps,
+    rows = [{"name": e.key[:120], "ms_per_step": getattr(e, attribute) / 1e3 / steps,
              "share": getattr(e, attribute) / total, "calls_per_step": e.count / steps} for e in events[:top]]
+    return rows, total / 1e3 / steps
 
 
 def empty_row(workload: Workload, mode: str, flops: int | None) -> dict[str, Any]:
@@ -637,7 +641,7 @@ def measure(workload: Workload, mode: str, flops: int | None, peak: float, optio
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if options.profile and mode == "compiled":
             try:
-                row["top_operators"] = top_operators(lambda: workload.step(model), device)
+                row["top_operators"], row["kernel_ms_per_step"] = top_operators(lambda: workload.step(model), device)
             except Exception as error:  # a profiler that cannot start must not cost the row its timing
                 row["top_operators"] = error_text(error)
     except (torch.OutOfMemoryError, RuntimeError, AssertionError) as error:
@@ -935,6 +939,12 @@ def format_table(report: dict[str, Any]) -> str:
             allocator = f" ({failure['allocator_gib']:.1f} GiB in the allocator)" if failure.get("allocator_gib") else ""
             lines.append(f"{r['part']:<14} batch {r['batch']}: {failure['live_gib']:.1f} GiB alive{allocator} when memory "
                          f"ran out{'' if failure['error'] else ' (not this time: at the end)'}; by origin (GiB): {origins}")
+    for r in report["results"]:
+        kernels = r.get("kernel_ms_per_step")
+        if kernels is not None and r.get("step_ms"):
+            what = "kernels" if report["device"].startswith("cuda") else "operators' own time"
+            lines.append(f"{r['part']:<14} {r['implementation']} {r['mode']}: {what} {kernels:.1f} ms of its "
+                         f"{r['step_ms']:.1f} ms step ({100 * (1 - kernels / r['step_ms']):.0f}% without)")
     for r in report["results"]:
         if r.get("host_syncs") is not None:
             lines.append(f"{r['part']:<14} batch {r['batch']}: {r['host_syncs']} host syncs and {r['operators']:,d} "

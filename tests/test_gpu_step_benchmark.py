@@ -174,6 +174,25 @@ def test_our_sdpa_restricts_our_attention_only(monkeypatch, sdpa_choices) -> Non
             assert layers and all(m.sdpa_backends == backends for m in layers), name
 
 
+def test_profiled_rows_say_how_much_of_the_step_ran_kernels(monkeypatch) -> None:
+    from skysense.compilation import compile_blocks
+
+    monkeypatch.setattr(gpu_step, "compile_blocks", lambda model, blocks, **options: compile_blocks(
+        model, blocks, backend="eager"))  # dynamo only: the row, not inductor, is under test
+    options = gpu_step.Options(device="cpu", dtype="fp32", shapes=TINY, warmup=0, repeats=1, parts=("fusion",),
+                               profile=True)
+    report = gpu_step.run_benchmark(options)
+    compiled = [r for r in report["results"] if r["mode"] == "compiled"]
+    assert len(compiled) == 2 and all(r["error"] is None for r in compiled)
+    for r in compiled:
+        top = r["top_operators"]
+        assert 0 < top[0]["ms_per_step"] <= r["kernel_ms_per_step"]
+        assert r["kernel_ms_per_step"] == pytest.approx(top[0]["ms_per_step"] / top[0]["share"])
+    assert all("kernel_ms_per_step" not in r for r in report["results"] if r["mode"] == "eager")
+    table = gpu_step.format_table(report)
+    assert "fusion         skysense compiled: operators' own time" in table and "% without)" in table
+
+
 def test_swin_head_padding_changes_nothing(monkeypatch) -> None:
     """The CUDA path pads SwinV2-H's 44-wide heads to 48; forced on the CPU it gives the same
     outputs and gradients."""
