@@ -186,9 +186,9 @@ class Options:
     our_sdpa: dict[str, tuple[str, ...]] | None = None
 
 
-# --our-sdpa's scopes: our model of that part in (a)-(c), and these submodules of (d)'s student
-# and teacher.
-OUR_SDPA_SCOPES = {"swin_v2": ("hr_encoder",), "vit": ("s2_encoder", "s1_encoder"), "fusion": ("fusion",)}
+# --our-sdpa's scopes: our model of that part in (a)-(c), and these networks of (d)'s student and
+# teacher (SkySense.set_attention_backends).
+OUR_SDPA_SCOPES = {"swin_v2": ("hr",), "vit": ("s2", "s1"), "fusion": ("fusion",)}
 
 
 def set_our_attention(part: str, model: nn.Module, options: Options) -> None:
@@ -196,8 +196,7 @@ def set_our_attention(part: str, model: nn.Module, options: Options) -> None:
     for scope, backends in (options.our_sdpa or {}).items():
         if part == "pretrain_step":
             for network in (model.pretraining.student, model.pretraining.teacher):
-                for name in OUR_SDPA_SCOPES[scope]:
-                    set_attention_backends(getattr(network, name), backends)
+                network.set_attention_backends({name: backends for name in OUR_SDPA_SCOPES[scope]})
         elif part == scope:
             set_attention_backends(model, backends)
 

@@ -16,7 +16,7 @@ def test_every_attention_layer_of_the_model_is_set_and_reset(sdpa_choices) -> No
     torch.manual_seed(0)
     config = preset_config("tiny")
     model = SkySense(config).eval()
-    layers = sum(config.hr.depths) + config.s2.depth + config.s1.depth + config.fusion.depth
+    layers = sum(config.hr.depths) + config.s2.depth + config.s1.depth + config.fusion.depth + 1  # + geo-context
     assert set_attention_backends(model, ["math"]) == layers
     chosen = sdpa_choices
     x = torch.randn(4, 8, config.fusion.embed_dim)
@@ -52,3 +52,21 @@ def test_a_compiled_block_keeps_the_backend_it_was_traced_with() -> None:
     code = "\n".join(code)
     # The CPU's default would be its flash kernel; allowed math only, the graph holds plain products.
     assert "flash_attention" not in code and "bmm" in code
+
+
+def test_skysense_sets_each_named_network_and_refuses_bad_settings() -> None:
+    torch.manual_seed(0)
+    config = preset_config("tiny")
+    model = SkySense(config)
+    assert model.set_attention_backends({"fusion": ["efficient", "math"], "geo": "math"}) == config.fusion.depth + 1
+    assert all(m.sdpa_backends == ("efficient", "math") for m in model.fusion.modules() if hasattr(m, "sdpa_backends"))
+    assert model.geo_context.sdpa_backends == ("math",)
+    assert all(getattr(m, "sdpa_backends", None) is None for m in model.hr_encoder.modules())
+    with pytest.raises(ValueError, match=r"attention_backends: unknown network 'vit'; expected among \['hr', 's2', 's1', 'fusion', 'geo'\]"):
+        model.set_attention_backends({"vit": ["math"]})
+    with pytest.raises(ValueError, match=r"attention_backends.s1: expected one or more of .*got \['fast'\]"):
+        SkySense.check_attention_backends({"s1": ["fast"]})
+    with pytest.raises(ValueError, match=r"attention_backends.hr: .*got \[\]"):
+        SkySense.check_attention_backends({"hr": []})
+    with pytest.raises(ValueError, match="attention_backends: expected a mapping"):
+        SkySense.check_attention_backends(["math"])

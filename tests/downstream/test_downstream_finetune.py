@@ -194,3 +194,19 @@ def test_compiled_checkpointed_encoder_trains_like_eager(aid_like, tmp_path, mon
 def test_a_missing_gpu_is_named(aid_like, tmp_path):
     with pytest.raises(ValueError, match=r"device: 'cuda' asked for, but this machine has 0 CUDA device\(s\)"):
         finetune(_config(aid_like, device="cuda"), tmp_path / "run", progress=False)
+
+
+def test_attention_backends_reach_the_encoder(aid_like, tmp_path, sdpa_choices):
+    """Every network restricted to the math path: every attention call of a fine-tuning run
+    takes it (the CPU's default for the fusion's unmasked sequences is its flash kernel), and
+    the losses are those of torch's own choice."""
+    default = finetune(_config(aid_like, max_steps=2, device="cpu"), tmp_path / "default", progress=False)
+    assert int(torch.nn.attention.SDPBackend.FLASH_ATTENTION) in sdpa_choices
+    sdpa_choices.clear()
+    everywhere = {network: ["math"] for network in ("hr", "s2", "s1", "fusion", "geo")}
+    restricted = finetune(_config(aid_like, max_steps=2, device="cpu", attention_backends=everywhere),
+                          tmp_path / "math", progress=False)
+    assert sdpa_choices and set(sdpa_choices) == {int(torch.nn.attention.SDPBackend.MATH)}
+    assert [r["loss"] for r in restricted] == pytest.approx([r["loss"] for r in default], rel=1e-4)
+    with pytest.raises(ValueError, match="attention_backends.hr: expected one or more of"):
+        _config(aid_like, attention_backends={"hr": ["flashy"]})

@@ -140,6 +140,23 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
         PretrainConfig.from_yaml(path)
 
 
+def test_attention_backends_reach_the_student_and_the_teacher(tmp_path: Path, aid_like: Path, sdpa_choices) -> None:
+    """Every network restricted to the math path: every attention call of the step takes it (the
+    CPU's default is its flash kernel), and the losses are those of torch's own choice."""
+    networks = ("hr", "s2", "s1", "fusion", "geo")
+    runs = {}
+    for name, setting in (("default", {}), ("math", {network: ["math"] for network in networks})):
+        sdpa_choices.clear()
+        config = PretrainConfig.from_dict({**CONFIG, "max_steps": 2, "attention_backends": setting})
+        rows = pretrain(config, tmp_path / name, data_root=str(aid_like), progress=False)
+        runs[name] = ([r["loss"] for r in rows], set(sdpa_choices))
+    math, flash = int(torch.nn.attention.SDPBackend.MATH), int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+    assert flash in runs["default"][1] and runs["math"][1] == {math}
+    np.testing.assert_allclose(runs["math"][0], runs["default"][0], rtol=1e-4)
+    with pytest.raises(ValueError, match="attention_backends.fusion"):
+        PretrainConfig.from_dict({**CONFIG, "attention_backends": {"fusion": ["fastest"]}})
+
+
 def test_checkpointed_runs_match_a_plain_one(tmp_path: Path, aid_like: Path) -> None:
     """Every block recomputed (true) or only its element-wise work ("selective"): the same losses."""
     losses = {}

@@ -123,12 +123,16 @@ class FinetuneConfig:
     # Recompute the encoder blocks' activations in the backward pass (less memory, more time):
     # true, each block's whole forward; "selective", all but its matmul and attention outputs.
     activation_checkpointing: bool | str = False
+    # SDPA backends that each encoder network's attention may use, e.g. {fusion: [efficient]}
+    # (networks hr, s2, s1, fusion, geo; backends cudnn, flash, efficient, math). Empty: torch's choice.
+    attention_backends: dict[str, list[str]] = field(default_factory=dict)
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task: expected one of {TASKS}, got {self.task!r}")
         check_checkpointing_setting(self.activation_checkpointing)
+        SkySense.check_attention_backends(self.attention_backends)
         if self.weights is None and self.preset not in PRESETS:
             raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("batch_size", "max_steps", "checkpoint_every", "crop_size"):
@@ -295,6 +299,7 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
     checkpoint_blocks(model.encoder, TRANSFORMER_BLOCKS, config.activation_checkpointing)
+    model.encoder.set_attention_backends(config.attention_backends)  # before compiling
     optimizer = adamw(parameter_groups(model, encoder.config, config.optim.weight_decay, config.optim.layer_decay),
                       config.optim.lr, device)
     start = _load_state(out, model, optimizer, config) if resume else 0

@@ -28,6 +28,7 @@ from torch import nn
 
 from skysense.config import GeoContextConfig
 from skysense.distributed import all_reduce_
+from skysense.models.layers import attention
 from skysense.sinkhorn import sinkhorn_knopp
 
 
@@ -52,6 +53,7 @@ class GeoContextPrototypes(nn.Module):
         self.dim = dim
         prototypes = F.normalize(torch.randn(config.num_regions, config.num_prototypes, dim), dim=-1)
         self.register_buffer("prototypes", prototypes)
+        self.sdpa_backends: tuple[str, ...] | None = None  # layers.set_attention_backends
 
     def regions(self, lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
         return region_index(lat, lon, self.config.lat_bands, self.config.lon_bins).to(self.prototypes.device)
@@ -63,7 +65,7 @@ class GeoContextPrototypes(nn.Module):
         # (B, 1, HW, D): one head. Contiguous, or CUDA's fused SDPA kernels refuse the queries.
         queries = features.flatten(2).transpose(1, 2).contiguous()[:, None]
         # softmax(F P^T / sqrt(d)) P is SDPA with the prototypes as keys and values.
-        context = F.scaled_dot_product_attention(queries, protos[:, None], protos[:, None])
+        context = attention(queries, protos[:, None], protos[:, None], backends=self.sdpa_backends)
         context = context[:, 0].transpose(1, 2).reshape(b, d, h, w)
         return torch.cat([features, context], dim=1)
 

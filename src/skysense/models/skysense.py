@@ -18,12 +18,15 @@ S2/S1 of H/32 pixels (2048 px at 0.3 m with 64 px at 10 m).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import nn
 
 from skysense.config import SkySenseConfig, preset_config
 from skysense.models.fusion import FusionTransformer, PixelShuffleProjection
 from skysense.models.geo_context import GeoContextPrototypes
+from skysense.models.layers import SDPA_BACKENDS, set_attention_backends
 from skysense.models.swin_v2 import SwinTransformerV2
 from skysense.models.vit import VisionTransformer
 from skysense import validation
@@ -72,6 +75,34 @@ class SkySense(nn.Module):
         from skysense.weights import save_pretrained
 
         save_pretrained(self, directory)
+
+    # The networks whose attention kernels ``attention_backends`` settings name.
+    ATTENTION_NETWORKS = ("hr", "s2", "s1", "fusion", "geo")
+
+    @staticmethod
+    def check_attention_backends(setting: Mapping[str, Sequence[str]]) -> None:
+        """Raise ``ValueError`` naming ``attention_backends.<network>`` unless ``setting`` maps
+        networks of :attr:`ATTENTION_NETWORKS` to non-empty lists of SDPA backend names."""
+        if not isinstance(setting, Mapping):
+            raise ValueError(f"attention_backends: expected a mapping such as {{fusion: [efficient]}}, got {setting!r}")
+        for network, backends in setting.items():
+            if network not in SkySense.ATTENTION_NETWORKS:
+                raise ValueError(f"attention_backends: unknown network {network!r}; expected among "
+                                 f"{list(SkySense.ATTENTION_NETWORKS)}")
+            names = [backends] if isinstance(backends, str) else list(backends)
+            if not names or any(name not in SDPA_BACKENDS for name in names):
+                raise ValueError(f"attention_backends.{network}: expected one or more of {list(SDPA_BACKENDS)}, "
+                                 f"got {backends!r}")
+
+    def set_attention_backends(self, setting: Mapping[str, Sequence[str]]) -> int:
+        """Restrict the SDPA backends of each named network (``{"fusion": ["efficient"]}``; the
+        others keep torch's choice, see :func:`skysense.models.layers.set_attention_backends`).
+        Call it before compiling. Returns the number of attention layers set."""
+        self.check_attention_backends(setting)
+        networks = {"hr": self.hr_encoder, "s2": self.s2_encoder, "s1": self.s1_encoder, "fusion": self.fusion,
+                    "geo": self.geo_context}
+        return sum(set_attention_backends(networks[network], [backends] if isinstance(backends, str) else backends)
+                   for network, backends in setting.items() if networks[network] is not None)
 
     def encoder(self, modality: str) -> nn.Module:
         return {"hr": self.hr_encoder, "s2": self.s2_encoder, "s1": self.s1_encoder}[modality]

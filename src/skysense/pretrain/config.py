@@ -10,6 +10,7 @@ from typing import Any
 
 from skysense.config import SkySenseConfig, build_dataclass, config_from_yaml
 from skysense.distributed import check_checkpointing_setting
+from skysense.models.skysense import SkySense
 from skysense.pretrain.objective import HeadConfig, PretrainObjectiveConfig
 from skysense.pretrain.views import ViewAugment, ViewConfig
 
@@ -145,6 +146,10 @@ class PretrainConfig:
     # the student and one of the teacher, stacked along the batch (skysense.pretrain.view_batching):
     # the same features with half the launches and FSDP gathers. False: one pass per view.
     batch_views: bool = True
+    # SDPA backends that each network's attention may use, e.g. {fusion: [efficient]} (networks
+    # hr, s2, s1, fusion, geo; backends cudnn, flash, efficient, math); the student's and the teacher's
+    # alike. Empty: torch's choice everywhere. benchmarks/attention_backends.py times them.
+    attention_backends: dict[str, list[str]] = field(default_factory=dict)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
@@ -153,6 +158,7 @@ class PretrainConfig:
         if self.compile not in COMPILE_SCOPES:
             raise ValueError(f"compile: expected one of {list(COMPILE_SCOPES)} (or true/false), got {self.compile!r}")
         check_checkpointing_setting(self.activation_checkpointing)
+        SkySense.check_attention_backends(self.attention_backends)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

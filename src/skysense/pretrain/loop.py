@@ -146,6 +146,8 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
     module = PretrainingModel(config).to(context.device)
     module.student.check_values = module.teacher.check_values = False  # on the host instead
     checkpoint_blocks(module.student, TRANSFORMER_BLOCKS, config.activation_checkpointing)
+    for network in (module.student, module.teacher):  # before compiling: graphs keep the kernel they traced
+        network.set_attention_backends(config.attention_backends)
     if config.compile == "blocks":  # after checkpointing, before FSDP: both hook around the compiled forward
         compile_blocks(module, TRANSFORMER_BLOCKS)
     sharded = is_sharded(config) and context.enabled
