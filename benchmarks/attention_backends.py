@@ -6,7 +6,8 @@ at the measured matmul peak, while cuDNN's attention did 32-token sequences (the
 formula, forward x 3; benchmarks/RESULTS.md): attention was 15-16% of both steps' GPU time. Short sequences fill few of a flash kernel's tiles, so another
 backend may do better. This measures forward + backward of every distinct attention call the
 parts of ``benchmarks/gpu_step.py`` make, once per SDPA backend (cuDNN, flash, memory-efficient,
-math) and for a plain ``softmax(q k^T + bias) v`` in the input dtype, and names the fastest.
+math) and for the model's explicit ``softmax(q k^T + bias) v`` (``attention_backends:
+[explicit]``), and names the fastest.
 
 The calls are recorded, not written down: each part's model runs once on the meta device at
 the benchmark's shapes while SDPA's arguments are captured (shapes, the mask's shape and
@@ -41,10 +42,12 @@ import gpu_step  # noqa: E402  (beside this file)
 
 from skysense.config import preset_config  # noqa: E402
 from skysense.models import SDPA_BACKENDS, swin_v2  # noqa: E402
+from skysense.models.attention import explicit_attention  # noqa: E402
 from skysense.models.skysense import SkySense  # noqa: E402
 from skysense.validation import checked_on_host  # noqa: E402
 
-# "default": SDPA's own choice; "explicit": softmax(q k^T * scale + mask) v in the input dtype.
+# "default": SDPA's own choice; "explicit": skysense.models.attention.explicit_attention, the
+# model's own softmax(q k^T * scale + mask) v in the inputs' dtype.
 BACKENDS: dict[str, list[SDPBackend] | None] = {
     "default": None, **{name: [backend] for name, backend in SDPA_BACKENDS.items()}, "explicit": None,
 }
@@ -109,14 +112,6 @@ def part_calls(part: str, shapes: gpu_step.Shapes) -> dict[AttentionCall, int]:
     else:
         raise ValueError(f"unknown part {part!r}; expected swin_v2, vit, fusion or pretrain_step")
     return record_calls(run)
-
-
-def explicit_attention(q, k, v, attn_mask=None, scale=None):
-    """``softmax(q k^T * scale + mask) v`` with every product in the inputs' dtype."""
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if attn_mask is not None:
-        scores = scores + attn_mask
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 @dataclass

@@ -86,6 +86,7 @@ from skysense.config import preset_config
 from skysense.devices import adamw, to_device
 from skysense.distributed import apply_activation_checkpointing, clip_grad_norm, matmul_outputs_saved
 from skysense.models import SDPA_BACKENDS, set_attention_backends
+from skysense.models.attention import check_attention_backends
 from skysense.models.fusion import FusionTransformer
 from skysense.models.layers import TransformerBlock
 from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block, WindowAttentionV2
@@ -1026,11 +1027,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     our_sdpa = {}
     for item in args.our_sdpa or []:
         scope, _, names = item.partition("=")
-        backends = tuple(n.strip() for n in names.split(",") if n.strip())
-        if scope not in OUR_SDPA_SCOPES or not backends or set(backends) - set(SDPA_BACKENDS):
-            parser.error(f"--our-sdpa {item!r}: expected PART=NAME[,NAME...] with PART among {list(OUR_SDPA_SCOPES)} "
-                         f"and names among {list(SDPA_BACKENDS)}")
-        our_sdpa[scope] = backends
+        if scope not in OUR_SDPA_SCOPES:
+            parser.error(f"--our-sdpa {item!r}: expected PART=NAME[,NAME...] with PART among {list(OUR_SDPA_SCOPES)}")
+        try:
+            our_sdpa[scope] = check_attention_backends([n.strip() for n in names.split(",") if n.strip()],
+                                                       f"--our-sdpa {scope}")
+        except ValueError as error:
+            parser.error(str(error))
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     options = Options(device=args.device, dtype=dtype, shapes=shapes, compile=not args.no_compile,
                       compile_scope=args.compile_scope, compile_mode=args.compile_mode,

@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -54,11 +53,3 @@ def test_times_every_backend_that_takes_a_call_and_names_the_fastest(tmp_path: P
     assert fusion["default_is"] == "flash_attention" and "flash" in fusion["ms"]
     swin = [row for row in rows if row["part"] == "swin_v2"]
     assert all(row["default_is"] == "math" and "flash" in row["refused"] for row in swin)  # a mask with a gradient
-
-
-def test_explicit_attention_equals_sdpa() -> None:
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
-    mask = torch.randn(1, 3, 10, 10, generator=g)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.7)
-    torch.testing.assert_close(attention_backends.explicit_attention(q, k, v, mask, 0.7), expected)

@@ -2,7 +2,8 @@
 
 from skysense.models.fusion import FusionTransformer, PixelShuffleProjection
 from skysense.models.geo_context import GeoContextPrototypes, region_index
-from skysense.models.layers import SDPA_BACKENDS, TransformerBlock, set_attention_backends
+from skysense.models.attention import ATTENTION_BACKENDS, SDPA_BACKENDS, set_attention_backends
+from skysense.models.layers import TransformerBlock
 from skysense.models.skysense import SkySense
 from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block
 from skysense.models.vit import VisionTransformer
@@ -12,6 +13,7 @@ TRANSFORMER_BLOCKS = (TransformerBlock, SwinV2Block)
 block-wise compilation compiles."""
 
 __all__ = [
+    "ATTENTION_BACKENDS",
     "FusionTransformer",
     "GeoContextPrototypes",
     "PixelShuffleProjection",

@@ -28,7 +28,7 @@ from torch import nn
 
 from skysense.config import GeoContextConfig
 from skysense.distributed import all_reduce_
-from skysense.models.layers import attention
+from skysense.models.attention import attention
 from skysense.sinkhorn import sinkhorn_knopp
 
 
@@ -53,7 +53,7 @@ class GeoContextPrototypes(nn.Module):
         self.dim = dim
         prototypes = F.normalize(torch.randn(config.num_regions, config.num_prototypes, dim), dim=-1)
         self.register_buffer("prototypes", prototypes)
-        self.sdpa_backends: tuple[str, ...] | None = None  # layers.set_attention_backends
+        self.sdpa_backends: tuple[str, ...] | None = None  # attention.set_attention_backends
 
     def regions(self, lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
         return region_index(lat, lon, self.config.lat_bands, self.config.lon_bins).to(self.prototypes.device)

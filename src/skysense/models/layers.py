@@ -7,52 +7,10 @@ Parameter names follow timm (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# Names of torch's SDPA backends, for :func:`set_attention_backends`.
-SDPA_BACKENDS: dict[str, SDPBackend] = {
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
-}
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              scale: float | None = None, backends: tuple[str, ...] | None = None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``, run by one of ``backends`` (names of
-    :data:`SDPA_BACKENDS`, the others switched off for this call) or, when None, by torch's choice.
-    Under ``torch.compile`` the choice is made when the graph is traced."""
-    if backends is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    with sdpa_kernel([SDPA_BACKENDS[name] for name in backends]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-
-
-def set_attention_backends(module: nn.Module, backends: Sequence[str] | None) -> int:
-    """Let only ``backends`` (names of :data:`SDPA_BACKENDS`; None: torch's choice) run the
-    attention of every layer in ``module`` that has an ``sdpa_backends`` setting; the number of
-    layers set. SDPA picks among the allowed backends in its own order, and fails on inputs none
-    of them takes (e.g. flash alone with a mask).
-
-    For shapes where torch's default is slow: ``benchmarks/attention_backends.py`` times each
-    backend on the calls of our models. Set it before compiling: a compiled graph keeps the
-    backend chosen when it was traced.
-    """
-    if backends is not None:
-        unknown = [name for name in backends if name not in SDPA_BACKENDS]
-        if unknown or not backends:
-            raise ValueError(f"attention backends: expected one or more of {list(SDPA_BACKENDS)}, got {list(backends)}")
-        backends = tuple(backends)
-    layers = [m for m in module.modules() if hasattr(m, "sdpa_backends")]
-    for layer in layers:
-        layer.sdpa_backends = backends
-    return len(layers)
+from skysense.models.attention import attention
 
 
 class DropPath(nn.Module):

@@ -26,7 +26,7 @@ from torch import nn
 from skysense.config import SkySenseConfig, preset_config
 from skysense.models.fusion import FusionTransformer, PixelShuffleProjection
 from skysense.models.geo_context import GeoContextPrototypes
-from skysense.models.layers import SDPA_BACKENDS, set_attention_backends
+from skysense.models.attention import check_attention_backends, set_attention_backends
 from skysense.models.swin_v2 import SwinTransformerV2
 from skysense.models.vit import VisionTransformer
 from skysense import validation
@@ -89,19 +89,16 @@ class SkySense(nn.Module):
             if network not in SkySense.ATTENTION_NETWORKS:
                 raise ValueError(f"attention_backends: unknown network {network!r}; expected among "
                                  f"{list(SkySense.ATTENTION_NETWORKS)}")
-            names = [backends] if isinstance(backends, str) else list(backends)
-            if not names or any(name not in SDPA_BACKENDS for name in names):
-                raise ValueError(f"attention_backends.{network}: expected one or more of {list(SDPA_BACKENDS)}, "
-                                 f"got {backends!r}")
+            check_attention_backends(backends, f"attention_backends.{network}")
 
     def set_attention_backends(self, setting: Mapping[str, Sequence[str]]) -> int:
         """Restrict the SDPA backends of each named network (``{"fusion": ["efficient"]}``; the
-        others keep torch's choice, see :func:`skysense.models.layers.set_attention_backends`).
+        others keep torch's choice, see :func:`skysense.models.attention.set_attention_backends`).
         Call it before compiling. Returns the number of attention layers set."""
         self.check_attention_backends(setting)
         networks = {"hr": self.hr_encoder, "s2": self.s2_encoder, "s1": self.s1_encoder, "fusion": self.fusion,
                     "geo": self.geo_context}
-        return sum(set_attention_backends(networks[network], [backends] if isinstance(backends, str) else backends)
+        return sum(set_attention_backends(networks[network], backends)
                    for network, backends in setting.items() if networks[network] is not None)
 
     def encoder(self, modality: str) -> nn.Module:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from skysense.config import SwinV2Config
-from skysense.models.layers import DropPath, Mlp, attention, drop_path_rates
+from skysense.models.attention import attention
+from skysense.models.layers import DropPath, Mlp, drop_path_rates
 from skysense.models.vit import pad_to_multiple
 
 
@@ -65,7 +66,7 @@ class WindowAttentionV2(nn.Module):
         # Pad heads to the width SDPA's fused kernels take on this device (fused_head_multiple);
         # switched off to count the model's own FLOPs (benchmarks/gpu_step.py).
         self.pad_heads = True
-        self.sdpa_backends: tuple[str, ...] | None = None  # layers.set_attention_backends
+        self.sdpa_backends: tuple[str, ...] | None = None  # attention.set_attention_backends
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(), nn.Linear(512, num_heads, bias=False))
         self.q_bias = nn.Parameter(torch.zeros(dim))

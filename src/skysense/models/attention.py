@@ -1,0 +1,127 @@
+"""Which kernel runs our attention: SDPA's backends, or an explicit product, per layer.
+
+Every attention layer of the model (ViT and fusion blocks, SwinV2 windows, the geo-context)
+calls :func:`attention` with its ``sdpa_backends`` setting: None leaves the choice to torch's
+``scaled_dot_product_attention``; a tuple of names restricts it (:func:`set_attention_backends`).
+
+The names are SDPA's backends (:data:`SDPA_BACKENDS`) and ``"explicit"``: ``softmax(q k^T *
+scale + mask) v`` as two batched matrix products in the inputs' dtype around a softmax in
+float32 (or wider), with its own backward. For very short sequences (the fusion's 32 tokens), where a flash
+kernel's tiles are mostly empty, plain batched products may be faster; under ``torch.compile``
+inductor would rewrite such a product back into SDPA, so it is one opaque operator
+(``skysense::explicit_attention``). ``benchmarks/attention_backends.py`` times every choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Names of torch's SDPA backends.
+SDPA_BACKENDS: dict[str, SDPBackend] = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+EXPLICIT = "explicit"
+# Every name :func:`set_attention_backends` takes; ``"explicit"`` only on its own.
+ATTENTION_BACKENDS: tuple[str, ...] = (*SDPA_BACKENDS, EXPLICIT)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or in its own dtype when that is wider (float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+@torch.library.custom_op("skysense::explicit_attention", mutates_args=())
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(_wide(scores), dim=-1).to(q.dtype)
+    return probs @ v, probs
+
+
+@_explicit_attention.register_fake
+def _(q, k, v, mask, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((*q.shape[:-1], k.shape[-2]))
+
+
+def _explicit_setup(ctx, inputs, output) -> None:
+    q, k, v, mask, scale = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.scale = scale
+    ctx.mask_shape = None if mask is None or mask.dtype == torch.bool else mask.shape
+
+
+def _explicit_backward(ctx, grad_out, grad_probs):
+    q, k, v, probs = ctx.saved_tensors
+    grad_out = grad_out.to(v.dtype)
+    grad_v = probs.transpose(-2, -1) @ grad_out
+    grad_p = _wide(grad_out @ v.transpose(-2, -1))
+    p = _wide(probs)
+    grad_scores = (p * (grad_p - (grad_p * p).sum(-1, keepdim=True))).to(q.dtype)
+    grad_q = (grad_scores @ k) * ctx.scale
+    grad_k = (grad_scores.transpose(-2, -1) @ q) * ctx.scale
+    grad_mask = None
+    if ctx.mask_shape is not None and ctx.needs_input_grad[3]:
+        grad_mask = grad_scores.sum_to_size(ctx.mask_shape)
+    return grad_q, grad_k, grad_v, grad_mask, None
+
+
+_explicit_attention.register_autograd(_explicit_backward, setup_context=_explicit_setup)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                       scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` for 4-D ``q``, ``k``, ``v`` of one batch and head
+    count, with an additive or boolean (True: attend) mask that broadcasts to the scores; the
+    products in the inputs' dtype, the softmax in float32 or wider. SDPA's semantics, scale
+    default ``1 / sqrt(head width)``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _explicit_attention(q, k, v, attn_mask, scale)[0]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              scale: float | None = None, backends: tuple[str, ...] | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, run by one of ``backends`` (names of
+    :data:`SDPA_BACKENDS`, the others switched off for this call), by :func:`explicit_attention`
+    (``("explicit",)``) or, when None, by torch's choice. Under ``torch.compile`` the choice is
+    made when the graph is traced."""
+    if backends is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    if backends == (EXPLICIT,):
+        return explicit_attention(q, k, v, attn_mask, scale)
+    with sdpa_kernel([SDPA_BACKENDS[name] for name in backends]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+def check_attention_backends(backends: Sequence[str], name: str = "attention backends") -> tuple[str, ...]:
+    """``backends`` as a tuple, or ``ValueError`` naming ``name`` unless it is one or more of
+    SDPA's backends, or ``"explicit"`` alone."""
+    names = [backends] if isinstance(backends, str) else list(backends)
+    if not names or any(n not in ATTENTION_BACKENDS for n in names) or (EXPLICIT in names and len(names) > 1):
+        raise ValueError(f"{name}: expected one or more of {list(SDPA_BACKENDS)}, or [{EXPLICIT}] alone, "
+                         f"got {backends!r}")
+    return tuple(names)
+
+
+def set_attention_backends(module: nn.Module, backends: Sequence[str] | None) -> int:
+    """Let only ``backends`` (names of :data:`ATTENTION_BACKENDS`; None: torch's choice) run the
+    attention of every layer in ``module`` that has an ``sdpa_backends`` setting; the number of
+    layers set. SDPA picks among the allowed backends in its own order, and fails on inputs none
+    of them takes (e.g. flash alone with a mask).
+
+    Set it before compiling: a compiled graph keeps the backend chosen when it was traced.
+    """
+    backends = None if backends is None else check_attention_backends(backends)
+    layers = [m for m in module.modules() if hasattr(m, "sdpa_backends")]
+    for layer in layers:
+        layer.sdpa_backends = backends
+    return len(layers)
