@@ -83,3 +83,39 @@ def test_explicit_is_named_alone() -> None:
     assert check_attention_backends("explicit") == ("explicit",)
     with pytest.raises(ValueError, match=r"fusion: expected one or more of .*or \[explicit\] alone, got \['explicit', 'math'\]"):
         check_attention_backends(["explicit", "math"], "fusion")
+
+
+def test_selective_checkpointing_keeps_its_outputs() -> None:
+    """Like SDPA's kernels, the operator's outputs are kept: the recomputation does not run it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from skysense.distributed import checkpoint_blocks
+
+    class Calls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func == torch.ops.skysense.explicit_attention.default:
+                Calls.count += 1
+            return func(*args, **(kwargs or {}))
+
+    config = preset_config("tiny").fusion
+    torch.manual_seed(0)
+    plain = FusionTransformer(config, 64)
+    checkpointed = FusionTransformer(config, 64)
+    checkpointed.load_state_dict(plain.state_dict())
+    for model in (plain, checkpointed):
+        set_attention_backends(model, ["explicit"])
+    assert checkpoint_blocks(checkpointed, TRANSFORMER_BLOCKS, "selective") == config.depth
+    x = torch.randn(4, 8, config.embed_dim)
+    grads = []
+    for model in (plain, checkpointed):
+        Calls.count = 0
+        with Calls():
+            for block in model.blocks:
+                x_in = x.clone().requires_grad_()
+                block(x_in).square().sum().backward()
+                grads.append(x_in.grad)
+        assert Calls.count == config.depth  # once per block: none in the backward pass
+    for a, b in zip(grads[: config.depth], grads[config.depth :], strict=True):
+        torch.testing.assert_close(a, b)
