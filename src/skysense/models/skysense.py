@@ -96,8 +96,7 @@ class SkySense(nn.Module):
         others keep torch's choice, see :func:`skysense.models.attention.set_attention_backends`).
         Call it before compiling. Returns the number of attention layers set."""
         self.check_attention_backends(setting)
-        networks = {"hr": self.hr_encoder, "s2": self.s2_encoder, "s1": self.s1_encoder, "fusion": self.fusion,
-                    "geo": self.geo_context}
+        networks = {**{m: self.encoder(m) for m in ("hr", *SENTINEL)}, "fusion": self.fusion, "geo": self.geo_context}
         return sum(set_attention_backends(networks[network], backends)
                    for network, backends in setting.items() if networks[network] is not None)
 
