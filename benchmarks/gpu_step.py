@@ -185,6 +185,9 @@ class Options:
     # For our models only: the SDPA backends each of OUR_SDPA_SCOPES may use (names of
     # skysense.models.SDPA_BACKENDS), set with set_attention_backends before compiling.
     our_sdpa: dict[str, tuple[str, ...]] | None = None
+    # Part (d)'s Sinkhorn-Knopp: None as the pretraining config's default (rounds until the
+    # tolerance, each test a host sync); N: exactly N rounds, no test (sinkhorn_stop_early: false).
+    sinkhorn_rounds: int | None = None
 
 
 # --our-sdpa's scopes: our model of that part in (a)-(c), and these networks of (d)'s student and
@@ -442,8 +445,11 @@ def pretrain_model(options: Options) -> PretrainStep:
     """Part (d)'s model, built on the device, without inputs (see :func:`pretrain_workload`)."""
     device = torch.device(options.device)
     torch.manual_seed(0)
+    config = pretrain_config(options.shapes, options.shapes.step_batches[0])
+    if options.sinkhorn_rounds is not None:
+        config.objective.sinkhorn_iterations, config.objective.sinkhorn_stop_early = options.sinkhorn_rounds, False
     with device:
-        model = PretrainStep(pretrain_config(options.shapes, options.shapes.step_batches[0]), options)
+        model = PretrainStep(config, options)
     model.pretraining.train()
     set_our_attention("pretrain_step", model, options)
     return model
@@ -573,11 +579,32 @@ def meta_flops(shapes: Shapes, parts: tuple[str, ...] = ("swin_v2", "vit", "fusi
     return flops
 
 
+# Kinds of kernel (CUDA) or operator (CPU) by name, the first match wins: attention before
+# matmul, since CUTLASS's attention kernels are named after CUTLASS too.
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("fmha", "flash", "attention", "sdpa", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cublas", "cutlass", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::baddbmm", "aten::linear", "aten::matmul", "aten::_weight_norm")),
+    ("compiled (triton / inductor)", ("triton", "cpp_fused", "graph_")),
+    ("copy", ("copy", "memcpy", "memset", "cat", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The :data:`KERNEL_KINDS` class of a kernel or operator name, else ``"other"``."""
+    lowered = name.lower()
+    for kind, patterns in KERNEL_KINDS:
+        if any(pattern in lowered for pattern in patterns):
+            return kind
+    return "other"
+
+
 def top_operators(step: Callable[[], Any], device: torch.device, steps: int = 2,
-                  top: int = 15) -> tuple[list[dict[str, Any]], float]:
-    """The operators (CUDA kernels on a GPU) with the most self time over ``steps`` steps, and
-    the self time of all of them per step in ms: on a GPU, how long its kernels ran, so the
-    rest of a step's wall time is time the GPU waited for the host."""
+                  top: int = 15) -> tuple[list[dict[str, Any]], float, dict[str, float]]:
+    """The operators (CUDA kernels on a GPU) with the most self time over ``steps`` steps, the
+    self time of all of them per step in ms (on a GPU, how long its kernels ran, so the rest of
+    a step's wall time is time the GPU waited for the host), and that time per step split by
+    :func:`kernel_kind` (matmul, attention, compiled element-wise, copies, other)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -593,7 +620,11 @@ def top_operators(step: Callable[[], Any], device: torch.device, steps: int = 2,
     events.sort(key=lambda e: getattr(e, attribute), reverse=True)
     rows = [{"name": e.key[:120], "ms_per_step": getattr(e, attribute) / 1e3 / steps,
              "share": getattr(e, attribute) / total, "calls_per_step": e.count / steps} for e in events[:top]]
-    return rows, total / 1e3 / steps
+    kinds: dict[str, float] = {}
+    for e in events:
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + getattr(e, attribute) / 1e3 / steps
+    return rows, total / 1e3 / steps, dict(sorted(kinds.items(), key=lambda item: -item[1]))
 
 
 def empty_row(workload: Workload, mode: str, flops: int | None) -> dict[str, Any]:
@@ -603,7 +634,7 @@ def empty_row(workload: Workload, mode: str, flops: int | None) -> dict[str, Any
         "activation_checkpointing": workload.checkpointed,
         "parameters": sum(p.numel() for p in workload.model.parameters() if p.requires_grad),
         "flops_per_step": flops, "compile_s": None, "compiled_graphs": None, "step_ms": None, "items_per_s": None, "tflops_per_s": None,
-        "mfu": None, "peak_memory_gib": None, "host_syncs": None, "operators": None, "error": None,
+        "mfu": None, "peak_memory_gib": None, "alloc_retries": None, "host_syncs": None, "operators": None, "error": None,
     }
 
 
@@ -633,7 +664,13 @@ def measure(workload: Workload, mode: str, flops: int | None, peak: float, optio
             row["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
         times = time_steps(lambda: workload.step(model), device, options.warmup, options.repeats)
+        if device.type == "cuda":
+            # Allocations that found no free cached block and freed the cache to retry: each
+            # frees memory with cudaFree, which waits for the whole GPU (a sync the step's code
+            # does not show), so a step near the memory limit can be slow without running out.
+            row["alloc_retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries
         seconds = statistics.median(times)
         row.update(step_ms=seconds * 1e3, items_per_s=workload.batch / seconds, tflops_per_s=flops / seconds / 1e12,
                    mfu=flops / seconds / peak)
@@ -641,7 +678,8 @@ def measure(workload: Workload, mode: str, flops: int | None, peak: float, optio
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if options.profile and mode == "compiled":
             try:
-                row["top_operators"], row["kernel_ms_per_step"] = top_operators(lambda: workload.step(model), device)
+                row["top_operators"], row["kernel_ms_per_step"], row["kernel_ms_by_kind"] = top_operators(
+                    lambda: workload.step(model), device)
             except Exception as error:  # a profiler that cannot start must not cost the row its timing
                 row["top_operators"] = error_text(error)
     except (torch.OutOfMemoryError, RuntimeError, AssertionError) as error:
@@ -702,6 +740,7 @@ class Run:
             "activation_checkpointing": options.activation_checkpointing,
             "sdpa_priority": list(options.sdpa_priority) if options.sdpa_priority else None,
             "our_sdpa": {k: list(v) for k, v in options.our_sdpa.items()} if options.our_sdpa else None,
+            "sinkhorn_rounds": options.sinkhorn_rounds,
             "warmup": options.warmup,
             "repeats": options.repeats, "budget_s": options.budget_s,
             "shapes": dataclasses.asdict(options.shapes),
@@ -906,12 +945,15 @@ def format_table(report: dict[str, Any]) -> str:
     scope = f"compile {report['compile_scope']}" if report.get("compile_scope") else "no compile"
     if report.get("compile_mode"):
         scope += f" ({report['compile_mode']})"
+    rounds = report.get("sinkhorn_rounds")
+    sinkhorn = f"; (d) Sinkhorn-Knopp {rounds} rounds without convergence tests" if rounds else ""
     lines = [
         f"{report['device_name']} ({report['device']}), torch {report['torch']}, timm {report['timm']}, "
         f"{report['dtype']}{' autocast' if report['autocast'] else ''}, {scope}, activation checkpointing "
         f"{'on' if report['activation_checkpointing'] else 'off'}"
         f"{'; SDPA ' + ' > '.join(report['sdpa_priority']) if report.get('sdpa_priority') else ''}"
-        f"{''.join(f'; our {k} SDPA ' + '/'.join(v) for k, v in (report.get('our_sdpa') or {}).items())}; matmul peak "
+        f"{''.join(f'; our {k} SDPA ' + '/'.join(v) for k, v in (report.get('our_sdpa') or {}).items())}"
+        f"{sinkhorn}; matmul peak "
         f"{peak['tflops_per_s']:.2f} TFLOP/s (n={peak['matmul_n']}, {peak['dtype']})",
         f"{'part':<14} {'impl':<9} {'mode':<9} {'batch':>5} {'step ms':>9} {'items/s':>9} {'TFLOP/s':>8} "
         f"{'MFU':>6} {'GiB':>6} {'compile s':>9} {'graphs':>6}",
@@ -944,7 +986,11 @@ def format_table(report: dict[str, Any]) -> str:
         if kernels is not None and r.get("step_ms"):
             what = "kernels" if report["device"].startswith("cuda") else "operators' own time"
             lines.append(f"{r['part']:<14} {r['implementation']} {r['mode']}: {what} {kernels:.1f} ms of its "
-                         f"{r['step_ms']:.1f} ms step ({100 * (1 - kernels / r['step_ms']):.0f}% without)")
+                         f"{r['step_ms']:.1f} ms step ({100 * (1 - kernels / r['step_ms']):.0f}% without)"
+                         + "".join(f"; {kind} {ms:.1f}" for kind, ms in (r.get("kernel_ms_by_kind") or {}).items()))
+        if r.get("alloc_retries"):
+            lines.append(f"{r['part']:<14} {r['implementation']} {r['mode']}: {r['alloc_retries']} allocator retries "
+                         f"(cache flushes, each a device sync) while timed")
     for r in report["results"]:
         if r.get("host_syncs") is not None:
             lines.append(f"{r['part']:<14} batch {r['batch']}: {r['host_syncs']} host syncs and {r['operators']:,d} "
@@ -1000,6 +1046,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--our-sdpa", metavar="PART=NAME[,NAME...]", action="append",
                         help=f"only for our models: the SDPA backends the attention of PART ({', '.join(OUR_SDPA_SCOPES)}; "
                              "in (d) the student's and teacher's matching encoders) may use; repeatable")
+    parser.add_argument("--sinkhorn-rounds", type=int, metavar="N",
+                        help="(d): exactly N Sinkhorn-Knopp rounds per call, without the convergence tests that "
+                             "read the GPU back (default: the pretraining config's, rounds until the tolerance)")
     parser.add_argument("--meta-flops", action="store_true",
                         help="only count the FLOPs of (a)-(c), ours and timm's, on the meta device, and print them")
     args = parser.parse_args(argv)
@@ -1042,7 +1091,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       json_path=Path(args.json) if args.json else None, profile=args.profile,
                       compile_cache=Path(args.compile_cache) if args.compile_cache else None,
                       sdpa_priority=tuple(n.strip() for n in args.sdpa_priority.split(",")) if args.sdpa_priority else None,
-                      our_sdpa=our_sdpa or None)
+                      our_sdpa=our_sdpa or None, sinkhorn_rounds=args.sinkhorn_rounds)
     report = run_benchmark(options)
     print(format_table(report))
     return report

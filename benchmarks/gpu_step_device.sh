@@ -26,8 +26,12 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu_step_out}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Grown segments instead of new fixed-size ones: less fragmentation near the memory limit, where
+# (d) runs at the paper's batch (set PYTORCH_CUDA_ALLOC_CONF to override).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 {
     date -u
+    echo "PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
     python3 -c "import sys, torch, timm; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'timm', timm.__version__)"

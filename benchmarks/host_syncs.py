@@ -95,11 +95,13 @@ def _caller() -> str:
     return "(outside skysense)"
 
 
-def pretraining_step_syncs(batch: int = 2, batch_views: bool = True) -> HostSyncCounter:
+def pretraining_step_syncs(batch: int = 2, batch_views: bool = True,
+                           sinkhorn_rounds: int | None = None) -> HostSyncCounter:
     """Counts one pretraining step of the tiny preset (after one uncounted step), as
     ``benchmarks/gpu_step.py`` runs it, without the optimizer (see the module docstring).
-    ``batch_views=False``: one pass of each encoder per view."""
-    options = gpu_step.Options(device="cpu", dtype="fp32", shapes=gpu_step.SMALL)
+    ``batch_views=False``: one pass of each encoder per view. ``sinkhorn_rounds``: exactly that
+    many Sinkhorn-Knopp rounds, no convergence tests (``gpu_step.py --sinkhorn-rounds``)."""
+    options = gpu_step.Options(device="cpu", dtype="fp32", shapes=gpu_step.SMALL, sinkhorn_rounds=sinkhorn_rounds)
     model = gpu_step.pretrain_model(options)
     model.pretraining.batch_views = batch_views
     gpu_step.pretrain_workload(model, batch, options)
@@ -181,13 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=2, help="per-view batch (default 2)")
     parser.add_argument("--per-line", action="store_true", help="list the syncs by source line")
+    parser.add_argument("--sinkhorn-rounds", type=int, default=3, metavar="N",
+                        help="the last row's fixed number of Sinkhorn-Knopp rounds (default 3, SwAV's)")
     args = parser.parse_args(argv)
     print(f"one pretraining step (tiny, batch {args.batch} per view, optimizer excluded):")
-    for batch_views in (False, True):
+    for batch_views, rounds in ((False, None), (True, None), (True, args.sinkhorn_rounds)):
         torch.manual_seed(0)
-        counter = pretraining_step_syncs(args.batch, batch_views)
+        counter = pretraining_step_syncs(args.batch, batch_views, rounds)
+        if batch_views and rounds is None:
+            default = counter
         label = "views stacked (the loop's default)" if batch_views else "one pass per view"
+        if rounds is not None:
+            label = f"stacked, Sinkhorn {rounds} rounds, no tests"
         print(f"  {label:38s} host syncs {counter.total:4d}   operators (views excluded) {counter.operators:6d}")
+    counter = default
     print("fine-tuning step (semantic change on HR, S2, S1 with geo-context; forward, loss, backward):")
     for host_checks in (False, True):
         label = "values checked on the host (the loop)" if host_checks else "values checked in the model"

@@ -34,7 +34,7 @@ TINY = gpu_step.Shapes(preset="tiny", swin_image=64, swin_batch=2, vit_image=16,
                        matmul_n=64)
 RESULT_FIELDS = {"part", "implementation", "mode", "unit", "batch", "input_shape", "activation_checkpointing",
                  "parameters", "flops_per_step",
-                 "compile_s", "compiled_graphs", "step_ms", "items_per_s", "tflops_per_s", "mfu", "peak_memory_gib", "host_syncs",
+                 "compile_s", "compiled_graphs", "step_ms", "items_per_s", "tflops_per_s", "mfu", "peak_memory_gib", "alloc_retries", "host_syncs",
                  "operators", "error"}
 
 
@@ -188,9 +188,25 @@ def test_profiled_rows_say_how_much_of_the_step_ran_kernels(monkeypatch) -> None
         top = r["top_operators"]
         assert 0 < top[0]["ms_per_step"] <= r["kernel_ms_per_step"]
         assert r["kernel_ms_per_step"] == pytest.approx(top[0]["ms_per_step"] / top[0]["share"])
+        kinds = r["kernel_ms_by_kind"]
+        assert sum(kinds.values()) == pytest.approx(r["kernel_ms_per_step"]) and kinds["matmul"] > 0, kinds
     assert all("kernel_ms_per_step" not in r for r in report["results"] if r["mode"] == "eager")
     table = gpu_step.format_table(report)
-    assert "fusion         skysense compiled: operators' own time" in table and "% without)" in table
+    assert "fusion         skysense compiled: operators' own time" in table and "% without); " in table
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_seqaligned_sm80", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
+    ("nvjet_sm90_tst_128x256_64x4_1x2_h_bz_coopA_NNN", "matmul"),
+    ("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize64x64x8", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_64x64_32x6_nn_align2>", "matmul"),
+    ("triton_poi_fused_gelu_gelu_backward_view_5", "compiled (triton / inductor)"),
+    ("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda", "copy"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, MeanOps>", "other"),
+])
+def test_kernels_are_classed_by_name(name: str, kind: str) -> None:
+    assert gpu_step.kernel_kind(name) == kind
 
 
 def test_swin_head_padding_changes_nothing(monkeypatch) -> None:

@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import host_syncs  # noqa: E402
 
+from skysense.config import GeoContextConfig  # noqa: E402
+from skysense.models.geo_context import GeoContextPrototypes  # noqa: E402
 from skysense.sinkhorn import sinkhorn_knopp  # noqa: E402
 
 
@@ -32,19 +34,45 @@ def test_the_counter_sees_every_kind_of_read_back() -> None:
     assert all("test_host_syncs.py" not in where for _, where in counter.counts)  # only our package's lines
 
 
-def test_pretraining_step_reads_back_only_sinkhorn_convergence_and_present_regions() -> None:
+def test_pretraining_step_reads_back_only_sinkhorn_convergence_tests() -> None:
     """Input validation, frame masks, the fusion's key mask, the geo prototypes' per-region
-    loops and Sinkhorn's sum check read back 187 values per step at these shapes before;
-    what is left: Sinkhorn-Knopp's convergence test every 10th round, and one list of present
-    regions per geo-prototype call (two assignments, one EMA update)."""
+    loops and Sinkhorn's sum check read back 187 values per step at these shapes before, and
+    the list of present regions 3 more (two assignments, one EMA update); what is left:
+    Sinkhorn-Knopp's convergence test every 10th round, and nothing with a fixed number of
+    rounds."""
     torch.manual_seed(0)
     counter = host_syncs.pretraining_step_syncs(batch=2)
     by_line = {where.split(":")[0] + ":" + where.split(": ", 1)[1]: n for (_, where), n in counter.counts.items()}
-    files = {where.split(":")[0] for where in by_line}
-    assert files <= {"sinkhorn.py", "geo_context.py"}, counter.counts
-    assert sum(n for where, n in by_line.items() if where.startswith("geo_context.py")) == 3, counter.counts
+    assert {where.split(":")[0] for where in by_line} == {"sinkhorn.py"}, counter.counts
     # Sinkhorn-Knopp runs at most 20 rounds here (the tiny objective): at most 2 tests per call.
-    assert 0 < counter.total <= 3 + 2 * 10, counter.counts
+    assert 0 < counter.total <= 2 * 10, counter.counts
+    torch.manual_seed(0)
+    counter = host_syncs.pretraining_step_syncs(batch=2, sinkhorn_rounds=3)
+    assert counter.total == 0, counter.counts
+
+
+def test_sync_free_assignment_and_update_equal_the_read_back_ones() -> None:
+    """A bound on the regions present and a fixed number of Sinkhorn-Knopp rounds read nothing
+    back, and give the plan and prototype update of the default path (when both run as many
+    rounds); regions the bound adds but no feature holds stay as they were."""
+    torch.manual_seed(3)
+    geo = GeoContextPrototypes(GeoContextConfig(lat_bands=2, lon_bins=4, num_prototypes=4), dim=16)
+    features = torch.randn(40, 16)
+    regions = torch.tensor([5] * 24 + [1] * 16)
+    rounds = 37
+    plan = geo.assign(features, regions, iterations=rounds, tolerance=1e-12)  # never met: all rounds
+    with host_syncs.HostSyncCounter() as counter:
+        free = geo.assign(features, regions, bound=6, iterations=rounds, tolerance=None)
+    torch.testing.assert_close(free, plan, rtol=1e-5, atol=1e-6)
+    before = geo.prototypes.clone()
+    geo.ema_update(features, regions, plan, momentum=0.9)
+    expected, geo.prototypes = geo.prototypes, before.clone()
+    with counter:
+        geo.ema_update(features, regions, free, momentum=0.9, bound=6)
+    assert counter.total == 0, counter.counts
+    torch.testing.assert_close(geo.prototypes, expected, rtol=1e-5, atol=1e-6)
+    unchanged = [r for r in range(8) if r not in (1, 5)]
+    assert torch.equal(geo.prototypes[unchanged], before[unchanged])
 
 
 def test_sinkhorn_tests_convergence_every_check_every_rounds() -> None:

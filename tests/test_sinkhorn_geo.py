@@ -105,6 +105,18 @@ def test_ema_update_is_exact() -> None:
     assert torch.equal(geo.prototypes[3], before[3])
 
 
+@pytest.mark.parametrize("bound", [2, 3, 16])
+def test_present_regions_within_a_bound_match_the_read_back_ones(bound: int) -> None:
+    geo = GeoContextPrototypes(GeoContextConfig(lat_bands=2, lon_bins=8, num_prototypes=3), dim=4)
+    regions = torch.tensor([9, 2, 9, 9, 2, 2, 9])
+    present, group = geo.present_regions(regions)
+    bounded, bounded_group = geo.present_regions(regions, bound=bound)
+    assert present.tolist() == [2, 9]
+    assert len(bounded) == min(bound, 16) and len(set(bounded.tolist())) == len(bounded)  # no region twice
+    assert bounded[:2].tolist() == [2, 9] and torch.equal(bounded_group, group)  # the same groups first
+    assert torch.equal(bounded[bounded_group], regions)
+
+
 def _cosines(*shape: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     a = torch.nn.functional.normalize(torch.randn(*shape[:-1], 16, generator=g), dim=-1)

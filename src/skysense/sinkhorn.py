@@ -46,7 +46,7 @@ def sinkhorn_knopp(
     iterations: int = 100,
     row_sums: torch.Tensor | None = None,
     col_sums: torch.Tensor | None = None,
-    tolerance: float = 1e-4,
+    tolerance: float | None = 1e-4,
     check_every: int = 10,
     groups: torch.Tensor | None = None,
     num_groups: int | None = None,
@@ -73,7 +73,10 @@ def sinkhorn_knopp(
         row_sums: (N,) target sum of each row; default 1 (each sample is one distribution).
         col_sums: (K,) target sum of each column, or (G, K) per problem with ``groups``;
             default: the problem's total row sum / K (equal cluster sizes).
-        tolerance: stop once every column sum is within this of its target.
+        tolerance: stop once every column sum is within this of its target; None: never
+            test, run exactly ``iterations`` rounds. Without tests nothing is read back to the
+            host, so on a GPU the rounds queue behind the rest of the step without idling it
+            (SwAV runs a fixed 3 rounds).
         check_every: test the tolerance every this many rounds (1: every round).
         groups: (N,) problem index in ``[0, num_groups)`` of each row of 2-D ``scores``.
         num_groups: number of problems ``G``; default ``groups.max() + 1``; required when
@@ -88,12 +91,15 @@ def sinkhorn_knopp(
 
     Returns:
         ``Q`` with rows summing exactly to ``row_sums`` and columns to ``col_sums`` within
-        ``tolerance`` (or the best reached in ``iterations`` rounds).
+        ``tolerance`` (or the best reached in ``iterations`` rounds; with ``tolerance`` None,
+        the plan after exactly ``iterations`` rounds).
     """
     if scores.ndim < 2:
         raise ValueError(f"sinkhorn_knopp: scores must be (N, K) or (..., N, K), got shape {tuple(scores.shape)}")
     if check_every < 1:
         raise ValueError(f"sinkhorn_knopp: check_every must be at least 1, got {check_every}")
+    if tolerance is None:  # no test: a round number no round reaches
+        check_every = iterations + 1
     distributed = distributed and is_distributed()
     n, k = scores.shape[-2:]
     scores = scores.float()

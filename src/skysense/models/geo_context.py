@@ -69,24 +69,41 @@ class GeoContextPrototypes(nn.Module):
         context = context[:, 0].transpose(1, 2).reshape(b, d, h, w)
         return torch.cat([features, context], dim=1)
 
-    def present_regions(self, regions: torch.Tensor, distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def present_regions(self, regions: torch.Tensor, distributed: bool = False,
+                        bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Regions holding at least one feature, ascending, and the index of each feature's region.
 
         ``regions``: (N,) -> ``(present (R,), group (N,))`` with ``present[group] == regions``.
         With ``distributed`` (under torch.distributed) ``present`` covers every process's
         features, so it is the same list on every process.
+
+        ``bound``: None reads the number of present regions back to the host (a host sync: on a
+        GPU the queue drains and the GPU idles until Python queues more work). An upper bound on
+        it instead (e.g. the number of samples, over every process when ``distributed``: each
+        sample lies in one region) reads nothing back: ``present`` then has
+        ``min(bound, num_regions)`` entries, the present regions ascending followed by absent
+        ones, which no feature's ``group`` points at. A bound below the number of present
+        regions is not detected; regions past it get no group of their own.
         """
         # Not bincount: on a GPU it reads the largest index back to size its output.
         counts = torch.zeros(self.config.num_regions, dtype=torch.long, device=regions.device)
         counts.index_add_(0, regions, torch.ones_like(regions))
         if distributed:
             all_reduce_(counts, "sum")
-        present = counts.nonzero().flatten()  # the one read-back (host sync) of each call
-        return present, torch.searchsorted(present, regions)
+        if bound is None:
+            present = counts.nonzero().flatten()  # the one read-back (host sync) of each call
+            return present, torch.searchsorted(present, regions)
+        # Present regions first (a stable sort keeps both parts ascending), then absent ones.
+        order = torch.sort((counts == 0).to(torch.uint8), stable=True).indices
+        present = order[: min(bound, self.config.num_regions)]
+        slot = torch.zeros_like(counts)
+        slot[present] = torch.arange(len(present), device=regions.device)
+        return present, slot[regions]
 
     @torch.no_grad()
     def assign(self, features: torch.Tensor, regions: torch.Tensor, epsilon: float = 0.05,
-               distributed: bool = False) -> torch.Tensor:
+               distributed: bool = False, bound: int | None = None, iterations: int = 100,
+               tolerance: float | None = 1e-4) -> torch.Tensor:
         """Balanced soft assignment of features to their own region's prototypes.
 
         ``features``: (N, D); ``regions``: (N,) region index of each feature.
@@ -94,31 +111,36 @@ class GeoContextPrototypes(nn.Module):
         total mass (Sinkhorn-Knopp on cosine similarities, every region solved at once).
         With ``distributed`` (under torch.distributed) the features are this process's share
         and the balance holds over every process's features, as for one process holding all.
+        ``bound``: see :meth:`present_regions`; ``iterations``, ``tolerance``: Sinkhorn-Knopp's
+        (:func:`~skysense.sinkhorn.sinkhorn_knopp`). With a ``bound`` and ``tolerance`` None
+        nothing is read back to the host.
         """
         feats = F.normalize(features.float(), dim=-1)
-        present, group = self.present_regions(regions, distributed)
+        present, group = self.present_regions(regions, distributed, bound)
         # Every feature against every present region's prototypes in one product, then each
         # feature's own region picked: no per-region loop, and no read-back of which rows are
         # whose. The (N, R, P) scores are small next to a step (R: regions in the global batch).
         bank = F.normalize(self.prototypes[present].float(), dim=-1)  # (R, P, D)
         every = (feats @ bank.flatten(0, 1).T).unflatten(1, bank.shape[:2])  # (N, R, P)
         scores = every[torch.arange(len(group), device=group.device), group]
-        return sinkhorn_knopp(scores, epsilon=epsilon, groups=group, num_groups=len(present),
-                              distributed=distributed, score_bound=1.0)  # cosine similarities
+        return sinkhorn_knopp(scores, epsilon=epsilon, iterations=iterations, tolerance=tolerance, groups=group,
+                              num_groups=len(present), distributed=distributed,
+                              score_bound=1.0)  # cosine similarities
 
     @torch.no_grad()
     def ema_update(
         self, features: torch.Tensor, regions: torch.Tensor, assignment: torch.Tensor, momentum: float,
-        distributed: bool = False,
+        distributed: bool = False, bound: int | None = None,
     ) -> None:
         """``P_r <- m P_r + (1 - m) (S_r^T F_r) / colsum(S_r)`` for every region present.
 
         With ``distributed`` (under torch.distributed) ``S_r^T F_r`` and ``colsum(S_r)`` are
         summed over every process's features, so every process applies the same update, the
-        one a single process holding all the features would apply.
+        one a single process holding all the features would apply. ``bound``: see
+        :meth:`present_regions` (with it, nothing is read back to the host).
         """
         feats = features.float()
-        present, group = self.present_regions(regions, distributed)
+        present, group = self.present_regions(regions, distributed, bound)
         # (R, P, D + 1): S_r^T F_r and, in the last channel, colsum(S_r); one all-reduce for both.
         # One product for every region: each feature's assignment placed in its region's block of
         # an (N, R * P) matrix (zeros elsewhere; regions of other processes stay zero).

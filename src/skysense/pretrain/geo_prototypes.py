@@ -23,9 +23,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from skysense.distributed import is_distributed
 from skysense.models.geo_context import GeoContextPrototypes
 
 
@@ -36,12 +38,16 @@ class GeoPrototypeLoss(nn.Module):
     :meth:`update_prototypes`, which consumes them.
     """
 
-    def __init__(self, temperature: float = 0.1, epsilon: float = 0.05, momentum: float = 0.99) -> None:
+    def __init__(self, temperature: float = 0.1, epsilon: float = 0.05, momentum: float = 0.99,
+                 sinkhorn_iterations: int = 100, sinkhorn_tolerance: float | None = 1e-4) -> None:
         super().__init__()
         self.temperature = temperature
         self.epsilon = epsilon
         self.momentum = momentum
-        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.sinkhorn_tolerance = sinkhorn_tolerance
+        # (features, regions, assignment, bound on the regions present) of the last forward.
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
 
     def forward(
         self,
@@ -53,20 +59,24 @@ class GeoPrototypeLoss(nn.Module):
     ) -> torch.Tensor:
         """One fused (B, D, H, W) map per view; ``lat``, ``lon``: (B,) degrees -> scalar loss."""
         regions = prototypes.regions(lat, lon)  # (B,)
+        # Each sample lies in one region: the global batch's samples bound the regions present.
+        bound = len(regions) * (dist.get_world_size() if is_distributed() else 1)
         bank = F.normalize(prototypes.prototypes[regions].float(), dim=-1)  # (B, P, D)
         losses, kept_features, kept_regions, kept_assignments = [], [], [], []
         for student, teacher in zip(student_maps, teacher_maps, strict=True):
             b, _, h, w = teacher.shape
             pixels = teacher.detach().flatten(2).transpose(1, 2).flatten(0, 1)  # (B*H*W, D)
             pixel_regions = regions.repeat_interleave(h * w)
-            assignment = prototypes.assign(pixels, pixel_regions, self.epsilon, distributed=True)  # (B*H*W, P)
+            assignment = prototypes.assign(pixels, pixel_regions, self.epsilon, distributed=True, bound=bound,
+                                           iterations=self.sinkhorn_iterations,
+                                           tolerance=self.sinkhorn_tolerance)  # (B*H*W, P)
             queries = F.normalize(student.flatten(2).transpose(1, 2).float(), dim=-1)  # (B, H*W, D)
             scores = (queries @ bank.transpose(1, 2)).flatten(0, 1) / self.temperature
             losses.append(-(assignment * F.log_softmax(scores, dim=-1)).sum(-1).mean())
             kept_features.append(pixels)
             kept_regions.append(pixel_regions)
             kept_assignments.append(assignment)
-        self._pending = (torch.cat(kept_features), torch.cat(kept_regions), torch.cat(kept_assignments))
+        self._pending = (torch.cat(kept_features), torch.cat(kept_regions), torch.cat(kept_assignments), bound)
         return torch.stack(losses).mean()
 
     @torch.no_grad()
@@ -74,6 +84,6 @@ class GeoPrototypeLoss(nn.Module):
         """EMA of the prototypes towards the last forward's teacher features; call after the step."""
         if self._pending is None:
             raise RuntimeError("GeoPrototypeLoss.update_prototypes: no forward since the last update")
-        features, regions, assignment = self._pending
-        prototypes.ema_update(features, regions, assignment, self.momentum, distributed=True)
+        features, regions, assignment, bound = self._pending
+        prototypes.ema_update(features, regions, assignment, self.momentum, distributed=True, bound=bound)
         self._pending = None

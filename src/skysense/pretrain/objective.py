@@ -76,7 +76,13 @@ class PretrainObjectiveConfig:
     num_clusters: int = 8
     cluster_rounds: int = 3
     sinkhorn_epsilon: float = 0.05
+    # Sinkhorn-Knopp of the object clustering and of the geo prototypes: with sinkhorn_stop_early,
+    # rounds until the plan meets its tolerance (tested every 10th round), at most
+    # sinkhorn_iterations; without, exactly sinkhorn_iterations rounds (SwAV: 3). Each test reads
+    # a value back to the host, which on a GPU drains the queue and idles the GPU while Python
+    # queues the next work; without tests the pretraining step reads nothing back.
     sinkhorn_iterations: int = 1000
+    sinkhorn_stop_early: bool = True
     cross_modal_dim: int = 256
     cross_modal_temperature: float = 0.07
     learnable_temperature: bool = True
@@ -127,7 +133,7 @@ class SkySensePretrainingObjective(nn.Module):
         self.pixel = nn.ModuleDict({s: PixelContrastLoss(h.out_dim, *temps) for s in SOURCES})
         self.object = nn.ModuleDict({
             s: ObjectContrastLoss(h.out_dim, config.num_clusters, config.cluster_rounds, config.sinkhorn_epsilon,
-                                  config.sinkhorn_iterations, *temps)
+                                  config.sinkhorn_iterations, *temps, sinkhorn_stop_early=config.sinkhorn_stop_early)
             for s in SOURCES
         })
         if config.image_loss == "dino":
@@ -142,7 +148,8 @@ class SkySensePretrainingObjective(nn.Module):
             {m: dims[m] for m in ("hr", "s2", "s1")}, config.cross_modal_dim, config.cross_modal_temperature,
             config.learnable_temperature,
         )
-        self.geo = GeoPrototypeLoss(config.geo_temperature, config.sinkhorn_epsilon, config.prototype_momentum)
+        self.geo = GeoPrototypeLoss(config.geo_temperature, config.sinkhorn_epsilon, config.prototype_momentum,
+                                    config.sinkhorn_iterations, 1e-4 if config.sinkhorn_stop_early else None)
 
     def train(self, mode: bool = True) -> "SkySensePretrainingObjective":
         super().train(mode)
