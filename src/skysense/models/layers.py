@@ -60,8 +60,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: (N, L, C). ``key_padding_mask``: (N, L) bool, True where a token may be attended."""
         n, length, dim = x.shape
-        qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        heads = self.num_heads
+        # Split along the channels, not unbound from an (N, L, 3, heads, d) view: the backward pass
+        # then writes the three gradients straight into the (N, L, 3C) matrix the weight gradient
+        # needs, instead of stacking them and copying the stack into that layout (one copy of
+        # q, k and v less: benchmarks/block_traffic.py).
+        q, k, v = (t.reshape(n, length, heads, dim // heads).transpose(1, 2) for t in self.qkv(x).split(dim, -1))
         attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         out = attention(q, k, v, attn_mask, backends=self.sdpa_backends)
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))

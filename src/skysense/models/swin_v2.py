@@ -99,8 +99,11 @@ class WindowAttentionV2(nn.Module):
         the window positions of the N tokens when a window holds fewer than w*w (else None)."""
         b, nw, n, c = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, nw, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+        # Split along the channels, not unbound from a (..., 3, heads, d) view: the backward pass
+        # then writes the three gradients straight into the (..., 3C) matrix the weight gradient
+        # needs, instead of stacking them and copying the stack into that layout.
+        q, k, v = (t.reshape(b, nw, n, self.num_heads, c // self.num_heads).transpose(2, 3)
+                   for t in F.linear(x, self.qkv.weight, bias).split(c, -1))
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         # Under autocast the norms come out in float32 and SDPA would cast q, k and the bias back
         # to v's dtype; casting them here first means the padding and masking below move half

@@ -1,0 +1,187 @@
+"""Memory traffic of the transformer blocks of parts (a)-(c) in one training step, ours and timm's.
+
+On the H100 (run 1, ``benchmarks/RESULTS.md``) our compiled SwinV2-H ran at 28.8% MFU, ViT-L/4
+at 54.4% and the fusion at 52.5%, level with timm's, while their matmuls ran at about the
+measured matmul peak. The rest of the kernel time goes to kernels bound by memory, whose cost
+is the bytes they move. This compiles one block of each kind (for SwinV2-H: of each stage and
+shift) with inductor on this CPU (forward and backward, bf16 autocast, SwinV2-H's heads padded
+to 48 as on CUDA), adds up the bytes every kernel of the graphs reads and writes (inductor's
+own count, ``graph.count_bytes``), and scales them to the part's step in ``gpu_step.py``
+(SwinV2-H: batch 8 at 512 x 512; ViT-L/4: 256 frames of 257 tokens; fusion: 2048 sequences of
+32 tokens; 24 blocks each). Each block is measured at two batches: the difference is the
+traffic per token (activations), the rest is fixed (weights and their gradients), so the
+scaling does not multiply the weights' traffic by the batch.
+
+Kernels are split three ways: matmuls (inductor's extern kernels other than attention),
+attention (SDPA; where inductor writes it on the CPU as batched matmuls around a softmax, as
+for SwinV2's masked windows, it moves the attention matrices through memory, unlike CUDA's
+fused kernels, so that share is larger here than on a GPU) and the generated element-wise and
+reduction kernels (norms, GELU, residual adds, casts, copies). Inductor's CPU and Triton
+backends fuse mostly alike, but not identically.
+
+    PYTHONPATH=src python benchmarks/block_traffic.py                 # every part, about 5 minutes
+    PYTHONPATH=src python benchmarks/block_traffic.py --parts vit,fusion
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # a cached graph reports no counts
+
+import torch  # noqa: E402
+import torch._inductor.metrics as metrics  # noqa: E402
+from torch._inductor.scheduler import ExternKernelSchedulerNode  # noqa: E402
+
+from skysense.config import preset_config  # noqa: E402
+from skysense.models import swin_v2  # noqa: E402
+from skysense.models.layers import TransformerBlock  # noqa: E402
+
+ATTENTION_ORIGINS = {"bmm", "amax", "_softmax", "_softmax_backward_data", "_scaled_dot_product_flash_attention_for_cpu",
+                     "_scaled_dot_product_flash_attention_for_cpu_backward"}
+KINDS = ("matmul", "attention", "element-wise")
+
+
+def _origins(node) -> set[str]:
+    names = set()
+    for inner in node.get_nodes():
+        for origin in getattr(inner.node, "origins", ()) or ():
+            names.add(str(origin.target).replace("aten.", "").split(".")[0])
+    return names
+
+
+def _kind(node) -> str:
+    origins = _origins(node)
+    if origins & ATTENTION_ORIGINS:
+        return "attention"
+    return "matmul" if isinstance(node, ExternKernelSchedulerNode) else "element-wise"
+
+
+def _swin_block(implementation: str, dim: int, heads: int, window: int, side: int, shifted: bool) -> torch.nn.Module:
+    from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+
+    if implementation == "skysense":
+        return swin_v2.SwinV2Block(dim, heads, window, shifted, 4.0, 0.0, 1e-5, False)
+    return SwinTransformerV2Block(dim, (side, side), heads, window, shift_size=window // 2 if shifted else 0)
+
+
+def _vit_block(implementation: str, dim: int, heads: int, eps: float) -> torch.nn.Module:
+    from timm.models.vision_transformer import Block
+
+    if implementation == "skysense":
+        return TransformerBlock(dim, heads, 4.0, 0.0, eps)
+    return Block(dim, heads, 4.0, qkv_bias=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=eps))
+
+
+def block_bytes(block: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Bytes moved by kind in one compiled forward and backward of ``block`` on ``x``."""
+    x = x.detach().requires_grad_()
+    torch._dynamo.reset()
+    metrics.reset()
+    compiled = torch.compile(block.train(), fullgraph=True, dynamic=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(x)
+    out.float().square().mean().backward()
+    totals = dict.fromkeys(KINDS, 0.0)
+    for node, words in metrics.nodes_num_elem:  # inductor stores bytes // 4
+        totals[_kind(node)] += 4 * words
+    if not any(totals.values()):
+        raise RuntimeError("inductor counted no bytes: were the graphs loaded from a cache?")
+    return totals
+
+
+def scaled_bytes(measure: Callable[[int], dict[str, float]], tokens: int, step_tokens: int) -> dict[str, float]:
+    """Bytes by kind at ``step_tokens`` tokens, from ``measure(batch)`` at batches 1 and 2 of
+    ``tokens`` tokens each: fixed part plus per-token part."""
+    one, two = measure(1), measure(2)
+    return {kind: one[kind] + (two[kind] - one[kind]) / tokens * (step_tokens - tokens) for kind in one}
+
+
+def _quiet_metrics_log() -> None:
+    """Make inductor count bytes (it does when its metrics log is on) without printing them."""
+    from torch._inductor.compile_fx import inductor_metrics_log
+
+    inductor_metrics_log.setLevel(logging.INFO)
+    inductor_metrics_log.propagate = False
+    inductor_metrics_log.handlers = [logging.NullHandler()]
+
+
+# A block of a part: label, blocks of it per step, its input's elements per step, and how to
+# measure it at batch 1 and 2 ((implementation, batch) -> bytes by kind, of ``tokens`` tokens per batch).
+Row = tuple[str, int, int, int, Callable[[str, int], dict[str, float]]]
+
+
+def part_blocks(part: str, max_side: int) -> Iterator[Row]:
+    """The blocks of part (a) ``swin_v2``, (b) ``vit`` or (c) ``fusion`` at gpu_step.py's huge shapes."""
+    config = preset_config("huge")
+    if part == "swin_v2":
+        hr = config.hr
+        for stage, (depth, heads) in enumerate(zip(hr.depths, hr.num_heads)):
+            dim = hr.embed_dim * 2**stage
+            side = 512 // hr.patch_size // 2**stage
+            measured = min(side, max_side)
+            for shifted in (False, True):
+                if shifted and side <= hr.window_size:
+                    continue
+                blocks = (depth + (0 if shifted else 1)) // 2  # blocks 0, 2, ... unshifted; 1, 3, ... shifted
+
+                def measure(name: str, batch: int, dim=dim, heads=heads, measured=measured, shifted=shifted):
+                    torch.manual_seed(0)
+                    block = _swin_block(name, dim, heads, hr.window_size, measured, shifted)
+                    return block_bytes(block, torch.randn(batch, measured, measured, dim))
+
+                label = f"stage {stage + 1} {dim}x{side}x{side}{' shifted' if shifted else ''}"
+                yield label, blocks, measured * measured, 8 * side * side, measure
+        return
+    if part not in ("vit", "fusion"):
+        raise ValueError(f"unknown part {part!r}; expected swin_v2, vit or fusion")
+    block_config = config.s2 if part == "vit" else config.fusion
+    dim, heads, eps, depth = block_config.embed_dim, block_config.num_heads, block_config.norm_eps, block_config.depth
+    tokens, sequences, measured = (257, 256, 16) if part == "vit" else (32, 2048, 64)
+
+    def measure(name: str, batch: int):
+        torch.manual_seed(0)
+        return block_bytes(_vit_block(name, dim, heads, eps), torch.randn(batch * measured, tokens, dim))
+
+    yield f"{dim} wide, {tokens} tokens", depth, measured * tokens, sequences * tokens, measure
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default="swin_v2,vit,fusion", help="comma-separated: swin_v2, vit, fusion")
+    parser.add_argument("--max-side", type=int, default=64,
+                        help="largest SwinV2 map compiled on this CPU (default 64; part (a)'s first stage is 128)")
+    args = parser.parse_args(argv)
+    _quiet_metrics_log()
+    swin_v2.fused_head_multiple = lambda device: 8  # SwinV2-H's 44-wide heads run 48 wide, as on CUDA
+    print("fwd + bwd, bf16 autocast, scaled to gpu_step.py's huge shapes: bytes per element of a block's input "
+          "(the weights' fixed traffic included)")
+    print(f"{'part':<8} {'block':<28} {'impl':>9} " + " ".join(f"{k:>12}" for k in KINDS) + f" {'total':>7}")
+    for part in args.parts.split(","):
+        step = {name: dict.fromkeys(KINDS, 0.0) for name in ("skysense", "timm")}
+        for label, blocks, tokens, step_tokens, measure in part_blocks(part.strip(), args.max_side):
+            for name in step:
+                moved = scaled_bytes(functools.partial(measure, name), tokens, step_tokens)
+                elements = step_tokens * _dim_of(label)
+                for kind, value in moved.items():
+                    step[name][kind] += value * blocks
+                print(f"{part:<8} {label:<28} {name:>9} " + " ".join(f"{moved[k] / elements:>12.1f}" for k in KINDS)
+                      + f" {sum(moved.values()) / elements:>7.1f}")
+        for name, kinds in step.items():
+            print(f"{part:<8} per step (GB) {name:>23} " + " ".join(f"{v / 1e9:>12.1f}" for v in kinds.values())
+                  + f" {sum(kinds.values()) / 1e9:>7.1f}")
+    return 0
+
+
+def _dim_of(label: str) -> int:
+    """The block width at the start of a :func:`part_blocks` label."""
+    words = label.split()
+    return int((words[2] if words[0] == "stage" else words[0]).split("x")[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
