@@ -483,6 +483,18 @@ def matmul_peak(options: Options) -> float:
     return 2 * n**3 / min(times)
 
 
+def copy_bandwidth(options: Options) -> float:
+    """Bytes per second read and written by the best of a few copies of ``4 n^2`` values in the
+    compute dtype (512 MiB each way at the huge shapes in bf16): what the kernels bound by
+    memory can reach, next to the matmul peak (``benchmarks/block_traffic.py`` counts their
+    bytes)."""
+    device, n = torch.device(options.device), options.shapes.matmul_n
+    source = torch.randn(4 * n * n, device=device, dtype=compute_dtype(options))
+    target = torch.empty_like(source)
+    times = time_steps(lambda: target.copy_(source), device, warmup=3, repeats=10)
+    return 2 * source.numel() * source.element_size() / min(times)
+
+
 def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
     """Wall seconds of each of ``repeats`` calls, after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -895,6 +907,7 @@ def run_benchmark(options: Options) -> dict[str, Any]:
         raise ValueError(f"compile_mode: expected one of {list(COMPILE_MODES)}, got {options.compile_mode!r}")
     priority = sdpa_priority(options)  # checked before the first measurement
     run = Run(options, matmul_peak(options))
+    run.report["peak"]["copy_gb_per_s"] = copy_bandwidth(options) / 1e9
     if options.compile and options.compile_cache is not None:
         run.report["compile_cache"] = {"path": str(options.compile_cache), **compile_cache.load(options.compile_cache)}
     for part in options.parts:
@@ -954,7 +967,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'; SDPA ' + ' > '.join(report['sdpa_priority']) if report.get('sdpa_priority') else ''}"
         f"{''.join(f'; our {k} SDPA ' + '/'.join(v) for k, v in (report.get('our_sdpa') or {}).items())}"
         f"{sinkhorn}; matmul peak "
-        f"{peak['tflops_per_s']:.2f} TFLOP/s (n={peak['matmul_n']}, {peak['dtype']})",
+        f"{peak['tflops_per_s']:.2f} TFLOP/s (n={peak['matmul_n']}, {peak['dtype']})"
+        f"{'; copy ' + format(peak['copy_gb_per_s'], ',.0f') + ' GB/s' if peak.get('copy_gb_per_s') else ''}",
         f"{'part':<14} {'impl':<9} {'mode':<9} {'batch':>5} {'step ms':>9} {'items/s':>9} {'TFLOP/s':>8} "
         f"{'MFU':>6} {'GiB':>6} {'compile s':>9} {'graphs':>6}",
     ]

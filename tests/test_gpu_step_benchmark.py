@@ -43,6 +43,7 @@ def test_report_has_every_part_and_field(tmp_path: Path) -> None:
     report = json.loads(json.dumps(gpu_step.run_benchmark(options)))  # JSON-able as written
     assert report["device"] == "cpu" and report["dtype"] == "fp32" and report["autocast"] is False
     assert report["peak"]["tflops_per_s"] > 0 and report["peak"]["matmul_n"] == 64
+    assert report["peak"]["copy_gb_per_s"] > 0
     rows = report["results"]
     assert [(r["part"], r["implementation"], r["mode"]) for r in rows] == [
         ("swin_v2", "skysense", "eager"), ("swin_v2", "timm", "eager"),
