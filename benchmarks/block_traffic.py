@@ -19,7 +19,7 @@ fused kernels, so that share is larger here than on a GPU) and the generated ele
 reduction kernels (norms, GELU, residual adds, casts, copies). Inductor's CPU and Triton
 backends fuse mostly alike, but not identically.
 
-    PYTHONPATH=src python benchmarks/block_traffic.py                 # every part, about 5 minutes
+    PYTHONPATH=src python benchmarks/block_traffic.py                 # every part, about 12 minutes on 2 cores
     PYTHONPATH=src python benchmarks/block_traffic.py --parts vit,fusion
 """
 
