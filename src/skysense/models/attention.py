@@ -5,8 +5,9 @@ calls :func:`attention` with its ``sdpa_backends`` setting: None leaves the choi
 ``scaled_dot_product_attention``; a tuple of names restricts it (:func:`set_attention_backends`).
 
 The names are SDPA's backends (:data:`SDPA_BACKENDS`) and ``"explicit"``: ``softmax(q k^T *
-scale + mask) v`` as two batched matrix products in the inputs' dtype around a softmax in
-float32 (or wider), with its own backward. For very short sequences (the fusion's 32 tokens), where a flash
+scale + mask) v`` as two batched matrix products in the inputs' dtype (the scale applied by the
+first) around a softmax accumulated in float32 (or wider), with its own backward: three
+kernels forward and five backward without a mask. For very short sequences (the fusion's 32 tokens), where a flash
 kernel's tiles are mostly empty, plain batched products may be faster; under ``torch.compile``
 inductor would rewrite such a product back into SDPA, so it is one opaque operator
 (``skysense::explicit_attention``). ``benchmarks/attention_backends.py`` times every choice.
@@ -33,19 +34,26 @@ EXPLICIT = "explicit"
 ATTENTION_BACKENDS: tuple[str, ...] = (*SDPA_BACKENDS, EXPLICIT)
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32, or in its own dtype when that is wider (float64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+def _product(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale * a @ b`` over the leading dimensions, the scale applied by the matmul itself."""
+    lead = a.shape[:-2]
+    out = torch.baddbmm(a.new_empty(()), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]),
+                        beta=0.0, alpha=scale)
+    return out.reshape(*lead, *out.shape[-2:])
 
 
+# The bodies run with autocast off: it would move the softmax to float32 and back in two more
+# kernels, while torch's softmax and its backward already accumulate half-precision inputs in
+# float32.
 @torch.library.custom_op("skysense::explicit_attention", mutates_args=())
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(_wide(scores), dim=-1).to(q.dtype)
-    return probs @ v, probs
+    with torch.autocast(q.device.type, enabled=False):
+        scores = _product(q, k.transpose(-2, -1), scale)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return _product(probs, v), probs
 
 
 @_explicit_attention.register_fake
@@ -62,16 +70,17 @@ def _explicit_setup(ctx, inputs, output) -> None:
 
 def _explicit_backward(ctx, grad_out, grad_probs):
     q, k, v, probs = ctx.saved_tensors
-    grad_out = grad_out.to(v.dtype)
-    grad_v = probs.transpose(-2, -1) @ grad_out
-    grad_p = _wide(grad_out @ v.transpose(-2, -1))
-    p = _wide(probs)
-    grad_scores = (p * (grad_p - (grad_p * p).sum(-1, keepdim=True))).to(q.dtype)
-    grad_q = (grad_scores @ k) * ctx.scale
-    grad_k = (grad_scores.transpose(-2, -1) @ q) * ctx.scale
-    grad_mask = None
-    if ctx.mask_shape is not None and ctx.needs_input_grad[3]:
-        grad_mask = grad_scores.sum_to_size(ctx.mask_shape)
+    with torch.autocast(q.device.type, enabled=False):
+        grad_out = grad_out.to(v.dtype)
+        grad_v = _product(probs.transpose(-2, -1), grad_out)
+        grad_p = _product(grad_out, v.transpose(-2, -1))
+        # p * (grad_p - sum(grad_p * p)): one kernel, accumulated in float32 for half types.
+        grad_scores = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)
+        grad_q = _product(grad_scores, k, ctx.scale)
+        grad_k = _product(grad_scores.transpose(-2, -1), q, ctx.scale)
+        grad_mask = None
+        if ctx.mask_shape is not None and ctx.needs_input_grad[3]:
+            grad_mask = grad_scores.sum_to_size(ctx.mask_shape)
     return grad_q, grad_k, grad_v, grad_mask, None
 
 
@@ -82,8 +91,8 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_m
                        scale: float | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` for 4-D ``q``, ``k``, ``v`` of one batch and head
     count, with an additive or boolean (True: attend) mask that broadcasts to the scores; the
-    products in the inputs' dtype, the softmax in float32 or wider. SDPA's semantics, scale
-    default ``1 / sqrt(head width)``."""
+    products in the inputs' dtype, the softmax accumulated in float32 or wider and rounded to
+    the inputs' dtype. SDPA's semantics, scale default ``1 / sqrt(head width)``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _explicit_attention(q, k, v, attn_mask, scale)[0]
 
@@ -119,6 +128,8 @@ def set_attention_backends(module: nn.Module, backends: Sequence[str] | None) ->
     of them takes (e.g. flash alone with a mask).
 
     Set it before compiling: a compiled graph keeps the backend chosen when it was traced.
+    Inductor's attention patterns may then rewrite the math path's products into a fused SDPA
+    kernel; ``"explicit"`` is one operator it leaves alone.
     """
     backends = None if backends is None else check_attention_backends(backends)
     layers = [m for m in module.modules() if hasattr(m, "sdpa_backends")]
