@@ -43,6 +43,7 @@ def test_a_compiled_block_keeps_the_backend_it_was_traced_with() -> None:
     """The graph torch.compile traces holds the math path's products, not the CPU's default
     flash kernel. (Inductor's attention patterns may then rewrite such products into a fused
     kernel; ``"explicit"`` is the setting it leaves alone: tests/test_explicit_attention.py.)"""
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     torch.manual_seed(0)
@@ -53,7 +54,7 @@ def test_a_compiled_block_keeps_the_backend_it_was_traced_with() -> None:
 
     def keep(gm, example_inputs):
         graphs.append(gm)
-        return gm
+        return make_boxed_func(gm)
 
     compile_blocks(fusion, TRANSFORMER_BLOCKS, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
     x = torch.randn(4, 8, config.embed_dim, requires_grad=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 
 import torch
+from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 from skysense.models.layers import TransformerBlock
@@ -24,9 +25,9 @@ def backward_operators(block: torch.nn.Module, x: torch.Tensor) -> collections.C
 
     def keep(gm, example_inputs):
         graphs.append(gm)
-        return gm
+        return make_boxed_func(gm)
 
-    compiled = torch.compile(block, backend=aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=keep),
+    compiled = torch.compile(block, backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=keep),
                              fullgraph=True)
     compiled(x.requires_grad_()).square().mean().backward()
     assert len(graphs) == 1
