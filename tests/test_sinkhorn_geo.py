@@ -115,6 +115,8 @@ def test_present_regions_within_a_bound_match_the_read_back_ones(bound: int) -> 
     assert len(bounded) == min(bound, 16) and len(set(bounded.tolist())) == len(bounded)  # no region twice
     assert bounded[:2].tolist() == [2, 9] and torch.equal(bounded_group, group)  # the same groups first
     assert torch.equal(bounded[bounded_group], regions)
+    with pytest.raises(RuntimeError, match="more regions hold features than the bound 1"):
+        geo.present_regions(regions, bound=1)
 
 
 def _cosines(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -83,7 +83,8 @@ class GeoContextPrototypes(nn.Module):
         sample lies in one region) reads nothing back: ``present`` then has
         ``min(bound, num_regions)`` entries, the present regions ascending followed by absent
         ones, which no feature's ``group`` points at. A bound below the number of present
-        regions is not detected; regions past it get no group of their own.
+        regions fails an assertion on the device (on a GPU it surfaces at the next read-back,
+        as a device-side assertion; on the CPU at once).
         """
         # Not bincount: on a GPU it reads the largest index back to size its output.
         counts = torch.zeros(self.config.num_regions, dtype=torch.long, device=regions.device)
@@ -94,8 +95,11 @@ class GeoContextPrototypes(nn.Module):
             present = counts.nonzero().flatten()  # the one read-back (host sync) of each call
             return present, torch.searchsorted(present, regions)
         # Present regions first (a stable sort keeps both parts ascending), then absent ones.
-        order = torch.sort((counts == 0).to(torch.uint8), stable=True).indices
+        absent = counts == 0
+        order = torch.sort(absent.to(torch.uint8), stable=True).indices
         present = order[: min(bound, self.config.num_regions)]
+        torch._assert_async((~absent).sum() <= len(present),
+                            f"GeoContextPrototypes.present_regions: more regions hold features than the bound {bound}")
         slot = torch.zeros_like(counts)
         slot[present] = torch.arange(len(present), device=regions.device)
         return present, slot[regions]
