@@ -124,7 +124,8 @@ class FinetuneConfig:
     # true, each block's whole forward; "selective", all but its matmul and attention outputs.
     activation_checkpointing: bool | str = False
     # SDPA backends that each encoder network's attention may use, e.g. {fusion: [efficient]}
-    # (networks hr, s2, s1, fusion, geo; backends cudnn, flash, efficient, math). Empty: torch's choice.
+    # (networks hr, s2, s1, fusion, geo; backends cudnn, flash, efficient, math, or explicit
+    # alone). Empty: torch's choice.
     attention_backends: dict[str, list[str]] = field(default_factory=dict)
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
 

@@ -31,6 +31,9 @@ from skysense.distributed import all_reduce_
 from skysense.models.attention import attention
 from skysense.sinkhorn import sinkhorn_knopp
 
+ASSIGN_TOLERANCE = 1e-4
+"""Default Sinkhorn-Knopp tolerance of :meth:`GeoContextPrototypes.assign` (on column sums)."""
+
 
 def region_index(lat: torch.Tensor, lon: torch.Tensor, lat_bands: int, lon_bins: int) -> torch.Tensor:
     """Index of the equal-area grid cell holding each (lat, lon), in degrees.
@@ -107,7 +110,7 @@ class GeoContextPrototypes(nn.Module):
     @torch.no_grad()
     def assign(self, features: torch.Tensor, regions: torch.Tensor, epsilon: float = 0.05,
                distributed: bool = False, bound: int | None = None, iterations: int = 100,
-               tolerance: float | None = 1e-4) -> torch.Tensor:
+               tolerance: float | None = ASSIGN_TOLERANCE) -> torch.Tensor:
         """Balanced soft assignment of features to their own region's prototypes.
 
         ``features``: (N, D); ``regions``: (N,) region index of each feature.

@@ -147,8 +147,9 @@ class PretrainConfig:
     # the same features with half the launches and FSDP gathers. False: one pass per view.
     batch_views: bool = True
     # SDPA backends that each network's attention may use, e.g. {fusion: [efficient]} (networks
-    # hr, s2, s1, fusion, geo; backends cudnn, flash, efficient, math); the student's and the teacher's
-    # alike. Empty: torch's choice everywhere. benchmarks/attention_backends.py times them.
+    # hr, s2, s1, fusion, geo; backends cudnn, flash, efficient, math, or explicit alone); the
+    # student's and the teacher's alike. Empty: torch's choice everywhere.
+    # benchmarks/attention_backends.py times them.
     attention_backends: dict[str, list[str]] = field(default_factory=dict)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 

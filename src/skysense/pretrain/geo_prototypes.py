@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skysense.distributed import is_distributed
-from skysense.models.geo_context import GeoContextPrototypes
+from skysense.models.geo_context import ASSIGN_TOLERANCE, GeoContextPrototypes
 
 
 class GeoPrototypeLoss(nn.Module):
@@ -39,13 +39,14 @@ class GeoPrototypeLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.1, epsilon: float = 0.05, momentum: float = 0.99,
-                 sinkhorn_iterations: int = 100, sinkhorn_tolerance: float | None = 1e-4) -> None:
+                 sinkhorn_iterations: int = 100, sinkhorn_stop_early: bool = True) -> None:
         super().__init__()
         self.temperature = temperature
         self.epsilon = epsilon
         self.momentum = momentum
         self.sinkhorn_iterations = sinkhorn_iterations
-        self.sinkhorn_tolerance = sinkhorn_tolerance
+        # False: exactly sinkhorn_iterations rounds, no convergence test read back to the host.
+        self.sinkhorn_stop_early = sinkhorn_stop_early
         # (features, regions, assignment, bound on the regions present) of the last forward.
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
 
@@ -67,9 +68,9 @@ class GeoPrototypeLoss(nn.Module):
             b, _, h, w = teacher.shape
             pixels = teacher.detach().flatten(2).transpose(1, 2).flatten(0, 1)  # (B*H*W, D)
             pixel_regions = regions.repeat_interleave(h * w)
+            tolerance = ASSIGN_TOLERANCE if self.sinkhorn_stop_early else None
             assignment = prototypes.assign(pixels, pixel_regions, self.epsilon, distributed=True, bound=bound,
-                                           iterations=self.sinkhorn_iterations,
-                                           tolerance=self.sinkhorn_tolerance)  # (B*H*W, P)
+                                           iterations=self.sinkhorn_iterations, tolerance=tolerance)  # (B*H*W, P)
             queries = F.normalize(student.flatten(2).transpose(1, 2).float(), dim=-1)  # (B, H*W, D)
             scores = (queries @ bank.transpose(1, 2)).flatten(0, 1) / self.temperature
             losses.append(-(assignment * F.log_softmax(scores, dim=-1)).sum(-1).mean())

@@ -149,7 +149,7 @@ class SkySensePretrainingObjective(nn.Module):
             config.learnable_temperature,
         )
         self.geo = GeoPrototypeLoss(config.geo_temperature, config.sinkhorn_epsilon, config.prototype_momentum,
-                                    config.sinkhorn_iterations, 1e-4 if config.sinkhorn_stop_early else None)
+                                    config.sinkhorn_iterations, config.sinkhorn_stop_early)
 
     def train(self, mode: bool = True) -> "SkySensePretrainingObjective":
         super().train(mode)
