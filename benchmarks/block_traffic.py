@@ -29,13 +29,18 @@ import argparse
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # a cached graph reports no counts
 
 import torch  # noqa: E402
 import torch._inductor.metrics as metrics  # noqa: E402
 from torch._inductor.scheduler import ExternKernelSchedulerNode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_step  # noqa: E402  (beside this file: the parts' shapes)
 
 from skysense.config import preset_config  # noqa: E402
 from skysense.models import swin_v2  # noqa: E402
@@ -61,20 +66,26 @@ def _kind(node) -> str:
     return "matmul" if isinstance(node, ExternKernelSchedulerNode) else "element-wise"
 
 
-def _swin_block(implementation: str, dim: int, heads: int, window: int, side: int, shifted: bool) -> torch.nn.Module:
+def _swin_block(implementation: str, config, dim: int, heads: int, side: int, shifted: bool) -> torch.nn.Module:
+    """A SwinV2 block of ``config`` (a SwinV2Config) at width ``dim``, ours or timm's."""
     from timm.models.swin_transformer_v2 import SwinTransformerV2Block
 
+    window = config.window_size
     if implementation == "skysense":
-        return swin_v2.SwinV2Block(dim, heads, window, shifted, 4.0, 0.0, 1e-5, False)
-    return SwinTransformerV2Block(dim, (side, side), heads, window, shift_size=window // 2 if shifted else 0)
+        return swin_v2.SwinV2Block(dim, heads, window, shifted, config.mlp_ratio, 0.0, config.norm_eps, False)
+    return SwinTransformerV2Block(dim, (side, side), heads, window, shift_size=window // 2 if shifted else 0,
+                                  mlp_ratio=config.mlp_ratio,
+                                  norm_layer=functools.partial(torch.nn.LayerNorm, eps=config.norm_eps))
 
 
-def _vit_block(implementation: str, dim: int, heads: int, eps: float) -> torch.nn.Module:
+def _vit_block(implementation: str, config) -> torch.nn.Module:
+    """A pre-norm block of ``config`` (a ViT or fusion config), ours or timm's."""
     from timm.models.vision_transformer import Block
 
+    dim, heads, ratio, eps = config.embed_dim, config.num_heads, config.mlp_ratio, config.norm_eps
     if implementation == "skysense":
-        return TransformerBlock(dim, heads, 4.0, 0.0, eps)
-    return Block(dim, heads, 4.0, qkv_bias=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=eps))
+        return TransformerBlock(dim, heads, ratio, 0.0, eps)
+    return Block(dim, heads, ratio, qkv_bias=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=eps))
 
 
 def block_bytes(block: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
@@ -110,19 +121,19 @@ def _quiet_metrics_log() -> None:
     inductor_metrics_log.handlers = [logging.NullHandler()]
 
 
-# A block of a part: label, blocks of it per step, its input's elements per step, and how to
-# measure it at batch 1 and 2 ((implementation, batch) -> bytes by kind, of ``tokens`` tokens per batch).
-Row = tuple[str, int, int, int, Callable[[str, int], dict[str, float]]]
+# A block of a part: label, blocks of it per step, its width, tokens per measured batch, tokens
+# per step, and how to measure it at batch 1 and 2 ((implementation, batch) -> bytes by kind).
+Row = tuple[str, int, int, int, int, Callable[[str, int], dict[str, float]]]
 
 
-def part_blocks(part: str, max_side: int) -> Iterator[Row]:
-    """The blocks of part (a) ``swin_v2``, (b) ``vit`` or (c) ``fusion`` at gpu_step.py's huge shapes."""
-    config = preset_config("huge")
+def part_blocks(part: str, max_side: int, shapes: "gpu_step.Shapes" = gpu_step.HUGE) -> Iterator[Row]:
+    """The blocks of part (a) ``swin_v2``, (b) ``vit`` or (c) ``fusion`` at ``shapes`` (gpu_step.py's)."""
+    config = preset_config(shapes.preset)
     if part == "swin_v2":
         hr = config.hr
         for stage, (depth, heads) in enumerate(zip(hr.depths, hr.num_heads)):
             dim = hr.embed_dim * 2**stage
-            side = 512 // hr.patch_size // 2**stage
+            side = shapes.swin_image // hr.patch_size // 2**stage
             measured = min(side, max_side)
             for shifted in (False, True):
                 if shifted and side <= hr.window_size:
@@ -131,23 +142,26 @@ def part_blocks(part: str, max_side: int) -> Iterator[Row]:
 
                 def measure(name: str, batch: int, dim=dim, heads=heads, measured=measured, shifted=shifted):
                     torch.manual_seed(0)
-                    block = _swin_block(name, dim, heads, hr.window_size, measured, shifted)
+                    block = _swin_block(name, hr, dim, heads, measured, shifted)
                     return block_bytes(block, torch.randn(batch, measured, measured, dim))
 
                 label = f"stage {stage + 1} {dim}x{side}x{side}{' shifted' if shifted else ''}"
-                yield label, blocks, measured * measured, 8 * side * side, measure
+                yield label, blocks, dim, measured * measured, shapes.swin_batch * side * side, measure
         return
     if part not in ("vit", "fusion"):
         raise ValueError(f"unknown part {part!r}; expected swin_v2, vit or fusion")
-    block_config = config.s2 if part == "vit" else config.fusion
-    dim, heads, eps, depth = block_config.embed_dim, block_config.num_heads, block_config.norm_eps, block_config.depth
-    tokens, sequences, measured = (257, 256, 16) if part == "vit" else (32, 2048, 64)
+    if part == "vit":  # a class token and (image / patch)^2 patches per frame
+        block_config, sequences, measured = config.s2, shapes.vit_batch, 16
+        tokens = (shapes.vit_image // config.s2.patch_size) ** 2 + 1
+    else:
+        block_config, tokens, sequences, measured = config.fusion, shapes.fusion_tokens, shapes.fusion_batch, 64
 
     def measure(name: str, batch: int):
         torch.manual_seed(0)
-        return block_bytes(_vit_block(name, dim, heads, eps), torch.randn(batch * measured, tokens, dim))
+        return block_bytes(_vit_block(name, block_config), torch.randn(batch * measured, tokens, block_config.embed_dim))
 
-    yield f"{dim} wide, {tokens} tokens", depth, measured * tokens, sequences * tokens, measure
+    yield (f"{block_config.embed_dim} wide, {tokens} tokens", block_config.depth, block_config.embed_dim,
+           measured * tokens, sequences * tokens, measure)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'part':<8} {'block':<28} {'impl':>9} " + " ".join(f"{k:>12}" for k in KINDS) + f" {'total':>7}")
     for part in args.parts.split(","):
         step = {name: dict.fromkeys(KINDS, 0.0) for name in ("skysense", "timm")}
-        for label, blocks, tokens, step_tokens, measure in part_blocks(part.strip(), args.max_side):
+        for label, blocks, dim, tokens, step_tokens, measure in part_blocks(part.strip(), args.max_side):
             for name in step:
                 moved = scaled_bytes(functools.partial(measure, name), tokens, step_tokens)
-                elements = step_tokens * _dim_of(label)
+                elements = step_tokens * dim
                 for kind, value in moved.items():
                     step[name][kind] += value * blocks
                 print(f"{part:<8} {label:<28} {name:>9} " + " ".join(f"{moved[k] / elements:>12.1f}" for k in KINDS)
@@ -175,12 +189,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{part:<8} per step (GB) {name:>23} " + " ".join(f"{v / 1e9:>12.1f}" for v in kinds.values())
                   + f" {sum(kinds.values()) / 1e9:>7.1f}")
     return 0
-
-
-def _dim_of(label: str) -> int:
-    """The block width at the start of a :func:`part_blocks` label."""
-    words = label.split()
-    return int((words[2] if words[0] == "stage" else words[0]).split("x")[0])
 
 
 if __name__ == "__main__":
