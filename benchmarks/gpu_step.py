@@ -1087,6 +1087,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not batches or min(batches) < 1:
             parser.error(f"--step-batch: batches must be >= 1, got {args.step_batch!r}")
         shapes = dataclasses.replace(shapes, step_batches=batches)
+    if args.sinkhorn_rounds is not None and args.sinkhorn_rounds < 1:
+        parser.error(f"--sinkhorn-rounds: expected at least 1 round, got {args.sinkhorn_rounds}")
     our_sdpa = {}
     for item in args.our_sdpa or []:
         scope, _, names = item.partition("=")
