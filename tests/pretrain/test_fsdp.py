@@ -339,12 +339,18 @@ def test_fsdp_run_with_compiled_checkpointed_blocks_matches_eager(tmp_path: Path
                                                                   checkpointing: bool | str) -> None:
     """`compile: blocks` with activation checkpointing (full, or selective: traced inside each
     compiled block) under 2-process FSDP2 (inductor for real) gives the losses of a 1-process
-    eager run of the same global batch."""
+    eager run of the same global batch.
+
+    32 px views (SwinV2 maps of 8, 4, 2 and 1 tokens, 10 graphs) rather than the 64 px of the
+    other runs (12 graphs): each process compiles every graph from a cold cache, which took
+    125-146 s per setting on 2 cores at 64 px."""
     eager = tmp_path / "eager"
-    config = _write(tmp_path / "eager.yaml", max_steps=3, distributed={"strategy": "ddp"})
+    data = {**FSDP_CONFIG["data"], "view_size": 32}
+    config = _write(tmp_path / "eager.yaml", max_steps=3, data=data, distributed={"strategy": "ddp"})
     _run(_cli("pretrain", "--config", str(config), "--data-root", str(aid_like), "--no-progress", "--out", str(eager)))
     compiled = tmp_path / "compiled"
-    config = _write(tmp_path / "compiled.yaml", max_steps=3, compile="blocks", activation_checkpointing=checkpointing)
+    config = _write(tmp_path / "compiled.yaml", max_steps=3, data=data, compile="blocks",
+                    activation_checkpointing=checkpointing)
     _run(_torchrun(2, "-m", "skysense.cli", "pretrain", "--config", str(config), "--data-root", str(aid_like),
                    "--no-progress", "--out", str(compiled)))
     assert len(_losses(compiled)) == 3
