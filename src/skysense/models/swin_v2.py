@@ -56,6 +56,21 @@ def fused_head_multiple(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 8
 
 
+class CompiledInPlaceReLU(nn.Module):
+    """ReLU, in place when traced by ``torch.compile`` and out of place in eager mode.
+
+    Out of place, inductor's CPU code for the position-bias MLP stores a boolean mask of the
+    ReLU in the forward pass, with a kernel (torch 2.14, AVX-512) about 50x slower than the ReLU:
+    1.5 ms per block call for a window of 8. A compiled tiny SwinV2 training step (batch 4, 64 px,
+    2 cores) took 28.0 ms with it and 21.0 ms without (``benchmarks/position_bias_relu.py``,
+    benchmarks/RESULTS.md, session 11). In place, the backward pass reads the
+    ReLU's output instead. Eager mode stays out of place: selective activation checkpointing keeps
+    the matmul's output that the ReLU would overwrite. The values are the same either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x, inplace=torch.compiler.is_compiling())
+
+
 class WindowAttentionV2(nn.Module):
     """Cosine window attention with a continuous position bias, through SDPA."""
 
@@ -68,7 +83,7 @@ class WindowAttentionV2(nn.Module):
         self.pad_heads = True
         self.sdpa_backends: tuple[str, ...] | None = None  # attention.set_attention_backends
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(), nn.Linear(512, num_heads, bias=False))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), CompiledInPlaceReLU(), nn.Linear(512, num_heads, bias=False))
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
