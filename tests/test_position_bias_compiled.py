@@ -1,7 +1,7 @@
 """SwinV2's continuous position bias compiled by inductor on the CPU: no boolean ReLU mask.
 
 Out of place, the CPB MLP's ReLU made inductor store a boolean mask in the forward pass, and
-its CPU kernel for that store (torch 2.14, AVX-512) ran about 50x slower than the ReLU: 1.5 ms
+its CPU kernel for that store (torch 2.14, AVX-512) ran about 50x slower than the ReLU: 1.3 ms
 per block call (``benchmarks/position_bias_relu.py`` times a whole step). In place, as
 ``CompiledInPlaceReLU`` does under torch.compile, the backward pass reads the ReLU's output
 instead."""

@@ -61,7 +61,7 @@ class CompiledInPlaceReLU(nn.Module):
 
     Out of place, inductor's CPU code for the position-bias MLP stores a boolean mask of the
     ReLU in the forward pass, with a kernel (torch 2.14, AVX-512) about 50x slower than the ReLU:
-    1.5 ms per block call for a window of 8. A compiled tiny SwinV2 training step (batch 4, 64 px,
+    1.3 ms per block call for a window of 8. A compiled tiny SwinV2 training step (batch 4, 64 px,
     2 cores) took 28.0 ms with it and 21.0 ms without (``benchmarks/position_bias_relu.py``,
     benchmarks/RESULTS.md, session 11). In place, the backward pass reads the
     ReLU's output instead. Eager mode stays out of place: selective activation checkpointing keeps
