@@ -213,6 +213,26 @@ def format_row(row: dict[str, Any]) -> str:
             f"default picks {row['default_is']}; ms fwd+bwd {cells}; fastest {fastest}{speedup}{tflops}")
 
 
+def faster_backends(report: dict[str, Any], min_speedup: float = 1.1) -> dict[str, str]:
+    """For each of (a)-(c) (swin_v2, vit, fusion) in ``report``: the backend whose forward +
+    backward time, summed over the part's calls (each times its calls per forward), beats SDPA's
+    default by ``min_speedup`` or more. Only backends that took every call of the part compete,
+    and a part with an untimed default is left out (SDPA's own choice stays)."""
+    chosen = {}
+    for part in ("swin_v2", "vit", "fusion"):
+        rows = [row for row in report["rows"] if row["part"] == part]
+        if not rows:
+            continue
+        totals = {backend: sum(row["ms"][backend] * row["calls_per_forward"] for row in rows)
+                  for backend in BACKENDS if all(backend in row["ms"] for row in rows)}
+        if "default" not in totals:
+            continue
+        best = min(totals, key=totals.get)
+        if best != "default" and totals["default"] >= min_speedup * totals[best]:
+            chosen[part] = best
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -223,7 +243,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget", type=float, metavar="SECONDS", help="skip what starts after this many seconds")
     parser.add_argument("--json", metavar="PATH", help="also write the report here (atomically)")
+    parser.add_argument("--our-sdpa-from", metavar="PATH",
+                        help="measure nothing: read a report written with --json and print gpu_step.py's "
+                             "--our-sdpa flags for the parts where a backend beat the default by --min-speedup")
+    parser.add_argument("--min-speedup", type=float, default=1.1)
     args = parser.parse_args(argv)
+    if args.our_sdpa_from:
+        import json
+
+        chosen = faster_backends(json.loads(Path(args.our_sdpa_from).read_text()), args.min_speedup)
+        print(" ".join(f"--our-sdpa {part}={backend}" for part, backend in chosen.items()))
+        return chosen
     device = torch.device(args.device)
     shapes = dataclasses.replace(gpu_step.SMALL if args.small else gpu_step.HUGE, step_batches=(args.step_batch,))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -53,3 +53,26 @@ def test_times_every_backend_that_takes_a_call_and_names_the_fastest(tmp_path: P
     assert fusion["default_is"] == "flash_attention" and "flash" in fusion["ms"]
     swin = [row for row in rows if row["part"] == "swin_v2"]
     assert all(row["default_is"] == "math" and "flash" in row["refused"] for row in swin)  # a mask with a gradient
+
+
+def test_our_sdpa_flags_name_a_backend_only_where_it_wins_over_every_call_of_the_part(tmp_path: Path, capsys) -> None:
+    def row(part: str, count: int, **ms: float) -> dict:
+        return {"part": part, "calls_per_forward": count, "ms": ms}
+
+    report = {"rows": [
+        # fusion: efficient 2x faster than the default.
+        row("fusion", 24, default=2.0, efficient=1.0, math=3.0),
+        # vit: flash 1.05x only, under the threshold.
+        row("vit", 24, default=1.05, flash=1.0),
+        # swin_v2: efficient wins the frequent call but refused the other, so explicit (1.2x over
+        # the whole part) is named; the rare call's weight is its count.
+        row("swin_v2", 18, default=1.2, efficient=0.5, explicit=1.0),
+        row("swin_v2", 2, default=1.2, explicit=1.0),
+        row("pretrain_step", 1, default=9.0, math=1.0),  # (d)'s calls are not a part of --our-sdpa
+    ]}
+    assert attention_backends.faster_backends(report) == {"swin_v2": "explicit", "fusion": "efficient"}
+    assert attention_backends.faster_backends(report, min_speedup=1.5) == {"fusion": "efficient"}
+    path = tmp_path / "attention.json"
+    path.write_text(json.dumps(report))
+    assert attention_backends.main(["--our-sdpa-from", str(path)]) == {"swin_v2": "explicit", "fusion": "efficient"}
+    assert capsys.readouterr().out.strip() == "--our-sdpa swin_v2=explicit --our-sdpa fusion=efficient"
