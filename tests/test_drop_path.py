@@ -46,3 +46,42 @@ def test_one_pass_over_the_input_forward_and_backward() -> None:
         out.backward(grad)
     assert backward.count == 1
     assert x.grad is not None
+
+
+def test_blocks_with_different_rates_share_one_compiled_graph() -> None:
+    """Stochastic depth gives every block its own rate (a linear schedule). Compiled block-wise,
+    a rate read as a Python float was a guarded constant: one graph per block, and at `huge` the
+    fullgraph compile of the pretraining step hit dynamo's recompile limit (H100, 2026-11-28:
+    FailOnRecompileLimitHit on `self._modules['drop_path'].p == 0.1956...`)."""
+    from skysense.compilation import compile_blocks
+    from skysense.models.layers import TransformerBlock, drop_path_rates
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    blocks = torch.nn.Sequential(*(TransformerBlock(16, 2, drop_path=rate) for rate in drop_path_rates(0.3, 4))).train()
+    assert len({block.drop_path.p for block in blocks}) == 4
+    compile_blocks(blocks, (TransformerBlock,), backend="eager")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    x = torch.randn(64, 5, 16, requires_grad=True)
+    blocks(x).sum().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_compiled_drop_path_keeps_its_own_rate() -> None:
+    """Compiled, the rate is a tensor: each sample is still kept with probability 1 - p and
+    scaled by 1 / (1 - p); p = 0 keeps the input as it is."""
+    torch.manual_seed(0)
+    x = torch.ones(4096, 3)
+    for p in (0.0, 0.25):
+        out = torch.compile(DropPath(p).train(), backend="eager", fullgraph=True)(x)
+        kept = out[:, 0] != 0
+        assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / (1 - p)))
+        assert torch.all(out[~kept] == 0)
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.03
+
+
+def test_the_rate_stays_float32_when_the_model_changes_dtype() -> None:
+    drop = DropPath(0.3).to(torch.bfloat16)
+    assert drop.keep_prob.dtype == torch.float32 and drop.keep_prob.item() == torch.tensor(0.7).item()
+    assert "keep_prob" not in drop.state_dict()

@@ -14,16 +14,36 @@ from skysense.models.attention import attention
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch of a sample with probability ``p``."""
+    """Stochastic depth: drops the whole residual branch of a sample with probability ``p``.
+
+    Under ``torch.compile`` the keep probability is read from a float32 buffer, not from ``p``:
+    a Python float would be a guarded constant, so the blocks of a linear rate schedule would
+    each compile their own graph (at ``huge`` more than dynamo's recompile limit). The buffer is
+    not saved (``state_dict``) and stays float32 when the module changes dtype.
+    """
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path rate: expected 0 <= p < 1, got {p}")
         self.p = p
+        self.register_buffer("keep_prob", torch.tensor(1.0 - p, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
+        super()._apply(fn, recurse)
+        if self.keep_prob.dtype != torch.float32:  # .to(bfloat16) and the like: the rate stays exact
+            self.keep_prob = torch.tensor(1.0 - self.p, dtype=torch.float32, device=self.keep_prob.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.training:
             return x
-        keep = 1.0 - self.p
+        if torch.compiler.is_compiling():
+            keep: torch.Tensor | float = self.keep_prob  # one graph whatever the rate (p = 0: a mask of ones)
+        elif self.p == 0.0:
+            return x
+        else:
+            keep = 1.0 - self.p
         # The scale joins the (B, 1, ...) mask: one pass over x instead of two (forward and backward).
         scale = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
         return x * scale
