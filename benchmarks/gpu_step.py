@@ -823,24 +823,41 @@ def run_pretrain_step(run: Run) -> None:
         nonlocal counted
         workload = pretrain_workload(model, batch, options, checkpointed)
         workload.count_launches = not counted
+        before = allocated_gib(workload)
         row = run.measure(workload, "eager")
+        if before is not None:  # what the model, its state and leftovers held before the row
+            row["allocated_before_gib"] = before
+            run.save()
         counted = counted or row.get("host_syncs") is not None
         return row
+
+    def rebuilt(batch: int) -> None:
+        """A model built anew, with the current checkpointing: a step that ran out of memory can
+        leave its model half-updated (H100, 2026-11-28: AdamW's state half made, and every later
+        setting ran out of memory or failed with KeyError: 'exp_avg_sq')."""
+        nonlocal model
+        model.optimizer = model.views = None
+        model = None  # the old one is freed before the new one is made
+        release(device)
+        model = pretrain_model(options)
+        if checkpointed != "off":
+            pretrain_workload(model, batch, options).checkpoint(checkpointed)
 
     first = options.shapes.step_batches[0]
     for batch in options.shapes.step_batches:
         row = eager_row(batch)
         while fitted is None and checkpointed != "all" and out_of_memory(row):
-            release(device)
             checkpointed = CHECKPOINTING[CHECKPOINTING.index(checkpointed) + 1]
-            pretrain_workload(model, batch, options).checkpoint(checkpointed)
+            rebuilt(batch)
             row = eager_row(batch)
         if row["error"]:
             release(device)
-            if fitted is None and out_of_memory(row):
-                row["memory_at_failure"] = memory_at_failure(pretrain_workload(model, batch, options, checkpointed))
-                run.save()
-                release(device)
+            if out_of_memory(row):
+                rebuilt(batch)  # also for the compiled row at a smaller batch that fitted
+                if fitted is None:
+                    row["memory_at_failure"] = memory_at_failure(pretrain_workload(model, batch, options, checkpointed))
+                    run.save()
+                    rebuilt(batch)
             break
         fitted = row
     if fitted is None and out_of_memory(row):
@@ -848,10 +865,10 @@ def run_pretrain_step(run: Run) -> None:
             if run.out_of_time():
                 break
             row = eager_row(batch)
-            release(device)
             if not row["error"]:
                 fitted = row
                 break
+            rebuilt(batch)
     # Sinkhorn-Knopp's convergence test breaks a whole-model graph at every iteration: (d) is
     # compiled block-wise only.
     if fitted is not None and options.compile and options.compile_scope == "blocks":

@@ -324,6 +324,32 @@ def test_pretrain_step_checkpoints_every_block_when_the_fusion_alone_is_not_enou
         (2, "all", ""), (3, "all", "")]
 
 
+def test_a_step_that_ran_out_of_memory_in_adamw_leaves_nothing_to_the_next_setting(monkeypatch) -> None:
+    """H100, 2026-11-28: batch 3 without checkpointing ran out of memory while AdamW was making
+    its state; the model kept the half-made state, so the next settings ran out of memory too and
+    the last one failed with KeyError: 'exp_avg_sq' (a fresh process fitted it in 40.5 GiB).
+    Each retry now starts from a model built anew."""
+    def half_made_state(self, closure=None):
+        """AdamW's first step running out of memory between the first parameter's two moments."""
+        first = next(p for group in self.param_groups for p in group["params"] if p.grad is not None)
+        self.state[first].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(first))
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated, in AdamW's state)")
+
+    forward = gpu_step.PretrainStep.forward
+
+    def step(self) -> None:
+        with monkeypatch.context() as patch:
+            if _checkpointing_on(self) == "off":
+                patch.setattr(torch.optim.AdamW, "step", half_made_state)
+            forward(self)
+
+    monkeypatch.setattr(gpu_step.PretrainStep, "forward", step)
+    rows = gpu_step.run_benchmark(_quick(shapes=dataclasses.replace(TINY, step_batches=(2,)),
+                                         parts=("pretrain_step",)))["results"]
+    assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
+        (2, "off", "OutOfMemoryError"), (2, "selective", "")], rows
+
+
 def test_flops_leave_out_head_padding(monkeypatch) -> None:
     """On CUDA our SwinV2 pads heads to a multiple of 8; the MFU counts the model's own FLOPs."""
     from skysense.config import SwinV2Config
