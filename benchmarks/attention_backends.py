@@ -213,8 +213,15 @@ def format_row(row: dict[str, Any]) -> str:
             f"default picks {row['default_is']}; ms fwd+bwd {cells}; fastest {fastest}{speedup}{tflops}")
 
 
+# The backends --our-sdpa-from may name: SDPA's own. "explicit" is timed but not chosen: on the
+# H100 (2026-11-28) it beat cuDNN 1.65x on the fusion's call here, with contiguous inputs, and
+# lost inside the compiled fusion, where its batched products copied the strided q, k and v of
+# the qkv split (72 copies, 17.7 ms per step: benchmarks/RESULTS.md).
+CHOSEN_AUTOMATICALLY = ("default", *SDPA_BACKENDS)
+
+
 def faster_backends(report: dict[str, Any], min_speedup: float = 1.1) -> dict[str, str]:
-    """For each of (a)-(c) (swin_v2, vit, fusion) in ``report``: the backend whose forward +
+    """For each of (a)-(c) (swin_v2, vit, fusion) in ``report``: the SDPA backend whose forward +
     backward time, summed over the part's calls (each times its calls per forward), beats SDPA's
     default by ``min_speedup`` or more. Only backends that took every call of the part compete,
     and a part with an untimed default is left out (SDPA's own choice stays)."""
@@ -224,7 +231,7 @@ def faster_backends(report: dict[str, Any], min_speedup: float = 1.1) -> dict[st
         if not rows:
             continue
         totals = {backend: sum(row["ms"][backend] * row["calls_per_forward"] for row in rows)
-                  for backend in BACKENDS if all(backend in row["ms"] for row in rows)}
+                  for backend in CHOSEN_AUTOMATICALLY if all(backend in row["ms"] for row in rows)}
         if "default" not in totals:
             continue
         best = min(totals, key=totals.get)

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Issue 7's measurements for one lent H100 call (the `device` tool's `run`, timeout_s=600):
 #
-#     bash benchmarks/device_call.sh
+#     bash benchmarks/device_call.sh 2>&1 | tee $OUT/device_call.txt
 #     SMOKE=1 OUT=/tmp/out bash benchmarks/device_call.sh      # the same steps on the CPU, tiny shapes
 #
-# Steps, each under `timeout` and cut to what is left of DEADLINE (seconds, default 580), so
-# that a slow step costs the later ones their time but never the call its files:
-#   1. benchmarks/attention_backends.py: every attention call of (a)-(d) with every backend;
-#   2. (b) ViT-L/4 and (c) the fusion, ours and timm's, eager and compiled; our attention
-#      restricted to the backend that beat SDPA's default by 1.1x or more over the part's calls
-#      (attention_backends.py --our-sdpa-from), if one did;
-#   3. (d) the full pretraining step at the paper's batch 3, eager, down the checkpointing ladder
-#      (does it fit in 80 GB, and with what), 30 Sinkhorn-Knopp rounds without read-backs;
-#   4. (a) SwinV2-H, ours and timm's, eager and compiled block-wise with CUDA graphs
-#      (COMPILE_MODE, default reduce-overhead), with step 1's choice for our SwinV2 if any; if a
-#      compiled row failed and over 200 s are left, again in torch.compile's default mode.
+# The plan after the second H100 run (benchmarks/RESULTS.md, 2026-11-28; that call ran this
+# script as of 86ac9b1). Steps, each under `timeout` and cut to what is left of DEADLINE
+# (seconds, default 580), so that a slow step costs the later ones their time but never the call
+# its files:
+#   1. (b) ViT-L/4 and (c) the fusion, ours and timm's, eager and compiled block-wise with CUDA
+#      graphs (ENCODER_MODE, default reduce-overhead): on 2026-11-28 11.7 ms of our ViT-L step
+#      (5.0 of timm's) ran no kernel, and CUDA graphs took SwinV2-H's from 31.6 ms to 3.6 ms;
+#   2. (d) the full pretraining step at the paper's batch 3 (STEP_BATCH), down the checkpointing
+#      ladder (each retry on a model built anew), then compiled block-wise at the setting that
+#      fitted, 30 Sinkhorn-Knopp rounds without read-backs;
+#   3. with ATTENTION=1, first: benchmarks/attention_backends.py, and our attention in steps 1-2
+#      restricted to an SDPA backend that beat the default by 1.1x or more over a part's calls.
 # The tool brings back at most 8 files: every finished step's JSON and log go into
 # $OUT/done.tgz (rewritten after each step); the step in flight writes its own files into $OUT.
 set -uo pipefail
@@ -27,19 +28,18 @@ finished=$(mktemp -d)
 if [ -n "${SMOKE:-}" ]; then
     attention_args=(--device cpu --small --warmup 0 --repeats 1)
     step_args=(--device cpu --small --warmup 0 --repeats 1)
-    batch=2
+    batch=${STEP_BATCH:-2}
 else
     attention_args=()
     step_args=()
-    batch=3
+    batch=${STEP_BATCH:-3}
 fi
 
 left() { echo $((deadline - SECONDS)); }
 
 bundle() {  # bundle LABEL: the finished step's files into done.tgz; compile caches are not kept
     [ -f "$out/environment.txt" ] && mv "$out/environment.txt" "$finished/environment-$1.txt"
-    find "$out" -maxdepth 1 -type f \( -name '*.json' -o -name '*.log' -o -name 'environment*.txt' \) \
-        -exec mv -t "$finished" {} +
+    find "$out" -maxdepth 1 -type f \( -name '*.json' -o -name '*.log' \) -exec mv -t "$finished" {} +
     rm -f "$out"/*.cache
     tar czf "$out/.done.tgz" -C "$finished" . && mv "$out/.done.tgz" "$out/done.tgz"
 }
@@ -59,30 +59,19 @@ step() {  # step LABEL SECONDS COMMAND...: run it for at most SECONDS, or what i
     bundle "$label"
 }
 
-step attention 75 bash -c "python3 benchmarks/attention_backends.py ${attention_args[*]} --budget 35 \
-    --json $out/attention.json 2>&1 | tee $out/attention.log"
-ours=$(python3 benchmarks/attention_backends.py --our-sdpa-from "$finished/attention.json" 2>/dev/null)
-echo "device_call: our attention: ${ours:-none, SDPA picks}" | tee "$out/choice.log"
-read -r -a ours_args <<<"$ours"
-step enc 150 env TAG=enc BUDGET=80 bash benchmarks/gpu_step_device.sh --parts vit,fusion "${ours_args[@]}" "${step_args[@]}"
-step d 100 env TAG=d BUDGET=50 bash benchmarks/gpu_step_device.sh --parts pretrain_step --step-batch "$batch" \
-    --no-compile --warmup 2 --repeats 4 --sinkhorn-rounds 30 "${step_args[@]}"
-# The swin run compiles ours, then timm's (run 1: 159 s and 110 s): timm's compiled row starts
-# only if about 130 s are left.
-swin_budget=$(($(left) - 130))
-((swin_budget < 30)) && swin_budget=30
-step swin 600 env TAG=swin BUDGET="$swin_budget" bash benchmarks/gpu_step_device.sh --parts swin_v2 \
-    --compile-mode "${COMPILE_MODE:-reduce-overhead}" "${ours_args[@]}" "${step_args[@]}"
-# CUDA graphs untried until now: if a compiled row failed with them and over 200 s are left,
-# (a) again in torch.compile's default mode, so that it gets compiled numbers all the same.
-if [ "${COMPILE_MODE:-reduce-overhead}" != default ] && (($(left) > 200)) && python3 - "$finished/gpu_step-swin.json" <<'EOF'
-import json, sys
-rows = json.load(open(sys.argv[1]))["results"]
-failed = [r for r in rows if r["mode"] == "compiled" and r["error"] and not r["error"].startswith("skipped")]
-sys.exit(0 if failed or not any(r["mode"] == "compiled" for r in rows) else 1)
-EOF
-then
-    step swin-default 600 env TAG=swin-default BUDGET=$(($(left) - 130)) bash benchmarks/gpu_step_device.sh \
-        --parts swin_v2 "${ours_args[@]}" "${step_args[@]}"
+ours_args=()
+if [ -n "${ATTENTION:-}" ]; then
+    step attention 75 bash -c "python3 benchmarks/attention_backends.py ${attention_args[*]} --budget 35 \
+        --json $out/attention.json 2>&1 | tee $out/attention.log"
+    ours=$(python3 benchmarks/attention_backends.py --our-sdpa-from "$finished/attention.json" 2>/dev/null)
+    echo "device_call: our attention: ${ours:-none, SDPA picks}" | tee "$out/choice.log"
+    read -r -a ours_args <<<"$ours"
 fi
+step enc 150 env TAG=enc BUDGET=90 bash benchmarks/gpu_step_device.sh --parts vit,fusion \
+    --compile-mode "${ENCODER_MODE:-reduce-overhead}" "${ours_args[@]}" "${step_args[@]}"
+# (d): the eager ladder takes about a minute; then the compiled row compiles about 24 block
+# graphs (SwinV2-H's 9 for training and 9 without gradients, 3 block shapes of the ViTs and the
+# fusion, each with and without gradients): it gets everything that is left.
+step d 600 env TAG=d BUDGET=$(($(left) - 60)) bash benchmarks/gpu_step_device.sh --parts pretrain_step \
+    --step-batch "$batch" --warmup 2 --repeats 4 --sinkhorn-rounds 30 "${step_args[@]}"
 echo "device_call: done at ${SECONDS} s"

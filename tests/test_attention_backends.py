@@ -60,19 +60,20 @@ def test_our_sdpa_flags_name_a_backend_only_where_it_wins_over_every_call_of_the
         return {"part": part, "calls_per_forward": count, "ms": ms}
 
     report = {"rows": [
-        # fusion: efficient 2x faster than the default.
-        row("fusion", 24, default=2.0, efficient=1.0, math=3.0),
+        # fusion: efficient 2x faster than the default; explicit faster still, but never chosen
+        # (it lost inside the compiled model on the H100).
+        row("fusion", 24, default=2.0, efficient=1.0, math=3.0, explicit=0.5),
         # vit: flash 1.05x only, under the threshold.
         row("vit", 24, default=1.05, flash=1.0),
-        # swin_v2: efficient wins the frequent call but refused the other, so explicit (1.2x over
+        # swin_v2: efficient wins the frequent call but refused the other, so math (1.2x over
         # the whole part) is named; the rare call's weight is its count.
-        row("swin_v2", 18, default=1.2, efficient=0.5, explicit=1.0),
-        row("swin_v2", 2, default=1.2, explicit=1.0),
+        row("swin_v2", 18, default=1.2, efficient=0.5, math=1.0),
+        row("swin_v2", 2, default=1.2, math=1.0),
         row("pretrain_step", 1, default=9.0, math=1.0),  # (d)'s calls are not a part of --our-sdpa
     ]}
-    assert attention_backends.faster_backends(report) == {"swin_v2": "explicit", "fusion": "efficient"}
+    assert attention_backends.faster_backends(report) == {"swin_v2": "math", "fusion": "efficient"}
     assert attention_backends.faster_backends(report, min_speedup=1.5) == {"fusion": "efficient"}
     path = tmp_path / "attention.json"
     path.write_text(json.dumps(report))
-    assert attention_backends.main(["--our-sdpa-from", str(path)]) == {"swin_v2": "explicit", "fusion": "efficient"}
-    assert capsys.readouterr().out.strip() == "--our-sdpa swin_v2=explicit --our-sdpa fusion=efficient"
+    assert attention_backends.main(["--our-sdpa-from", str(path)]) == {"swin_v2": "math", "fusion": "efficient"}
+    assert capsys.readouterr().out.strip() == "--our-sdpa swin_v2=math --our-sdpa fusion=efficient"
