@@ -42,6 +42,7 @@ import gpu_step  # noqa: E402  (beside this file)
 
 from skysense.config import preset_config  # noqa: E402
 from skysense.models import SDPA_BACKENDS, swin_v2  # noqa: E402
+from skysense.models import short_attention  # noqa: E402
 from skysense.models.attention import explicit_attention  # noqa: E402
 from skysense.models.skysense import SkySense  # noqa: E402
 from skysense.validation import checked_on_host  # noqa: E402
@@ -49,7 +50,7 @@ from skysense.validation import checked_on_host  # noqa: E402
 # "default": SDPA's own choice; "explicit": skysense.models.attention.explicit_attention, the
 # model's own softmax(q k^T * scale + mask) v in the inputs' dtype.
 BACKENDS: dict[str, list[SDPBackend] | None] = {
-    "default": None, **{name: [backend] for name, backend in SDPA_BACKENDS.items()}, "explicit": None,
+    "default": None, **{name: [backend] for name, backend in SDPA_BACKENDS.items()}, "explicit": None, "short": None,
 }
 
 
@@ -126,14 +127,25 @@ class AttentionInputs:
 
     @classmethod
     def make(cls, call: AttentionCall, device: torch.device, dtype: torch.dtype) -> "AttentionInputs":
+        """Unmasked calls (the ViTs' and the fusion's blocks) get q, k and v as those blocks make
+        them: (N, L, 3C) split along the channels, each viewed as (N, H, L, D), strided; masked
+        ones (SwinV2's windows, after the cosine normalisation) contiguous tensors. A backend
+        that copies strided inputs pays for it here as in the model (the explicit product on
+        the H100, 2026-11-28, did not, when every input was contiguous)."""
         g = torch.Generator(device=device).manual_seed(0)
 
         def tensor(shape: tuple[int, ...], grad: bool) -> torch.Tensor:
             return torch.randn(shape, generator=g, device=device, dtype=dtype).requires_grad_(grad)
 
         mask = None if call.mask is None else tensor(call.mask, call.mask_grad)
-        return cls(tensor(call.query, True), tensor(call.key, True), tensor(call.key, True), mask,
-                   tensor(call.query, False))
+        if call.mask is None and call.query == call.key:
+            n, heads, length, width = call.query
+            qkv = torch.randn(n, length, 3 * heads * width, generator=g, device=device, dtype=dtype)
+            q, k, v = (t.reshape(n, length, heads, width).transpose(1, 2).requires_grad_()
+                       for t in qkv.split(heads * width, -1))
+        else:
+            q, k, v = tensor(call.query, True), tensor(call.key, True), tensor(call.key, True)
+        return cls(q, k, v, mask, tensor(call.query, False))
 
 
 def time_backend(call: AttentionCall, inputs: AttentionInputs, backend: str, device: torch.device,
@@ -142,9 +154,15 @@ def time_backend(call: AttentionCall, inputs: AttentionInputs, backend: str, dev
     when the backend refuses it."""
     q, k, v, mask = inputs.q, inputs.k, inputs.v, inputs.mask
 
+    if backend == "short" and (mask is not None or not short_attention.supports(q, k, v)):
+        raise RuntimeError(f"short: takes no mask, up to {short_attention.MAX_LENGTH} tokens, heads of "
+                           f"{list(short_attention.HEAD_WIDTHS)}, CUDA; got q {tuple(q.shape)} on {q.device}")
+
     def step() -> None:
         if backend == "explicit":
             out = explicit_attention(q, k, v, mask, call.scale)
+        elif backend == "short":
+            out = short_attention.short_attention(q, k, v, None, call.scale)
         elif BACKENDS[backend] is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
         else:
@@ -213,15 +231,16 @@ def format_row(row: dict[str, Any]) -> str:
             f"default picks {row['default_is']}; ms fwd+bwd {cells}; fastest {fastest}{speedup}{tflops}")
 
 
-# The backends --our-sdpa-from may name: SDPA's own. "explicit" is timed but not chosen: on the
+# The backends --our-sdpa-from may name: SDPA's own and the short-sequence kernel, which reads
+# strided inputs as they come and sits in the compiled graph. "explicit" is timed but not chosen: on the
 # H100 (2026-11-28) it beat cuDNN 1.65x on the fusion's call here, with contiguous inputs, and
 # lost inside the compiled fusion, where its batched products copied the strided q, k and v of
 # the qkv split (72 copies, 17.7 ms per step: benchmarks/RESULTS.md).
-CHOSEN_AUTOMATICALLY = ("default", *SDPA_BACKENDS)
+CHOSEN_AUTOMATICALLY = ("default", *SDPA_BACKENDS, "short")
 
 
 def faster_backends(report: dict[str, Any], min_speedup: float = 1.1) -> dict[str, str]:
-    """For each of (a)-(c) (swin_v2, vit, fusion) in ``report``: the SDPA backend whose forward +
+    """For each of (a)-(c) (swin_v2, vit, fusion) in ``report``: the backend (SDPA's, or "short") whose forward +
     backward time, summed over the part's calls (each times its calls per forward), beats SDPA's
     default by ``min_speedup`` or more. Only backends that took every call of the part compete,
     and a part with an untimed default is left out (SDPA's own choice stays)."""

@@ -14,8 +14,10 @@
 #   2. (d) the full pretraining step at the paper's batch 3 (STEP_BATCH), down the checkpointing
 #      ladder (each retry on a model built anew), then compiled block-wise at the setting that
 #      fitted, 30 Sinkhorn-Knopp rounds without read-backs;
-#   3. with ATTENTION=1, first: benchmarks/attention_backends.py, and our attention in steps 1-2
-#      restricted to an SDPA backend that beat the default by 1.1x or more over a part's calls.
+#   0. first (unless ATTENTION=0): benchmarks/attention_backends.py on (b)'s and (c)'s calls, and
+#      our attention in step 1 restricted to the backend (SDPA's, or the short-sequence Triton
+#      kernel "short") that beat SDPA's default by 1.1x or more over the part's calls; "short",
+#      when chosen, also in step 2 (where it leaves the calls it does not take to SDPA).
 # The tool brings back at most 8 files: every finished step's JSON and log go into
 # $OUT/done.tgz (rewritten after each step); the step in flight writes its own files into $OUT.
 set -uo pipefail
@@ -60,12 +62,16 @@ step() {  # step LABEL SECONDS COMMAND...: run it for at most SECONDS, or what i
 }
 
 ours_args=()
-if [ -n "${ATTENTION:-}" ]; then
-    step attention 75 bash -c "python3 benchmarks/attention_backends.py ${attention_args[*]} --budget 35 \
-        --json $out/attention.json 2>&1 | tee $out/attention.log"
+step_ours_args=()
+if [ "${ATTENTION:-1}" != 0 ]; then
+    step attention 75 bash -c "python3 benchmarks/attention_backends.py ${attention_args[*]} --parts vit,fusion \
+        --budget 35 --json $out/attention.json 2>&1 | tee $out/attention.log"
     ours=$(python3 benchmarks/attention_backends.py --our-sdpa-from "$finished/attention.json" 2>/dev/null)
     echo "device_call: our attention: ${ours:-none, SDPA picks}" | tee "$out/choice.log"
     read -r -a ours_args <<<"$ours"
+    for flag in "${ours_args[@]}"; do
+        [[ $flag == *=short ]] && step_ours_args+=(--our-sdpa "$flag")
+    done
 fi
 step enc 150 env TAG=enc BUDGET=90 bash benchmarks/gpu_step_device.sh --parts vit,fusion \
     --compile-mode "${ENCODER_MODE:-reduce-overhead}" "${ours_args[@]}" "${step_args[@]}"
@@ -73,5 +79,5 @@ step enc 150 env TAG=enc BUDGET=90 bash benchmarks/gpu_step_device.sh --parts vi
 # graphs (SwinV2-H's 9 for training and 9 without gradients, 3 block shapes of the ViTs and the
 # fusion, each with and without gradients): it gets everything that is left.
 step d 600 env TAG=d BUDGET=$(($(left) - 60)) bash benchmarks/gpu_step_device.sh --parts pretrain_step \
-    --step-batch "$batch" --warmup 2 --repeats 4 --sinkhorn-rounds 30 "${step_args[@]}"
+    --step-batch "$batch" --warmup 2 --repeats 4 --sinkhorn-rounds 30 "${step_ours_args[@]}" "${step_args[@]}"
 echo "device_call: done at ${SECONDS} s"

@@ -111,11 +111,22 @@ def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _short_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _short_attention_backward_flops(query_shape, key_shape, value_shape, mask_shape, out_shape_, grad_out_shape,
+                                    *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 # FlopCounterMode knows the CUDA attention kernels only; the CPU's flash kernel (any mask, any
-# head dim) would count as zero.
+# head dim) and our short-sequence kernels (skysense.models.short_attention) would count as zero.
 CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    torch.ops.skysense.short_attention: _short_attention_flops,
+    torch.ops.skysense.short_attention_backward: _short_attention_backward_flops,
 }
 
 

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -46,7 +48,7 @@ def test_times_every_backend_that_takes_a_call_and_names_the_fastest(tmp_path: P
     for row in rows:
         assert set(row["ms"]) | set(row["refused"]) == set(attention_backends.BACKENDS)
         # No fused kernel of CUDA runs on a CPU; the math path and the explicit product always do.
-        assert {"cudnn", "efficient"} <= set(row["refused"]) and {"math", "explicit", "default"} <= set(row["ms"])
+        assert {"cudnn", "efficient", "short"} <= set(row["refused"]) and {"math", "explicit", "default"} <= set(row["ms"])
         assert row["fastest"] in row["ms"] and row["ms"][row["fastest"]] == min(row["ms"].values())
         assert row["forward_flops"] > 0
     fusion = next(row for row in rows if row["part"] == "fusion")
@@ -73,7 +75,21 @@ def test_our_sdpa_flags_name_a_backend_only_where_it_wins_over_every_call_of_the
     ]}
     assert attention_backends.faster_backends(report) == {"swin_v2": "math", "fusion": "efficient"}
     assert attention_backends.faster_backends(report, min_speedup=1.5) == {"fusion": "efficient"}
+    short_wins = {"rows": [row("fusion", 24, default=2.0, efficient=1.5, short=1.0)]}
+    assert attention_backends.faster_backends(short_wins) == {"fusion": "short"}
     path = tmp_path / "attention.json"
     path.write_text(json.dumps(report))
     assert attention_backends.main(["--our-sdpa-from", str(path)]) == {"swin_v2": "math", "fusion": "efficient"}
     assert capsys.readouterr().out.strip() == "--our-sdpa swin_v2=math --our-sdpa fusion=efficient"
+
+
+def test_unmasked_calls_get_q_k_v_strided_as_the_blocks_make_them() -> None:
+    """The ViTs' and the fusion's q, k, v are views of one (N, L, 3C) projection; SwinV2's,
+    normalised, are contiguous. A backend that copies strided inputs must pay for it here too."""
+    call = attention_backends.AttentionCall((2, 4, 8, 16), (2, 4, 8, 16), None, False, None)
+    inputs = attention_backends.AttentionInputs.make(call, torch.device("cpu"), torch.float32)
+    assert inputs.q.shape == (2, 4, 8, 16) and inputs.q.stride() == (8 * 3 * 64, 16, 3 * 64, 1)
+    assert inputs.k.data_ptr() == inputs.q.data_ptr() + 64 * inputs.q.element_size()
+    masked = attention_backends.AttentionCall((2, 4, 8, 16), (2, 4, 8, 16), (1, 4, 8, 8), True, 1.0)
+    inputs = attention_backends.AttentionInputs.make(masked, torch.device("cpu"), torch.float32)
+    assert inputs.q.is_contiguous() and inputs.mask.requires_grad

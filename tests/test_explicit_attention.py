@@ -81,7 +81,7 @@ def test_skysense_with_explicit_attention_everywhere_matches_sdpa() -> None:
 
 def test_explicit_is_named_alone() -> None:
     assert check_attention_backends("explicit") == ("explicit",)
-    with pytest.raises(ValueError, match=r"fusion: expected one or more of .*or \[explicit\] alone, got \['explicit', 'math'\]"):
+    with pytest.raises(ValueError, match=r"fusion: expected one or more of .*or one of \['explicit', 'short'\] alone, got \['explicit', 'math'\]"):
         check_attention_backends(["explicit", "math"], "fusion")
 
 

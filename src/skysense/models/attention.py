@@ -10,7 +10,10 @@ first) around a softmax accumulated in float32 (or wider), with its own backward
 kernels forward and five backward without a mask. For very short sequences (the fusion's 32 tokens), where a flash
 kernel's tiles are mostly empty, plain batched products may be faster; under ``torch.compile``
 inductor would rewrite such a product back into SDPA, so it is one opaque operator
-(``skysense::explicit_attention``). ``benchmarks/attention_backends.py`` times every choice.
+(``skysense::explicit_attention``). ``"short"`` is :mod:`skysense.models.short_attention`: one
+Triton program per sequence and head for sequences of up to 64 tokens (the fusion's), with no
+mask or a key-padding mask; calls it does not take (longer sequences, additive masks, the CPU)
+run SDPA with torch's choice. ``benchmarks/attention_backends.py`` times every choice.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from skysense.models import short_attention
+
 # Names of torch's SDPA backends.
 SDPA_BACKENDS: dict[str, SDPBackend] = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -30,8 +35,10 @@ SDPA_BACKENDS: dict[str, SDPBackend] = {
     "math": SDPBackend.MATH,
 }
 EXPLICIT = "explicit"
-# Every name :func:`set_attention_backends` takes; ``"explicit"`` only on its own.
-ATTENTION_BACKENDS: tuple[str, ...] = (*SDPA_BACKENDS, EXPLICIT)
+SHORT = "short"
+# Every name :func:`set_attention_backends` takes; ``"explicit"`` and ``"short"`` only on their own.
+ATTENTION_BACKENDS: tuple[str, ...] = (*SDPA_BACKENDS, EXPLICIT, SHORT)
+ALONE = (EXPLICIT, SHORT)
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -107,16 +114,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if backends == (EXPLICIT,):
         return explicit_attention(q, k, v, attn_mask, scale)
+    if backends == (SHORT,):
+        key_padding_mask = _key_padding(attn_mask, q)
+        if (attn_mask is None or key_padding_mask is not None) and short_attention.supports(q, k, v, key_padding_mask):
+            return short_attention.short_attention(q, k, v, key_padding_mask, scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     with sdpa_kernel([SDPA_BACKENDS[name] for name in backends]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+def _key_padding(attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """The (N, L) key-padding mask behind a boolean (N, 1, 1, L) attention mask, or None."""
+    if attn_mask is None or attn_mask.dtype != torch.bool or attn_mask.dim() != 4:
+        return None
+    n, _, _, length = q.shape
+    if tuple(attn_mask.shape) != (n, 1, 1, length):
+        return None
+    return attn_mask[:, 0, 0, :]
 
 
 def check_attention_backends(backends: Sequence[str], name: str = "attention backends") -> tuple[str, ...]:
     """``backends`` as a tuple, or ``ValueError`` naming ``name`` unless it is one or more of
     SDPA's backends, or ``"explicit"`` alone."""
     names = [backends] if isinstance(backends, str) else list(backends)
-    if not names or any(n not in ATTENTION_BACKENDS for n in names) or (EXPLICIT in names and len(names) > 1):
-        raise ValueError(f"{name}: expected one or more of {list(SDPA_BACKENDS)}, or [{EXPLICIT}] alone, "
+    if not names or any(n not in ATTENTION_BACKENDS for n in names) or (set(ALONE) & set(names) and len(names) > 1):
+        raise ValueError(f"{name}: expected one or more of {list(SDPA_BACKENDS)}, or one of {list(ALONE)} alone, "
                          f"got {backends!r}")
     return tuple(names)
 

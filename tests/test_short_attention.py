@@ -1,0 +1,162 @@
+"""skysense.models.short_attention: the Triton kernels for short sequences, run on the CPU by
+Triton's interpreter (in a subprocess: Triton reads TRITON_INTERPRET when a kernel is defined).
+
+The interpreter's half-precision matrix products are right for float16 and wrong for bfloat16
+(triton 3.8: a 16 x 16 bf16 `tl.dot` was off by 2.6e10), so the kernels are checked in float32
+and float16; bfloat16 runs the same code with another element type.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skysense.models import short_attention
+from skysense.models.attention import attention
+
+triton = pytest.importorskip("triton")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _interpreted(code: str) -> str:
+    """Run ``code`` in a fresh Python with Triton's interpreter on; its standard output."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_outputs_and_gradients_match_float64_sdpa_on_strided_inputs() -> None:
+    """q, k, v as the qkv projection's split makes them (strided, transposed views), with and
+    without a key-padding mask, 20 tokens in a 32-row block: the output, its (N, L, H, D) layout,
+    and the three gradients against SDPA in float64."""
+    out = _interpreted("""
+        import torch, torch.nn.functional as F
+        from skysense.models.short_attention import short_attention
+        torch.manual_seed(0)
+        n, heads, length, width = 3, 2, 20, 32
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 4e-3)):
+            qkv = torch.randn(n, length, 3 * heads * width).to(dtype)
+            q, k, v = (t.reshape(n, length, heads, width).transpose(1, 2).detach().requires_grad_()
+                       for t in qkv.split(heads * width, -1))
+            for mask in (None, torch.rand(n, length, generator=torch.Generator().manual_seed(1)) > 0.3):
+                out = short_attention(q, k, v, mask, scale=0.3)
+                assert out.stride() == (length * heads * width, width, heads * width, 1), out.stride()
+                ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+                ref = F.scaled_dot_product_attention(*ref_in, attn_mask=None if mask is None else mask[:, None, None, :],
+                                                     scale=0.3)
+                grad = torch.randn_like(out)
+                grads = torch.autograd.grad(out, (q, k, v), grad)
+                ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+                errors = [(a.double() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))]
+                assert max(errors) < tolerance, (dtype, mask is not None, errors)
+                print(dtype, mask is not None, "%.1e" % max(errors))
+        """)
+    assert out.count("\n") == 4, out
+
+
+def test_a_query_with_no_key_gets_zeros_and_no_nan() -> None:
+    out = _interpreted("""
+        import torch
+        from skysense.models.short_attention import short_attention
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 2, 8, 16, requires_grad=True) for _ in range(3))
+        mask = torch.ones(2, 8, dtype=torch.bool)
+        mask[1] = False  # the second sequence has no key to attend
+        out = short_attention(q, k, v, mask)
+        out.sum().backward()
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isfinite(out).all()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+        assert torch.equal(k.grad[1], torch.zeros_like(k.grad[1])) and torch.equal(v.grad[1], torch.zeros_like(v.grad[1]))
+        print("ok")
+        """)
+    assert out.strip() == "ok"
+
+
+def test_a_traced_fusion_block_with_the_short_kernel_trains_as_with_sdpa() -> None:
+    """A fusion block set to ``"short"`` under torch.compile (aot_eager: the op's fake tensors and
+    autograd traced, the kernels run by the interpreter): the output and every gradient equal
+    the SDPA block's, with a key-padding mask."""
+    out = _interpreted("""
+        import copy, torch
+        from skysense.models.attention import set_attention_backends
+        from skysense.models.layers import TransformerBlock
+        torch.manual_seed(0)
+        block = TransformerBlock(64, 4).train()
+        short = copy.deepcopy(block)
+        set_attention_backends(short, ["short"])
+        short = torch.compile(short, backend="aot_eager", fullgraph=True)
+        x = torch.randn(6, 12, 64)
+        mask = torch.rand(6, 12, generator=torch.Generator().manual_seed(1)) > 0.2
+        results = []
+        for model in (block, short):
+            x_in = x.clone().requires_grad_()
+            out = model(x_in, mask)
+            out.square().mean().backward()
+            results.append([out, x_in.grad] + [p.grad for p in model.parameters()])
+        errors = [(a - b).abs().max().item() for a, b in zip(*results)]
+        assert len(errors) == 2 + len(list(block.parameters())) and max(errors) < 1e-5, errors
+        print("%.1e" % max(errors))
+        """)
+    assert float(out) < 1e-5
+
+
+def test_without_a_gpu_the_short_backend_runs_sdpa() -> None:
+    """On the CPU (no interpreter) ``"short"`` is SDPA's default, bit for bit, and a direct call
+    says what it expected."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 32, 64) for _ in range(3))
+    mask = torch.rand(2, 1, 1, 32) > 0.2
+    assert not short_attention.supports(q, k, v, mask[:, 0, 0])
+    assert torch.equal(attention(q, k, v, mask, backends=("short",)), F.scaled_dot_product_attention(q, k, v, mask))
+    with pytest.raises(ValueError, match=r"short_attention: expected .* got q \(2, 4, 32, 64\) torch.float32 on cpu"):
+        short_attention.short_attention(q, k, v)
+
+
+@pytest.mark.parametrize("shape, width, mask, expected", [
+    ((2, 4, 64, 64), 64, None, True),
+    ((2, 4, 65, 64), 64, None, False),  # longer than one program holds
+    ((2, 4, 32, 48), 48, None, False),  # SwinV2-H's padded heads: not a power of two
+    ((2, 4, 32, 64), 64, "bool", True),
+    ((2, 4, 32, 64), 64, "additive", False),
+])
+def test_which_calls_it_takes(monkeypatch, shape, width, mask, expected) -> None:
+    monkeypatch.setattr(short_attention, "interpreted", lambda: True)
+    q = torch.empty(shape)
+    key_mask = {None: None, "bool": torch.ones(shape[0], shape[2], dtype=torch.bool),
+                "additive": torch.zeros(shape[0], shape[2])}[mask]
+    assert short_attention.supports(q, q, q, key_mask) is expected
+
+
+def test_the_benchmark_counts_its_flops_as_sdpa_s() -> None:
+    """benchmarks/gpu_step.py's FLOP count of a block step is the same with the short kernel as
+    with SDPA (FlopCounterMode does not know our operators: gpu_step maps them)."""
+    out = _interpreted(f"""
+        import copy, sys, torch
+        sys.path.insert(0, {str(SRC.parent / "benchmarks")!r})
+        import gpu_step
+        from skysense.models.attention import set_attention_backends
+        from skysense.models.layers import TransformerBlock
+        torch.manual_seed(0)
+        block = TransformerBlock(64, 4).train()
+        short = copy.deepcopy(block)
+        set_attention_backends(short, ["short"])
+        x = torch.randn(6, 12, 64)
+        counts = []
+        for model in (block, short):
+            with gpu_step.ModelFlopCounter(display=False, custom_mapping=gpu_step.CPU_ATTENTION_FLOPS) as counter:
+                model(x).square().mean().backward()
+            counts.append(counter.get_total_flops())
+        attention = 3 * 4 * 6 * 12 * 12 * 64  # forward and backward (3x): 4 N L^2 C
+        assert counts[0] == counts[1] and counts[0] > attention, counts
+        print(counts[1])
+        """)
+    assert int(out) > 0
