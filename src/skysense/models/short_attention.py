@@ -64,23 +64,42 @@ def _block(length: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _forward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
-                        q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, out_n, out_h, out_l,
-                        heads, length, scale,
-                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+    def _load_rows(ptr, offset, row_stride, rows, cols, inside):
+        """One head's (BLOCK, WIDTH) rows, zeros past the sequence."""
+        return tl.load(ptr + offset + rows[:, None] * row_stride + cols[None, :], mask=inside[:, None], other=0.0)
+
+    @triton.jit
+    def _head_inputs(q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, heads, length,
+                     BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+        """This program's sequence and head, its rows and columns, and its q, k and v."""
         program = tl.program_id(0)
         n = program // heads
         h = program % heads
         rows = tl.arange(0, BLOCK)
         cols = tl.arange(0, WIDTH)
         inside = rows < length
-        q = tl.load(q_ptr + n * q_n + h * q_h + rows[:, None] * q_l + cols[None, :], mask=inside[:, None], other=0.0)
-        k = tl.load(k_ptr + n * k_n + h * k_h + rows[:, None] * k_l + cols[None, :], mask=inside[:, None], other=0.0)
-        v = tl.load(v_ptr + n * v_n + h * v_h + rows[:, None] * v_l + cols[None, :], mask=inside[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
+        q = _load_rows(q_ptr, n * q_n + h * q_h, q_l, rows, cols, inside)
+        k = _load_rows(k_ptr, n * k_n + h * k_h, k_l, rows, cols, inside)
+        v = _load_rows(v_ptr, n * v_n + h * v_h, v_l, rows, cols, inside)
+        return n, h, rows, cols, inside, q, k, v
+
+    @triton.jit
+    def _scores(q, k, scale, mask_ptr, mask_offset, rows, inside, HAS_MASK: tl.constexpr):
+        """``q k^T * scale`` in float32, and which keys may be attended."""
         keys = inside
         if HAS_MASK:
-            keys = keys & (tl.load(mask_ptr + n * mask_n + rows, mask=inside, other=0) != 0)
+            keys = keys & (tl.load(mask_ptr + mask_offset + rows, mask=inside, other=0) != 0)
+        return tl.dot(q, tl.trans(k)) * scale, keys
+
+    @triton.jit
+    def _forward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
+                        q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, out_n, out_h, out_l,
+                        heads, length, scale,
+                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+        program = tl.program_id(0)
+        n, h, rows, cols, inside, q, k, v = _head_inputs(
+            q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, heads, length, BLOCK, WIDTH)
+        scores, keys = _scores(q, k, scale, mask_ptr, n * mask_n, rows, inside, HAS_MASK)
         scores = tl.where(keys[None, :], scores, float("-inf"))
         top = tl.max(scores, 1)
         top = tl.where(top == float("-inf"), 0.0, top)  # a row with no key: zeros, not NaN
@@ -100,23 +119,12 @@ if triton is not None:
                          heads, length, scale,
                          HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
         program = tl.program_id(0)
-        n = program // heads
-        h = program % heads
-        rows = tl.arange(0, BLOCK)
-        cols = tl.arange(0, WIDTH)
-        inside = rows < length
-        q = tl.load(q_ptr + n * q_n + h * q_h + rows[:, None] * q_l + cols[None, :], mask=inside[:, None], other=0.0)
-        k = tl.load(k_ptr + n * k_n + h * k_h + rows[:, None] * k_l + cols[None, :], mask=inside[:, None], other=0.0)
-        v = tl.load(v_ptr + n * v_n + h * v_h + rows[:, None] * v_l + cols[None, :], mask=inside[:, None], other=0.0)
-        out = tl.load(out_ptr + n * out_n + h * out_h + rows[:, None] * out_l + cols[None, :],
-                      mask=inside[:, None], other=0.0)
-        grad = tl.load(grad_ptr + n * g_n + h * g_h + rows[:, None] * g_l + cols[None, :],
-                       mask=inside[:, None], other=0.0)
+        n, h, rows, cols, inside, q, k, v = _head_inputs(
+            q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, heads, length, BLOCK, WIDTH)
+        out = _load_rows(out_ptr, n * out_n + h * out_h, out_l, rows, cols, inside)
+        grad = _load_rows(grad_ptr, n * g_n + h * g_h, g_l, rows, cols, inside)
         lse = tl.load(lse_ptr + program * BLOCK + rows)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        keys = inside
-        if HAS_MASK:
-            keys = keys & (tl.load(mask_ptr + n * mask_n + rows, mask=inside, other=0) != 0)
+        scores, keys = _scores(q, k, scale, mask_ptr, n * mask_n, rows, inside, HAS_MASK)
         p = tl.where(keys[None, :] & inside[:, None], tl.exp(scores - lse[:, None]), 0.0)
         dv = tl.dot(tl.trans(p.to(grad.dtype)), grad)
         dp = tl.dot(grad, tl.trans(v))
@@ -136,6 +144,12 @@ def _heads_last(shape: torch.Size, like: Tensor) -> Tensor:
     n, heads, length, width = shape
     return torch.empty_strided(shape, (length * heads * width, width, heads * width, 1), dtype=like.dtype,
                                device=like.device)
+
+
+def _launcher(kernel):
+    """``kernel`` as torch.compile can trace it (``wrap_triton``), or as it is under the
+    interpreter, which torch 2.11's ``wrap_triton`` does not take."""
+    return kernel if interpreted() else torch.library.wrap_triton(kernel)
 
 
 def _mask_arguments(q: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, int]:
@@ -160,7 +174,7 @@ def _short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
     out = _heads_last(q.shape, q)
     lse = torch.empty((n * heads, block), dtype=torch.float32, device=q.device)
     mask, mask_n = _mask_arguments(q, key_padding_mask)
-    torch.library.wrap_triton(_forward_kernel)[(n * heads,)](
+    _launcher(_forward_kernel)[(n * heads,)](
         q, k, v, mask, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask_n, out.stride(0), out.stride(1), out.stride(2),
@@ -175,7 +189,7 @@ def _short_attention_backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask:
     n, heads, length, width = q.shape
     dq, dk, dv = (_heads_last(q.shape, t) for t in (q, k, v))
     mask, mask_n = _mask_arguments(q, key_padding_mask)
-    torch.library.wrap_triton(_backward_kernel)[(n * heads,)](
+    _launcher(_backward_kernel)[(n * heads,)](
         q, k, v, mask, out, grad, lse, dq, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask_n, out.stride(0), out.stride(1), out.stride(2),
