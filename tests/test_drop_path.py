@@ -85,3 +85,30 @@ def test_the_rate_stays_float32_when_the_model_changes_dtype() -> None:
     drop = DropPath(0.3).to(torch.bfloat16)
     assert drop.keep_prob.dtype == torch.float32 and drop.keep_prob.item() == torch.tensor(0.7).item()
     assert "keep_prob" not in drop.state_dict()
+
+
+def test_a_rate_built_on_the_meta_device_moves_with_the_model() -> None:
+    """Models are built on the meta device and loaded with ``assign=True`` (skysense.weights): the
+    rate is not in the file, so a move to a real device makes it anew, exact and float32."""
+    with torch.device("meta"):
+        drop = DropPath(0.3)
+    assert drop.keep_prob.is_meta
+    drop = drop.to("cpu")
+    assert drop.keep_prob.device.type == "cpu" and drop.keep_prob.item() == torch.tensor(0.7).item()
+    drop.to_empty(device="cpu")
+    assert drop.keep_prob.item() == torch.tensor(0.7).item()  # not left uninitialised
+
+
+def test_from_pretrained_makes_the_rates_on_the_map_location(tmp_path) -> None:
+    from skysense import SkySense
+    from skysense.config import preset_config
+    from skysense.weights import from_pretrained, save_pretrained
+
+    config = preset_config("tiny")
+    config.s2.drop_path_rate = 0.2
+    save_pretrained(SkySense(config), tmp_path)
+    model = from_pretrained(tmp_path)
+    rates = [m for m in model.modules() if isinstance(m, DropPath)]
+    assert rates and all(not m.keep_prob.is_meta and m.keep_prob.item() == torch.tensor(1 - m.p).item() for m in rates)
+    assert max(m.p for m in rates) > 0
+    model.to("cpu")  # moved as a whole without 'Cannot copy out of meta tensor'

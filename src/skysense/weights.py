@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from skysense.config import SkySenseConfig
 from skysense.models import SkySense
+from skysense.models.layers import DropPath
 from skysense.models.swin_v2 import WindowAttentionV2, log_spaced_relative_coords, relative_position_index
 
 WEIGHTS_NAME = "model.safetensors"
@@ -80,8 +81,11 @@ def from_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
 
 
 def _rebuild_non_persistent_buffers(model: SkySense, device: str | torch.device) -> None:
-    """Buffers not stored in the file (SwinV2 coordinate tables) are recomputed on ``device``."""
+    """Buffers not stored in the file (SwinV2 coordinate tables, drop-path rates) are recomputed
+    on ``device``."""
     for module in model.modules():
+        if isinstance(module, DropPath):
+            module.reset_keep_prob(device)
         if isinstance(module, WindowAttentionV2):
             module.relative_coords_table = log_spaced_relative_coords(module.window).to(device)
             module.relative_position_index = relative_position_index(module.window).to(device)

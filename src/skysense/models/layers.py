@@ -30,10 +30,21 @@ class DropPath(nn.Module):
         self.register_buffer("keep_prob", torch.tensor(1.0 - p, dtype=torch.float32), persistent=False)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
-        super()._apply(fn, recurse)
-        if self.keep_prob.dtype != torch.float32:  # .to(bfloat16) and the like: the rate stays exact
-            self.keep_prob = torch.tensor(1.0 - self.p, dtype=torch.float32, device=self.keep_prob.device)
+        """Moves and casts make the rate anew instead of converting it: it stays exact and float32,
+        and a model built on the meta device and loaded with ``assign=True`` (the rate is not
+        saved) moves like the rest of it."""
+        keep = self._buffers.pop("keep_prob")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["keep_prob"] = keep
+        probe = torch.zeros((), device="cpu" if keep.is_meta else keep.device)
+        self.reset_keep_prob(fn(probe).device)
         return self
+
+    def reset_keep_prob(self, device: torch.device | str) -> None:
+        """Make the keep-probability buffer on ``device`` (e.g. after loading onto the meta device)."""
+        self.keep_prob = torch.tensor(1.0 - self.p, dtype=torch.float32, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
