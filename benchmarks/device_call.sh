@@ -16,8 +16,8 @@
 #      fitted, 30 Sinkhorn-Knopp rounds without read-backs;
 #   0. first (unless ATTENTION=0): benchmarks/attention_backends.py on (b)'s and (c)'s calls, and
 #      our attention in step 1 restricted to the backend (SDPA's, or the short-sequence Triton
-#      kernel "short") that beat SDPA's default by 1.1x or more over the part's calls; "short",
-#      when chosen, also in step 2 (where it leaves the calls it does not take to SDPA).
+#      kernel "short") that beat SDPA's default by 1.1x or more over the part's calls; "short"
+#      for (d)'s fusion too if our compiled fusion with it then beat timm's in step 1.
 # The tool brings back at most 8 files: every finished step's JSON and log go into
 # $OUT/done.tgz (rewritten after each step); the step in flight writes its own files into $OUT.
 set -uo pipefail
@@ -69,12 +69,21 @@ if [ "${ATTENTION:-1}" != 0 ]; then
     ours=$(python3 benchmarks/attention_backends.py --our-sdpa-from "$finished/attention.json" 2>/dev/null)
     echo "device_call: our attention: ${ours:-none, SDPA picks}" | tee "$out/choice.log"
     read -r -a ours_args <<<"$ours"
-    for flag in "${ours_args[@]}"; do
-        [[ $flag == *=short ]] && step_ours_args+=(--our-sdpa "$flag")
-    done
 fi
 step enc 150 env TAG=enc BUDGET=90 bash benchmarks/gpu_step_device.sh --parts vit,fusion \
     --compile-mode "${ENCODER_MODE:-reduce-overhead}" "${ours_args[@]}" "${step_args[@]}"
+# "short" for (d)'s fusion only if it was chosen and our compiled fusion then beat timm's in step 1:
+# a kernel that fails or loses inside the compiled model must not cost (d) its compiled row.
+if [[ " ${ours_args[*]} " == *" fusion=short "* ]] && python3 - "$finished/gpu_step-enc.json" <<'EOF'
+import json, sys
+rows = {(r["part"], r["implementation"], r["mode"]): r for r in json.load(open(sys.argv[1]))["results"]}
+ours, timm = rows.get(("fusion", "skysense", "compiled")), rows.get(("fusion", "timm", "compiled"))
+sys.exit(0 if ours and timm and not ours["error"] and not timm["error"] and ours["step_ms"] < timm["step_ms"] else 1)
+EOF
+then
+    step_ours_args=(--our-sdpa fusion=short)
+fi
+echo "device_call: (d) attention: ${step_ours_args[*]:-SDPA picks}" | tee "$out/choice-d.log"
 # (d): the eager ladder takes about a minute; then the compiled row compiles about 24 block
 # graphs (SwinV2-H's 9 for training and 9 without gradients, 3 block shapes of the ViTs and the
 # fusion, each with and without gradients): it gets everything that is left.

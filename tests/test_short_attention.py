@@ -2,8 +2,9 @@
 Triton's interpreter (in a subprocess: Triton reads TRITON_INTERPRET when a kernel is defined).
 
 The interpreter's half-precision matrix products are right for float16 and wrong for bfloat16
-(triton 3.8: a 16 x 16 bf16 `tl.dot` was off by 2.6e10), so the kernels are checked in float32
-and float16; bfloat16 runs the same code with another element type.
+(triton 3.8: a 16 x 16 bf16 `tl.dot` was off by 2.6e10), so the kernels' values are checked in
+float32 and float16; bfloat16 runs the same code with another element type, and Triton's
+compiler builds it for the H100 here, without a GPU.
 """
 
 from __future__ import annotations
@@ -160,3 +161,29 @@ def test_the_benchmark_counts_its_flops_as_sdpa_s() -> None:
         print(counts[1])
         """)
     assert int(out) > 0
+
+
+@pytest.mark.parametrize("dtype, block, width, mask", [("bf16", 32, 64, False), ("bf16", 32, 64, True),
+                                                      ("fp32", 64, 128, False)])
+def test_the_kernels_compile_for_hopper_without_a_gpu(dtype: str, block: int, width: int, mask: bool) -> None:
+    """Triton's own compiler builds both kernels for sm_90 (the H100) down to machine code, bf16
+    included, which the interpreter cannot check: the fusion's 32 x 64 heads with and without a
+    mask, and the largest case (64 tokens, 128 wide, float32), within the H100's shared memory."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if short_attention.triton is None or not hasattr(short_attention, "_forward_kernel"):
+        pytest.skip("Triton is not installed")
+    constants = {"HAS_MASK": mask, "BLOCK": block, "WIDTH": width, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    for kernel in (short_attention._forward_kernel, short_attention._backward_kernel):
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = {"mask_ptr": "*i8", "lse_ptr": "*fp32"}.get(name, f"*{dtype}")
+            else:
+                signature[name] = "fp32" if name == "scale" else "i32"
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                  target=GPUTarget("cuda", 90, 32))
+        assert "cubin" in compiled.asm and 0 < compiled.metadata.shared <= 227 * 1024

@@ -84,22 +84,23 @@ if triton is not None:
         return n, h, rows, cols, inside, q, k, v
 
     @triton.jit
-    def _scores(q, k, scale, mask_ptr, mask_offset, rows, inside, HAS_MASK: tl.constexpr):
+    def _scores(q, k, scale, mask_ptr, mask_offset, rows, inside, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
         """``q k^T * scale`` in float32, and which keys may be attended."""
         keys = inside
         if HAS_MASK:
             keys = keys & (tl.load(mask_ptr + mask_offset + rows, mask=inside, other=0) != 0)
-        return tl.dot(q, tl.trans(k)) * scale, keys
+        return tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, keys
 
     @triton.jit
     def _forward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
                         q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, out_n, out_h, out_l,
                         heads, length, scale,
-                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
+                        PRECISION: tl.constexpr):
         program = tl.program_id(0)
         n, h, rows, cols, inside, q, k, v = _head_inputs(
             q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, heads, length, BLOCK, WIDTH)
-        scores, keys = _scores(q, k, scale, mask_ptr, n * mask_n, rows, inside, HAS_MASK)
+        scores, keys = _scores(q, k, scale, mask_ptr, n * mask_n, rows, inside, HAS_MASK, PRECISION)
         scores = tl.where(keys[None, :], scores, float("-inf"))
         top = tl.max(scores, 1)
         top = tl.where(top == float("-inf"), 0.0, top)  # a row with no key: zeros, not NaN
@@ -107,7 +108,7 @@ if triton is not None:
         total = tl.sum(p, 1)
         total = tl.where(total == 0.0, 1.0, total)
         p = p / total[:, None]
-        out = tl.dot(p.to(v.dtype), v)
+        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         tl.store(out_ptr + n * out_n + h * out_h + rows[:, None] * out_l + cols[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=inside[:, None])
         tl.store(lse_ptr + program * BLOCK + rows, top + tl.log(total))
@@ -117,21 +118,22 @@ if triton is not None:
                          q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, out_n, out_h, out_l,
                          g_n, g_h, g_l, d_n, d_h, d_l,
                          heads, length, scale,
-                         HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+                         HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
+                        PRECISION: tl.constexpr):
         program = tl.program_id(0)
         n, h, rows, cols, inside, q, k, v = _head_inputs(
             q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, heads, length, BLOCK, WIDTH)
         out = _load_rows(out_ptr, n * out_n + h * out_h, out_l, rows, cols, inside)
         grad = _load_rows(grad_ptr, n * g_n + h * g_h, g_l, rows, cols, inside)
         lse = tl.load(lse_ptr + program * BLOCK + rows)
-        scores, keys = _scores(q, k, scale, mask_ptr, n * mask_n, rows, inside, HAS_MASK)
+        scores, keys = _scores(q, k, scale, mask_ptr, n * mask_n, rows, inside, HAS_MASK, PRECISION)
         p = tl.where(keys[None, :] & inside[:, None], tl.exp(scores - lse[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p.to(grad.dtype)), grad)
-        dp = tl.dot(grad, tl.trans(v))
+        dv = tl.dot(tl.trans(p.to(grad.dtype)), grad, input_precision=PRECISION)
+        dp = tl.dot(grad, tl.trans(v), input_precision=PRECISION)
         delta = tl.sum(out.to(tl.float32) * grad.to(tl.float32), 1)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k) * scale
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
         offsets = n * d_n + h * d_h + rows[:, None] * d_l + cols[None, :]
         tl.store(dq_ptr + offsets, dq.to(dq_ptr.dtype.element_ty), mask=inside[:, None])
         tl.store(dk_ptr + offsets, dk.to(dk_ptr.dtype.element_ty), mask=inside[:, None])
@@ -144,6 +146,11 @@ def _heads_last(shape: torch.Size, like: Tensor) -> Tensor:
     n, heads, length, width = shape
     return torch.empty_strided(shape, (length * heads * width, width, heads * width, 1), dtype=like.dtype,
                                device=like.device)
+
+
+def _precision(q: Tensor) -> str:
+    """float32 inputs multiply in full float32 ("ieee"), not TF32; half types are exact either way."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _launcher(kernel):
@@ -178,7 +185,8 @@ def _short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
         q, k, v, mask, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask_n, out.stride(0), out.stride(1), out.stride(2),
-        heads, length, scale, HAS_MASK=key_padding_mask is not None, BLOCK=block, WIDTH=width)
+        heads, length, scale, HAS_MASK=key_padding_mask is not None, BLOCK=block, WIDTH=width,
+        PRECISION=_precision(q))
     return out, lse
 
 
@@ -194,7 +202,8 @@ def _short_attention_backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask:
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask_n, out.stride(0), out.stride(1), out.stride(2),
         grad.stride(0), grad.stride(1), grad.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        heads, length, scale, HAS_MASK=key_padding_mask is not None, BLOCK=_block(length), WIDTH=width)
+        heads, length, scale, HAS_MASK=key_padding_mask is not None, BLOCK=_block(length), WIDTH=width,
+        PRECISION=_precision(q))
     return dq, dk, dv
 
 
@@ -207,6 +216,7 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+    grad_out = grad_out.to(out.dtype)  # the products take one dtype
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     dq, dk, dv = _short_attention_backward(q, k, v, key_padding_mask, out, grad_out, lse, ctx.scale)
