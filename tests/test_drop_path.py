@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -58,13 +59,15 @@ def test_blocks_with_different_rates_share_one_compiled_graph() -> None:
 
     torch.manual_seed(0)
     torch._dynamo.reset()
-    blocks = torch.nn.Sequential(*(TransformerBlock(16, 2, drop_path=rate) for rate in drop_path_rates(0.3, 4))).train()
-    assert len({block.drop_path.p for block in blocks}) == 4
+    rates = drop_path_rates(0.3, 5)  # 0, 0.075, ..., 0.3: the first block's rate is zero
+    blocks = torch.nn.Sequential(*(TransformerBlock(16, 2, drop_path=rate) for rate in rates)).train()
+    assert len({block.drop_path.p for block in blocks}) == 5 and rates[0] == 0.0
     compile_blocks(blocks, (TransformerBlock,), backend="eager")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     x = torch.randn(64, 5, 16, requires_grad=True)
     blocks(x).sum().backward()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    # One graph for the rate-zero block (no mask drawn), one shared by the four others.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
@@ -112,3 +115,12 @@ def test_from_pretrained_makes_the_rates_on_the_map_location(tmp_path) -> None:
     assert rates and all(not m.keep_prob.is_meta and m.keep_prob.item() == torch.tensor(1 - m.p).item() for m in rates)
     assert max(m.p for m in rates) > 0
     model.to("cpu")  # moved as a whole without 'Cannot copy out of meta tensor'
+
+
+def test_setting_the_rate_updates_what_the_compiled_path_reads() -> None:
+    drop = DropPath(0.0)
+    assert not drop.active and drop.keep_prob.item() == 1.0
+    drop.p = 0.4
+    assert drop.active and drop.keep_prob.item() == torch.tensor(0.6).item()
+    with pytest.raises(ValueError, match=r"drop path rate: expected 0 <= p < 1, got 1.5"):
+        drop.p = 1.5

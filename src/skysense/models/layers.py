@@ -18,16 +18,28 @@ class DropPath(nn.Module):
 
     Under ``torch.compile`` the keep probability is read from a float32 buffer, not from ``p``:
     a Python float would be a guarded constant, so the blocks of a linear rate schedule would
-    each compile their own graph (at ``huge`` more than dynamo's recompile limit). The buffer is
-    not saved (``state_dict``) and stays float32 when the module changes dtype.
+    each compile their own graph (at ``huge`` more than dynamo's recompile limit). Compiled
+    blocks guard only on whether the rate is zero (``active``): two graphs at most per shape.
+    The buffer is not saved (``state_dict``), stays float32 when the module changes dtype, and
+    follows ``p`` when it is set.
     """
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"drop path rate: expected 0 <= p < 1, got {p}")
+        self.register_buffer("keep_prob", torch.ones((), dtype=torch.float32), persistent=False)
         self.p = p
-        self.register_buffer("keep_prob", torch.tensor(1.0 - p, dtype=torch.float32), persistent=False)
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"drop path rate: expected 0 <= p < 1, got {value}")
+        self._p = float(value)
+        self.active = self._p > 0.0
+        self.reset_keep_prob(self.keep_prob.device)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
         """Moves and casts make the rate anew instead of converting it: it stays exact and float32,
@@ -44,17 +56,13 @@ class DropPath(nn.Module):
 
     def reset_keep_prob(self, device: torch.device | str) -> None:
         """Make the keep-probability buffer on ``device`` (e.g. after loading onto the meta device)."""
-        self.keep_prob = torch.tensor(1.0 - self.p, dtype=torch.float32, device=device)
+        self.keep_prob = torch.tensor(1.0 - self._p, dtype=torch.float32, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or not self.active:
             return x
-        if torch.compiler.is_compiling():
-            keep: torch.Tensor | float = self.keep_prob  # one graph whatever the rate (p = 0: a mask of ones)
-        elif self.p == 0.0:
-            return x
-        else:
-            keep = 1.0 - self.p
+        # Compiled: the rate as a tensor, one graph for every nonzero rate.
+        keep: torch.Tensor | float = self.keep_prob if torch.compiler.is_compiling() else 1.0 - self._p
         # The scale joins the (B, 1, ...) mask: one pass over x instead of two (forward and backward).
         scale = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
         return x * scale
