@@ -119,7 +119,7 @@ if triton is not None:
                          g_n, g_h, g_l, d_n, d_h, d_l,
                          heads, length, scale,
                          HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr):
         program = tl.program_id(0)
         n, h, rows, cols, inside, q, k, v = _head_inputs(
             q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, heads, length, BLOCK, WIDTH)
