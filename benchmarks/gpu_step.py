@@ -862,8 +862,9 @@ def run_pretrain_step(run: Run) -> None:
             rebuilt(batch)
             row = eager_row(batch)
         if row["error"]:
-            release(device)
-            if out_of_memory(row):
+            if not out_of_memory(row):
+                release(device)
+            else:
                 rebuilt(batch)  # also for the compiled row at a smaller batch that fitted
                 if fitted is None:
                     row["memory_at_failure"] = memory_at_failure(pretrain_workload(model, batch, options, checkpointed))
