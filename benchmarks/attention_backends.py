@@ -155,8 +155,9 @@ def time_backend(call: AttentionCall, inputs: AttentionInputs, backend: str, dev
     q, k, v, mask = inputs.q, inputs.k, inputs.v, inputs.mask
 
     if backend == "short" and (mask is not None or not short_attention.supports(q, k, v)):
-        raise RuntimeError(f"short: takes no mask, up to {short_attention.MAX_LENGTH} tokens, heads of "
-                           f"{list(short_attention.HEAD_WIDTHS)}, CUDA; got q {tuple(q.shape)} on {q.device}")
+        raise RuntimeError(f"short: timed here without a mask, up to {short_attention.MAX_LENGTH} tokens, heads up "
+                           f"to {short_attention.MAX_WIDTH} wide, CUDA (SwinV2's calls: benchmarks/swin_attention.py); "
+                           f"got q {tuple(q.shape)} on {q.device}")
 
     def step() -> None:
         if backend == "explicit":

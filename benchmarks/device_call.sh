@@ -17,7 +17,9 @@
 #   0. first (unless ATTENTION=0): benchmarks/attention_backends.py on (b)'s and (c)'s calls, and
 #      our attention in step 1 restricted to the backend (SDPA's, or the short-sequence Triton
 #      kernel "short") that beat SDPA's default by 1.1x or more over the part's calls; "short"
-#      for (d)'s fusion too if our compiled fusion with it then beat timm's in step 1.
+#      for (d)'s fusion too if our compiled fusion with it then beat timm's in step 1. Then
+#      benchmarks/swin_attention.py: SwinV2-H's window attention layers through SDPA and through
+#      the short kernel, compiled, with the step's ratio (a measurement; (a) itself is not run).
 # The tool brings back at most 8 files: every finished step's JSON and log go into
 # $OUT/done.tgz (rewritten after each step); the step in flight writes its own files into $OUT.
 set -uo pipefail
@@ -69,6 +71,10 @@ if [ "${ATTENTION:-1}" != 0 ]; then
     ours=$(python3 benchmarks/attention_backends.py --our-sdpa-from "$finished/attention.json" 2>/dev/null)
     echo "device_call: our attention: ${ours:-none, SDPA picks}" | tee "$out/choice.log"
     read -r -a ours_args <<<"$ours"
+    # SwinV2-H's window attention layers, SDPA against the short kernel (bias, shift mask and
+    # 44-wide heads in the kernel), compiled, in one process: a measurement only, (a) is not run.
+    step swin_attention 120 bash -c "python3 benchmarks/swin_attention.py ${attention_args[*]} \
+        --json $out/swin_attention.json 2>&1 | tee $out/swin_attention.log"
 fi
 step enc 150 env TAG=enc BUDGET=90 bash benchmarks/gpu_step_device.sh --parts vit,fusion \
     --compile-mode "${ENCODER_MODE:-reduce-overhead}" "${ours_args[@]}" "${step_args[@]}"

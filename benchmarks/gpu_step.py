@@ -115,9 +115,10 @@ def _short_attention_flops(query_shape, key_shape, value_shape, *args, out_shape
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _short_attention_backward_flops(query_shape, key_shape, value_shape, mask_shape, out_shape_, grad_out_shape,
-                                    *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+def _short_attention_backward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    # (q, k, v, key-padding mask, bias, window mask, out, grad, lse, scale, bias_grad): the
+    # output's gradient has q's shape (self-attention, v as wide as q).
+    return sdpa_backward_flop_count(query_shape, query_shape, key_shape, value_shape)
 
 
 # FlopCounterMode knows the CUDA attention kernels only; the CPU's flash kernel (any mask, any

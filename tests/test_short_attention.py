@@ -125,7 +125,8 @@ def test_without_a_gpu_the_short_backend_runs_sdpa() -> None:
 @pytest.mark.parametrize("shape, width, mask, expected", [
     ((2, 4, 64, 64), 64, None, True),
     ((2, 4, 65, 64), 64, None, False),  # longer than one program holds
-    ((2, 4, 32, 48), 48, None, False),  # SwinV2-H's padded heads: not a power of two
+    ((2, 4, 32, 44), 44, None, True),  # SwinV2-H's heads, unpadded
+    ((2, 4, 32, 160), 160, None, False),  # wider than one program holds
     ((2, 4, 32, 64), 64, "bool", True),
     ((2, 4, 32, 64), 64, "additive", False),
 ])
@@ -137,9 +138,89 @@ def test_which_calls_it_takes(monkeypatch, shape, width, mask, expected) -> None
     assert short_attention.supports(q, q, q, key_mask) is expected
 
 
+def test_bias_and_window_mask_shapes_it_takes(monkeypatch) -> None:
+    monkeypatch.setattr(short_attention, "interpreted", lambda: True)
+    q = torch.empty(6, 4, 16, 44)
+    bias, window_mask = torch.zeros(4, 16, 16), torch.zeros(3, 16, 16)
+    assert short_attention.supports(q, q, q, None, bias, window_mask)
+    assert not short_attention.supports(q, q, q, None, torch.zeros(1, 4, 16, 16))  # (H, L, L) only
+    assert not short_attention.supports(q, q, q, None, None, torch.zeros(4, 16, 16))  # 4 windows do not divide 6
+    assert not short_attention.supports(q, q, q, None, None, window_mask.requires_grad_())  # no gradient to it
+    with pytest.raises(ValueError, match=r"window mask \(\(4, 16, 16\), torch.float32"):
+        short_attention.short_attention(q, q, q, window_mask=torch.zeros(4, 16, 16))
+
+
+def test_bias_and_window_mask_match_float64_sdpa_with_odd_heads_and_grouped_bias_gradients() -> None:
+    """SwinV2's call: (windows x batch, heads, L, D) q, k, v from the qkv split, 11-wide heads
+    (padded to 16 in the program), a per-head bias with its gradient and a per-window mask.
+    With BIAS_PROGRAMS lowered, each backward program adds the bias gradient of 4 sequences,
+    the last group only partly filled (6 sequences). Against SDPA in float64 with the summed mask."""
+    out = _interpreted("""
+        import torch, torch.nn.functional as F
+        from skysense.models import short_attention as sa
+        sa.BIAS_PROGRAMS = 2
+        assert sa._bias_group(6, 3) == 4
+        torch.manual_seed(0)
+        batch, windows, heads, length, width = 3, 2, 3, 16, 11
+        n = batch * windows
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
+            qkv = torch.randn(n, length, 3 * heads * width).to(dtype)
+            q, k, v = (t.reshape(n, length, heads, width).transpose(1, 2).detach().requires_grad_()
+                       for t in qkv.split(heads * width, -1))
+            bias = torch.randn(heads, length, length).to(dtype).requires_grad_()
+            window_mask = torch.where(torch.rand(windows, length, length) > 0.7, -100.0, 0.0)
+            for mask in (None, window_mask):
+                out = sa.short_attention(q, k, v, None, 0.5, bias, mask)
+                assert out.stride() == (length * heads * width, width, heads * width, 1), out.stride()
+                ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+                added = ref_in[3][None] + (0 if mask is None else mask.double().repeat(batch, 1, 1)[:, None])
+                ref = F.scaled_dot_product_attention(*ref_in[:3], attn_mask=added, scale=0.5)
+                grad = torch.randn_like(out)
+                grads = torch.autograd.grad(out, (q, k, v, bias), grad)
+                ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+                errors = [(a.double() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))]
+                assert max(errors) < tolerance, (dtype, mask is not None, errors)
+                print(dtype, mask is not None, "%.1e" % max(errors))
+        """)
+    assert out.count("\n") == 4, out
+
+
+def test_swin_blocks_with_the_short_kernel_train_as_with_sdpa() -> None:
+    """A SwinV2 block (44-wide heads, 4 x 4 windows) set to ``"short"``, eager and under
+    torch.compile (aot_eager), shifted and not: the output, the input's gradient and every
+    parameter's (the position-bias MLP's and the logit scale's through the bias gradient) equal
+    the SDPA block's."""
+    out = _interpreted("""
+        import copy, torch
+        from skysense.models.attention import set_attention_backends
+        from skysense.models.swin_v2 import SwinV2Block
+        torch.manual_seed(0)
+        for shifted in (False, True):
+            block = SwinV2Block(88, 2, 4, shifted, 4.0, 0.0, 1e-5, False).train()
+            short = copy.deepcopy(block)
+            set_attention_backends(short, ["short"])
+            x = torch.randn(2, 8, 8, 88)
+            results = []
+            for model in (block, short, torch.compile(short, backend="aot_eager", fullgraph=True)):
+                model.zero_grad()
+                x_in = x.clone().requires_grad_()
+                out = model(x_in)
+                out.square().mean().backward()
+                results.append([out, x_in.grad] + [p.grad for p in model.parameters()])
+            assert all(g is not None for g in results[0])
+            for other in results[1:]:
+                errors = [(a - b).abs().max().item() for a, b in zip(results[0], other)]
+                assert len(errors) == 2 + len(list(block.parameters())) and max(errors) < 2e-5, errors
+                print(shifted, "%.1e" % max(errors))
+        """)
+    assert out.count("\n") == 4, out
+
+
 def test_the_benchmark_counts_its_flops_as_sdpa_s() -> None:
     """benchmarks/gpu_step.py's FLOP count of a block step is the same with the short kernel as
-    with SDPA (FlopCounterMode does not know our operators: gpu_step maps them)."""
+    with SDPA for a fusion block, and for a shifted SwinV2 block at its own head width up to the
+    recomputed scores FlopCounterMode counts for fused backward passes (FlopCounterMode does not
+    know our operators: gpu_step maps them)."""
     out = _interpreted(f"""
         import copy, sys, torch
         sys.path.insert(0, {str(SRC.parent / "benchmarks")!r})
@@ -158,34 +239,59 @@ def test_the_benchmark_counts_its_flops_as_sdpa_s() -> None:
             counts.append(counter.get_total_flops())
         attention = 3 * 4 * 6 * 12 * 12 * 64  # forward and backward (3x): 4 N L^2 C
         assert counts[0] == counts[1] and counts[0] > attention, counts
-        print(counts[1])
+        from skysense.models.swin_v2 import SwinV2Block
+        swin = SwinV2Block(88, 2, 4, True, 4.0, 0.0, 1e-5, False).train()  # 44-wide heads, shifted windows
+        swin_short = copy.deepcopy(swin)
+        set_attention_backends(swin_short, ["short"])
+        x = torch.randn(2, 8, 8, 88)
+        swin_counts = []
+        for model in (swin, swin_short):
+            with gpu_step.unpadded_heads(model), gpu_step.ModelFlopCounter(
+                    display=False, custom_mapping=gpu_step.CPU_ATTENTION_FLOPS) as counter:
+                model(x).square().mean().backward()
+            swin_counts.append(counter.get_total_flops())
+        # On the CPU SwinV2's SDPA call (a mask with a gradient) runs the math path, whose backward
+        # does not recompute the scores; FlopCounterMode counts that recomputation for fused
+        # kernels (CUDA's, and ours): 2 N L^2 C more, 8 windows x 16 tokens x 88 channels here.
+        recomputed_scores = 2 * 8 * 16 * 16 * 88
+        assert swin_counts[1] - swin_counts[0] == recomputed_scores and swin_counts[0] > 3 * 4 * 8 * 16 * 16 * 88, swin_counts
+        print(counts[1], swin_counts[1])
         """)
-    assert int(out) > 0
+    assert all(int(count) > 0 for count in out.split())
 
 
-@pytest.mark.parametrize("dtype, block, width, mask", [("bf16", 32, 64, False), ("bf16", 32, 64, True),
-                                                      ("fp32", 32, 64, False)])
-def test_the_kernels_compile_for_hopper_without_a_gpu(dtype: str, block: int, width: int, mask: bool) -> None:
+@pytest.mark.parametrize("dtype, block, width, mask, swin", [
+    ("bf16", 32, 64, False, False), ("bf16", 32, 64, True, False), ("fp32", 32, 64, False, False),
+    ("bf16", 64, 64, False, True),  # SwinV2-H's windows: 64 tokens, 44-wide heads, bias and shift mask
+])
+def test_the_kernels_compile_for_hopper_without_a_gpu(dtype: str, block: int, width: int, mask: bool,
+                                                      swin: bool) -> None:
     """Triton's own compiler builds both kernels for sm_90 (the H100) down to machine code, bf16
     included, which the interpreter cannot check: the fusion's 32 x 64 heads with and without a
-    mask, and in float32 with full-precision products, within the H100's shared memory. (The
-    largest case, 64 tokens of 128-wide float32 heads, builds too, in 147,456 bytes of shared
-    memory, but takes over a minute to compile here.)"""
+    mask, in float32 with full-precision products, and SwinV2-H's windows with the bias, its
+    gradient summed over 4 sequences per program and the shift mask, within the H100's shared
+    memory. (The largest case, 64 tokens of 128-wide float32 heads, builds too, in 147,456 bytes
+    of shared memory, but takes over a minute to compile here.)"""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if short_attention.triton is None or not hasattr(short_attention, "_forward_kernel"):
         pytest.skip("Triton is not installed")
-    constants = {"HAS_MASK": mask, "BLOCK": block, "WIDTH": width, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    constants = {"HAS_MASK": mask, "HAS_BIAS": swin, "HAS_WINDOW_MASK": swin, "BIAS_GRAD": swin,
+                 "GROUP": 4 if swin else 1, "BLOCK": block, "WIDTH": width,
+                 "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    pointers = {"mask_ptr": "*i8", "lse_ptr": "*fp32", "window_ptr": "*fp32", "dbias_ptr": "*fp32"}
     for kernel in (short_attention._forward_kernel, short_attention._backward_kernel):
         signature = {}
         for name in kernel.arg_names:
             if name in constants:
                 signature[name] = "constexpr"
             elif name.endswith("_ptr"):
-                signature[name] = {"mask_ptr": "*i8", "lse_ptr": "*fp32"}.get(name, f"*{dtype}")
+                signature[name] = pointers.get(name, f"*{dtype}")
             else:
                 signature[name] = "fp32" if name == "scale" else "i32"
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+        used = {name: value for name, value in constants.items() if name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=used),
                                   target=GPUTarget("cuda", 90, 32))
         assert "cubin" in compiled.asm and 0 < compiled.metadata.shared <= 227 * 1024
+        print(kernel.__name__, dict(used), compiled.metadata.shared, compiled.metadata.num_warps)

@@ -10,11 +10,18 @@ recomputes ``p`` and writes dq, dk and dv. It reads q, k and v in whatever strid
 (the qkv projection's split, transposed), and writes the output and the gradients in the
 (N, L, H, D) layout the projections around attention read without a copy.
 
-:func:`short_attention` takes up to :data:`MAX_LENGTH` tokens, head widths of 16 to 128 (powers
-of two) and an optional key-padding mask; :func:`supports` says whether a call qualifies. It
-runs on CUDA, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, how the tests
-check it). Registered as ``skysense::short_attention`` with ``torch.library.triton_op``, so
-``torch.compile`` places the kernels in its graph instead of calling out of it.
+SwinV2's windows are short too (64 tokens of 8 x 8 windows; SwinV2-H's heads are 44 wide), and
+their scores carry a learned position bias per head and, in shifted blocks, a mask per window.
+The kernels add both (the bias with its gradient, summed over the sequences in the backward
+pass) and take any head width up to 128, masking the columns past it, so SwinV2 needs neither
+a materialised (windows x heads) mask nor heads padded for SDPA's kernels.
+
+:func:`short_attention` takes up to :data:`MAX_LENGTH` tokens, heads up to :data:`MAX_WIDTH`
+wide, an optional key-padding mask, position bias and window mask; :func:`supports` says
+whether a call qualifies. It runs on CUDA, and on the CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``, how the tests check it). Registered as ``skysense::short_attention``
+with ``torch.library.triton_op``, so ``torch.compile`` places the kernels in its graph instead
+of calling out of it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,11 @@ except ImportError:  # e.g. macOS wheels of torch come without Triton
 
 # Longest sequence one program holds (its scores are BLOCK x BLOCK float32 in registers).
 MAX_LENGTH = 64
-HEAD_WIDTHS = (16, 32, 64, 128)
+# Widest head: a program holds q, k and v of one head, padded to a power of two (SwinV2-H's 44 in 64).
+MAX_WIDTH = 128
+# The backward pass adds the bias gradient of about this many programs' sequences in each
+# program, then sums the programs' partial sums (see :func:`_bias_group`).
+BIAS_PROGRAMS = 1024
 
 
 def interpreted() -> bool:
@@ -40,67 +51,98 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def supports(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> bool:
+def supports(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None, bias: Tensor | None = None,
+             window_mask: Tensor | None = None) -> bool:
     """Whether :func:`short_attention` takes this call: 4-D (N, H, L, D) self-attention of at
-    most :data:`MAX_LENGTH` tokens and a head width in :data:`HEAD_WIDTHS`, one floating dtype,
-    on CUDA (or under the interpreter), with no mask or an (N, L) boolean key-padding mask."""
+    most :data:`MAX_LENGTH` tokens and heads at most :data:`MAX_WIDTH` wide, one floating dtype,
+    on CUDA (or under the interpreter); optionally an (N, L) boolean key-padding mask, an
+    (H, L, L) floating ``bias`` and a (W, L, L) floating ``window_mask`` without gradient, W
+    dividing N."""
     if triton is None or q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         return False
     if not (q.is_cuda or (interpreted() and q.device.type == "cpu")):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    n, _, length, width = q.shape
-    if length > MAX_LENGTH or width not in HEAD_WIDTHS:
+    n, heads, length, width = q.shape
+    if length > MAX_LENGTH or width > MAX_WIDTH:
         return False
-    return key_padding_mask is None or (key_padding_mask.dtype == torch.bool
-                                        and tuple(key_padding_mask.shape) == (n, length))
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or tuple(key_padding_mask.shape) != (n, length)):
+        return False
+    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (heads, length, length)):
+        return False
+    if window_mask is not None and (not window_mask.is_floating_point() or window_mask.requires_grad
+                                    or window_mask.dim() != 3 or tuple(window_mask.shape[1:]) != (length, length)
+                                    or window_mask.shape[0] == 0 or n % window_mask.shape[0] != 0):
+        return False
+    return all(t is None or t.device == q.device for t in (key_padding_mask, bias, window_mask))
 
 
 def _block(length: int) -> int:
     return max(16, triton.next_power_of_2(length))
 
 
+def _bias_group(sequences: int, heads: int) -> int:
+    """Sequences per backward program when the bias needs a gradient: a power of two that leaves
+    about :data:`BIAS_PROGRAMS` programs, each of which writes one (L x L) partial sum per head."""
+    group = 1
+    while group < 64 and (sequences // (2 * group)) * heads >= BIAS_PROGRAMS:
+        group *= 2
+    return group
+
+
 if triton is not None:
 
     @triton.jit
-    def _load_rows(ptr, offset, row_stride, rows, cols, inside):
-        """One head's (BLOCK, WIDTH) rows, zeros past the sequence."""
-        return tl.load(ptr + offset + rows[:, None] * row_stride + cols[None, :], mask=inside[:, None], other=0.0)
+    def _load_rows(ptr, offset, row_stride, rows, cols, inside, width):
+        """One head's (BLOCK, WIDTH) rows, zeros past the sequence and past the head width."""
+        return tl.load(ptr + offset + rows[:, None] * row_stride + cols[None, :],
+                       mask=inside[:, None] & (cols[None, :] < width), other=0.0)
 
     @triton.jit
-    def _head_inputs(q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, heads, length,
-                     BLOCK: tl.constexpr, WIDTH: tl.constexpr):
-        """This program's sequence and head, its rows and columns, and its q, k and v."""
+    def _store_rows(ptr, offset, row_stride, rows, cols, inside, width, value):
+        tl.store(ptr + offset + rows[:, None] * row_stride + cols[None, :], value.to(ptr.dtype.element_ty),
+                 mask=inside[:, None] & (cols[None, :] < width))
+
+    @triton.jit
+    def _scores(q, k, scale, n, h, rows, inside, mask_ptr, mask_n, bias_ptr, bias_h, bias_l,
+                window_ptr, window_w, window_l, windows,
+                HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW_MASK: tl.constexpr,
+                PRECISION: tl.constexpr):
+        """``q k^T * scale + bias[h] + window_mask[n % W]`` in float32, and which keys may be attended."""
+        keys = inside
+        if HAS_MASK:
+            keys = keys & (tl.load(mask_ptr + n * mask_n + rows, mask=inside, other=0) != 0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        pairs = rows[:, None] * bias_l + rows[None, :]
+        both = inside[:, None] & inside[None, :]
+        if HAS_BIAS:
+            scores += tl.load(bias_ptr + h * bias_h + pairs, mask=both, other=0.0).to(tl.float32)
+        if HAS_WINDOW_MASK:
+            scores += tl.load(window_ptr + (n % windows) * window_w + rows[:, None] * window_l + rows[None, :],
+                              mask=both, other=0.0).to(tl.float32)
+        return scores, keys
+
+    @triton.jit
+    def _forward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, window_ptr, out_ptr, lse_ptr,
+                        q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, bias_h, bias_l,
+                        window_w, window_l, out_n, out_h, out_l,
+                        heads, length, width, windows, scale,
+                        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW_MASK: tl.constexpr,
+                        BLOCK: tl.constexpr, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
         program = tl.program_id(0)
         n = program // heads
         h = program % heads
         rows = tl.arange(0, BLOCK)
         cols = tl.arange(0, WIDTH)
         inside = rows < length
-        q = _load_rows(q_ptr, n * q_n + h * q_h, q_l, rows, cols, inside)
-        k = _load_rows(k_ptr, n * k_n + h * k_h, k_l, rows, cols, inside)
-        v = _load_rows(v_ptr, n * v_n + h * v_h, v_l, rows, cols, inside)
-        return n, h, rows, cols, inside, q, k, v
-
-    @triton.jit
-    def _scores(q, k, scale, mask_ptr, mask_offset, rows, inside, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
-        """``q k^T * scale`` in float32, and which keys may be attended."""
-        keys = inside
-        if HAS_MASK:
-            keys = keys & (tl.load(mask_ptr + mask_offset + rows, mask=inside, other=0) != 0)
-        return tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, keys
-
-    @triton.jit
-    def _forward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
-                        q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, out_n, out_h, out_l,
-                        heads, length, scale,
-                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
-                        PRECISION: tl.constexpr):
-        program = tl.program_id(0)
-        n, h, rows, cols, inside, q, k, v = _head_inputs(
-            q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, heads, length, BLOCK, WIDTH)
-        scores, keys = _scores(q, k, scale, mask_ptr, n * mask_n, rows, inside, HAS_MASK, PRECISION)
+        q = _load_rows(q_ptr, n * q_n + h * q_h, q_l, rows, cols, inside, width)
+        k = _load_rows(k_ptr, n * k_n + h * k_h, k_l, rows, cols, inside, width)
+        v = _load_rows(v_ptr, n * v_n + h * v_h, v_l, rows, cols, inside, width)
+        scores, keys = _scores(q, k, scale, n, h, rows, inside, mask_ptr, mask_n, bias_ptr, bias_h, bias_l,
+                               window_ptr, window_w, window_l, windows, HAS_MASK, HAS_BIAS, HAS_WINDOW_MASK,
+                               PRECISION)
         scores = tl.where(keys[None, :], scores, float("-inf"))
         top = tl.max(scores, 1)
         top = tl.where(top == float("-inf"), 0.0, top)  # a row with no key: zeros, not NaN
@@ -109,35 +151,53 @@ if triton is not None:
         total = tl.where(total == 0.0, 1.0, total)
         p = p / total[:, None]
         out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        tl.store(out_ptr + n * out_n + h * out_h + rows[:, None] * out_l + cols[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=inside[:, None])
+        _store_rows(out_ptr, n * out_n + h * out_h, out_l, rows, cols, inside, width, out)
         tl.store(lse_ptr + program * BLOCK + rows, top + tl.log(total))
 
     @triton.jit
-    def _backward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, grad_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
-                         q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, out_n, out_h, out_l,
-                         g_n, g_h, g_l, d_n, d_h, d_l,
-                         heads, length, scale,
-                         HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
-                         PRECISION: tl.constexpr):
+    def _backward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, window_ptr, out_ptr, grad_ptr, lse_ptr,
+                         dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
+                         q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, bias_h, bias_l,
+                         window_w, window_l, out_n, out_h, out_l, g_n, g_h, g_l, d_n, d_h, d_l,
+                         sequences, heads, length, width, windows, scale,
+                         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW_MASK: tl.constexpr,
+                         BIAS_GRAD: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK: tl.constexpr, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+        # Program (group, h) takes head h of sequences group * GROUP ... group * GROUP + GROUP - 1,
+        # adding their score gradients into one partial sum of the bias gradient.
         program = tl.program_id(0)
-        n, h, rows, cols, inside, q, k, v = _head_inputs(
-            q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, heads, length, BLOCK, WIDTH)
-        out = _load_rows(out_ptr, n * out_n + h * out_h, out_l, rows, cols, inside)
-        grad = _load_rows(grad_ptr, n * g_n + h * g_h, g_l, rows, cols, inside)
-        lse = tl.load(lse_ptr + program * BLOCK + rows)
-        scores, keys = _scores(q, k, scale, mask_ptr, n * mask_n, rows, inside, HAS_MASK, PRECISION)
-        p = tl.where(keys[None, :] & inside[:, None], tl.exp(scores - lse[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p.to(grad.dtype)), grad, input_precision=PRECISION)
-        dp = tl.dot(grad, tl.trans(v), input_precision=PRECISION)
-        delta = tl.sum(out.to(tl.float32) * grad.to(tl.float32), 1)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-        offsets = n * d_n + h * d_h + rows[:, None] * d_l + cols[None, :]
-        tl.store(dq_ptr + offsets, dq.to(dq_ptr.dtype.element_ty), mask=inside[:, None])
-        tl.store(dk_ptr + offsets, dk.to(dk_ptr.dtype.element_ty), mask=inside[:, None])
-        tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=inside[:, None])
+        group = program // heads
+        h = program % heads
+        rows = tl.arange(0, BLOCK)
+        cols = tl.arange(0, WIDTH)
+        dbias = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for s in range(GROUP):
+            n = group * GROUP + s
+            inside = (rows < length) & (n < sequences)
+            q = _load_rows(q_ptr, n * q_n + h * q_h, q_l, rows, cols, inside, width)
+            k = _load_rows(k_ptr, n * k_n + h * k_h, k_l, rows, cols, inside, width)
+            v = _load_rows(v_ptr, n * v_n + h * v_h, v_l, rows, cols, inside, width)
+            out = _load_rows(out_ptr, n * out_n + h * out_h, out_l, rows, cols, inside, width)
+            grad = _load_rows(grad_ptr, n * g_n + h * g_h, g_l, rows, cols, inside, width)
+            lse = tl.load(lse_ptr + (n * heads + h) * BLOCK + rows, mask=inside, other=0.0)
+            scores, keys = _scores(q, k, scale, n, h, rows, inside, mask_ptr, mask_n, bias_ptr, bias_h, bias_l,
+                                   window_ptr, window_w, window_l, windows, HAS_MASK, HAS_BIAS, HAS_WINDOW_MASK,
+                                   PRECISION)
+            p = tl.where(keys[None, :] & inside[:, None], tl.exp(scores - lse[:, None]), 0.0)
+            dv = tl.dot(tl.trans(p.to(grad.dtype)), grad, input_precision=PRECISION)
+            dp = tl.dot(grad, tl.trans(v), input_precision=PRECISION)
+            delta = tl.sum(out.to(tl.float32) * grad.to(tl.float32), 1)
+            ds = p * (dp - delta[:, None])
+            if BIAS_GRAD:
+                dbias += ds
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+            offset = n * d_n + h * d_h
+            _store_rows(dq_ptr, offset, d_l, rows, cols, inside, width, dq)
+            _store_rows(dk_ptr, offset, d_l, rows, cols, inside, width, dk)
+            _store_rows(dv_ptr, offset, d_l, rows, cols, inside, width, dv)
+        if BIAS_GRAD:
+            tl.store(dbias_ptr + program * BLOCK * BLOCK + rows[:, None] * BLOCK + rows[None, :], dbias)
 
 
 def _heads_last(shape: torch.Size, like: Tensor) -> Tensor:
@@ -159,11 +219,19 @@ def _launcher(kernel):
     return kernel if interpreted() else torch.library.wrap_triton(kernel)
 
 
-def _mask_arguments(q: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, int]:
-    if key_padding_mask is None:
-        return q, 0  # not read (HAS_MASK false)
-    mask = key_padding_mask.to(torch.int8)
-    return mask, mask.stride(0)
+def _extra_inputs(q: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
+                  window_mask: Tensor | None) -> tuple[list[Tensor], list[int], dict[str, bool]]:
+    """The mask, bias and window-mask pointers (q stands in for an absent one, never read), their
+    strides, and the kernels' switches."""
+    mask = q if key_padding_mask is None else key_padding_mask.to(torch.int8)
+    bias_in = q if bias is None else bias.contiguous()
+    window = q if window_mask is None else window_mask.contiguous()
+    length = q.shape[2]
+    strides = [0 if key_padding_mask is None else mask.stride(0), length * length, length,
+               length * length, length]
+    switches = {"HAS_MASK": key_padding_mask is not None, "HAS_BIAS": bias is not None,
+                "HAS_WINDOW_MASK": window_mask is not None}
+    return [mask, bias_in, window], strides, switches
 
 
 def _checked_last_stride(*tensors: Tensor) -> None:
@@ -172,71 +240,114 @@ def _checked_last_stride(*tensors: Tensor) -> None:
             raise ValueError(f"short_attention: expected head dimension with stride 1, got strides {t.stride()}")
 
 
-@torch.library.triton_op("skysense::short_attention", mutates_args=())
-def _short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
-                     scale: float) -> tuple[Tensor, Tensor]:
+def _windows(window_mask: Tensor | None) -> int:
+    return 1 if window_mask is None else window_mask.shape[0]
+
+
+# On a GPU the operators are ``triton_op``s: torch.compile traces into them and puts the kernels
+# in its graph. Under the interpreter the kernels are plain Python calls that tracing would run
+# on fake tensors, so there they are opaque custom operators with their shapes registered below.
+_operator = torch.library.custom_op if interpreted() else torch.library.triton_op
+
+
+@_operator("skysense::short_attention", mutates_args=())
+def _short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
+                     window_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     _checked_last_stride(q, k, v)
     n, heads, length, width = q.shape
     block = _block(length)
     out = _heads_last(q.shape, q)
     lse = torch.empty((n * heads, block), dtype=torch.float32, device=q.device)
-    mask, mask_n = _mask_arguments(q, key_padding_mask)
+    extra, extra_strides, switches = _extra_inputs(q, key_padding_mask, bias, window_mask)
     _launcher(_forward_kernel)[(n * heads,)](
-        q, k, v, mask, out, lse,
+        q, k, v, *extra, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), mask_n, out.stride(0), out.stride(1), out.stride(2),
-        heads, length, scale, HAS_MASK=key_padding_mask is not None, BLOCK=block, WIDTH=width,
-        PRECISION=_precision(q))
+        v.stride(0), v.stride(1), v.stride(2), *extra_strides, out.stride(0), out.stride(1), out.stride(2),
+        heads, length, width, _windows(window_mask), scale, **switches, BLOCK=block,
+        WIDTH=max(16, triton.next_power_of_2(width)), PRECISION=_precision(q))
     return out, lse
 
 
-@torch.library.triton_op("skysense::short_attention_backward", mutates_args=())
-def _short_attention_backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, out: Tensor,
-                              grad: Tensor, lse: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+@_operator("skysense::short_attention_backward", mutates_args=())
+def _short_attention_backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+                              bias: Tensor | None, window_mask: Tensor | None, out: Tensor, grad: Tensor,
+                              lse: Tensor, scale: float, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _checked_last_stride(q, k, v, out, grad)
     n, heads, length, width = q.shape
+    block = _block(length)
     dq, dk, dv = (_heads_last(q.shape, t) for t in (q, k, v))
-    mask, mask_n = _mask_arguments(q, key_padding_mask)
-    _launcher(_backward_kernel)[(n * heads,)](
-        q, k, v, mask, out, grad, lse, dq, dk, dv,
+    bias_grad = bias_grad and bias is not None
+    group = _bias_group(n, heads) if bias_grad else 1
+    programs = -(-n // group) * heads
+    partial = torch.empty((programs if bias_grad else 1, block, block), dtype=torch.float32, device=q.device)
+    extra, extra_strides, switches = _extra_inputs(q, key_padding_mask, bias, window_mask)
+    _launcher(_backward_kernel)[(programs,)](
+        q, k, v, *extra, out, grad, lse, dq, dk, dv, partial,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), mask_n, out.stride(0), out.stride(1), out.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *extra_strides, out.stride(0), out.stride(1), out.stride(2),
         grad.stride(0), grad.stride(1), grad.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        heads, length, scale, HAS_MASK=key_padding_mask is not None, BLOCK=_block(length), WIDTH=width,
-        PRECISION=_precision(q))
-    return dq, dk, dv
+        n, heads, length, width, _windows(window_mask), scale, **switches, BIAS_GRAD=bias_grad, GROUP=group,
+        BLOCK=block, WIDTH=max(16, triton.next_power_of_2(width)), PRECISION=_precision(q))
+    if not bias_grad:
+        return dq, dk, dv, q.new_empty(0)
+    dbias = partial.reshape(-1, heads, block, block).sum(0)[:, :length, :length]
+    return dq, dk, dv, dbias.to(bias.dtype).contiguous()
 
 
 def _setup(ctx, inputs, output) -> None:
-    q, k, v, key_padding_mask, scale = inputs
+    q, k, v, key_padding_mask, bias, window_mask, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+    ctx.save_for_backward(q, k, v, key_padding_mask, bias, window_mask, out, lse)
     ctx.scale = scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+    q, k, v, key_padding_mask, bias, window_mask, out, lse = ctx.saved_tensors
     grad_out = grad_out.to(out.dtype)  # the products take one dtype
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    dq, dk, dv = _short_attention_backward(q, k, v, key_padding_mask, out, grad_out, lse, ctx.scale)
-    return dq, dk, dv, None, None
+    bias_grad = bias is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, dbias = _short_attention_backward(q, k, v, key_padding_mask, bias, window_mask, out, grad_out, lse,
+                                                  ctx.scale, bias_grad)
+    return dq, dk, dv, None, dbias if bias_grad else None, None, None
 
 
 _short_attention.register_autograd(_backward, setup_context=_setup)
 
+if interpreted():
+    # The opaque operators' output shapes and layouts, for tracing (see ``_operator``).
+    @_short_attention.register_fake
+    def _(q, k, v, key_padding_mask, bias, window_mask, scale):
+        n, heads, length, _ = q.shape
+        return _heads_last(q.shape, q), q.new_empty((n * heads, _block(length)), dtype=torch.float32)
+
+    @_short_attention_backward.register_fake
+    def _(q, k, v, key_padding_mask, bias, window_mask, out, grad, lse, scale, bias_grad):
+        dbias = bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0)
+        return (*(_heads_last(q.shape, t) for t in (q, k, v)), dbias)
+
 
 def short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
-                    scale: float | None = None) -> Tensor:
-    """``softmax(q k^T * scale) v`` for (N, H, L, D) ``q``, ``k``, ``v`` that :func:`supports`
-    takes; ``key_padding_mask`` (N, L), True where a key may be attended. Products accumulate in
-    float32, the softmax runs in float32; a query with no key to attend gets zeros. The output
-    is (N, H, L, D) laid out as (N, L, H, D)."""
-    if not supports(q, k, v, key_padding_mask):
+                    scale: float | None = None, bias: Tensor | None = None,
+                    window_mask: Tensor | None = None) -> Tensor:
+    """``softmax(q k^T * scale + bias[h] + window_mask[n % W]) v`` for (N, H, L, D) ``q``, ``k``,
+    ``v`` that :func:`supports` takes.
+
+    ``key_padding_mask`` (N, L): True where a key may be attended. ``bias`` (H, L, L): added to
+    every sequence's scores of head h, with a gradient (SwinV2's position bias). ``window_mask``
+    (W, L, L): added to sequence n's scores as ``window_mask[n % W]``, without a gradient
+    (SwinV2's shifted-window mask, its windows the fastest-varying part of N). Products
+    accumulate in float32 and the softmax runs in float32; a query with no key to attend gets
+    zeros. The output is (N, H, L, D) laid out as (N, L, H, D).
+    """
+    if not supports(q, k, v, key_padding_mask, bias, window_mask):
+        def described(t: Tensor | None) -> object:
+            return None if t is None else (tuple(t.shape), t.dtype, "requires grad" if t.requires_grad else "")
         raise ValueError(
             f"short_attention: expected (N, H, L, D) q, k, v of one shape and floating dtype with L <= {MAX_LENGTH} "
-            f"and D in {HEAD_WIDTHS}, on CUDA, and an (N, L) boolean key-padding mask or none; got q "
-            f"{tuple(q.shape)} {q.dtype} on {q.device}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask "
-            f"{None if key_padding_mask is None else (tuple(key_padding_mask.shape), key_padding_mask.dtype)}")
+            f"and D <= {MAX_WIDTH}, on CUDA, an (N, L) boolean key-padding mask or none, an (H, L, L) bias or none "
+            f"and a (W, L, L) window mask without gradient, W dividing N, or none; got q {tuple(q.shape)} {q.dtype} "
+            f"on {q.device}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask {described(key_padding_mask)}, bias "
+            f"{described(bias)}, window mask {described(window_mask)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _short_attention(q, k, v, key_padding_mask, scale)[0]
+    return _short_attention(q, k, v, key_padding_mask, bias, window_mask, scale)[0]

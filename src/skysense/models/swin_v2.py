@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from skysense.config import SwinV2Config
-from skysense.models.attention import attention
+from skysense.models import short_attention
+from skysense.models.attention import SHORT, attention
 from skysense.models.layers import DropPath, Mlp, drop_path_rates
 from skysense.models.vit import pad_to_multiple
 
@@ -125,11 +126,19 @@ class WindowAttentionV2(nn.Module):
         # the bytes in eager mode, with the same values.
         q = (F.normalize(q, dim=-1) * scale).to(v.dtype)
         k = F.normalize(k, dim=-1).to(v.dtype)
-        bias = self.position_bias(tokens).to(v.dtype)[None]  # (1, heads, N, N)
+        heads, d = self.num_heads, c // self.num_heads
+        position = self.position_bias(tokens).to(v.dtype)  # (heads, N, N)
+        if self.sdpa_backends == (SHORT,):
+            # One Triton program per window and head adds the bias and the shift mask itself and
+            # takes the 44-wide heads unpadded; its output is already (B * nW, N, heads, d).
+            q_w, k_w, v_w = (t.reshape(b * nw, heads, n, d) for t in (q, k, v))
+            if short_attention.supports(q_w, k_w, v_w, None, position, shift_mask):
+                out = short_attention.short_attention(q_w, k_w, v_w, None, 1.0, position, shift_mask)
+                return self.proj(out.transpose(1, 2).reshape(b, nw, n, c))
+        bias = position[None]  # (1, heads, N, N)
         # SDPA's fused kernels take 4-D inputs; a 5-D call falls back to the slow math path.
         # Without a shift mask, windows join the batch and the bias broadcasts over it; with
         # one, windows join the heads so the per-window mask still broadcasts over the batch.
-        heads, d = self.num_heads, c // self.num_heads
         if shift_mask is None:
             q, k, v = (t.reshape(b * nw, heads, n, d) for t in (q, k, v))
         else:
