@@ -41,3 +41,12 @@ def sdpa_choices(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
     return chosen
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, workers share the cores: each PyTorch thread pool gets its share, but
+    never fewer than 2 threads (on 2 cores, one thread per worker together with ``--dist
+    worksteal`` was slower: 575 s against 497 s for the suite; benchmarks/RESULTS.md, session 13)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(2, (os.cpu_count() or 1) // workers))
