@@ -110,6 +110,37 @@ def test_a_traced_fusion_block_with_the_short_kernel_trains_as_with_sdpa() -> No
     assert float(out) < 1e-5
 
 
+def test_the_tiny_hr_encoder_with_the_short_kernel_trains_as_with_sdpa() -> None:
+    """The tiny SwinV2 encoder (mask_padding: padded maps, and maps smaller than a window that
+    attend over their own tokens) set to ``"short"``, at 64 x 64 and at 96 x 80 (padding): its
+    features and every parameter's gradient equal the SDPA encoder's."""
+    out = _interpreted("""
+        import copy, torch
+        from skysense import SkySense
+        from skysense.models.attention import set_attention_backends
+        torch.manual_seed(0)
+        hr = SkySense.from_preset("tiny").train().hr_encoder
+        short = copy.deepcopy(hr)
+        assert set_attention_backends(short, ["short"]) == 8
+        for size in ((64, 64), (96, 80)):
+            x = torch.randn(2, 3, *size)
+            results = []
+            for encoder in (hr, short):
+                encoder.zero_grad()
+                features = encoder.forward_features(x)
+                features.square().mean().backward()
+                results.append([features] + [p.grad for p in encoder.parameters()])
+            # Parameters forward_features does not use get no gradient, alike in both.
+            assert [g is None for g in results[0]] == [g is None for g in results[1]]
+            pairs = [(a, b) for a, b in zip(*results) if a is not None]
+            assert len(pairs) > 100
+            errors = [(a - b).abs().max().item() for a, b in pairs]
+            assert max(errors) < 2e-5, errors
+            print(size, "%.1e" % max(errors))
+        """)
+    assert out.count("\n") == 2, out
+
+
 def test_without_a_gpu_the_short_backend_runs_sdpa() -> None:
     """On the CPU (no interpreter) ``"short"`` is SDPA's default, bit for bit, and a direct call
     says what it expected."""
