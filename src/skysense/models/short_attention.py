@@ -79,8 +79,10 @@ def supports(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = 
     return all(t is None or t.device == q.device for t in (key_padding_mask, bias, window_mask))
 
 
-def _block(length: int) -> int:
-    return max(16, triton.next_power_of_2(length))
+def _tile(size: int) -> int:
+    """A program's rows (``BLOCK``, from the length) or columns (``WIDTH``, from the head width):
+    the next power of two, at least 16 (``tl.dot``'s smallest)."""
+    return max(16, triton.next_power_of_2(size))
 
 
 def _bias_group(sequences: int, heads: int) -> int:
@@ -103,6 +105,15 @@ if triton is not None:
         """One head's (BLOCK, WIDTH) rows, zeros past the sequence and past the head width."""
         return tl.load(ptr + offset + rows[:, None] * row_stride + cols[None, :],
                        mask=inside[:, None] & (cols[None, :] < width), other=0.0)
+
+    @triton.jit
+    def _head_inputs(q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, n, h, rows, cols, inside,
+                     width):
+        """Sequence n's q, k and v of head h."""
+        q = _load_rows(q_ptr, n * q_n + h * q_h, q_l, rows, cols, inside, width)
+        k = _load_rows(k_ptr, n * k_n + h * k_h, k_l, rows, cols, inside, width)
+        v = _load_rows(v_ptr, n * v_n + h * v_h, v_l, rows, cols, inside, width)
+        return q, k, v
 
     @triton.jit
     def _store_rows(ptr, offset, row_stride, rows, cols, inside, width, value):
@@ -141,9 +152,8 @@ if triton is not None:
         rows = tl.arange(0, BLOCK)
         cols = tl.arange(0, WIDTH)
         inside = rows < length
-        q = _load_rows(q_ptr, n * q_n + h * q_h, q_l, rows, cols, inside, width)
-        k = _load_rows(k_ptr, n * k_n + h * k_h, k_l, rows, cols, inside, width)
-        v = _load_rows(v_ptr, n * v_n + h * v_h, v_l, rows, cols, inside, width)
+        q, k, v = _head_inputs(q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, n, h, rows, cols,
+                               inside, width)
         scores, keys = _scores(q, k, scale, n, h, rows, inside, mask_ptr, mask_n, bias_ptr, bias_h, bias_l,
                                window_ptr, window_w, window_l, windows, HAS_MASK, HAS_BIAS, HAS_WINDOW_MASK,
                                PRECISION)
@@ -178,9 +188,8 @@ if triton is not None:
         for s in range(GROUP):
             n = group * GROUP + s
             inside = (rows < length) & (n < sequences)
-            q = _load_rows(q_ptr, n * q_n + h * q_h, q_l, rows, cols, inside, width)
-            k = _load_rows(k_ptr, n * k_n + h * k_h, k_l, rows, cols, inside, width)
-            v = _load_rows(v_ptr, n * v_n + h * v_h, v_l, rows, cols, inside, width)
+            q, k, v = _head_inputs(q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, n, h, rows,
+                                   cols, inside, width)
             out = _load_rows(out_ptr, n * out_n + h * out_h, out_l, rows, cols, inside, width)
             grad = _load_rows(grad_ptr, n * g_n + h * g_h, g_l, rows, cols, inside, width)
             lse = tl.load(lse_ptr + (n * heads + h) * BLOCK + rows, mask=inside, other=0.0)
@@ -259,7 +268,7 @@ def _short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
                      window_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     _checked_last_stride(q, k, v)
     n, heads, length, width = q.shape
-    block = _block(length)
+    block = _tile(length)
     out = _heads_last(q.shape, q)
     lse = torch.empty((n * heads, block), dtype=torch.float32, device=q.device)
     extra, extra_strides, switches = _extra_inputs(q, key_padding_mask, bias, window_mask)
@@ -268,7 +277,7 @@ def _short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *extra_strides, out.stride(0), out.stride(1), out.stride(2),
         heads, length, width, _windows(window_mask), scale, **switches, BLOCK=block,
-        WIDTH=max(16, triton.next_power_of_2(width)), PRECISION=_precision(q))
+        WIDTH=_tile(width), PRECISION=_precision(q))
     return out, lse
 
 
@@ -278,7 +287,7 @@ def _short_attention_backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask:
                               lse: Tensor, scale: float, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _checked_last_stride(q, k, v, out, grad)
     n, heads, length, width = q.shape
-    block = _block(length)
+    block = _tile(length)
     dq, dk, dv = (_heads_last(q.shape, t) for t in (q, k, v))
     bias_grad = bias_grad and bias is not None
     group = _bias_group(n, heads) if bias_grad else 1
@@ -291,7 +300,7 @@ def _short_attention_backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask:
         v.stride(0), v.stride(1), v.stride(2), *extra_strides, out.stride(0), out.stride(1), out.stride(2),
         grad.stride(0), grad.stride(1), grad.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         n, heads, length, width, _windows(window_mask), scale, **switches, BIAS_GRAD=bias_grad, GROUP=group,
-        BLOCK=block, WIDTH=max(16, triton.next_power_of_2(width)), PRECISION=_precision(q))
+        BLOCK=block, WIDTH=_tile(width), PRECISION=_precision(q))
     if not bias_grad:
         return dq, dk, dv, q.new_empty(0)
     dbias = partial.reshape(-1, heads, block, block).sum(0)[:, :length, :length]
@@ -323,7 +332,7 @@ if interpreted():
     @_short_attention.register_fake
     def _(q, k, v, key_padding_mask, bias, window_mask, scale):
         n, heads, length, _ = q.shape
-        return _heads_last(q.shape, q), q.new_empty((n * heads, _block(length)), dtype=torch.float32)
+        return _heads_last(q.shape, q), q.new_empty((n * heads, _tile(length)), dtype=torch.float32)
 
     @_short_attention_backward.register_fake
     def _(q, k, v, key_padding_mask, bias, window_mask, out, grad, lse, scale, bias_grad):
