@@ -102,17 +102,14 @@ import compile_cache  # noqa: E402  (beside this file)
 from live_memory import LiveSites  # noqa: E402
 
 
-def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Forward FLOPs of an attention operator whose first arguments are q, k and v."""
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
                                   **kwargs) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-def _short_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def _short_attention_backward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -124,9 +121,9 @@ def _short_attention_backward_flops(query_shape, key_shape, value_shape, *args, 
 # FlopCounterMode knows the CUDA attention kernels only; the CPU's flash kernel (any mask, any
 # head dim) and our short-sequence kernels (skysense.models.short_attention) would count as zero.
 CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
-    torch.ops.skysense.short_attention: _short_attention_flops,
+    torch.ops.skysense.short_attention: _attention_flops,
     torch.ops.skysense.short_attention_backward: _short_attention_backward_flops,
 }
 
