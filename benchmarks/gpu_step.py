@@ -87,6 +87,7 @@ from skysense.devices import adamw, to_device
 from skysense.distributed import apply_activation_checkpointing, clip_grad_norm, matmul_outputs_saved
 from skysense.models import SDPA_BACKENDS, set_attention_backends
 from skysense.models.attention import check_attention_backends
+from skysense.models import short_attention
 from skysense.models.fusion import FusionTransformer
 from skysense.models.layers import TransformerBlock
 from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block, WindowAttentionV2
@@ -123,9 +124,11 @@ def _short_attention_backward_flops(query_shape, key_shape, value_shape, *args, 
 CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
-    torch.ops.skysense.short_attention: _attention_flops,
-    torch.ops.skysense.short_attention_backward: _short_attention_backward_flops,
 }
+short_attention.register_operators()
+if hasattr(torch.ops.skysense, "short_attention"):  # not without Triton
+    CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention] = _attention_flops
+    CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention_backward] = _short_attention_backward_flops
 
 
 @dataclass(frozen=True)

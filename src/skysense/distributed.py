@@ -267,9 +267,13 @@ def matmul_outputs_saved() -> Callable[[], tuple[AbstractContextManager, Abstrac
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu")
     saved = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    from skysense.models import short_attention
     from skysense.models.attention import explicit_attention  # noqa: F401  (registers the operator)
 
     saved.add(torch.ops.skysense.explicit_attention.default)  # attention_backends: [explicit]
+    short_attention.register_operators()
+    if hasattr(torch.ops.skysense, "short_attention"):  # attention_backends: [short] (needs Triton)
+        saved.add(torch.ops.skysense.short_attention.default)
 
     def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE

@@ -155,6 +155,8 @@ def set_attention_backends(module: nn.Module, backends: Sequence[str] | None) ->
     kernel; ``"explicit"`` is one operator it leaves alone.
     """
     backends = None if backends is None else check_attention_backends(backends)
+    if backends == (SHORT,):
+        short_attention.register_operators()  # before any compile traces the layers
     layers = [m for m in module.modules() if hasattr(m, "sdpa_backends")]
     for layer in layers:
         layer.sdpa_backends = backends

@@ -20,8 +20,8 @@ a materialised (windows x heads) mask nor heads padded for SDPA's kernels.
 wide, an optional key-padding mask, position bias and window mask; :func:`supports` says
 whether a call qualifies. It runs on CUDA, and on the CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``, how the tests check it). Registered as ``skysense::short_attention``
-with ``torch.library.triton_op``, so ``torch.compile`` places the kernels in its graph instead
-of calling out of it.
+with ``torch.library.triton_op`` (by :func:`register_operators`, at the first use), so
+``torch.compile`` places the kernels in its graph instead of calling out of it.
 """
 
 from __future__ import annotations
@@ -257,15 +257,8 @@ def _windows(window_mask: Tensor | None) -> int:
     return 1 if window_mask is None else window_mask.shape[0]
 
 
-# On a GPU the operators are ``triton_op``s: torch.compile traces into them and puts the kernels
-# in its graph. Under the interpreter the kernels are plain Python calls that tracing would run
-# on fake tensors, so there they are opaque custom operators with their shapes registered below.
-_operator = torch.library.custom_op if interpreted() else torch.library.triton_op
-
-
-@_operator("skysense::short_attention", mutates_args=())
-def _short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
-                     window_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
+             window_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     _checked_last_stride(q, k, v)
     n, heads, length, width = q.shape
     block = _tile(length)
@@ -281,10 +274,9 @@ def _short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
     return out, lse
 
 
-@_operator("skysense::short_attention_backward", mutates_args=())
-def _short_attention_backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
-                              bias: Tensor | None, window_mask: Tensor | None, out: Tensor, grad: Tensor,
-                              lse: Tensor, scale: float, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
+              window_mask: Tensor | None, out: Tensor, grad: Tensor, lse: Tensor, scale: float,
+              bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _checked_last_stride(q, k, v, out, grad)
     n, heads, length, width = q.shape
     block = _tile(length)
@@ -314,7 +306,7 @@ def _setup(ctx, inputs, output) -> None:
     ctx.scale = scale
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _gradients(ctx, grad_out, grad_lse):
     q, k, v, key_padding_mask, bias, window_mask, out, lse = ctx.saved_tensors
     grad_out = grad_out.to(out.dtype)  # the products take one dtype
     if grad_out.stride(-1) != 1:
@@ -325,19 +317,44 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, dbias if bias_grad else None, None, None
 
 
-_short_attention.register_autograd(_backward, setup_context=_setup)
+# The two operators, registered by :func:`register_operators`.
+_short_attention = None
+_short_attention_backward = None
 
-if interpreted():
-    # The opaque operators' output shapes and layouts, for tracing (see ``_operator``).
-    @_short_attention.register_fake
-    def _(q, k, v, key_padding_mask, bias, window_mask, scale):
-        n, heads, length, _ = q.shape
-        return _heads_last(q.shape, q), q.new_empty((n * heads, _tile(length)), dtype=torch.float32)
 
-    @_short_attention_backward.register_fake
-    def _(q, k, v, key_padding_mask, bias, window_mask, out, grad, lse, scale, bias_grad):
-        dbias = bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0)
-        return (*(_heads_last(q.shape, t) for t in (q, k, v)), dbias)
+def register_operators() -> None:
+    """Register ``skysense::short_attention`` and its backward with torch (once; later calls do
+    nothing). :func:`short_attention` does it at its first call and
+    :func:`skysense.models.attention.set_attention_backends` when it selects ``"short"``, so
+    that ``torch.compile`` finds them registered. It is not done on import: registering a
+    ``triton_op`` imports inductor (about a second), which a process that never runs the kernel
+    need not pay.
+
+    On a GPU the operators are ``triton_op``s: torch.compile traces into them and puts the
+    kernels in its graph. Under the interpreter the kernels are plain Python calls that tracing
+    would run on fake tensors, so there they are opaque custom operators with their output shapes
+    and layouts registered.
+    """
+    global _short_attention, _short_attention_backward
+    if _short_attention is not None or triton is None:
+        return
+    operator = torch.library.custom_op if interpreted() else torch.library.triton_op
+    forward = operator("skysense::short_attention", mutates_args=())(_forward)
+    backward = operator("skysense::short_attention_backward", mutates_args=())(_backward)
+    forward.register_autograd(_gradients, setup_context=_setup)
+    if interpreted():
+        @forward.register_fake
+        def _(q, k, v, key_padding_mask, bias, window_mask, scale):
+            n, heads, length, _ = q.shape
+            return _heads_last(q.shape, q), q.new_empty((n * heads, _tile(length)), dtype=torch.float32)
+
+        @backward.register_fake
+        def _(q, k, v, key_padding_mask, bias, window_mask, out, grad, lse, scale, bias_grad):
+            dbias = bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0)
+            return (*(_heads_last(q.shape, t) for t in (q, k, v)), dbias)
+
+    _short_attention_backward = backward
+    _short_attention = forward
 
 
 def short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
@@ -363,4 +380,6 @@ def short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | 
             f"on {q.device}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask {described(key_padding_mask)}, bias "
             f"{described(bias)}, window mask {described(window_mask)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if _short_attention is None:
+        register_operators()
     return _short_attention(q, k, v, key_padding_mask, bias, window_mask, scale)[0]
