@@ -35,6 +35,7 @@ def _interpreted(code: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_outputs_and_gradients_match_float64_sdpa_on_strided_inputs() -> None:
     """q, k, v as the qkv projection's split makes them (strided, transposed views), with and
     without a key-padding mask, 20 tokens in a 32-row block: the output, its (N, L, H, D) layout,
@@ -82,6 +83,7 @@ def test_a_query_with_no_key_gets_zeros_and_no_nan() -> None:
     assert out.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_a_traced_fusion_block_with_the_short_kernel_trains_as_with_sdpa() -> None:
     """A fusion block set to ``"short"`` under torch.compile (aot_eager: the op's fake tensors and
     autograd traced, the kernels run by the interpreter): the output and every gradient equal
@@ -110,6 +112,7 @@ def test_a_traced_fusion_block_with_the_short_kernel_trains_as_with_sdpa() -> No
     assert float(out) < 1e-5
 
 
+@pytest.mark.slow
 def test_the_tiny_hr_encoder_with_the_short_kernel_trains_as_with_sdpa() -> None:
     """The tiny SwinV2 encoder (mask_padding: padded maps, and maps smaller than a window that
     attend over their own tokens) set to ``"short"``, at 64 x 64 and at 96 x 80 (padding): its
@@ -181,6 +184,7 @@ def test_bias_and_window_mask_shapes_it_takes(monkeypatch) -> None:
         short_attention.short_attention(q, q, q, window_mask=torch.zeros(4, 16, 16))
 
 
+@pytest.mark.slow
 def test_bias_and_window_mask_match_float64_sdpa_with_odd_heads_and_grouped_bias_gradients() -> None:
     """SwinV2's call: (windows x batch, heads, L, D) q, k, v from the qkv split, 11-wide heads
     (padded to 16 in the program), a per-head bias with its gradient and a per-window mask.
@@ -216,6 +220,59 @@ def test_bias_and_window_mask_match_float64_sdpa_with_odd_heads_and_grouped_bias
     assert out.count("\n") == 4, out
 
 
+def test_the_operators_are_registered_at_first_use_not_on_import() -> None:
+    """Importing skysense registers neither operator (a ``triton_op`` imports inductor, about a
+    second); selecting ``"short"`` registers both, before anything compiles the layers."""
+    code = """
+        import sys, torch
+        import skysense, skysense.cli
+        from skysense.models.attention import set_attention_backends
+        from skysense.models.layers import TransformerBlock
+        print(hasattr(torch.ops.skysense, "short_attention"), "torch._inductor" in sys.modules)
+        set_attention_backends(TransformerBlock(32, 2), ["short"])
+        print(hasattr(torch.ops.skysense, "short_attention"), hasattr(torch.ops.skysense, "short_attention_backward"))
+        """
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.split() == ["False", "False", "True", "True"], result.stdout
+
+
+def test_selective_checkpointing_keeps_the_kernel_s_output() -> None:
+    """Under ``activation_checkpointing: selective`` the short kernel's output is saved like
+    SDPA's (skysense.distributed.matmul_outputs_saved): its forward runs once per step, and
+    twice when the whole block is recomputed."""
+    out = _interpreted("""
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from skysense.distributed import apply_activation_checkpointing, matmul_outputs_saved
+        from skysense.models.attention import set_attention_backends
+        from skysense.models.layers import TransformerBlock
+
+        class Calls(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.forward = 0
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.forward += func == torch.ops.skysense.short_attention.default
+                return func(*args, **(kwargs or {}))
+
+        torch.manual_seed(0)
+        for context_fn in (matmul_outputs_saved(), None):
+            model = torch.nn.Sequential(TransformerBlock(32, 2))
+            set_attention_backends(model, ["short"])
+            apply_activation_checkpointing(model, (TransformerBlock,), context_fn)
+            x = torch.randn(4, 16, 32, requires_grad=True)
+            with Calls() as calls:
+                model(x).square().mean().backward()
+            print(calls.forward)
+        """)
+    assert out.split() == ["1", "2"], out
+
+
+@pytest.mark.slow
 def test_swin_blocks_with_the_short_kernel_train_as_with_sdpa() -> None:
     """A SwinV2 block (44-wide heads, 4 x 4 windows) set to ``"short"``, eager and under
     torch.compile (aot_eager), shifted and not: the output, the input's gradient and every
@@ -247,6 +304,7 @@ def test_swin_blocks_with_the_short_kernel_train_as_with_sdpa() -> None:
     assert out.count("\n") == 4, out
 
 
+@pytest.mark.slow
 def test_the_benchmark_counts_its_flops_as_sdpa_s() -> None:
     """benchmarks/gpu_step.py's FLOP count of a block step is the same with the short kernel as
     with SDPA for a fusion block, and for a shifted SwinV2 block at its own head width up to the
