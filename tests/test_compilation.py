@@ -41,7 +41,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("encoder", ["hr", "s2"])
+@pytest.mark.parametrize("encoder", [pytest.param("hr", marks=pytest.mark.slow), "s2"])
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_compiled_blocks_match_eager(encoder: str, checkpointed: bool) -> None:
     config = preset_config("tiny")

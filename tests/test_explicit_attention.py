@@ -47,6 +47,7 @@ def test_the_operator_passes_torchs_checks() -> None:
     torch.library.opcheck(_explicit_attention, (q, k, v, m, 0.3))
 
 
+@pytest.mark.slow
 def test_compiled_blocks_keep_it_and_train_like_sdpa() -> None:
     from torch._inductor.utils import run_and_get_code
 

@@ -38,6 +38,7 @@ RESULT_FIELDS = {"part", "implementation", "mode", "unit", "batch", "input_shape
                  "operators", "error"}
 
 
+@pytest.mark.slow
 def test_report_has_every_part_and_field(tmp_path: Path) -> None:
     options = gpu_step.Options(device="cpu", dtype="fp32", shapes=TINY, compile=False, warmup=0, repeats=1)
     report = json.loads(json.dumps(gpu_step.run_benchmark(options)))  # JSON-able as written
@@ -288,6 +289,7 @@ def _out_of_memory_unless(*fitting: str) -> Callable:
     return step
 
 
+@pytest.mark.slow
 def test_pretrain_step_retries_the_paper_batch_with_the_fusion_checkpointed(monkeypatch) -> None:
     """(d): a first batch that does not fit is tried again with each next checkpointing setting
     until one fits, the next batches keep it; the FLOPs do not count the recomputation."""
@@ -307,6 +309,7 @@ def test_pretrain_step_retries_the_paper_batch_with_the_fusion_checkpointed(monk
     assert 3 < plain[0]["host_syncs"] <= 3 + 2 * 18 and plain[0]["operators"] > 1000, plain[0]
 
 
+@pytest.mark.slow
 def test_pretrain_step_keeps_matmul_outputs_when_that_fits(monkeypatch) -> None:
     monkeypatch.setattr(gpu_step.PretrainStep, "forward", _out_of_memory_unless("selective", "fusion", "all"))
     shapes = dataclasses.replace(TINY, step_batches=(2, 3))
@@ -315,6 +318,7 @@ def test_pretrain_step_keeps_matmul_outputs_when_that_fits(monkeypatch) -> None:
         (2, "off", "OutOfMemoryError"), (2, "selective", ""), (3, "selective", "")]
 
 
+@pytest.mark.slow
 def test_pretrain_step_checkpoints_every_block_when_the_fusion_alone_is_not_enough(monkeypatch) -> None:
     monkeypatch.setattr(gpu_step.PretrainStep, "forward", _out_of_memory_unless("all"))
     shapes = dataclasses.replace(TINY, step_batches=(2, 3))
@@ -324,6 +328,7 @@ def test_pretrain_step_checkpoints_every_block_when_the_fusion_alone_is_not_enou
         (2, "all", ""), (3, "all", "")]
 
 
+@pytest.mark.slow
 def test_a_step_that_ran_out_of_memory_in_adamw_leaves_nothing_to_the_next_setting(monkeypatch) -> None:
     """H100, 2026-11-28: batch 3 without checkpointing ran out of memory while AdamW was making
     its state; the model kept the half-made state, so the next settings ran out of memory too and
@@ -380,6 +385,7 @@ def _swin_formula(config, image: int) -> float:
     return total
 
 
+@pytest.mark.slow
 def test_paper_shapes_count_the_same_flops_as_timm_and_the_formula() -> None:
     """At issue 7's shapes (counted on the meta device: no memory, no compute), our parts do
     exactly the work of timm's, and SwinV2-H's is PERFORMANCE.md's formula: the MFU of the two
@@ -412,6 +418,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_the_benchmark_needs_no_raster_stack() -> None:
     """The GPU image has torch and timm but no rasterio: the benchmark must import without it."""
     import subprocess
@@ -444,6 +451,7 @@ def test_a_part_that_cannot_be_built_does_not_stop_the_others(monkeypatch) -> No
     assert "vit            failed: TypeError" in gpu_step.format_table(report)
 
 
+@pytest.mark.slow
 def test_device_script_writes_its_three_files(tmp_path: Path) -> None:
     """benchmarks/gpu_step_device.sh, run here on the CPU (its arguments go to gpu_step.py)."""
     import os
@@ -506,6 +514,7 @@ def test_the_pretraining_step_copies_no_weight_per_row() -> None:
     assert seen.broadcast == []
 
 
+@pytest.mark.slow
 def test_a_paper_batch_that_never_fits_is_traced_and_smaller_batches_are_measured(monkeypatch) -> None:
     """(d): when the paper's batch runs out of memory with every block checkpointed, one more
     step of it records what was alive at the failure, by origin; then smaller batches are tried
@@ -541,6 +550,7 @@ def test_a_paper_batch_that_never_fits_is_traced_and_smaller_batches_are_measure
         {**report, "device": "cuda"})
 
 
+@pytest.mark.slow
 def test_whole_model_compile_with_cuda_graphs_runs_and_is_reported() -> None:
     """``--compile-scope model --compile-mode reduce-overhead``: one graph per model, replayed as
     CUDA graphs on a GPU (on the CPU inductor skips the graphs); an unknown mode is refused."""

@@ -6,6 +6,7 @@ import functools
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -39,6 +40,7 @@ def test_live_bytes_counts_storages_once_and_frees_them() -> None:
         assert (c.sum() > 0).item() is False
 
 
+@pytest.mark.slow
 def test_tiny_step_state_is_weights_gradients_and_adamw_moments() -> None:
     row = _estimate(2)
     with torch.device("meta"):
@@ -58,6 +60,7 @@ def test_tiny_step_state_is_weights_gradients_and_adamw_moments() -> None:
     assert type(shifted_window_mask(32, 32, 8, 4, torch.device("cpu"))) is torch.Tensor
 
 
+@pytest.mark.slow
 def test_checkpointing_and_batch_move_the_peak_the_expected_way() -> None:
     off2, all2, selective2 = _estimate(2), _estimate(2, "all"), _estimate(2, "selective")
     off4 = _estimate(4)
@@ -77,6 +80,7 @@ def test_resizing_a_storage_in_place_is_counted() -> None:
         assert (live.live, live.peak) == (2048, 2048)
 
 
+@pytest.mark.slow
 def test_fsdp_shards_the_state_over_the_devices() -> None:
     one, four = _estimate(2), _estimate(2, world=4)
     # Weights, gradients and moments shard 4 ways; buffers (the geo prototypes) do not.
@@ -127,6 +131,7 @@ def test_stacks_capped_cuts_every_stack_and_restores_the_preset() -> None:
         assert preset_config("huge") == before
 
 
+@pytest.mark.slow
 def test_step_operators_are_counted_by_name_and_by_our_line() -> None:
     import step_operators
 

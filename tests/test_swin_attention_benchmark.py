@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SRC = BENCHMARKS.parent / "src"
 
@@ -59,6 +61,7 @@ def test_cpu_run_times_both_settings_and_says_the_kernel_did_not_run(tmp_path: P
     assert report["short_ran_everywhere"] is False  # on the CPU SDPA runs for "short"
 
 
+@pytest.mark.slow
 def test_under_the_interpreter_the_kernel_takes_every_layer(tmp_path: Path) -> None:
     report = _run(tmp_path, interpret=True)
     assert report["short_ran_everywhere"] is True

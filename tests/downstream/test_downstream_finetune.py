@@ -163,6 +163,7 @@ def test_config_file_and_overrides(tmp_path):
         assert build_config(args).activation_checkpointing == expected, flags
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [True, "selective"])
 def test_compiled_checkpointed_encoder_trains_like_eager(aid_like, tmp_path, monkeypatch, checkpointing):
     """`compile: blocks` with activation checkpointing (full, or selective) gives the eager run's

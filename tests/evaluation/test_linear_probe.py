@@ -192,6 +192,7 @@ def test_command_needs_a_data_root(monkeypatch):
         _run(["evaluate", "linear-probe", "--dataset", "aid", "--preset", "tiny", "--random-init"])
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_command_end_to_end_on_aid(data_root, monkeypatch, capsys):
     if not (data_root / "aid").is_dir():

@@ -209,6 +209,7 @@ def test_fsdp_resume_after_kill_equals_uninterrupted_run(two_process_run: tuple[
         "checkpoint-00000006"]
 
 
+@pytest.mark.slow
 def test_one_process_fsdp_stop_and_resume(tmp_path: Path, aid_like: Path, monkeypatch) -> None:  # noqa: F811
     """One process writes the same DCP checkpoints (unsharded); a stopped run resumes exactly."""
     config = PretrainConfig.from_dict({**FSDP_CONFIG, "max_steps": 4})
