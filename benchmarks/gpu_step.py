@@ -85,9 +85,8 @@ from skysense.compilation import compile_blocks
 from skysense.config import preset_config
 from skysense.devices import adamw, to_device
 from skysense.distributed import apply_activation_checkpointing, clip_grad_norm, matmul_outputs_saved
-from skysense.models import SDPA_BACKENDS, set_attention_backends
+from skysense.models import SDPA_BACKENDS, set_attention_backends, short_attention
 from skysense.models.attention import check_attention_backends
-from skysense.models import short_attention
 from skysense.models.fusion import FusionTransformer
 from skysense.models.layers import TransformerBlock
 from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block, WindowAttentionV2
@@ -125,8 +124,7 @@ CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
 }
-short_attention.register_operators()
-if hasattr(torch.ops.skysense, "short_attention"):  # not without Triton
+if short_attention.register_operators():  # not without Triton
     CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention] = _attention_flops
     CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention_backward] = _short_attention_backward_flops
 

@@ -26,9 +26,11 @@ triton = pytest.importorskip("triton")
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _interpreted(code: str) -> str:
-    """Run ``code`` in a fresh Python with Triton's interpreter on; its standard output."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def _interpreted(code: str, interpret: bool = True) -> str:
+    """Run ``code`` in a fresh Python, with Triton's interpreter on unless ``interpret`` is
+    false; its standard output."""
+    env = {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0",
+           "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -223,7 +225,7 @@ def test_bias_and_window_mask_match_float64_sdpa_with_odd_heads_and_grouped_bias
 def test_the_operators_are_registered_at_first_use_not_on_import() -> None:
     """Importing skysense registers neither operator (a ``triton_op`` imports inductor, about a
     second); selecting ``"short"`` registers both, before anything compiles the layers."""
-    code = """
+    out = _interpreted("""
         import sys, torch
         import skysense, skysense.cli
         from skysense.models.attention import set_attention_backends
@@ -231,13 +233,8 @@ def test_the_operators_are_registered_at_first_use_not_on_import() -> None:
         print(hasattr(torch.ops.skysense, "short_attention"), "torch._inductor" in sys.modules)
         set_attention_backends(TransformerBlock(32, 2), ["short"])
         print(hasattr(torch.ops.skysense, "short_attention"), hasattr(torch.ops.skysense, "short_attention_backward"))
-        """
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.split() == ["False", "False", "True", "True"], result.stdout
+        """, interpret=False)
+    assert out.split() == ["False", "False", "True", "True"], out
 
 
 def test_selective_checkpointing_keeps_the_kernel_s_output() -> None:

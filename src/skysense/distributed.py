@@ -271,8 +271,7 @@ def matmul_outputs_saved() -> Callable[[], tuple[AbstractContextManager, Abstrac
     from skysense.models.attention import explicit_attention  # noqa: F401  (registers the operator)
 
     saved.add(torch.ops.skysense.explicit_attention.default)  # attention_backends: [explicit]
-    short_attention.register_operators()
-    if hasattr(torch.ops.skysense, "short_attention"):  # attention_backends: [short] (needs Triton)
+    if short_attention.register_operators():  # attention_backends: [short] (needs Triton)
         saved.add(torch.ops.skysense.short_attention.default)
 
     def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -174,7 +174,8 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor, use_torc
             which must be installed) instead of the own implementation. The two agree within
             1e-6 (tests/evaluation/test_linear_probe.py); the own one is the default because
             importing torchmetrics took 3.7 s on a 2-core machine (it imports torchvision's
-            models; ``python -X importtime``) for a computation of milliseconds, and a score should not depend on which extras are installed.
+            models; ``python -X importtime``) for a computation of milliseconds, and a score
+            should not depend on which extras are installed.
 
     Raises:
         ValueError: shapes differ, or no class has a positive.

@@ -322,9 +322,10 @@ _short_attention = None
 _short_attention_backward = None
 
 
-def register_operators() -> None:
+def register_operators() -> bool:
     """Register ``skysense::short_attention`` and its backward with torch (once; later calls do
-    nothing). :func:`short_attention` does it at its first call and
+    nothing); whether they are registered (not without Triton). :func:`short_attention` does it
+    at its first call and
     :func:`skysense.models.attention.set_attention_backends` when it selects ``"short"``, so
     that ``torch.compile`` finds them registered. It is not done on import: registering a
     ``triton_op`` imports inductor (about a second), which a process that never runs the kernel
@@ -337,7 +338,7 @@ def register_operators() -> None:
     """
     global _short_attention, _short_attention_backward
     if _short_attention is not None or triton is None:
-        return
+        return _short_attention is not None
     operator = torch.library.custom_op if interpreted() else torch.library.triton_op
     forward = operator("skysense::short_attention", mutates_args=())(_forward)
     backward = operator("skysense::short_attention_backward", mutates_args=())(_backward)
@@ -355,6 +356,7 @@ def register_operators() -> None:
 
     _short_attention_backward = backward
     _short_attention = forward
+    return True
 
 
 def short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
