@@ -34,8 +34,8 @@ print(json.dumps(report))
 def _compile(path: Path, action: str, inductor_cache: Path) -> dict:
     # A fresh inductor cache folder per process: as on a fresh machine, only the file carries.
     # No vector instruction sets: in an empty folder inductor first builds a probe program for
-    # each (about 7 s a process on 2 cores), which has nothing to do with the file (the test
-    # took 27.9 s with them, 17.4 s without).
+    # each (7.1 s of a 15.6 s one-kernel compile under cProfile, 2 cores), which has nothing to
+    # do with the file (the test took 27.9 s with them, 17.4 s without).
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache), "OMP_NUM_THREADS": "1",
            "TORCHINDUCTOR_VEC_ISA_OK": "0"}
     code = COMPILE.format(benchmarks=str(BENCHMARKS))
