@@ -118,6 +118,22 @@ def _short_attention_backward_flops(query_shape, key_shape, value_shape, *args, 
     return sdpa_backward_flop_count(query_shape, query_shape, key_shape, value_shape)
 
 
+def _qkv_heads(qkv_shape, heads: int) -> tuple[int, int, int, int]:
+    """The (N, H, L, D) shape of q, k and v in an (N, L, 3C) qkv projection's output."""
+    n, length, width3 = qkv_shape
+    return n, heads, length, width3 // (3 * heads)
+
+
+def _qkv_attention_flops(qkv_shape, heads, *args, out_shape=None, **kwargs) -> int:
+    shape = _qkv_heads(qkv_shape, heads)
+    return sdpa_flop_count(shape, shape, shape)
+
+
+def _qkv_attention_backward_flops(qkv_shape, heads, *args, out_shape=None, **kwargs) -> int:
+    shape = _qkv_heads(qkv_shape, heads)
+    return sdpa_backward_flop_count(shape, shape, shape, shape)
+
+
 # FlopCounterMode knows the CUDA attention kernels only; the CPU's flash kernel (any mask, any
 # head dim) and our short-sequence kernels (skysense.models.short_attention) would count as zero.
 CPU_ATTENTION_FLOPS = {
@@ -127,6 +143,8 @@ CPU_ATTENTION_FLOPS = {
 if short_attention.register_operators():  # not without Triton
     CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention] = _attention_flops
     CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention_backward] = _short_attention_backward_flops
+    CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention_qkv] = _qkv_attention_flops
+    CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention_qkv_backward] = _qkv_attention_backward_flops
 
 
 @dataclass(frozen=True)

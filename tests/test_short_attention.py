@@ -222,6 +222,55 @@ def test_bias_and_window_mask_match_float64_sdpa_with_odd_heads_and_grouped_bias
     assert out.count("\n") == 4, out
 
 
+@pytest.mark.slow
+def test_the_qkv_entry_with_cosine_scores_matches_float64_sdpa() -> None:
+    """short_attention_qkv on an (N, L, 3C) projection output: SwinV2's call (11-wide heads, the
+    cosine normalisation and the per-head scale in the kernel, a bias with its gradient summed 4
+    sequences per program, with and without a window mask) and the fusion's (a key-padding
+    mask, no cosine). The output, the (N, L, 3C) gradient, the bias's and the scale's against
+    F.normalize and SDPA in float64, each error relative to the largest reference value."""
+    out = _interpreted("""
+        import torch, torch.nn.functional as F
+        from skysense.models import short_attention as sa
+        sa.BIAS_PROGRAMS = 2
+        torch.manual_seed(0)
+        batch, windows, heads, length, width = 3, 2, 3, 16, 11
+        n = batch * windows
+        window_mask = torch.where(torch.rand(windows, length, length) > 0.7, -100.0, 0.0)
+        padding = torch.rand(n, length, generator=torch.Generator().manual_seed(1)) > 0.3
+        cases = (("swin", None, window_mask), ("swin", None, None), ("fusion", padding, None))
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 4e-3)):
+            for call, key_mask, mask in cases:
+                swin = call == "swin"
+                qkv = torch.randn(n, length, 3 * heads * width).to(dtype).requires_grad_()
+                bias = torch.randn(heads, length, length).to(dtype).requires_grad_() if swin else None
+                logit = torch.randn(heads).requires_grad_() if swin else None
+                inputs = [t for t in (qkv, bias, logit) if t is not None]
+                out = sa.short_attention_qkv(qkv, heads, key_mask, 1.0 if swin else 0.3, bias, mask,
+                                             logit.exp() if swin else None)
+                assert out.shape == (n, length, heads * width) and out.is_contiguous()
+                ref_in = [t.detach().double().requires_grad_() for t in inputs]
+                q, k, v = (t.unflatten(-1, (heads, width)).transpose(1, 2) for t in ref_in[0].split(heads * width, -1))
+                if swin:
+                    q = F.normalize(q, dim=-1) * ref_in[2].exp()[:, None, None]
+                    k = F.normalize(k, dim=-1)
+                    added = ref_in[1][None] + (0 if mask is None else mask.double().repeat(batch, 1, 1)[:, None])
+                else:
+                    added = key_mask[:, None, None, :]
+                ref = F.scaled_dot_product_attention(q, k, v, attn_mask=added, scale=1.0 if swin else 0.3)
+                ref = ref.transpose(1, 2).reshape(n, length, -1)
+                grad = torch.randn_like(out)
+                grads = torch.autograd.grad(out, inputs, grad)
+                assert grads[0].shape == qkv.shape and grads[0].is_contiguous()
+                ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+                errors = [((a.double() - b).abs().max() / b.abs().max()).item()
+                          for a, b in zip((out, *grads), (ref, *ref_grads))]
+                assert max(errors) < tolerance, (dtype, call, mask is not None, errors)
+                print(dtype, call, mask is not None, "%.1e" % max(errors))
+        """)
+    assert out.count("\n") == 6, out
+
+
 def test_the_operators_are_registered_at_first_use_not_on_import() -> None:
     """Importing skysense registers neither operator (a ``triton_op`` imports inductor, about a
     second); selecting ``"short"`` registers both, before anything compiles the layers."""
@@ -253,7 +302,7 @@ def test_selective_checkpointing_keeps_the_kernel_s_output() -> None:
                 super().__init__()
                 self.forward = 0
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.forward += func == torch.ops.skysense.short_attention.default
+                self.forward += func == torch.ops.skysense.short_attention_qkv.default
                 return func(*args, **(kwargs or {}))
 
         torch.manual_seed(0)
@@ -348,25 +397,26 @@ def test_the_benchmark_counts_its_flops_as_sdpa_s() -> None:
 
 @pytest.mark.parametrize("dtype, block, width, mask, swin", [
     ("bf16", 32, 64, False, False), ("bf16", 32, 64, True, False), ("fp32", 32, 64, False, False),
-    ("bf16", 64, 64, False, True),  # SwinV2-H's windows: 64 tokens, 44-wide heads, bias and shift mask
+    ("bf16", 64, 64, False, True),  # SwinV2-H's windows: 64 tokens, 44-wide heads, bias, shift mask, cosine
 ])
 def test_the_kernels_compile_for_hopper_without_a_gpu(dtype: str, block: int, width: int, mask: bool,
                                                       swin: bool) -> None:
     """Triton's own compiler builds both kernels for sm_90 (the H100) down to machine code, bf16
     included, which the interpreter cannot check: the fusion's 32 x 64 heads with and without a
-    mask, in float32 with full-precision products, and SwinV2-H's windows with the bias, its
-    gradient summed over 4 sequences per program and the shift mask, within the H100's shared
-    memory. (The largest case, 64 tokens of 128-wide float32 heads, builds too, in 147,456 bytes
+    mask, in float32 with full-precision products, and SwinV2-H's windows with the bias, the
+    shift mask and the cosine normalisation, the bias's and the scale's gradients summed over 4
+    sequences per program, within the H100's shared memory. (The largest case, 64 tokens of 128-wide float32 heads, builds too, in 147,456 bytes
     of shared memory, but takes over a minute to compile here.)"""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if short_attention.triton is None or not hasattr(short_attention, "_forward_kernel"):
         pytest.skip("Triton is not installed")
-    constants = {"HAS_MASK": mask, "HAS_BIAS": swin, "HAS_WINDOW_MASK": swin, "BIAS_GRAD": swin,
-                 "GROUP": 4 if swin else 1, "BLOCK": block, "WIDTH": width,
+    constants = {"HAS_MASK": mask, "HAS_BIAS": swin, "HAS_WINDOW_MASK": swin, "COSINE": swin, "BIAS_GRAD": swin,
+                 "SCALE_GRAD": swin, "GROUP": 4 if swin else 1, "BLOCK": block, "WIDTH": width,
                  "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    pointers = {"mask_ptr": "*i8", "lse_ptr": "*fp32", "window_ptr": "*fp32", "dbias_ptr": "*fp32"}
+    pointers = {"mask_ptr": "*i8", "lse_ptr": "*fp32", "window_ptr": "*fp32", "dbias_ptr": "*fp32", "cos_ptr": "*fp32",
+                "dcos_ptr": "*fp32"}
     for kernel in (short_attention._forward_kernel, short_attention._backward_kernel):
         signature = {}
         for name in kernel.arg_names:

@@ -272,7 +272,7 @@ def matmul_outputs_saved() -> Callable[[], tuple[AbstractContextManager, Abstrac
 
     saved.add(torch.ops.skysense.explicit_attention.default)  # attention_backends: [explicit]
     if short_attention.register_operators():  # attention_backends: [short] (needs Triton)
-        saved.add(torch.ops.skysense.short_attention.default)
+        saved.update((torch.ops.skysense.short_attention.default, torch.ops.skysense.short_attention_qkv.default))
 
     def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE

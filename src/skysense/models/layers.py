@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from skysense.models.attention import attention
+from skysense.models import short_attention
+from skysense.models.attention import SHORT, attention
 
 
 class DropPath(nn.Module):
@@ -100,11 +101,15 @@ class Attention(nn.Module):
         """``x``: (N, L, C). ``key_padding_mask``: (N, L) bool, True where a token may be attended."""
         n, length, dim = x.shape
         heads = self.num_heads
+        qkv = self.qkv(x)
+        if self.sdpa_backends == (SHORT,) and short_attention.supports_qkv(qkv, heads, key_padding_mask):
+            # The kernel reads the projection's output whole and writes its gradient whole.
+            return self.proj(short_attention.short_attention_qkv(qkv, heads, key_padding_mask))
         # Split along the channels, not unbound from an (N, L, 3, heads, d) view: the backward pass
         # then writes the three gradients straight into the (N, L, 3C) matrix the weight gradient
         # needs, instead of stacking them and copying the stack into that layout (one copy of
         # q, k and v less: benchmarks/block_traffic.py).
-        q, k, v = (t.reshape(n, length, heads, dim // heads).transpose(1, 2) for t in self.qkv(x).split(dim, -1))
+        q, k, v = (t.reshape(n, length, heads, dim // heads).transpose(1, 2) for t in qkv.split(dim, -1))
         attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         out = attention(q, k, v, attn_mask, backends=self.sdpa_backends)
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))

@@ -14,13 +14,22 @@ SwinV2's windows are short too (64 tokens of 8 x 8 windows; SwinV2-H's heads are
 their scores carry a learned position bias per head and, in shifted blocks, a mask per window.
 The kernels add both (the bias with its gradient, summed over the sequences in the backward
 pass) and take any head width up to 128, masking the columns past it, so SwinV2 needs neither
-a materialised (windows x heads) mask nor heads padded for SDPA's kernels.
+a materialised (windows x heads) mask nor heads padded for SDPA's kernels. They also do
+SwinV2's cosine normalisation (q and k divided by their norms, q times a learned per-head
+scale) on the rows they hold, with its gradients, so the normalised q and k never go to memory.
+
+:func:`short_attention_qkv` takes the qkv projection's (N, L, 3C) output whole and returns its
+gradient whole: the backward kernel writes dq, dk and dv into the one matrix the projection's
+weight gradient reads, where three separate gradients would be concatenated by autograd (a
+read and a write of all three). The model's layers call it; :func:`short_attention` takes q, k
+and v separately.
 
 :func:`short_attention` takes up to :data:`MAX_LENGTH` tokens, heads up to :data:`MAX_WIDTH`
-wide, an optional key-padding mask, position bias and window mask; :func:`supports` says
-whether a call qualifies. It runs on CUDA, and on the CPU under Triton's interpreter
-(``TRITON_INTERPRET=1``, how the tests check it). Registered as ``skysense::short_attention``
-with ``torch.library.triton_op`` (by :func:`register_operators`, at the first use), so
+wide, an optional key-padding mask, position bias and window mask; :func:`supports` (and
+:func:`supports_qkv`) says whether a call qualifies. It runs on CUDA, and on the CPU under
+Triton's interpreter (``TRITON_INTERPRET=1``, how the tests check it). Registered as
+``skysense::short_attention`` and ``skysense::short_attention_qkv`` with
+``torch.library.triton_op`` (by :func:`register_operators`, at the first use), so
 ``torch.compile`` places the kernels in its graph instead of calling out of it.
 """
 
@@ -140,12 +149,27 @@ if triton is not None:
         return scores, keys
 
     @triton.jit
-    def _forward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, window_ptr, out_ptr, lse_ptr,
+    def _unit_rows(x):
+        """x's rows divided by their L2 norms, at least 1e-12 (``F.normalize``), in float32, and
+        the divisors."""
+        x = x.to(tl.float32)
+        norm = tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)
+        return x / norm[:, None], norm
+
+    @triton.jit
+    def _unit_rows_backward(grad, unit, norm):
+        """The gradient of ``x / max(|x|, 1e-12)`` with respect to x, from its result's gradient
+        ``grad``, its result ``unit`` and the divisors ``norm``."""
+        along = tl.where(norm > 1e-12, tl.sum(grad * unit, 1), 0.0)
+        return (grad - unit * along[:, None]) / norm[:, None]
+
+    @triton.jit
+    def _forward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, window_ptr, cos_ptr, out_ptr, lse_ptr,
                         q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, bias_h, bias_l,
                         window_w, window_l, out_n, out_h, out_l,
                         heads, length, width, windows, scale,
                         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW_MASK: tl.constexpr,
-                        BLOCK: tl.constexpr, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+                        COSINE: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
         program = tl.program_id(0)
         n = program // heads
         h = program % heads
@@ -154,6 +178,11 @@ if triton is not None:
         inside = rows < length
         q, k, v = _head_inputs(q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, n, h, rows, cols,
                                inside, width)
+        if COSINE:  # SwinV2: unit q and k, q times the head's scale, rounded to the inputs' type
+            q_unit, _ = _unit_rows(q)
+            k_unit, _ = _unit_rows(k)
+            q = (q_unit * tl.load(cos_ptr + h).to(tl.float32)).to(v.dtype)
+            k = k_unit.to(v.dtype)
         scores, keys = _scores(q, k, scale, n, h, rows, inside, mask_ptr, mask_n, bias_ptr, bias_h, bias_l,
                                window_ptr, window_w, window_l, windows, HAS_MASK, HAS_BIAS, HAS_WINDOW_MASK,
                                PRECISION)
@@ -169,27 +198,35 @@ if triton is not None:
         tl.store(lse_ptr + program * BLOCK + rows, top + tl.log(total))
 
     @triton.jit
-    def _backward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, window_ptr, out_ptr, grad_ptr, lse_ptr,
-                         dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
+    def _backward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, window_ptr, cos_ptr, out_ptr, grad_ptr, lse_ptr,
+                         d_ptr, dbias_ptr, dcos_ptr,
                          q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, bias_h, bias_l,
-                         window_w, window_l, out_n, out_h, out_l, g_n, g_h, g_l, d_n, d_h, d_l,
+                         window_w, window_l, out_n, out_h, out_l, g_n, g_h, g_l, d_n, d_h, d_l, dq_off, dk_off, dv_off,
                          sequences, heads, length, width, windows, scale,
                          HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW_MASK: tl.constexpr,
-                         BIAS_GRAD: tl.constexpr, GROUP: tl.constexpr,
-                         BLOCK: tl.constexpr, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+                         COSINE: tl.constexpr, BIAS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+                         GROUP: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
         # Program (group, h) takes head h of sequences group * GROUP ... group * GROUP + GROUP - 1,
-        # adding their score gradients into one partial sum of the bias gradient.
+        # adding their score gradients into one partial sum of the bias gradient (and of the
+        # cosine scale's). dq, dk and dv go to one buffer, at dq_off, dk_off and dv_off.
         program = tl.program_id(0)
         group = program // heads
         h = program % heads
         rows = tl.arange(0, BLOCK)
         cols = tl.arange(0, WIDTH)
         dbias = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        dcos = tl.sum(tl.zeros((BLOCK,), dtype=tl.float32), 0)
         for s in range(GROUP):
             n = group * GROUP + s
             inside = (rows < length) & (n < sequences)
             q, k, v = _head_inputs(q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, n, h, rows,
                                    cols, inside, width)
+            if COSINE:  # as the forward pass; the units and norms kept for the gradients
+                q_unit, q_norm = _unit_rows(q)
+                k_unit, k_norm = _unit_rows(k)
+                cos = tl.load(cos_ptr + h).to(tl.float32)
+                q = (q_unit * cos).to(v.dtype)
+                k = k_unit.to(v.dtype)
             out = _load_rows(out_ptr, n * out_n + h * out_h, out_l, rows, cols, inside, width)
             grad = _load_rows(grad_ptr, n * g_n + h * g_h, g_l, rows, cols, inside, width)
             lse = tl.load(lse_ptr + (n * heads + h) * BLOCK + rows, mask=inside, other=0.0)
@@ -205,12 +242,19 @@ if triton is not None:
                 dbias += ds
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+            if COSINE:  # through q = unit(q) * cos and k = unit(k)
+                if SCALE_GRAD:
+                    dcos += tl.sum(tl.sum(dq * q_unit, 1), 0)
+                dq = _unit_rows_backward(dq * cos, q_unit, q_norm)
+                dk = _unit_rows_backward(dk, k_unit, k_norm)
             offset = n * d_n + h * d_h
-            _store_rows(dq_ptr, offset, d_l, rows, cols, inside, width, dq)
-            _store_rows(dk_ptr, offset, d_l, rows, cols, inside, width, dk)
-            _store_rows(dv_ptr, offset, d_l, rows, cols, inside, width, dv)
+            _store_rows(d_ptr, dq_off + offset, d_l, rows, cols, inside, width, dq)
+            _store_rows(d_ptr, dk_off + offset, d_l, rows, cols, inside, width, dk)
+            _store_rows(d_ptr, dv_off + offset, d_l, rows, cols, inside, width, dv)
         if BIAS_GRAD:
             tl.store(dbias_ptr + program * BLOCK * BLOCK + rows[:, None] * BLOCK + rows[None, :], dbias)
+        if SCALE_GRAD:
+            tl.store(dcos_ptr + program, dcos)
 
 
 def _heads_last(shape: torch.Size, like: Tensor) -> Tensor:
@@ -232,19 +276,20 @@ def _launcher(kernel):
     return kernel if interpreted() else torch.library.wrap_triton(kernel)
 
 
-def _extra_inputs(q: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
-                  window_mask: Tensor | None) -> tuple[list[Tensor], list[int], dict[str, bool]]:
-    """The mask, bias and window-mask pointers (q stands in for an absent one, never read), their
-    strides, and the kernels' switches."""
+def _extra_inputs(q: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None, window_mask: Tensor | None,
+                  cosine_scale: Tensor | None) -> tuple[list[Tensor], list[int], dict[str, bool]]:
+    """The mask, bias, window-mask and cosine-scale pointers (q stands in for an absent one, never
+    read), the strides of the first three, and the kernels' switches."""
     mask = q if key_padding_mask is None else key_padding_mask.to(torch.int8)
     bias_in = q if bias is None else bias.contiguous()
     window = q if window_mask is None else window_mask.contiguous()
+    cos = q if cosine_scale is None else cosine_scale.contiguous()
     length = q.shape[2]
     strides = [0 if key_padding_mask is None else mask.stride(0), length * length, length,
                length * length, length]
     switches = {"HAS_MASK": key_padding_mask is not None, "HAS_BIAS": bias is not None,
-                "HAS_WINDOW_MASK": window_mask is not None}
-    return [mask, bias_in, window], strides, switches
+                "HAS_WINDOW_MASK": window_mask is not None, "COSINE": cosine_scale is not None}
+    return [mask, bias_in, window, cos], strides, switches
 
 
 def _checked_last_stride(*tensors: Tensor) -> None:
@@ -257,46 +302,113 @@ def _windows(window_mask: Tensor | None) -> int:
     return 1 if window_mask is None else window_mask.shape[0]
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
-             window_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def _split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k and v of an (N, L, 3C) qkv projection's output as (N, H, L, D) views."""
+    q, k, v = qkv.split(qkv.shape[-1] // 3, -1)
+    return tuple(t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+
+
+def _launch_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
+                    window_mask: Tensor | None, cosine_scale: Tensor | None, scale: float, out: Tensor,
+                    out_strides: tuple[int, int, int]) -> Tensor:
+    """Run the forward kernel on (N, H, L, D) q, k, v, writing ``out`` (sequence, head and row
+    strides ``out_strides``); the rows' log-sum-exp, (N * H, BLOCK)."""
     _checked_last_stride(q, k, v)
     n, heads, length, width = q.shape
     block = _tile(length)
-    out = _heads_last(q.shape, q)
     lse = torch.empty((n * heads, block), dtype=torch.float32, device=q.device)
-    extra, extra_strides, switches = _extra_inputs(q, key_padding_mask, bias, window_mask)
+    extra, extra_strides, switches = _extra_inputs(q, key_padding_mask, bias, window_mask, cosine_scale)
     _launcher(_forward_kernel)[(n * heads,)](
         q, k, v, *extra, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *extra_strides, out.stride(0), out.stride(1), out.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *extra_strides, *out_strides,
         heads, length, width, _windows(window_mask), scale, **switches, BLOCK=block,
         WIDTH=_tile(width), PRECISION=_precision(q))
+    return lse
+
+
+def _launch_backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
+                     window_mask: Tensor | None, cosine_scale: Tensor | None, out: Tensor,
+                     out_strides: tuple[int, int, int], grad: Tensor, grad_strides: tuple[int, int, int], lse: Tensor,
+                     scale: float, bias_grad: bool, scale_grad: bool, gradients: Tensor,
+                     gradient_strides: tuple[int, int, int], offsets: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+    """Run the backward kernel, writing dq, dk and dv into ``gradients`` (one buffer, at
+    ``offsets``, each with sequence, head and row strides ``gradient_strides``); the bias's and
+    the cosine scale's gradients (empty where not asked for)."""
+    _checked_last_stride(q, k, v, out, grad)
+    n, heads, length, width = q.shape
+    block = _tile(length)
+    bias_grad = bias_grad and bias is not None
+    scale_grad = scale_grad and cosine_scale is not None
+    group = _bias_group(n, heads) if bias_grad or scale_grad else 1
+    programs = -(-n // group) * heads
+    partial = torch.empty((programs if bias_grad else 1, block, block), dtype=torch.float32, device=q.device)
+    cos_partial = torch.empty((programs if scale_grad else 1,), dtype=torch.float32, device=q.device)
+    extra, extra_strides, switches = _extra_inputs(q, key_padding_mask, bias, window_mask, cosine_scale)
+    _launcher(_backward_kernel)[(programs,)](
+        q, k, v, *extra, out, grad, lse, gradients, partial, cos_partial,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *extra_strides, *out_strides, *grad_strides, *gradient_strides,
+        *offsets, n, heads, length, width, _windows(window_mask), scale, **switches, BIAS_GRAD=bias_grad,
+        SCALE_GRAD=scale_grad, GROUP=group, BLOCK=block, WIDTH=_tile(width), PRECISION=_precision(q))
+    dbias = q.new_empty(0)
+    if bias_grad:
+        dbias = partial.reshape(-1, heads, block, block).sum(0)[:, :length, :length].to(bias.dtype).contiguous()
+    dcos = cos_partial.reshape(-1, heads).sum(0).to(cosine_scale.dtype) if scale_grad else q.new_empty(0)
+    return dbias, dcos
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
+             window_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    out = _heads_last(q.shape, q)
+    lse = _launch_forward(q, k, v, key_padding_mask, bias, window_mask, None, scale, out, out.stride()[:3])
     return out, lse
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
               window_mask: Tensor | None, out: Tensor, grad: Tensor, lse: Tensor, scale: float,
-              bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _checked_last_stride(q, k, v, out, grad)
+              bias_grad: bool) -> tuple[Tensor, Tensor]:
+    """dq, dk and dv stacked in one (3, N, L, H, D) buffer (an operator's outputs may not be views
+    of one another: :func:`_gradients` takes them apart), and the bias's gradient."""
     n, heads, length, width = q.shape
-    block = _tile(length)
-    dq, dk, dv = (_heads_last(q.shape, t) for t in (q, k, v))
-    bias_grad = bias_grad and bias is not None
-    group = _bias_group(n, heads) if bias_grad else 1
-    programs = -(-n // group) * heads
-    partial = torch.empty((programs if bias_grad else 1, block, block), dtype=torch.float32, device=q.device)
-    extra, extra_strides, switches = _extra_inputs(q, key_padding_mask, bias, window_mask)
-    _launcher(_backward_kernel)[(programs,)](
-        q, k, v, *extra, out, grad, lse, dq, dk, dv, partial,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *extra_strides, out.stride(0), out.stride(1), out.stride(2),
-        grad.stride(0), grad.stride(1), grad.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        n, heads, length, width, _windows(window_mask), scale, **switches, BIAS_GRAD=bias_grad, GROUP=group,
-        BLOCK=block, WIDTH=_tile(width), PRECISION=_precision(q))
-    if not bias_grad:
-        return dq, dk, dv, q.new_empty(0)
-    dbias = partial.reshape(-1, heads, block, block).sum(0)[:, :length, :length]
-    return dq, dk, dv, dbias.to(bias.dtype).contiguous()
+    gradients = torch.empty((3, n, length, heads, width), dtype=q.dtype, device=q.device)
+    one = n * length * heads * width
+    dbias, _ = _launch_backward(q, k, v, key_padding_mask, bias, window_mask, None, out, out.stride()[:3], grad,
+                                grad.stride()[:3], lse, scale, bias_grad, False, gradients,
+                                (length * heads * width, width, heads * width), (0, one, 2 * one))
+    return gradients, dbias
+
+
+def _qkv_forward(qkv: Tensor, heads: int, key_padding_mask: Tensor | None, bias: Tensor | None,
+                 window_mask: Tensor | None, cosine_scale: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    n, length, width3 = qkv.shape
+    width = width3 // 3
+    out = qkv.new_empty((n, length, width))
+    lse = _launch_forward(*_split_heads(qkv, heads), key_padding_mask, bias, window_mask, cosine_scale, scale, out,
+                          (length * width, width // heads, width))
+    return out, lse
+
+
+def _qkv_backward(qkv: Tensor, heads: int, key_padding_mask: Tensor | None, bias: Tensor | None,
+                  window_mask: Tensor | None, cosine_scale: Tensor | None, out: Tensor, grad: Tensor, lse: Tensor,
+                  scale: float, bias_grad: bool, scale_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The qkv projection output's gradient, (N, L, 3C) like it, and the bias's and the cosine
+    scale's gradients."""
+    n, length, width3 = qkv.shape
+    width = width3 // 3
+    gradients = qkv.new_empty((n, length, width3))
+    dbias, dcos = _launch_backward(
+        *_split_heads(qkv, heads), key_padding_mask, bias, window_mask, cosine_scale, out,
+        (out.stride(0), width // heads, out.stride(1)), grad, (grad.stride(0), width // heads, grad.stride(1)), lse,
+        scale, bias_grad, scale_grad, gradients, (length * width3, width // heads, width3), (0, width, 2 * width))
+    return gradients, dbias, dcos
+
+
+def _kernel_ready(grad: Tensor, like: Tensor) -> Tensor:
+    """The output's gradient in the output's dtype (the products take one), with stride 1 along
+    the channels."""
+    grad = grad.to(like.dtype)
+    return grad if grad.stride(-1) == 1 else grad.contiguous()
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -308,55 +420,96 @@ def _setup(ctx, inputs, output) -> None:
 
 def _gradients(ctx, grad_out, grad_lse):
     q, k, v, key_padding_mask, bias, window_mask, out, lse = ctx.saved_tensors
-    grad_out = grad_out.to(out.dtype)  # the products take one dtype
-    if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
     bias_grad = bias is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, dbias = _short_attention_backward(q, k, v, key_padding_mask, bias, window_mask, out, grad_out, lse,
-                                                  ctx.scale, bias_grad)
+    gradients, dbias = _short_attention_backward(q, k, v, key_padding_mask, bias, window_mask, out,
+                                                 _kernel_ready(grad_out, out), lse, ctx.scale, bias_grad)
+    dq, dk, dv = gradients.transpose(2, 3).unbind(0)  # (N, H, L, D) views laid out as (N, L, H, D)
     return dq, dk, dv, None, dbias if bias_grad else None, None, None
 
 
-# The two operators, registered by :func:`register_operators`.
+def _qkv_setup(ctx, inputs, output) -> None:
+    qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, key_padding_mask, bias, window_mask, cosine_scale, out, lse)
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _qkv_gradients(ctx, grad_out, grad_lse):
+    qkv, key_padding_mask, bias, window_mask, cosine_scale, out, lse = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    scale_grad = cosine_scale is not None and ctx.needs_input_grad[5]
+    dqkv, dbias, dcos = _short_attention_qkv_backward(qkv, ctx.heads, key_padding_mask, bias, window_mask,
+                                                      cosine_scale, out, _kernel_ready(grad_out, out), lse, ctx.scale,
+                                                      bias_grad, scale_grad)
+    return dqkv, None, None, dbias if bias_grad else None, None, dcos if scale_grad else None, None
+
+
+# The four operators, registered by :func:`register_operators`.
 _short_attention = None
 _short_attention_backward = None
+_short_attention_qkv = None
+_short_attention_qkv_backward = None
 
 
 def register_operators() -> bool:
-    """Register ``skysense::short_attention`` and its backward with torch (once; later calls do
-    nothing); whether they are registered (not without Triton). :func:`short_attention` does it
-    at its first call and
-    :func:`skysense.models.attention.set_attention_backends` when it selects ``"short"``, so
-    that ``torch.compile`` finds them registered. It is not done on import: registering a
-    ``triton_op`` imports inductor (about a second), which a process that never runs the kernel
-    need not pay.
+    """Register ``skysense::short_attention``, ``skysense::short_attention_qkv`` and their
+    backward operators with torch (once; later calls do nothing); whether they are registered
+    (not without Triton). :func:`short_attention` and :func:`short_attention_qkv` do it at their
+    first call and :func:`skysense.models.attention.set_attention_backends` when it selects
+    ``"short"``, so that ``torch.compile`` finds them registered. It is not done on import:
+    registering a ``triton_op`` imports inductor (about a second), which a process that never
+    runs the kernel need not pay.
 
     On a GPU the operators are ``triton_op``s: torch.compile traces into them and puts the
     kernels in its graph. Under the interpreter the kernels are plain Python calls that tracing
     would run on fake tensors, so there they are opaque custom operators with their output shapes
     and layouts registered.
     """
-    global _short_attention, _short_attention_backward
+    global _short_attention, _short_attention_backward, _short_attention_qkv, _short_attention_qkv_backward
     if _short_attention is not None or triton is None:
         return _short_attention is not None
     operator = torch.library.custom_op if interpreted() else torch.library.triton_op
     forward = operator("skysense::short_attention", mutates_args=())(_forward)
     backward = operator("skysense::short_attention_backward", mutates_args=())(_backward)
     forward.register_autograd(_gradients, setup_context=_setup)
+    qkv_forward = operator("skysense::short_attention_qkv", mutates_args=())(_qkv_forward)
+    qkv_backward = operator("skysense::short_attention_qkv_backward", mutates_args=())(_qkv_backward)
+    qkv_forward.register_autograd(_qkv_gradients, setup_context=_qkv_setup)
     if interpreted():
+        def lse(q: Tensor, sequences: int, heads: int, length: int) -> Tensor:
+            return q.new_empty((sequences * heads, _tile(length)), dtype=torch.float32)
+
+        def partial_gradient(wanted: bool, t: Tensor | None, like: Tensor) -> Tensor:
+            return t.new_empty(t.shape) if wanted and t is not None else like.new_empty(0)
+
         @forward.register_fake
         def _(q, k, v, key_padding_mask, bias, window_mask, scale):
             n, heads, length, _ = q.shape
-            return _heads_last(q.shape, q), q.new_empty((n * heads, _tile(length)), dtype=torch.float32)
+            return _heads_last(q.shape, q), lse(q, n, heads, length)
 
         @backward.register_fake
         def _(q, k, v, key_padding_mask, bias, window_mask, out, grad, lse, scale, bias_grad):
-            dbias = bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0)
-            return (*(_heads_last(q.shape, t) for t in (q, k, v)), dbias)
+            n, heads, length, width = q.shape
+            return q.new_empty((3, n, length, heads, width)), partial_gradient(bias_grad, bias, q)
 
-    _short_attention_backward = backward
-    _short_attention = forward
+        @qkv_forward.register_fake
+        def _(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, scale):
+            n, length, width3 = qkv.shape
+            return qkv.new_empty((n, length, width3 // 3)), lse(qkv, n, heads, length)
+
+        @qkv_backward.register_fake
+        def _(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, out, grad, lse, scale, bias_grad,
+              scale_grad):
+            return (qkv.new_empty(qkv.shape), partial_gradient(bias_grad, bias, qkv),
+                    partial_gradient(scale_grad, cosine_scale, qkv))
+
+    _short_attention_backward, _short_attention_qkv_backward = backward, qkv_backward
+    _short_attention, _short_attention_qkv = forward, qkv_forward
     return True
+
+
+def _described(t: Tensor | None) -> object:
+    return None if t is None else (tuple(t.shape), t.dtype, "requires grad" if t.requires_grad else "")
 
 
 def short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
@@ -373,15 +526,53 @@ def short_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | 
     zeros. The output is (N, H, L, D) laid out as (N, L, H, D).
     """
     if not supports(q, k, v, key_padding_mask, bias, window_mask):
-        def described(t: Tensor | None) -> object:
-            return None if t is None else (tuple(t.shape), t.dtype, "requires grad" if t.requires_grad else "")
         raise ValueError(
             f"short_attention: expected (N, H, L, D) q, k, v of one shape and floating dtype with L <= {MAX_LENGTH} "
             f"and D <= {MAX_WIDTH}, on CUDA, an (N, L) boolean key-padding mask or none, an (H, L, L) bias or none "
             f"and a (W, L, L) window mask without gradient, W dividing N, or none; got q {tuple(q.shape)} {q.dtype} "
-            f"on {q.device}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask {described(key_padding_mask)}, bias "
-            f"{described(bias)}, window mask {described(window_mask)}")
+            f"on {q.device}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask {_described(key_padding_mask)}, bias "
+            f"{_described(bias)}, window mask {_described(window_mask)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if _short_attention is None:
         register_operators()
     return _short_attention(q, k, v, key_padding_mask, bias, window_mask, scale)[0]
+
+
+def supports_qkv(qkv: Tensor, heads: int, key_padding_mask: Tensor | None = None, bias: Tensor | None = None,
+                 window_mask: Tensor | None = None, cosine_scale: Tensor | None = None) -> bool:
+    """Whether :func:`short_attention_qkv` takes this call: an (N, L, 3C) ``qkv`` with stride 1
+    along its channels, C a multiple of ``heads``, whose q, k and v :func:`supports` takes with
+    the masks and bias, and a floating ``cosine_scale`` of one value per head or none."""
+    if qkv.dim() != 3 or heads <= 0 or qkv.shape[-1] % (3 * heads) or qkv.stride(-1) != 1:
+        return False
+    if cosine_scale is not None and (not cosine_scale.is_floating_point() or tuple(cosine_scale.shape) != (heads,)
+                                     or cosine_scale.device != qkv.device):
+        return False
+    return supports(*_split_heads(qkv, heads), key_padding_mask, bias, window_mask)
+
+
+def short_attention_qkv(qkv: Tensor, heads: int, key_padding_mask: Tensor | None = None,
+                        scale: float | None = None, bias: Tensor | None = None, window_mask: Tensor | None = None,
+                        cosine_scale: Tensor | None = None) -> Tensor:
+    """:func:`short_attention` of the q, k and v in an (N, L, 3C) qkv projection's output (q, k,
+    v one after the other along the channels, each ``heads`` heads wide), as (N, L, C).
+
+    Taking the projection's output whole, the backward pass writes its gradient as one (N, L, 3C)
+    tensor, the matrix the projection's weight gradient reads, instead of three that autograd
+    then concatenates. With ``cosine_scale`` (H,) the scores are SwinV2's cosine attention:
+    q and k are divided by their L2 norms (at least 1e-12, as ``F.normalize``) in float32, q
+    multiplied by its head's scale, both rounded to qkv's dtype, then ``q k^T * scale`` as
+    before; the scale gets its gradient. The normalised q and k never leave the kernel.
+    """
+    if not supports_qkv(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale):
+        raise ValueError(
+            f"short_attention_qkv: expected an (N, L, 3C) qkv with stride 1 along the channels, C a multiple of the "
+            f"heads, L <= {MAX_LENGTH}, heads at most {MAX_WIDTH} wide, on CUDA, an (N, L) boolean key-padding mask "
+            f"or none, an (H, L, L) bias or none, a (W, L, L) window mask without gradient, W dividing N, or none, "
+            f"and an (H,) cosine scale or none; got qkv {tuple(qkv.shape)} strides {qkv.stride()} {qkv.dtype} on "
+            f"{qkv.device}, {heads} heads, mask {_described(key_padding_mask)}, bias {_described(bias)}, window mask "
+            f"{_described(window_mask)}, cosine scale {_described(cosine_scale)}")
+    scale = (qkv.shape[-1] // (3 * heads)) ** -0.5 if scale is None else scale
+    if _short_attention_qkv is None:
+        register_operators()
+    return _short_attention_qkv(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, scale)[0]

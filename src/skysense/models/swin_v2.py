@@ -114,27 +114,29 @@ class WindowAttentionV2(nn.Module):
         """``x``: (B, nW, N, C) windows; ``shift_mask``: (nW, N, N) additive or None; ``tokens``:
         the window positions of the N tokens when a window holds fewer than w*w (else None)."""
         b, nw, n, c = x.shape
+        heads, d = self.num_heads, c // self.num_heads
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias)
+        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        position = self.position_bias(tokens).to(qkv.dtype)  # (heads, N, N)
+        if self.sdpa_backends == (SHORT,):
+            # One Triton program per window and head normalises q and k, adds the bias and the
+            # shift mask itself and takes the 44-wide heads unpadded; it reads the projection's
+            # output whole and writes its gradient whole (short_attention_qkv).
+            windows = qkv.reshape(b * nw, n, 3 * c)
+            cosine = scale.reshape(heads)
+            if short_attention.supports_qkv(windows, heads, None, position, shift_mask, cosine):
+                out = short_attention.short_attention_qkv(windows, heads, None, 1.0, position, shift_mask, cosine)
+                return self.proj(out.reshape(b, nw, n, c))
         # Split along the channels, not unbound from a (..., 3, heads, d) view: the backward pass
         # then writes the three gradients straight into the (..., 3C) matrix the weight gradient
         # needs, instead of stacking them and copying the stack into that layout.
-        q, k, v = (t.reshape(b, nw, n, self.num_heads, c // self.num_heads).transpose(2, 3)
-                   for t in F.linear(x, self.qkv.weight, bias).split(c, -1))
-        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        q, k, v = (t.reshape(b, nw, n, heads, d).transpose(2, 3) for t in qkv.split(c, -1))
         # Under autocast the norms come out in float32 and SDPA would cast q, k and the bias back
         # to v's dtype; casting them here first means the padding and masking below move half
         # the bytes in eager mode, with the same values.
         q = (F.normalize(q, dim=-1) * scale).to(v.dtype)
         k = F.normalize(k, dim=-1).to(v.dtype)
-        heads, d = self.num_heads, c // self.num_heads
-        position = self.position_bias(tokens).to(v.dtype)  # (heads, N, N)
-        if self.sdpa_backends == (SHORT,):
-            # One Triton program per window and head adds the bias and the shift mask itself and
-            # takes the 44-wide heads unpadded; its output is already (B * nW, N, heads, d).
-            q_w, k_w, v_w = (t.reshape(b * nw, heads, n, d) for t in (q, k, v))
-            if short_attention.supports(q_w, k_w, v_w, None, position, shift_mask):
-                out = short_attention.short_attention(q_w, k_w, v_w, None, 1.0, position, shift_mask)
-                return self.proj(out.transpose(1, 2).reshape(b, nw, n, c))
         bias = position[None]  # (1, heads, N, N)
         # SDPA's fused kernels take 4-D inputs; a 5-D call falls back to the slow math path.
         # Without a shift mask, windows join the batch and the bias broadcasts over it; with
