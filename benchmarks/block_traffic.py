@@ -19,8 +19,18 @@ fused kernels, so that share is larger here than on a GPU) and the generated ele
 reduction kernels (norms, GELU, residual adds, casts, copies). Inductor's CPU and Triton
 backends fuse mostly alike, but not identically.
 
+With ``--plan h100`` the count is of inductor's plan for the H100 instead of the CPU's:
+inductor writes Triton kernels, as it does for CUDA, built for sm_90 (Triton's compiler is told
+that target, as no GPU is here), and nothing runs (the kernels are not executable on the CPU;
+the backward graph is compiled with the forward one). The fusion decisions are then the Triton
+backend's, though the tensors still live on the CPU, so SDPA is the CPU's operator. With
+``--attention short`` our blocks run attention through the short-sequence kernels
+(:mod:`skysense.models.short_attention`), counted as opaque operators that read their inputs
+and write their outputs once.
+
     PYTHONPATH=src python benchmarks/block_traffic.py                 # every part, about 12 minutes on 2 cores
     PYTHONPATH=src python benchmarks/block_traffic.py --parts vit,fusion
+    PYTHONPATH=src python benchmarks/block_traffic.py --plan h100 --attention short --parts swin_v2
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import functools
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,9 +55,12 @@ import gpu_step  # noqa: E402  (beside this file: the parts' shapes)
 
 from skysense.config import preset_config  # noqa: E402
 from skysense.models import swin_v2  # noqa: E402
+from skysense.models.attention import set_attention_backends  # noqa: E402
 from skysense.models.layers import TransformerBlock  # noqa: E402
 
-ATTENTION_ORIGINS = {"bmm", "amax", "_softmax", "_softmax_backward_data", "_scaled_dot_product_flash_attention_for_cpu",
+# Set by --plan h100 (see plan_for_h100): the forward call stops at the first kernel launch.
+PLAN_ONLY = False
+ATTENTION_ORIGINS = {"skysense", "bmm", "amax", "_softmax", "_softmax_backward_data", "_scaled_dot_product_flash_attention_for_cpu",
                      "_scaled_dot_product_flash_attention_for_cpu_backward"}
 KINDS = ("matmul", "attention", "element-wise")
 
@@ -64,6 +78,42 @@ def _kind(node) -> str:
     if origins & ATTENTION_ORIGINS:
         return "attention"
     return "matmul" if isinstance(node, ExternKernelSchedulerNode) else "element-wise"
+
+
+def plan_for_h100() -> None:
+    """Make inductor plan Triton kernels for an H100 without one: Triton's driver reports sm_90,
+    inductor's CPU code is Triton, its kernels are generated but not built or run, and the
+    backward graph is compiled with the forward one. The short-sequence kernels become opaque
+    operators (their Triton code cannot be traced for a device that is not here). Call it
+    before anything registers those operators."""
+    global PLAN_ONLY
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    import triton
+    from torch._inductor.runtime import triton_heuristics
+    from triton.backends.compiler import GPUTarget
+
+    from skysense.models import short_attention
+
+    class H100Target:
+        def get_current_target(self) -> GPUTarget:
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self) -> torch.device:
+            return torch.device("cuda")
+
+        def __getattr__(self, name: str):
+            raise AttributeError(f"no GPU here: the H100 plan has no driver attribute {name!r}")
+
+    if short_attention._short_attention is not None:
+        raise RuntimeError("plan_for_h100: call it before the short-sequence operators are registered")
+    triton.runtime.driver.set_active(H100Target())
+    short_attention.interpreted = lambda: True
+    inductor_config.cpu_backend = "triton"
+    inductor_config.compile_threads = 1
+    triton_heuristics.CachingAutotuner.precompile = lambda self, *args, **kwargs: None
+    functorch_config.force_non_lazy_backward_lowering = True
+    PLAN_ONLY = True
 
 
 def _swin_block(implementation: str, config, dim: int, heads: int, side: int, shifted: bool) -> torch.nn.Module:
@@ -88,15 +138,26 @@ def _vit_block(implementation: str, config) -> torch.nn.Module:
     return Block(dim, heads, ratio, qkv_bias=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=eps))
 
 
-def block_bytes(block: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Bytes moved by kind in one compiled forward and backward of ``block`` on ``x``."""
+def block_bytes(block: torch.nn.Module, x: torch.Tensor, attention: list[str] | None = None) -> dict[str, float]:
+    """Bytes moved by kind in one compiled forward and backward of ``block`` on ``x``, its
+    attention run by ``attention`` (names of skysense's backends; None: torch's choice)."""
+    set_attention_backends(block, attention)  # timm's blocks have no such setting
     x = x.detach().requires_grad_()
     torch._dynamo.reset()
     metrics.reset()
     compiled = torch.compile(block.train(), fullgraph=True, dynamic=False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = compiled(x)
-    out.float().square().mean().backward()
+    if PLAN_ONLY:
+        try:  # both graphs are compiled before the first kernel would run
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                compiled(x)
+        except IndexError as error:  # the first launch finds no built kernel: anything else is a real error
+            if "triton_heuristics" not in error.__traceback__.tb_frame.f_code.co_filename and not any(
+                    "triton_heuristics" in frame.filename for frame in traceback.extract_tb(error.__traceback__)):
+                raise
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = compiled(x)
+        out.float().square().mean().backward()
     totals = dict.fromkeys(KINDS, 0.0)
     for node, words in metrics.nodes_num_elem:  # inductor stores bytes // 4
         totals[_kind(node)] += 4 * words
@@ -126,8 +187,10 @@ def _quiet_metrics_log() -> None:
 Row = tuple[str, int, int, int, int, Callable[[str, int], dict[str, float]]]
 
 
-def part_blocks(part: str, max_side: int, shapes: "gpu_step.Shapes" = gpu_step.HUGE) -> Iterator[Row]:
-    """The blocks of part (a) ``swin_v2``, (b) ``vit`` or (c) ``fusion`` at ``shapes`` (gpu_step.py's)."""
+def part_blocks(part: str, max_side: int, shapes: "gpu_step.Shapes" = gpu_step.HUGE,
+                attention: list[str] | None = None) -> Iterator[Row]:
+    """The blocks of part (a) ``swin_v2``, (b) ``vit`` or (c) ``fusion`` at ``shapes`` (gpu_step.py's),
+    ours with ``attention`` (see :func:`block_bytes`)."""
     config = preset_config(shapes.preset)
     if part == "swin_v2":
         hr = config.hr
@@ -143,7 +206,7 @@ def part_blocks(part: str, max_side: int, shapes: "gpu_step.Shapes" = gpu_step.H
                 def measure(name: str, batch: int, dim=dim, heads=heads, measured=measured, shifted=shifted):
                     torch.manual_seed(0)
                     block = _swin_block(name, hr, dim, heads, measured, shifted)
-                    return block_bytes(block, torch.randn(batch, measured, measured, dim))
+                    return block_bytes(block, torch.randn(batch, measured, measured, dim), attention)
 
                 label = f"stage {stage + 1} {dim}x{side}x{side}{' shifted' if shifted else ''}"
                 yield label, blocks, dim, measured * measured, shapes.swin_batch * side * side, measure
@@ -158,7 +221,8 @@ def part_blocks(part: str, max_side: int, shapes: "gpu_step.Shapes" = gpu_step.H
 
     def measure(name: str, batch: int):
         torch.manual_seed(0)
-        return block_bytes(_vit_block(name, block_config), torch.randn(batch * measured, tokens, block_config.embed_dim))
+        return block_bytes(_vit_block(name, block_config), torch.randn(batch * measured, tokens, block_config.embed_dim),
+                           attention)
 
     yield (f"{block_config.embed_dim} wide, {tokens} tokens", block_config.depth, block_config.embed_dim,
            measured * tokens, sequences * tokens, measure)
@@ -169,15 +233,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="swin_v2,vit,fusion", help="comma-separated: swin_v2, vit, fusion")
     parser.add_argument("--max-side", type=int, default=64,
                         help="largest SwinV2 map compiled on this CPU (default 64; part (a)'s first stage is 128)")
+    parser.add_argument("--plan", choices=("cpu", "h100"), default="cpu",
+                        help="count inductor's plan for this CPU (compiled and run) or for an H100 (Triton "
+                             "kernels generated for sm_90, nothing run; see the module's docstring)")
+    parser.add_argument("--attention", choices=("sdpa", "short"), default="sdpa",
+                        help="our blocks' attention: SDPA, or the short-sequence kernels (needs --plan h100)")
     args = parser.parse_args(argv)
+    if args.attention == "short" and args.plan != "h100":
+        parser.error("--attention short: the short-sequence kernels run on CUDA only; count them with --plan h100")
+    if args.plan == "h100":
+        plan_for_h100()
+    attention = ["short"] if args.attention == "short" else None
     _quiet_metrics_log()
     swin_v2.fused_head_multiple = lambda device: 8  # SwinV2-H's 44-wide heads run 48 wide, as on CUDA
-    print("fwd + bwd, bf16 autocast, scaled to gpu_step.py's huge shapes: bytes per element of a block's input "
-          "(the weights' fixed traffic included)")
+    print(f"fwd + bwd, bf16 autocast, scaled to gpu_step.py's huge shapes: bytes per element of a block's input "
+          f"(the weights' fixed traffic included); inductor's plan for {'an H100' if args.plan == 'h100' else 'this CPU'}, "
+          f"our attention {args.attention}")
     print(f"{'part':<8} {'block':<28} {'impl':>9} " + " ".join(f"{k:>12}" for k in KINDS) + f" {'total':>7}")
     for part in args.parts.split(","):
         step = {name: dict.fromkeys(KINDS, 0.0) for name in ("skysense", "timm")}
-        for label, blocks, dim, tokens, step_tokens, measure in part_blocks(part.strip(), args.max_side):
+        for label, blocks, dim, tokens, step_tokens, measure in part_blocks(part.strip(), args.max_side,
+                                                                                  attention=attention):
             for name in step:
                 moved = scaled_bytes(functools.partial(measure, name), tokens, step_tokens)
                 elements = step_tokens * dim

@@ -134,17 +134,21 @@ def _qkv_attention_backward_flops(qkv_shape, heads, *args, out_shape=None, **kwa
     return sdpa_backward_flop_count(shape, shape, shape, shape)
 
 
-# FlopCounterMode knows the CUDA attention kernels only; the CPU's flash kernel (any mask, any
-# head dim) and our short-sequence kernels (skysense.models.short_attention) would count as zero.
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
-}
-if short_attention.register_operators():  # not without Triton
-    CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention] = _attention_flops
-    CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention_backward] = _short_attention_backward_flops
-    CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention_qkv] = _qkv_attention_flops
-    CPU_ATTENTION_FLOPS[torch.ops.skysense.short_attention_qkv_backward] = _qkv_attention_backward_flops
+def attention_flop_formulas() -> dict:
+    """FLOP formulas for FlopCounterMode's ``custom_mapping``: it knows the CUDA attention kernels
+    only; the CPU's flash kernel (any mask, any head dim) and our short-sequence kernels
+    (skysense.models.short_attention) would count as zero. Registers the latter's operators
+    (where Triton is installed) if nothing has yet."""
+    formulas = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    }
+    if short_attention.register_operators():  # not without Triton
+        formulas[torch.ops.skysense.short_attention] = _attention_flops
+        formulas[torch.ops.skysense.short_attention_backward] = _short_attention_backward_flops
+        formulas[torch.ops.skysense.short_attention_qkv] = _qkv_attention_flops
+        formulas[torch.ops.skysense.short_attention_qkv_backward] = _qkv_attention_backward_flops
+    return formulas
 
 
 @dataclass(frozen=True)
@@ -585,7 +589,7 @@ def count_flops(workload: Workload) -> int:
     The counted step runs as the timed ones do, checkpointed blocks included (only their
     recomputation goes uncounted), so it needs no more memory than they do: at the paper's
     batch a step without checkpointing does not fit one 80 GB GPU."""
-    with unpadded_heads(workload.model), ModelFlopCounter(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+    with unpadded_heads(workload.model), ModelFlopCounter(display=False, custom_mapping=attention_flop_formulas()) as counter:
         workload.step(workload.model)
     return counter.get_total_flops()
 

@@ -367,7 +367,7 @@ def test_flops_leave_out_head_padding(monkeypatch) -> None:
     unpadded = gpu_step.count_flops(workload)
     monkeypatch.setattr(swin_v2, "fused_head_multiple", lambda device: 8)
     assert gpu_step.count_flops(workload) == unpadded
-    with FlopCounterMode(display=False, custom_mapping=gpu_step.CPU_ATTENTION_FLOPS) as padded:
+    with FlopCounterMode(display=False, custom_mapping=gpu_step.attention_flop_formulas()) as padded:
         workload.step(model)
     assert padded.get_total_flops() > unpadded, "the padding was not on: the check proves nothing"
 

@@ -271,6 +271,41 @@ def test_the_qkv_entry_with_cosine_scores_matches_float64_sdpa() -> None:
     assert out.count("\n") == 6, out
 
 
+def test_with_the_kernel_the_graphs_neither_normalise_nor_concatenate() -> None:
+    """What :func:`short_attention_qkv` takes out of a compiled training step, in the graphs
+    AOTAutograd hands inductor: SwinV2's forward graph has no norm of q or k (the kernel
+    normalises them), and neither block's backward graph concatenates the q, k and v gradients
+    (the kernel writes them as one tensor). With SDPA, as a control, both are there."""
+    out = _interpreted("""
+        import collections, torch
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+        from skysense.models.attention import set_attention_backends
+        from skysense.models.layers import TransformerBlock
+        from skysense.models.swin_v2 import SwinV2Block
+
+        def operators(block, x):
+            graphs = []
+            def keep(gm, _):
+                graphs.append(collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function"))
+                return make_boxed_func(gm)
+            compiled = torch.compile(block, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+            compiled(x.requires_grad_()).square().mean().backward()
+            return graphs
+
+        torch.manual_seed(0)
+        for name, block, x in (("swin", SwinV2Block(64, 2, 4, True, 4.0, 0.0, 1e-5, False), torch.randn(2, 8, 8, 64)),
+                               ("fusion", TransformerBlock(64, 4), torch.randn(6, 12, 64))):
+            for backends in (None, ["short"]):
+                set_attention_backends(block, backends)
+                forward, backward = operators(block, x.clone())
+                print(name, backends is not None, forward["aten.linalg_vector_norm.default"], backward["aten.cat.default"])
+        """)
+    rows = [line.split() for line in out.splitlines()]
+    assert rows == [["swin", "False", "2", "1"], ["swin", "True", "0", "0"],
+                    ["fusion", "False", "0", "1"], ["fusion", "True", "0", "0"]], out
+
+
 def test_the_operators_are_registered_at_first_use_not_on_import() -> None:
     """Importing skysense registers neither operator (a ``triton_op`` imports inductor, about a
     second); selecting ``"short"`` registers both, before anything compiles the layers."""
@@ -369,7 +404,7 @@ def test_the_benchmark_counts_its_flops_as_sdpa_s() -> None:
         x = torch.randn(6, 12, 64)
         counts = []
         for model in (block, short):
-            with gpu_step.ModelFlopCounter(display=False, custom_mapping=gpu_step.CPU_ATTENTION_FLOPS) as counter:
+            with gpu_step.ModelFlopCounter(display=False, custom_mapping=gpu_step.attention_flop_formulas()) as counter:
                 model(x).square().mean().backward()
             counts.append(counter.get_total_flops())
         attention = 3 * 4 * 6 * 12 * 12 * 64  # forward and backward (3x): 4 N L^2 C
@@ -382,7 +417,7 @@ def test_the_benchmark_counts_its_flops_as_sdpa_s() -> None:
         swin_counts = []
         for model in (swin, swin_short):
             with gpu_step.unpadded_heads(model), gpu_step.ModelFlopCounter(
-                    display=False, custom_mapping=gpu_step.CPU_ATTENTION_FLOPS) as counter:
+                    display=False, custom_mapping=gpu_step.attention_flop_formulas()) as counter:
                 model(x).square().mean().backward()
             swin_counts.append(counter.get_total_flops())
         # On the CPU SwinV2's SDPA call (a mask with a gradient) runs the math path, whose backward
@@ -413,7 +448,7 @@ def test_the_kernels_compile_for_hopper_without_a_gpu(dtype: str, block: int, wi
     if short_attention.triton is None or not hasattr(short_attention, "_forward_kernel"):
         pytest.skip("Triton is not installed")
     constants = {"HAS_MASK": mask, "HAS_BIAS": swin, "HAS_WINDOW_MASK": swin, "COSINE": swin, "BIAS_GRAD": swin,
-                 "SCALE_GRAD": swin, "GROUP": 4 if swin else 1, "BLOCK": block, "WIDTH": width,
+                 "SCALE_GRAD": swin, "ONE_LAYOUT": swin or mask, "GROUP": 4 if swin else 1, "BLOCK": block, "WIDTH": width,
                  "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     pointers = {"mask_ptr": "*i8", "lse_ptr": "*fp32", "window_ptr": "*fp32", "dbias_ptr": "*fp32", "cos_ptr": "*fp32",
                 "dcos_ptr": "*fp32"}
@@ -427,7 +462,24 @@ def test_the_kernels_compile_for_hopper_without_a_gpu(dtype: str, block: int, wi
             else:
                 signature[name] = "fp32" if name == "scale" else "i32"
         used = {name: value for name, value in constants.items() if name in kernel.arg_names}
+        warps = 4 if kernel is short_attention._forward_kernel else short_attention.backward_warps(block)
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=used),
-                                  target=GPUTarget("cuda", 90, 32))
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         assert "cubin" in compiled.asm and 0 < compiled.metadata.shared <= 227 * 1024
         print(kernel.__name__, dict(used), compiled.metadata.shared, compiled.metadata.num_warps)
+
+
+@pytest.mark.slow
+def test_swin_s_backward_kernel_spills_less_with_the_warps_it_is_given() -> None:
+    """benchmarks/kernel_registers.py reads ptxas's report for the kernels built for the H100: the
+    backward kernel of SwinV2-H's shifted windows (bias, cosine, 8 windows a program) runs out of
+    registers, and with the warps ``backward_warps`` gives it spills fewer bytes than with 4."""
+    sys.path.insert(0, str(SRC.parent / "benchmarks"))
+    import kernel_registers
+
+    switches = kernel_registers.calls()["swin stage 3"]
+    assert switches["GROUP"] == 8 and switches["COSINE"] and switches["BLOCK"] == 64
+    warps = short_attention.backward_warps(switches["BLOCK"])
+    chosen, four = (kernel_registers.build(short_attention._backward_kernel, switches, w) for w in (warps, 4))
+    assert warps == 8 and chosen["spill_stores"] < four["spill_stores"], (chosen, four)
+    assert chosen["shared"] <= 227 * 1024

@@ -130,8 +130,7 @@ if triton is not None:
                  mask=inside[:, None] & (cols[None, :] < width))
 
     @triton.jit
-    def _scores(q, k, scale, n, h, rows, inside, mask_ptr, mask_n, bias_ptr, bias_h, bias_l,
-                window_ptr, window_w, window_l, windows,
+    def _scores(q, k, scale, n, h, rows, inside, length, mask_ptr, mask_n, bias_ptr, window_ptr, windows,
                 HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW_MASK: tl.constexpr,
                 PRECISION: tl.constexpr):
         """``q k^T * scale + bias[h] + window_mask[n % W]`` in float32, and which keys may be attended."""
@@ -139,12 +138,12 @@ if triton is not None:
         if HAS_MASK:
             keys = keys & (tl.load(mask_ptr + n * mask_n + rows, mask=inside, other=0) != 0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        pairs = rows[:, None] * bias_l + rows[None, :]
+        pairs = rows[:, None] * length + rows[None, :]  # in a contiguous (L, L) bias or window mask
         both = inside[:, None] & inside[None, :]
         if HAS_BIAS:
-            scores += tl.load(bias_ptr + h * bias_h + pairs, mask=both, other=0.0).to(tl.float32)
+            scores += tl.load(bias_ptr + h * length * length + pairs, mask=both, other=0.0).to(tl.float32)
         if HAS_WINDOW_MASK:
-            scores += tl.load(window_ptr + (n % windows) * window_w + rows[:, None] * window_l + rows[None, :],
+            scores += tl.load(window_ptr + (n % windows) * length * length + pairs,
                               mask=both, other=0.0).to(tl.float32)
         return scores, keys
 
@@ -165,11 +164,13 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, window_ptr, cos_ptr, out_ptr, lse_ptr,
-                        q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, bias_h, bias_l,
-                        window_w, window_l, out_n, out_h, out_l,
+                        q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, out_n, out_h, out_l,
                         heads, length, width, windows, scale,
                         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW_MASK: tl.constexpr,
-                        COSINE: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+                        COSINE: tl.constexpr, ONE_LAYOUT: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        if ONE_LAYOUT:  # see _backward_kernel
+            k_n, k_h, k_l, v_n, v_h, v_l = q_n, q_h, q_l, q_n, q_h, q_l
         program = tl.program_id(0)
         n = program // heads
         h = program % heads
@@ -183,8 +184,8 @@ if triton is not None:
             k_unit, _ = _unit_rows(k)
             q = (q_unit * tl.load(cos_ptr + h).to(tl.float32)).to(v.dtype)
             k = k_unit.to(v.dtype)
-        scores, keys = _scores(q, k, scale, n, h, rows, inside, mask_ptr, mask_n, bias_ptr, bias_h, bias_l,
-                               window_ptr, window_w, window_l, windows, HAS_MASK, HAS_BIAS, HAS_WINDOW_MASK,
+        scores, keys = _scores(q, k, scale, n, h, rows, inside, length, mask_ptr, mask_n, bias_ptr, window_ptr,
+                               windows, HAS_MASK, HAS_BIAS, HAS_WINDOW_MASK,
                                PRECISION)
         scores = tl.where(keys[None, :], scores, float("-inf"))
         top = tl.max(scores, 1)
@@ -200,12 +201,20 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, window_ptr, cos_ptr, out_ptr, grad_ptr, lse_ptr,
                          d_ptr, dbias_ptr, dcos_ptr,
-                         q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, bias_h, bias_l,
-                         window_w, window_l, out_n, out_h, out_l, g_n, g_h, g_l, d_n, d_h, d_l, dq_off, dk_off, dv_off,
+                         q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, out_n, out_h, out_l, g_n, g_h, g_l,
+                         d_n, d_h, d_l, dq_off, dk_off, dv_off,
                          sequences, heads, length, width, windows, scale,
                          HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW_MASK: tl.constexpr,
                          COSINE: tl.constexpr, BIAS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
-                         GROUP: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+                         ONE_LAYOUT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        if ONE_LAYOUT:
+            # q, k, v and their gradients have one set of strides, out and grad another (the qkv
+            # entry's layouts): one tile of row offsets for each set stays live through the loop
+            # instead of one per tensor (ptxas spilled less: benchmarks/RESULTS.md, session 15).
+            k_n, k_h, k_l, v_n, v_h, v_l = q_n, q_h, q_l, q_n, q_h, q_l
+            d_n, d_h, d_l = q_n, q_h, q_l
+            g_n, g_h, g_l = out_n, out_h, out_l
         # Program (group, h) takes head h of sequences group * GROUP ... group * GROUP + GROUP - 1,
         # adding their score gradients into one partial sum of the bias gradient (and of the
         # cosine scale's). dq, dk and dv go to one buffer, at dq_off, dk_off and dv_off.
@@ -221,40 +230,53 @@ if triton is not None:
             inside = (rows < length) & (n < sequences)
             q, k, v = _head_inputs(q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, n, h, rows,
                                    cols, inside, width)
-            if COSINE:  # as the forward pass; the units and norms kept for the gradients
-                q_unit, q_norm = _unit_rows(q)
-                k_unit, k_norm = _unit_rows(k)
+            if COSINE:  # as the forward pass, keeping q and k as loaded and their norms for the gradients
+                q_in, k_in = q, k
+                _, q_norm = _unit_rows(q_in)
+                _, k_norm = _unit_rows(k_in)
                 cos = tl.load(cos_ptr + h).to(tl.float32)
-                q = (q_unit * cos).to(v.dtype)
-                k = k_unit.to(v.dtype)
+                q = (q_in.to(tl.float32) / q_norm[:, None] * cos).to(v.dtype)
+                k = (k_in.to(tl.float32) / k_norm[:, None]).to(v.dtype)
+            # Each result is stored as soon as it is complete, and out is read only for delta:
+            # fewer (BLOCK, WIDTH) tiles live at once (the registers run out: ptxas spills).
             out = _load_rows(out_ptr, n * out_n + h * out_h, out_l, rows, cols, inside, width)
             grad = _load_rows(grad_ptr, n * g_n + h * g_h, g_l, rows, cols, inside, width)
+            delta = tl.sum(out.to(tl.float32) * grad.to(tl.float32), 1)
             lse = tl.load(lse_ptr + (n * heads + h) * BLOCK + rows, mask=inside, other=0.0)
-            scores, keys = _scores(q, k, scale, n, h, rows, inside, mask_ptr, mask_n, bias_ptr, bias_h, bias_l,
-                                   window_ptr, window_w, window_l, windows, HAS_MASK, HAS_BIAS, HAS_WINDOW_MASK,
+            scores, keys = _scores(q, k, scale, n, h, rows, inside, length, mask_ptr, mask_n, bias_ptr, window_ptr,
+                                   windows, HAS_MASK, HAS_BIAS, HAS_WINDOW_MASK,
                                    PRECISION)
             p = tl.where(keys[None, :] & inside[:, None], tl.exp(scores - lse[:, None]), 0.0)
+            offset = n * d_n + h * d_h
             dv = tl.dot(tl.trans(p.to(grad.dtype)), grad, input_precision=PRECISION)
+            _store_rows(d_ptr, dv_off + offset, d_l, rows, cols, inside, width, dv)
             dp = tl.dot(grad, tl.trans(v), input_precision=PRECISION)
-            delta = tl.sum(out.to(tl.float32) * grad.to(tl.float32), 1)
             ds = p * (dp - delta[:, None])
             if BIAS_GRAD:
                 dbias += ds
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-            if COSINE:  # through q = unit(q) * cos and k = unit(k)
+            if COSINE:  # through q = unit(q) * cos
+                q_unit = q_in.to(tl.float32) / q_norm[:, None]
                 if SCALE_GRAD:
                     dcos += tl.sum(tl.sum(dq * q_unit, 1), 0)
                 dq = _unit_rows_backward(dq * cos, q_unit, q_norm)
-                dk = _unit_rows_backward(dk, k_unit, k_norm)
-            offset = n * d_n + h * d_h
             _store_rows(d_ptr, dq_off + offset, d_l, rows, cols, inside, width, dq)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+            if COSINE:  # through k = unit(k)
+                dk = _unit_rows_backward(dk, k_in.to(tl.float32) / k_norm[:, None], k_norm)
             _store_rows(d_ptr, dk_off + offset, d_l, rows, cols, inside, width, dk)
-            _store_rows(d_ptr, dv_off + offset, d_l, rows, cols, inside, width, dv)
         if BIAS_GRAD:
             tl.store(dbias_ptr + program * BLOCK * BLOCK + rows[:, None] * BLOCK + rows[None, :], dbias)
         if SCALE_GRAD:
             tl.store(dcos_ptr + program, dcos)
+
+
+def backward_warps(block: int) -> int:
+    """Warps of a backward program: 8 for 64-row sequences (SwinV2's windows), 4 below. Built for
+    the H100 with 4, SwinV2-H's backward kernel (bias and cosine gradients, 4 sequences a
+    program) needed more than 255 registers a thread and ptxas spilled about 2.9 KB a thread to
+    local memory; with 8, about 0.5 KB (``benchmarks/kernel_registers.py``). Not timed on a GPU."""
+    return 8 if block >= 64 else 4
 
 
 def _heads_last(shape: torch.Size, like: Tensor) -> Tensor:
@@ -279,14 +301,13 @@ def _launcher(kernel):
 def _extra_inputs(q: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None, window_mask: Tensor | None,
                   cosine_scale: Tensor | None) -> tuple[list[Tensor], list[int], dict[str, bool]]:
     """The mask, bias, window-mask and cosine-scale pointers (q stands in for an absent one, never
-    read), the strides of the first three, and the kernels' switches."""
+    read; the bias and window mask contiguous, as the kernels read them), the mask's sequence
+    stride, and the kernels' switches."""
     mask = q if key_padding_mask is None else key_padding_mask.to(torch.int8)
     bias_in = q if bias is None else bias.contiguous()
     window = q if window_mask is None else window_mask.contiguous()
     cos = q if cosine_scale is None else cosine_scale.contiguous()
-    length = q.shape[2]
-    strides = [0 if key_padding_mask is None else mask.stride(0), length * length, length,
-               length * length, length]
+    strides = [0 if key_padding_mask is None else mask.stride(0)]
     switches = {"HAS_MASK": key_padding_mask is not None, "HAS_BIAS": bias is not None,
                 "HAS_WINDOW_MASK": window_mask is not None, "COSINE": cosine_scale is not None}
     return [mask, bias_in, window, cos], strides, switches
@@ -318,11 +339,12 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | 
     block = _tile(length)
     lse = torch.empty((n * heads, block), dtype=torch.float32, device=q.device)
     extra, extra_strides, switches = _extra_inputs(q, key_padding_mask, bias, window_mask, cosine_scale)
+    one_layout = q.stride() == k.stride() == v.stride()
     _launcher(_forward_kernel)[(n * heads,)](
         q, k, v, *extra, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *extra_strides, *out_strides,
-        heads, length, width, _windows(window_mask), scale, **switches, BLOCK=block,
+        heads, length, width, _windows(window_mask), scale, **switches, ONE_LAYOUT=one_layout, BLOCK=block,
         WIDTH=_tile(width), PRECISION=_precision(q))
     return lse
 
@@ -345,12 +367,15 @@ def _launch_backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
     partial = torch.empty((programs if bias_grad else 1, block, block), dtype=torch.float32, device=q.device)
     cos_partial = torch.empty((programs if scale_grad else 1,), dtype=torch.float32, device=q.device)
     extra, extra_strides, switches = _extra_inputs(q, key_padding_mask, bias, window_mask, cosine_scale)
+    one_layout = (q.stride() == k.stride() == v.stride() and tuple(q.stride()[:3]) == tuple(gradient_strides)
+                  and tuple(out_strides) == tuple(grad_strides))
     _launcher(_backward_kernel)[(programs,)](
         q, k, v, *extra, out, grad, lse, gradients, partial, cos_partial,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *extra_strides, *out_strides, *grad_strides, *gradient_strides,
         *offsets, n, heads, length, width, _windows(window_mask), scale, **switches, BIAS_GRAD=bias_grad,
-        SCALE_GRAD=scale_grad, GROUP=group, BLOCK=block, WIDTH=_tile(width), PRECISION=_precision(q))
+        SCALE_GRAD=scale_grad, ONE_LAYOUT=one_layout, GROUP=group, BLOCK=block, WIDTH=_tile(width),
+        PRECISION=_precision(q), num_warps=backward_warps(block))
     dbias = q.new_empty(0)
     if bias_grad:
         dbias = partial.reshape(-1, heads, block, block).sum(0)[:, :length, :length].to(bias.dtype).contiguous()

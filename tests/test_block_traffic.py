@@ -1,0 +1,47 @@
+"""benchmarks/block_traffic.py's count of inductor's plan for an H100, made on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_h100_plan_counts_forward_and_backward_kernels_with_the_short_kernel() -> None:
+    """With ``--plan h100`` nothing runs, yet both graphs of a SwinV2 block are planned: the
+    short kernels' two operators (forward and backward) are counted as attention, and the
+    block's element-wise kernels with them; the qkv entry moves fewer bytes than SDPA's path."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "benchmarks")
+        import block_traffic as bt
+        bt.plan_for_h100()
+        bt._quiet_metrics_log()
+        from skysense.models.swin_v2 import SwinV2Block
+        import torch._inductor.metrics as metrics
+        for attention in (None, ["short"]):
+            torch.manual_seed(0)
+            block = SwinV2Block(88, 2, 4, True, 4.0, 0.0, 1e-5, False)
+            totals = bt.block_bytes(block, torch.randn(2, 8, 8, 88), attention)
+            ops = sorted({str(origin.target) for node, _ in metrics.nodes_num_elem for inner in node.get_nodes()
+                          for origin in (getattr(inner.node, "origins", None) or ()) if "skysense" in str(origin.target)})
+            print(attention is not None, ",".join(ops) or "-", round(sum(totals.values())), round(totals["attention"]))
+        """)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [line.split() for line in result.stdout.splitlines()]
+    (sdpa_short, sdpa_ops, sdpa_total, _), (short, ops, total, attention) = rows
+    assert sdpa_short == "False" and sdpa_ops == "-" and short == "True", rows
+    assert ops == "skysense.short_attention_qkv.default,skysense.short_attention_qkv_backward.default", rows
+    assert 0 < int(attention) and int(total) < int(sdpa_total), rows
