@@ -124,14 +124,17 @@ class AttentionInputs:
     v: torch.Tensor
     mask: torch.Tensor | None
     grad: torch.Tensor
+    qkv: torch.Tensor | None = None  # the projection output q, k and v are views of (unmasked calls)
 
     @classmethod
     def make(cls, call: AttentionCall, device: torch.device, dtype: torch.dtype) -> "AttentionInputs":
         """Unmasked calls (the ViTs' and the fusion's blocks) get q, k and v as those blocks make
-        them: (N, L, 3C) split along the channels, each viewed as (N, H, L, D), strided; masked
-        ones (SwinV2's windows, after the cosine normalisation) contiguous tensors. A backend
-        that copies strided inputs pays for it here as in the model (the explicit product on
-        the H100, 2026-11-28, did not, when every input was contiguous)."""
+        them: views of an (N, L, 3C) projection output that needs a gradient, split along the
+        channels, each viewed as (N, H, L, D), strided; masked ones (SwinV2's windows, after the
+        cosine normalisation) contiguous tensors. A backend that copies strided inputs pays for
+        it here as in the model (the explicit product on the H100, 2026-11-28, did not, when
+        every input was contiguous), and so does one whose three gradients autograd
+        concatenates into the projection's (the short kernel's qkv entry writes it whole)."""
         g = torch.Generator(device=device).manual_seed(0)
 
         def tensor(shape: tuple[int, ...], grad: bool) -> torch.Tensor:
@@ -140,11 +143,10 @@ class AttentionInputs:
         mask = None if call.mask is None else tensor(call.mask, call.mask_grad)
         if call.mask is None and call.query == call.key:
             n, heads, length, width = call.query
-            qkv = torch.randn(n, length, 3 * heads * width, generator=g, device=device, dtype=dtype)
-            q, k, v = (t.reshape(n, length, heads, width).transpose(1, 2).requires_grad_()
-                       for t in qkv.split(heads * width, -1))
-        else:
-            q, k, v = tensor(call.query, True), tensor(call.key, True), tensor(call.key, True)
+            qkv = tensor((n, length, 3 * heads * width), True)
+            q, k, v = (t.reshape(n, length, heads, width).transpose(1, 2) for t in qkv.split(heads * width, -1))
+            return cls(q, k, v, mask, tensor(call.query, False), qkv)
+        q, k, v = tensor(call.query, True), tensor(call.key, True), tensor(call.key, True)
         return cls(q, k, v, mask, tensor(call.query, False))
 
 
@@ -152,9 +154,10 @@ def time_backend(call: AttentionCall, inputs: AttentionInputs, backend: str, dev
                  warmup: int, repeats: int) -> float:
     """Median seconds of forward + backward of ``call`` with ``backend``; raises RuntimeError
     when the backend refuses it."""
-    q, k, v, mask = inputs.q, inputs.k, inputs.v, inputs.mask
+    q, k, v, mask, qkv = inputs.q, inputs.k, inputs.v, inputs.mask, inputs.qkv
+    heads = q.shape[1]
 
-    if backend == "short" and (mask is not None or not short_attention.supports(q, k, v)):
+    if backend == "short" and (mask is not None or qkv is None or not short_attention.supports_qkv(qkv, heads)):
         raise RuntimeError(f"short: timed here without a mask, up to {short_attention.MAX_LENGTH} tokens, heads up "
                            f"to {short_attention.MAX_WIDTH} wide, CUDA (SwinV2's calls: benchmarks/swin_attention.py); "
                            f"got q {tuple(q.shape)} on {q.device}")
@@ -163,14 +166,17 @@ def time_backend(call: AttentionCall, inputs: AttentionInputs, backend: str, dev
         if backend == "explicit":
             out = explicit_attention(q, k, v, mask, call.scale)
         elif backend == "short":
-            out = short_attention.short_attention(q, k, v, None, call.scale)
+            out = short_attention.short_attention_qkv(qkv, heads, None, call.scale)  # as the model's layers call it
         elif BACKENDS[backend] is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
         else:
             with sdpa_kernel(BACKENDS[backend]):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
-        out.backward(inputs.grad)
-        for t in (q, k, v, mask):  # no accumulation into earlier gradients: each step alike
+        grad = inputs.grad
+        if out.dim() == 3:  # the qkv entry's (N, L, C)
+            grad = grad.transpose(1, 2).reshape(out.shape)
+        out.backward(grad)
+        for t in (q, k, v, mask, qkv):  # no accumulation into earlier gradients: each step alike
             if t is not None:
                 t.grad = None
 
