@@ -151,8 +151,7 @@ def block_bytes(block: torch.nn.Module, x: torch.Tensor, attention: list[str] | 
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 compiled(x)
         except IndexError as error:  # the first launch finds no built kernel: anything else is a real error
-            if "triton_heuristics" not in error.__traceback__.tb_frame.f_code.co_filename and not any(
-                    "triton_heuristics" in frame.filename for frame in traceback.extract_tb(error.__traceback__)):
+            if not any("triton_heuristics" in frame.filename for frame in traceback.extract_tb(error.__traceback__)):
                 raise
     else:
         with torch.autocast("cpu", dtype=torch.bfloat16):

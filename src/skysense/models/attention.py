@@ -12,10 +12,11 @@ kernel's tiles are mostly empty, plain batched products may be faster; under ``t
 inductor would rewrite such a product back into SDPA, so it is one opaque operator
 (``skysense::explicit_attention``). ``"short"`` is :mod:`skysense.models.short_attention`: one
 Triton program per sequence and head for sequences of up to 64 tokens (the fusion's), with no
-mask or a key-padding mask; the model's attention layers (:class:`skysense.models.layers.Attention`
-and SwinV2's window attention, with its position bias, shift mask and cosine normalisation) call
-its qkv entry directly, which returns the qkv projection's gradient as one tensor. Calls it does not take (longer sequences, other additive masks, the CPU) run
-SDPA with torch's choice. ``benchmarks/attention_backends.py`` times every choice.
+mask or a key-padding mask; the model's attention layers
+(:class:`skysense.models.layers.Attention` and SwinV2's window attention, with its position
+bias, shift mask and cosine normalisation) call its qkv entry directly, which returns the qkv
+projection's gradient as one tensor. Calls it does not take (longer sequences, other additive
+masks, the CPU) run SDPA with torch's choice. ``benchmarks/attention_backends.py`` times every choice.
 """
 
 from __future__ import annotations

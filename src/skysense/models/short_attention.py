@@ -148,12 +148,15 @@ if triton is not None:
         return scores, keys
 
     @triton.jit
-    def _unit_rows(x):
-        """x's rows divided by their L2 norms, at least 1e-12 (``F.normalize``), in float32, and
-        the divisors."""
+    def _row_norms(x):
+        """The L2 norms of x's rows in float32, at least 1e-12 (``F.normalize``'s divisors)."""
         x = x.to(tl.float32)
-        norm = tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)
-        return x / norm[:, None], norm
+        return tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)
+
+    @triton.jit
+    def _unit_rows(x):
+        """x's rows divided by their :func:`_row_norms`, in float32."""
+        return x.to(tl.float32) / _row_norms(x)[:, None]
 
     @triton.jit
     def _unit_rows_backward(grad, unit, norm):
@@ -180,10 +183,8 @@ if triton is not None:
         q, k, v = _head_inputs(q_ptr, k_ptr, v_ptr, q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, n, h, rows, cols,
                                inside, width)
         if COSINE:  # SwinV2: unit q and k, q times the head's scale, rounded to the inputs' type
-            q_unit, _ = _unit_rows(q)
-            k_unit, _ = _unit_rows(k)
-            q = (q_unit * tl.load(cos_ptr + h).to(tl.float32)).to(v.dtype)
-            k = k_unit.to(v.dtype)
+            q = (_unit_rows(q) * tl.load(cos_ptr + h).to(tl.float32)).to(v.dtype)
+            k = _unit_rows(k).to(v.dtype)
         scores, keys = _scores(q, k, scale, n, h, rows, inside, length, mask_ptr, mask_n, bias_ptr, window_ptr,
                                windows, HAS_MASK, HAS_BIAS, HAS_WINDOW_MASK,
                                PRECISION)
@@ -232,8 +233,8 @@ if triton is not None:
                                    cols, inside, width)
             if COSINE:  # as the forward pass, keeping q and k as loaded and their norms for the gradients
                 q_in, k_in = q, k
-                _, q_norm = _unit_rows(q_in)
-                _, k_norm = _unit_rows(k_in)
+                q_norm = _row_norms(q_in)
+                k_norm = _row_norms(k_in)
                 cos = tl.load(cos_ptr + h).to(tl.float32)
                 q = (q_in.to(tl.float32) / q_norm[:, None] * cos).to(v.dtype)
                 k = (k_in.to(tl.float32) / k_norm[:, None]).to(v.dtype)
@@ -273,9 +274,9 @@ if triton is not None:
 
 def backward_warps(block: int) -> int:
     """Warps of a backward program: 8 for 64-row sequences (SwinV2's windows), 4 below. Built for
-    the H100 with 4, SwinV2-H's backward kernel (bias and cosine gradients, 4 sequences a
-    program) needed more than 255 registers a thread and ptxas spilled about 2.9 KB a thread to
-    local memory; with 8, about 0.5 KB (``benchmarks/kernel_registers.py``). Not timed on a GPU."""
+    the H100 with 4, SwinV2-H's backward kernel (bias and cosine gradients, shift mask) needed
+    more than 255 registers a thread and ptxas spilled 1972 bytes a thread to local memory; with
+    8, 424 bytes (``benchmarks/kernel_registers.py --warps 4,8``, session 15). Not timed on a GPU."""
     return 8 if block >= 64 else 4
 
 
