@@ -184,6 +184,11 @@ CHECKPOINTING = ("off", "selective", "fusion", "all")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 # Issue 7's targets on an H100 (bf16): the MFU each of our parts must reach.
 MFU_TARGETS = {"swin_v2": 0.50, "vit": 0.55, "fusion": 0.55, "pretrain_step": 0.45}
+# What PyTorch could reserve on the H100 80GB HBM3 of 2026-11-28: it ran out of memory with
+# 78.36 GiB reserved of its 79.18 GiB (the rest held by the CUDA context and libraries;
+# device_runs/2026-11-28-h100/call1/gpu_step-d.json). --memory-cap-gib with this on a larger card
+# (an H200's 139 GiB) keeps (d)'s checkpointing ladder and batch to what fits that H100.
+H100_ALLOCATOR_GIB = 78.3
 
 
 @dataclass
@@ -220,6 +225,9 @@ class Options:
     # Part (d)'s Sinkhorn-Knopp: None as the pretraining config's default (rounds until the
     # tolerance, each test a host sync); N: exactly N rounds, no test (sinkhorn_stop_early: false).
     sinkhorn_rounds: int | None = None
+    # Cap on what the CUDA caching allocator may reserve (GiB; None: the whole card): a larger
+    # card answers an 80 GB card's memory question (H100_ALLOCATOR_GIB).
+    memory_cap_gib: float | None = None
 
 
 # --our-sdpa's scopes: our model of that part in (a)-(c), and these networks of (d)'s student and
@@ -678,7 +686,7 @@ def empty_row(workload: Workload, mode: str, flops: int | None) -> dict[str, Any
         "activation_checkpointing": workload.checkpointed,
         "parameters": sum(p.numel() for p in workload.model.parameters() if p.requires_grad),
         "flops_per_step": flops, "compile_s": None, "compiled_graphs": None, "step_ms": None, "items_per_s": None, "tflops_per_s": None,
-        "mfu": None, "peak_memory_gib": None, "alloc_retries": None, "host_syncs": None, "operators": None, "error": None,
+        "mfu": None, "peak_memory_gib": None, "peak_reserved_gib": None, "alloc_retries": None, "host_syncs": None, "operators": None, "error": None,
     }
 
 
@@ -720,6 +728,7 @@ def measure(workload: Workload, mode: str, flops: int | None, peak: float, optio
                    mfu=flops / seconds / peak)
         if device.type == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         if options.profile and mode == "compiled":
             try:
                 row["top_operators"], row["kernel_ms_per_step"], row["kernel_ms_by_kind"] = top_operators(
@@ -732,6 +741,23 @@ def measure(workload: Workload, mode: str, flops: int | None, peak: float, optio
         row["error"] = error_text(error)
         print(f"{workload.part}/{workload.implementation}/{mode}: {row['error']}", file=sys.stderr)
     return row
+
+
+def cap_device_memory(device: torch.device, gib: float) -> dict[str, float]:
+    """Let the CUDA caching allocator of ``device`` reserve at most ``gib`` GiB (out of memory
+    beyond, as on a card that size); what was set, for the report."""
+    if device.type != "cuda":
+        raise ValueError(f"memory_cap_gib {gib:g}: caps a CUDA device's allocator; the device is {device}")
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if not 0 < gib <= total:
+        raise ValueError(f"memory_cap_gib: expected more than 0 and at most {device}'s {total:.2f} GiB, got {gib:g}")
+    torch.cuda.set_per_process_memory_fraction(gib / total, device)
+    return {"gib": gib, "device_total_gib": total, "fraction": gib / total}
+
+
+def over_memory_cap(row: dict[str, Any], cap: dict[str, float] | None) -> bool:
+    """Whether ``row`` reserved more than the run's memory cap (the allocator should not let it)."""
+    return bool(cap and row.get("peak_reserved_gib") is not None and row["peak_reserved_gib"] > cap["gib"])
 
 
 def error_text(error: BaseException) -> str:
@@ -785,6 +811,7 @@ class Run:
             "sdpa_priority": list(options.sdpa_priority) if options.sdpa_priority else None,
             "our_sdpa": {k: list(v) for k, v in options.our_sdpa.items()} if options.our_sdpa else None,
             "sinkhorn_rounds": options.sinkhorn_rounds,
+            "memory_cap": None,
             "warmup": options.warmup,
             "repeats": options.repeats, "budget_s": options.budget_s,
             "shapes": dataclasses.asdict(options.shapes),
@@ -956,7 +983,9 @@ def run_benchmark(options: Options) -> dict[str, Any]:
     if options.compile_mode is not None and options.compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode: expected one of {list(COMPILE_MODES)}, got {options.compile_mode!r}")
     priority = sdpa_priority(options)  # checked before the first measurement
+    cap = cap_device_memory(device, options.memory_cap_gib) if options.memory_cap_gib is not None else None
     run = Run(options, matmul_peak(options))
+    run.report["memory_cap"] = cap
     run.report["peak"]["copy_gb_per_s"] = copy_bandwidth(options) / 1e9
     if options.compile and options.compile_cache is not None:
         run.report["compile_cache"] = {"path": str(options.compile_cache), **compile_cache.load(options.compile_cache)}
@@ -984,7 +1013,7 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
         best = {}
         for impl in ("skysense", "timm"):
             measured = [r for r in report["results"] if r["part"] == part and r["implementation"] == impl
-                        and r["mfu"] is not None]
+                        and r["mfu"] is not None and not over_memory_cap(r, report.get("memory_cap"))]
             best[impl] = max(measured, key=lambda r: r["mfu"], default=None)
         ours, timm = best["skysense"], best["timm"]
         # (d) meets its target only at the paper's per-device batch or above (it must fit).
@@ -1010,6 +1039,9 @@ def format_table(report: dict[str, Any]) -> str:
         scope += f" ({report['compile_mode']})"
     rounds = report.get("sinkhorn_rounds")
     sinkhorn = f"; (d) Sinkhorn-Knopp {rounds} rounds without convergence tests" if rounds else ""
+    cap = report.get("memory_cap")
+    if cap:
+        sinkhorn += f"; memory capped at {cap['gib']:g} of {cap['device_total_gib']:.2f} GiB"
     lines = [
         f"{report['device_name']} ({report['device']}), torch {report['torch']}, timm {report['timm']}, "
         f"{report['dtype']}{' autocast' if report['autocast'] else ''}, {scope}, activation checkpointing "
@@ -1038,6 +1070,10 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['part']:<14} {r['implementation']:<9} {r['mode']:<9} {r['batch']:>5} {r['step_ms']:>9.1f} "
             f"{r['items_per_s']:>9.1f} {r['tflops_per_s']:>8.3f} {100 * r['mfu']:>5.1f}% {memory:>6} {compiled:>9} {graphs:>6}"
         )
+    for r in report["results"]:
+        if over_memory_cap(r, cap):
+            lines.append(f"{r['part']:<14} {r['implementation']} {r['mode']} batch {r['batch']}: reserved "
+                         f"{r['peak_reserved_gib']:.2f} GiB, over the {cap['gib']:g} GiB cap; not counted in the summary")
     for r in report["results"]:
         failure = r.get("memory_at_failure")
         if failure:
@@ -1069,6 +1105,10 @@ def format_table(report: dict[str, Any]) -> str:
         verdict = {True: "met", False: "not met", None: ""}[row["met"]]
         if row["at_paper_batch"] is False:
             verdict += f" (the paper's batch {row['paper_batch']} did not fit)"
+        if row["met"] is not None and "H100" not in report["device_name"]:
+            # An H200's HBM3e moves 1.4x an H100's bytes per second for the same matmul peak: its
+            # memory-bound kernels are faster, so its MFU says more than an H100's would.
+            verdict += f" (on an {report['device_name']}, not an H100)"
         lines.append(f"{row['part']:<14} {pct(row['skysense_mfu']):>9} {pct(row['timm_mfu']):>9} {ratio:>6} "
                      f"{pct(row['target_mfu']):>7}  {verdict}")
     return "\n".join(lines)
@@ -1113,6 +1153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sinkhorn-rounds", type=int, metavar="N",
                         help="(d): exactly N Sinkhorn-Knopp rounds per call, without the convergence tests that "
                              "read the GPU back (default: the pretraining config's, rounds until the tolerance)")
+    parser.add_argument("--memory-cap-gib", type=float, metavar="GIB",
+                        help="CUDA: let the allocator reserve at most GIB GiB, as on a smaller card "
+                             f"(an H100 80GB's: {H100_ALLOCATOR_GIB})")
     parser.add_argument("--meta-flops", action="store_true",
                         help="only count the FLOPs of (a)-(c), ours and timm's, on the meta device, and print them")
     args = parser.parse_args(argv)
@@ -1157,7 +1200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       json_path=Path(args.json) if args.json else None, profile=args.profile,
                       compile_cache=Path(args.compile_cache) if args.compile_cache else None,
                       sdpa_priority=tuple(n.strip() for n in args.sdpa_priority.split(",")) if args.sdpa_priority else None,
-                      our_sdpa=our_sdpa or None, sinkhorn_rounds=args.sinkhorn_rounds)
+                      our_sdpa=our_sdpa or None, sinkhorn_rounds=args.sinkhorn_rounds,
+                      memory_cap_gib=args.memory_cap_gib)
     report = run_benchmark(options)
     print(format_table(report))
     return report

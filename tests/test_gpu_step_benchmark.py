@@ -34,7 +34,7 @@ TINY = gpu_step.Shapes(preset="tiny", swin_image=64, swin_batch=2, vit_image=16,
                        matmul_n=64)
 RESULT_FIELDS = {"part", "implementation", "mode", "unit", "batch", "input_shape", "activation_checkpointing",
                  "parameters", "flops_per_step",
-                 "compile_s", "compiled_graphs", "step_ms", "items_per_s", "tflops_per_s", "mfu", "peak_memory_gib", "alloc_retries", "host_syncs",
+                 "compile_s", "compiled_graphs", "step_ms", "items_per_s", "tflops_per_s", "mfu", "peak_memory_gib", "peak_reserved_gib", "alloc_retries", "host_syncs",
                  "operators", "error"}
 
 
@@ -58,7 +58,7 @@ def test_report_has_every_part_and_field(tmp_path: Path) -> None:
         assert r["flops_per_step"] > 0 and r["parameters"] > 0 and r["step_ms"] > 0
         assert r["items_per_s"] == pytest.approx(r["batch"] / (r["step_ms"] / 1e3))
         assert r["mfu"] == pytest.approx(r["tflops_per_s"] / report["peak"]["tflops_per_s"])
-        assert r["peak_memory_gib"] is None and r["compile_s"] is None
+        assert r["peak_memory_gib"] is None and r["peak_reserved_gib"] is None and r["compile_s"] is None
     by_key = {(r["part"], r["implementation"]): r for r in rows}
     # Same architecture, same FLOPs and parameters: our ViT and fusion blocks against timm's.
     for part in ("vit", "fusion"):
@@ -604,3 +604,82 @@ def test_selective_checkpointing_moves_inside_compiled_blocks() -> None:
         workload.step(workload.model)
     finally:
         torch._dynamo.reset()
+
+
+def test_a_memory_cap_sets_the_allocators_fraction_of_the_card(monkeypatch) -> None:
+    """--memory-cap-gib: an H200 (139.8 GiB) asked the H100's question: the allocator's fraction
+    is the cap over the card's total; a cap above the card or off CUDA is an error naming both."""
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Properties", (), {"total_memory": int(139.8 * 2**30)})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device: fractions.append((fraction, str(device))))
+    cap = gpu_step.cap_device_memory(torch.device("cuda"), gpu_step.H100_ALLOCATOR_GIB)
+    assert fractions == [(pytest.approx(78.3 / 139.8), "cuda")]
+    assert cap == {"gib": 78.3, "device_total_gib": pytest.approx(139.8), "fraction": pytest.approx(78.3 / 139.8)}
+    with pytest.raises(ValueError, match=r"at most cuda's 139.80 GiB, got 150"):
+        gpu_step.cap_device_memory(torch.device("cuda"), 150)
+    with pytest.raises(ValueError, match="the device is cpu"):
+        gpu_step.run_benchmark(gpu_step.Options(device="cpu", shapes=TINY, memory_cap_gib=78.3))
+
+
+def test_a_row_over_the_memory_cap_is_not_counted() -> None:
+    """A row that reserved more than the cap (the allocator should have refused) says so and
+    leaves the summary: a (d) that only fits the larger card must not meet the H100's target."""
+    report = gpu_step.run_benchmark(_quick(parts=("fusion",)))
+    fused = [r for r in report["results"] if r["implementation"] == "skysense"][0]
+    report["memory_cap"] = {"gib": 78.3, "device_total_gib": 139.8, "fraction": 78.3 / 139.8}
+    fused["peak_reserved_gib"] = 78.2
+    assert [r for r in gpu_step.summary(report) if r["part"] == "fusion"][0]["skysense_mfu"] == fused["mfu"]
+    fused["peak_reserved_gib"] = 90.1
+    assert [r for r in gpu_step.summary(report) if r["part"] == "fusion"][0]["skysense_mfu"] is None
+    table = gpu_step.format_table(report)
+    assert "memory capped at 78.3 of 139.80 GiB" in table
+    assert "fusion         skysense eager batch 16: reserved 90.10 GiB, over the 78.3 GiB cap" in table
+    # Verdicts on another card say which: an H200's memory-bound kernels run faster than an H100's.
+    report["device"] = "cuda"
+    for name, note in (("NVIDIA H200", True), ("NVIDIA H100 80GB HBM3", False)):
+        report["device_name"] = name
+        assert ("(on an NVIDIA H200, not an H100)" in gpu_step.format_table(report)) is note, name
+
+
+@pytest.mark.slow
+def test_the_huge_pretraining_step_compiles_into_few_graphs(monkeypatch) -> None:
+    """(d) at huge's structure (depths, extra norms, drop-path schedules, window and input
+    shapes, batch 1) with narrow widths, every block selectively checkpointed as the H100's ladder
+    will most likely leave it, compiled block-wise (aot_eager: dynamo and AOTAutograd as under
+    inductor, without building kernels). The H100 run of 2026-11-28 failed here with dynamo's
+    recompile limit (one graph per drop-path rate); now 27 graphs (counted on torch 2.14.1), no
+    graph break, and a second step compiles nothing."""
+    from skysense.compilation import compile_blocks
+    from skysense.config import preset_config
+    from skysense.models.layers import DropPath
+
+    def narrow_huge(name: str):
+        config = preset_config("huge")
+        config.hr.embed_dim, config.s2.embed_dim, config.s1.embed_dim, config.fusion.embed_dim = 32, 64, 64, 64
+        config.geo_context.lat_bands = config.geo_context.lon_bins = 8
+        return config
+
+    monkeypatch.setattr("skysense.pretrain.model.preset_config", narrow_huge)
+    shapes = dataclasses.replace(gpu_step.HUGE, step_batches=(1,))
+    options = gpu_step.Options(device="cpu", dtype="fp32", shapes=shapes, sinkhorn_rounds=30)
+    model = gpu_step.pretrain_model(options)
+    head = model.config.objective.head
+    head.hidden_dim, head.bottleneck_dim, head.out_dim = 64, 32, 128
+    rates = {round(m.p, 6) for m in model.modules() if isinstance(m, DropPath)}
+    assert len(rates) == 40, "the drop-path schedules the H100 failed on are not there"
+    workload = gpu_step.pretrain_workload(model, 1, options)
+    workload.checkpoint("selective")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    assert compile_blocks(model, workload.blocks, backend="aot_eager") == 192  # 24 + 24 x 3 student, teacher
+    try:
+        workload.step(model)
+        graphs = counters["stats"]["unique_graphs"]
+        workload.step(model)
+        assert counters["stats"]["unique_graphs"] == graphs, "the second step compiled again"
+    finally:
+        torch._dynamo.reset()
+    assert 20 <= graphs <= 32 and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
