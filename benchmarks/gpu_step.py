@@ -859,7 +859,8 @@ def run_encoder_part(run: Run, part: str) -> None:
 
 
 def run_pretrain_step(run: Run) -> None:
-    """(d) eager at each batch until one does not fit, then compiled at the largest that did.
+    """(d) eager at each batch until one does not fit, then compiled at the largest that did
+    (with the next checkpointing settings in turn while the compiled step runs out of memory).
 
     When the first batch (the paper's) does not fit without activation checkpointing, it is
     tried again with each next setting of CHECKPOINTING: every block keeping its matmul
@@ -932,8 +933,16 @@ def run_pretrain_step(run: Run) -> None:
     # Sinkhorn-Knopp's convergence test breaks a whole-model graph at every iteration: (d) is
     # compiled block-wise only.
     if fitted is not None and options.compile and options.compile_scope == "blocks":
-        workload = pretrain_workload(model, fitted["batch"], options, checkpointed)
-        run.measure(workload, "compiled", fitted["flops_per_step"])
+        batch = fitted["batch"]
+        row = run.measure(pretrain_workload(model, batch, options, checkpointed), "compiled", fitted["flops_per_step"])
+        # The compiled step need not fit where the eager one did (inductor's buffers and its
+        # partitioner's choices of what to keep differ): then the next setting, compiled anew.
+        while out_of_memory(row) and checkpointed != "all":
+            torch._dynamo.reset()
+            checkpointed = CHECKPOINTING[CHECKPOINTING.index(checkpointed) + 1]
+            rebuilt(batch)
+            row = run.measure(pretrain_workload(model, batch, options, checkpointed), "compiled",
+                              fitted["flops_per_step"])
         torch._dynamo.reset()
 
 

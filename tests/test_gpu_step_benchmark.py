@@ -683,3 +683,31 @@ def test_the_huge_pretraining_step_compiles_into_few_graphs(monkeypatch) -> None
     finally:
         torch._dynamo.reset()
     assert 20 <= graphs <= 32 and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
+
+
+@pytest.mark.slow
+def test_a_compiled_step_that_does_not_fit_tries_the_next_checkpointing(monkeypatch) -> None:
+    """(d): the compiled row runs at the setting the eager ladder left; when the compiled step
+    runs out of memory there, the next settings are compiled anew on a fresh model, in turn."""
+    from skysense.compilation import compile_blocks
+
+    forward = gpu_step.PretrainStep.forward
+
+    def compiled(model, blocks, **options):
+        model.compiled_with = _checkpointing_on(model)  # read before compiling switches hooks off
+        return compile_blocks(model, blocks, backend="eager")  # dynamo only: the ladder is under test
+
+    def step(self) -> None:
+        setting = getattr(self, "compiled_with", None)
+        fits = ("all",) if setting is not None else ("selective", "fusion", "all")
+        if (setting or _checkpointing_on(self)) not in fits:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        forward(self)
+
+    monkeypatch.setattr(gpu_step, "compile_blocks", compiled)
+    monkeypatch.setattr(gpu_step.PretrainStep, "forward", step)
+    rows = gpu_step.run_benchmark(_quick(compile=True, parts=("pretrain_step",)))["results"]
+    assert [(r["mode"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
+        ("eager", "off", "OutOfMemoryError"), ("eager", "selective", ""), ("compiled", "selective", "OutOfMemoryError"),
+        ("compiled", "fusion", "OutOfMemoryError"), ("compiled", "all", "")]
+    assert rows[4]["flops_per_step"] == rows[1]["flops_per_step"] and rows[4]["compiled_graphs"] > 0
