@@ -12,8 +12,10 @@
 #      graphs (ENCODER_MODE, default reduce-overhead): on 2026-11-28 11.7 ms of our ViT-L step
 #      (5.0 of timm's) ran no kernel, and CUDA graphs took SwinV2-H's from 31.6 ms to 3.6 ms;
 #   2. (d) the full pretraining step at the paper's batch 3 (STEP_BATCH), down the checkpointing
-#      ladder (each retry on a model built anew), then compiled block-wise at the setting that
-#      fitted, 30 Sinkhorn-Knopp rounds without read-backs;
+#      ladder (each retry on a model built anew; from selective where 78.3 GiB or less is there),
+#      then compiled block-wise at the setting that fitted (the next ones while the compiled step
+#      does not fit), 30 Sinkhorn-Knopp rounds without read-backs; on a card over 80 GB with the
+#      allocator capped at what the H100 could reserve;
 #   0. first (unless ATTENTION=0): benchmarks/attention_backends.py on (b)'s and (c)'s calls, and
 #      our attention in step 1 restricted to the backend (SDPA's, or the short-sequence Triton
 #      kernel "short") that beat SDPA's default by 1.1x or more over the part's calls; "short"
@@ -98,12 +100,21 @@ card_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/
 if [ -z "${SMOKE:-}" ] && [ "${MEMORY_CAP_GIB:-}" != none ] && [ "${card_mib:-0}" -gt 82000 ] 2>/dev/null; then
     cap_args=(--memory-cap-gib "${MEMORY_CAP_GIB:-78.3}")
 fi
-echo "device_call: (d) memory: ${card_mib:-?} MiB card, ${cap_args[*]:-no cap}" | tee -a "$out/choice-d.log"
+# With 78.3 GiB or less, (d) at batch 3 needs checkpointing (estimated 90.7 GiB without, 70.5
+# selective: benchmarks/step_memory.py): the ladder starts at selective, saving a failed step and
+# a model built anew (STEP_CHECKPOINTING overrides).
+start=off
+if [ -z "${SMOKE:-}" ] && { [ ${#cap_args[@]} -gt 0 ] || [ "${card_mib:-0}" -le 82000 ] 2>/dev/null; }; then
+    start=selective
+fi
+start=${STEP_CHECKPOINTING:-$start}
+echo "device_call: (d) memory: ${card_mib:-?} MiB card, ${cap_args[*]:-no cap}, checkpointing from $start" \
+    | tee -a "$out/choice-d.log"
 # (d): the eager ladder takes about a minute; then the compiled row compiles 27 block graphs
 # (counted on the CPU at huge's structure with narrow widths, selective checkpointing or none:
 # tests/test_gpu_step_benchmark.py::test_the_huge_pretraining_step_compiles_into_few_graphs):
 # it gets everything that is left.
 step d 600 env TAG=d BUDGET=$(($(left) - 60)) bash benchmarks/gpu_step_device.sh --parts pretrain_step \
-    --step-batch "$batch" --warmup 2 --repeats 4 --sinkhorn-rounds 30 "${step_ours_args[@]}" "${cap_args[@]}" \
-    "${step_args[@]}"
+    --step-batch "$batch" --warmup 2 --repeats 4 --sinkhorn-rounds 30 --step-checkpointing "$start" \
+    "${step_ours_args[@]}" "${cap_args[@]}" "${step_args[@]}"
 echo "device_call: done at ${SECONDS} s"

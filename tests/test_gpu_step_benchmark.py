@@ -711,3 +711,18 @@ def test_a_compiled_step_that_does_not_fit_tries_the_next_checkpointing(monkeypa
         ("eager", "off", "OutOfMemoryError"), ("eager", "selective", ""), ("compiled", "selective", "OutOfMemoryError"),
         ("compiled", "fusion", "OutOfMemoryError"), ("compiled", "all", "")]
     assert rows[4]["flops_per_step"] == rows[1]["flops_per_step"] and rows[4]["compiled_graphs"] > 0
+
+
+@pytest.mark.slow
+def test_the_ladder_can_start_from_a_checkpointing_setting(monkeypatch) -> None:
+    """--step-checkpointing selective: on an 80 GB card the paper's batch needs an estimated
+    90.7 GiB without checkpointing, so the device call starts (d) where it can fit."""
+    monkeypatch.setattr(gpu_step.PretrainStep, "forward", _out_of_memory_unless("fusion", "all"))
+    rows = gpu_step.run_benchmark(_quick(parts=("pretrain_step",), step_checkpointing="selective"))["results"]
+    assert [(r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
+        ("selective", "OutOfMemoryError"), ("fusion", "")]
+    table = gpu_step.format_table({**gpu_step.run_benchmark(_quick(parts=())), "results": rows})
+    assert f"pretrain_step  skysense  {'eager, selective':<20}     2 OutOfMemoryError" in table, table
+    assert f"pretrain_step  skysense  {'eager, fusion':<20}     2 " in table, table
+    with pytest.raises(SystemExit):
+        gpu_step.main(["--device", "cpu", "--small", "--step-checkpointing", "some"])
