@@ -31,6 +31,7 @@ and write their outputs once.
     PYTHONPATH=src python benchmarks/block_traffic.py                 # every part, about 12 minutes on 2 cores
     PYTHONPATH=src python benchmarks/block_traffic.py --parts vit,fusion
     PYTHONPATH=src python benchmarks/block_traffic.py --plan h100 --attention short --parts swin_v2
+    PYTHONPATH=src python benchmarks/block_traffic.py --plan h100 --attention short --parts fusion --kernels
 """
 
 from __future__ import annotations
@@ -165,6 +166,23 @@ def block_bytes(block: torch.nn.Module, x: torch.Tensor, attention: list[str] | 
     return totals
 
 
+def kernel_rows() -> list[tuple[float, str, str, str]]:
+    """The kernels of the last :func:`block_bytes` call: bytes moved, kind, inductor's name for
+    it, and the dtype and shape of each buffer it writes (a weight's shape marks traffic that is
+    fixed per step: its cast to bf16, its gradient's to float32)."""
+    rows = []
+    for node, words in metrics.nodes_num_elem:
+        outputs = []
+        for inner in node.get_nodes():
+            try:
+                dtype, size = inner.node.get_dtype(), tuple(int(v) for v in inner.node.get_size())
+            except (AttributeError, NotImplementedError, TypeError):  # a node without one layout (a multi-output op)
+                continue
+            outputs.append(f"{str(dtype).replace('torch.', '')}{list(size)}")
+        rows.append((4.0 * words, _kind(node), node.get_name(), " ".join(outputs)))
+    return rows
+
+
 def scaled_bytes(measure: Callable[[int], dict[str, float]], tokens: int, step_tokens: int) -> dict[str, float]:
     """Bytes by kind at ``step_tokens`` tokens, from ``measure(batch)`` at batches 1 and 2 of
     ``tokens`` tokens each: fixed part plus per-token part."""
@@ -235,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", choices=("cpu", "h100"), default="cpu",
                         help="count inductor's plan for this CPU (compiled and run) or for an H100 (Triton "
                              "kernels generated for sm_90, nothing run; see the module's docstring)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also list the kernels of each of our blocks as compiled at batch 2: bytes per "
+                             "element of its input, kind, and the buffers each writes")
     parser.add_argument("--attention", choices=("sdpa", "short"), default="sdpa",
                         help="our blocks' attention: SDPA, or the short-sequence kernels (needs --plan h100)")
     args = parser.parse_args(argv)
@@ -260,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                     step[name][kind] += value * blocks
                 print(f"{part:<8} {label:<28} {name:>9} " + " ".join(f"{moved[k] / elements:>12.1f}" for k in KINDS)
                       + f" {sum(moved.values()) / elements:>7.1f}")
+                if args.kernels and name == "skysense":  # scaled_bytes' last call: batch 2
+                    for moved_bytes, kind, kernel, outputs in kernel_rows():
+                        if moved_bytes >= tokens * dim:  # half a byte per element or more
+                            print(f"{'':<8} {moved_bytes / (2 * tokens * dim):>7.1f} {kind:<12} {kernel:<24} {outputs}")
         for name, kinds in step.items():
             print(f"{part:<8} per step (GB) {name:>23} " + " ".join(f"{v / 1e9:>12.1f}" for v in kinds.values())
                   + f" {sum(kinds.values()) / 1e9:>7.1f}")

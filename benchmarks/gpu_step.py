@@ -82,7 +82,7 @@ from torch.nn.attention import sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from skysense.compilation import compile_blocks
-from skysense.config import preset_config
+from skysense.config import SkySenseConfig, preset_config
 from skysense.devices import adamw, to_device
 from skysense.distributed import apply_activation_checkpointing, clip_grad_norm, matmul_outputs_saved
 from skysense.models import SDPA_BACKENDS, set_attention_backends, short_attention
@@ -481,6 +481,27 @@ class PretrainStep(nn.Module):
                 module.objective.update_prototypes(module.student.geo_context)
             module.objective.update_teacher_heads(self.config.optim.teacher_momentum)
             ema_update(module.teacher, module.student, self.config.optim.teacher_momentum)
+
+
+def narrow_huge_config(name: str = "huge") -> SkySenseConfig:
+    """``huge``'s structure (depths, heads, extra norms, drop-path schedules, window) with
+    CPU-sized widths: what compiling (d) traces and launches at the paper's shapes, on a CPU."""
+    config = preset_config("huge")
+    config.hr.embed_dim, config.s2.embed_dim, config.s1.embed_dim, config.fusion.embed_dim = 32, 64, 64, 64
+    config.geo_context.lat_bands = config.geo_context.lon_bins = 8
+    return config
+
+
+def narrow_huge_model(options: Options) -> PretrainStep:
+    """Part (d)'s model built from :func:`narrow_huge_config`, at ``options.shapes`` (huge's, say)."""
+    from skysense.pretrain import model as pretraining_module
+
+    built_from = pretraining_module.preset_config
+    pretraining_module.preset_config = narrow_huge_config
+    try:
+        return pretrain_model(options)
+    finally:
+        pretraining_module.preset_config = built_from
 
 
 def pretrain_model(options: Options) -> PretrainStep:

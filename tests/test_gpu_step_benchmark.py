@@ -644,7 +644,7 @@ def test_a_row_over_the_memory_cap_is_not_counted() -> None:
 
 
 @pytest.mark.slow
-def test_the_huge_pretraining_step_compiles_into_few_graphs(monkeypatch) -> None:
+def test_the_huge_pretraining_step_compiles_into_few_graphs() -> None:
     """(d) at huge's structure (depths, extra norms, drop-path schedules, window and input
     shapes, batch 1) with narrow widths, every block selectively checkpointed as the H100's ladder
     will most likely leave it, compiled block-wise (aot_eager: dynamo and AOTAutograd as under
@@ -652,21 +652,11 @@ def test_the_huge_pretraining_step_compiles_into_few_graphs(monkeypatch) -> None
     recompile limit (one graph per drop-path rate); now 27 graphs (counted on torch 2.14.1), no
     graph break, and a second step compiles nothing."""
     from skysense.compilation import compile_blocks
-    from skysense.config import preset_config
     from skysense.models.layers import DropPath
 
-    def narrow_huge(name: str):
-        config = preset_config("huge")
-        config.hr.embed_dim, config.s2.embed_dim, config.s1.embed_dim, config.fusion.embed_dim = 32, 64, 64, 64
-        config.geo_context.lat_bands = config.geo_context.lon_bins = 8
-        return config
-
-    monkeypatch.setattr("skysense.pretrain.model.preset_config", narrow_huge)
     shapes = dataclasses.replace(gpu_step.HUGE, step_batches=(1,))
     options = gpu_step.Options(device="cpu", dtype="fp32", shapes=shapes, sinkhorn_rounds=30)
-    model = gpu_step.pretrain_model(options)
-    head = model.config.objective.head
-    head.hidden_dim, head.bottleneck_dim, head.out_dim = 64, 32, 128
+    model = gpu_step.narrow_huge_model(options)
     rates = {round(m.p, 6) for m in model.modules() if isinstance(m, DropPath)}
     assert len(rates) == 40, "the drop-path schedules the H100 failed on are not there"
     workload = gpu_step.pretrain_workload(model, 1, options)
