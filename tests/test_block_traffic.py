@@ -45,3 +45,34 @@ def test_the_h100_plan_counts_forward_and_backward_kernels_with_the_short_kernel
     assert sdpa_short == "False" and sdpa_ops == "-" and short == "True", rows
     assert ops == "skysense.short_attention_qkv.default,skysense.short_attention_qkv_backward.default", rows
     assert 0 < int(attention) and int(total) < int(sdpa_total), rows
+
+
+@pytest.mark.slow
+def test_a_shifted_block_moves_about_what_an_unshifted_one_does() -> None:
+    """A shifted SwinV2 block rolls its input and output, not the attention's (SwinV2Block.forward):
+    in the H100 plan the norm's backward kernel then writes the attention's gradient in the
+    windows' layout itself. Rolled around the attention, the shifted block moved 16.6 bytes per
+    element more than the unshifted one (the gradient rolled by a kernel of its own); now 2.6."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "benchmarks")
+        import block_traffic as bt
+        bt.plan_for_h100()
+        bt._quiet_metrics_log()
+        from skysense.models.swin_v2 import SwinV2Block
+        for shifted in (False, True):
+            torch.manual_seed(0)
+            block = SwinV2Block(88, 2, 4, shifted, 4.0, 0.0, 1e-5, False)
+            x = torch.randn(2, 8, 8, 88)
+            moved = bt.block_bytes(block, x, ["short"])["element-wise"]
+            # less the weights' casts: kernels that write one 2-D buffer
+            weights = sum(b for b, kind, _, out in bt.kernel_rows() if kind == "element-wise" and out.count(",") == 1)
+            print((moved - weights) / x.numel())
+        """)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    unshifted, shifted = (float(line) for line in result.stdout.split())
+    assert 0 < shifted - unshifted < 8, (unshifted, shifted)

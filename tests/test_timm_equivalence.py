@@ -142,3 +142,31 @@ def test_timm_without_final_norm_argument_gets_an_identity(monkeypatch) -> None:
     model = timm_vit_like(config)
     assert isinstance(model.norm, torch.nn.Identity)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in current.state_dict().items()}
+
+
+def test_a_shifted_block_rolling_its_input_keeps_values_and_gradients() -> None:
+    """SwinV2Block.forward rolls a shifted block's input and output instead of the attention's
+    (a map of whole windows): the same output and gradients as rolling around the attention,
+    which ``window_attention`` still does for padded maps."""
+    from skysense.models.swin_v2 import SwinV2Block
+
+    torch.manual_seed(0)
+    block = SwinV2Block(32, 2, 4, True, 4.0, 0.0, 1e-5, True).double()
+    x = torch.randn(2, 12, 8, 32, dtype=torch.float64, requires_grad=True)
+    assert block.shift(12, 8) == 2
+
+    def rolled_around_attention(x: torch.Tensor) -> torch.Tensor:
+        y = x + block.norm1(block.window_attention(x))
+        return block.norm3(y + block.norm2(block.mlp(y)))
+
+    outputs, grads = [], []
+    for forward in (block, rolled_around_attention):
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        out = forward(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        outputs.append(out.detach())
+        grads.append([x.grad] + [p.grad for p in block.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    for new, old in zip(*grads):
+        torch.testing.assert_close(new, old, rtol=1e-10, atol=1e-12)
