@@ -257,8 +257,9 @@ class SwinV2Block(nn.Module):
         # the attention's: everything else in the block works token by token, so the values are
         # the same. The windows are then a reshape of the norm's output, and inductor's kernel
         # for the norm's backward writes the attention's gradient straight in the windows'
-        # layout instead of a second kernel rolling it there: 14 bytes fewer per element of a
-        # SwinV2-H stage-3 block in inductor's H100 plan (242.0 -> 228.0, unshifted 225.9; RESULTS.md).
+        # layout instead of a second kernel rolling it there. In inductor's H100 plan a shifted
+        # SwinV2-H stage-3 block moves 153.0 element-wise bytes per element instead of 167.0
+        # (unshifted: 151.0; benchmarks/block_traffic.py --plan h100 --attention short).
         shift = self.shift(h, w) if h % self.window == 0 and w % self.window == 0 else 0
         if shift:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
