@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
 import step_memory  # noqa: E402
+from live_memory import in_package  # noqa: E402
 from broadcast_matmuls import BroadcastMatmuls  # noqa: E402
 
 from skysense.distributed import apply_activation_checkpointing  # noqa: E402
@@ -43,7 +44,7 @@ class Located(BroadcastMatmuls):
         if len(self.broadcast) > seen:
             node = torch._C._current_autograd_node()
             lines = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()
-                     if "/skysense/" in f.filename]
+                     if in_package(f.filename)]
             print(f"  {self.broadcast[-1]} in {node.name() if node else 'the forward'} at {lines[-3:]}", flush=True)
         return out
 

@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_step  # noqa: E402
+from live_memory import in_package  # noqa: E402
 
 from skysense.sinkhorn import sinkhorn_knopp  # noqa: E402
 
@@ -52,7 +53,6 @@ READ_BACK = {
     "aten.unique_dim.default",
     "aten.unique_consecutive.default",
 }
-OWN_CODE = ("skysense", "gpu_step.py")
 
 
 class HostSyncCounter(TorchDispatchMode):
@@ -90,7 +90,7 @@ def _has_bool_index(args: tuple) -> bool:
 
 def _caller() -> str:
     for frame in reversed(traceback.extract_stack()):
-        if any(part in frame.filename for part in OWN_CODE):
+        if in_package(frame.filename) or frame.filename.endswith("gpu_step.py"):
             return f"{Path(frame.filename).name}:{frame.lineno}: {frame.line}"
     return "(outside skysense)"
 

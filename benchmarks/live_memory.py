@@ -9,10 +9,13 @@ out of memory the bytes alive at that moment can be listed by origin
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,16 +23,32 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import skysense
+
 GIB = 2**30
 # Where library code lives: its frames are skipped when naming the line that made a storage.
 LIBRARY_PATHS = ("/torch/", "/site-packages/", "/dist-packages/", "/lib/python3")
+# The skysense package's folder. Frames are matched against it, not against a "/skysense/" in
+# their path: a clone is usually a folder named skysense too, holding the benchmarks and tests.
+PACKAGE = str(Path(skysense.__file__).resolve().parent) + os.sep
+
+
+@functools.lru_cache(maxsize=4096)
+def in_package(filename: str) -> bool:
+    """Whether a frame's file is part of the skysense package."""
+    return not filename.startswith("<") and str(Path(filename).resolve()).startswith(PACKAGE)
+
+
+def package_path(filename: str) -> str:
+    """A package file's path inside the package (``models/layers.py``)."""
+    return str(Path(filename).resolve())[len(PACKAGE):]
 
 
 def _ours(filename: str) -> bool:
     """Whether a frame's file is our code (skysense, the benchmarks, tests, a user's script)."""
     if filename.endswith("live_memory.py") or filename.startswith("<"):
         return False
-    return "/skysense/" in filename or not any(path in filename for path in LIBRARY_PATHS)
+    return in_package(filename) or not any(path in filename for path in LIBRARY_PATHS)
 
 
 def innermost_frame(accept: Callable[[str], bool]) -> Any:

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import step_memory  # noqa: E402
-from live_memory import innermost_frame  # noqa: E402
+from live_memory import in_package, innermost_frame, package_path  # noqa: E402
 
 gpu_step = step_memory.gpu_step
 # Operators that do no work of their own on a device (fake tensors' device queries).
@@ -51,10 +51,10 @@ class OperatorCount(TorchDispatchMode):
 
 
 def _our_line() -> str:
-    frame = innermost_frame(lambda name: "/skysense/" in name)
+    frame = innermost_frame(in_package)
     if frame is None:
         return "(outside skysense)"
-    return f"{frame.f_code.co_filename.split('/skysense/')[-1]}:{frame.f_lineno}"
+    return f"{package_path(frame.f_code.co_filename)}:{frame.f_lineno}"
 
 
 def count(batch: int, checkpointing: str, sinkhorn_iterations: int,
