@@ -223,11 +223,6 @@ class SwinV2Block(nn.Module):
         shift (see :meth:`forward`), and the result stays so."""
         b, h, w, c = x.shape
         win = self.window
-        if rolled:
-            shift = self.shift(h, w)
-            windows = x.reshape(b, h // win, win, w // win, win, c).transpose(2, 3).reshape(b, -1, win * win, c)
-            windows = self.attn(windows, shifted_window_mask(h, w, win, shift, x.device))
-            return windows.reshape(b, h // win, w // win, win, win, c).transpose(2, 3).reshape(b, h, w, c)
         if self.mask_padding and h <= win and w <= win:
             # One window holding the whole map: attend over its h*w tokens only, with their
             # position bias; the same as padding to the window and masking the padded keys.
@@ -239,7 +234,8 @@ class SwinV2Block(nn.Module):
         shift = self.shift(h, w)
         mask = None
         if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+            if not rolled:
+                x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
             mask = shifted_window_mask(hp, wp, win, shift, x.device)
         if self.mask_padding and (hp, wp) != (h, w):
             padding = padded_key_mask(h, w, hp, wp, win, shift, x.device)
@@ -247,7 +243,7 @@ class SwinV2Block(nn.Module):
         windows = x.reshape(b, hp // win, win, wp // win, win, c).transpose(2, 3).reshape(b, -1, win * win, c)
         windows = self.attn(windows, mask)
         x = windows.reshape(b, hp // win, wp // win, win, win, c).transpose(2, 3).reshape(b, hp, wp, c)
-        if shift:
+        if shift and not rolled:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         return x[:, :h, :w]
 
