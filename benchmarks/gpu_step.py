@@ -485,7 +485,8 @@ class PretrainStep(nn.Module):
 
 def narrow_huge_config(name: str = "huge") -> SkySenseConfig:
     """``huge``'s structure (depths, heads, extra norms, drop-path schedules, window) with
-    CPU-sized widths: what compiling (d) traces and launches at the paper's shapes, on a CPU."""
+    CPU-sized widths: what compiling (d) traces and launches at the paper's shapes, on a CPU.
+    Any ``name`` gives it: it stands in for ``preset_config`` (:func:`narrow_huge_model`)."""
     config = preset_config("huge")
     config.hr.embed_dim, config.s2.embed_dim, config.s1.embed_dim, config.fusion.embed_dim = 32, 64, 64, 64
     config.geo_context.lat_bands = config.geo_context.lon_bins = 8
@@ -930,12 +931,17 @@ def run_pretrain_step(run: Run) -> None:
         if checkpointed != "off":
             pretrain_workload(model, batch, options).checkpoint(checkpointed)
 
+    def next_setting(batch: int) -> None:
+        """The next setting of CHECKPOINTING, on a model built anew."""
+        nonlocal checkpointed
+        checkpointed = CHECKPOINTING[CHECKPOINTING.index(checkpointed) + 1]
+        rebuilt(batch)
+
     first = options.shapes.step_batches[0]
     for batch in options.shapes.step_batches:
         row = eager_row(batch)
         while fitted is None and checkpointed != "all" and out_of_memory(row):
-            checkpointed = CHECKPOINTING[CHECKPOINTING.index(checkpointed) + 1]
-            rebuilt(batch)
+            next_setting(batch)
             row = eager_row(batch)
         if row["error"]:
             if not out_of_memory(row):
@@ -966,8 +972,7 @@ def run_pretrain_step(run: Run) -> None:
         # partitioner's choices of what to keep differ): then the next setting, compiled anew.
         while out_of_memory(row) and checkpointed != "all":
             torch._dynamo.reset()
-            checkpointed = CHECKPOINTING[CHECKPOINTING.index(checkpointed) + 1]
-            rebuilt(batch)
+            next_setting(batch)
             row = run.measure(pretrain_workload(model, batch, options, checkpointed), "compiled",
                               fitted["flops_per_step"])
         torch._dynamo.reset()
@@ -1074,17 +1079,17 @@ def format_table(report: dict[str, Any]) -> str:
     if report.get("compile_mode"):
         scope += f" ({report['compile_mode']})"
     rounds = report.get("sinkhorn_rounds")
-    sinkhorn = f"; (d) Sinkhorn-Knopp {rounds} rounds without convergence tests" if rounds else ""
     cap = report.get("memory_cap")
+    settings = f"; (d) Sinkhorn-Knopp {rounds} rounds without convergence tests" if rounds else ""
     if cap:
-        sinkhorn += f"; memory capped at {cap['gib']:g} of {cap['device_total_gib']:.2f} GiB"
+        settings += f"; memory capped at {cap['gib']:g} of {cap['device_total_gib']:.2f} GiB"
     lines = [
         f"{report['device_name']} ({report['device']}), torch {report['torch']}, timm {report['timm']}, "
         f"{report['dtype']}{' autocast' if report['autocast'] else ''}, {scope}, activation checkpointing "
         f"{'on' if report['activation_checkpointing'] else 'off'}"
         f"{'; SDPA ' + ' > '.join(report['sdpa_priority']) if report.get('sdpa_priority') else ''}"
         f"{''.join(f'; our {k} SDPA ' + '/'.join(v) for k, v in (report.get('our_sdpa') or {}).items())}"
-        f"{sinkhorn}; matmul peak "
+        f"{settings}; matmul peak "
         f"{peak['tflops_per_s']:.2f} TFLOP/s (n={peak['matmul_n']}, {peak['dtype']})"
         f"{'; copy ' + format(peak['copy_gb_per_s'], ',.0f') + ' GB/s' if peak.get('copy_gb_per_s') else ''}",
         f"{'part':<14} {'impl':<9} {'mode':<20} {'batch':>5} {'step ms':>9} {'items/s':>9} {'TFLOP/s':>8} "

@@ -39,6 +39,7 @@ def in_package(filename: str) -> bool:
     return not filename.startswith("<") and str(Path(filename).resolve()).startswith(PACKAGE)
 
 
+@functools.lru_cache(maxsize=4096)
 def package_path(filename: str) -> str:
     """A package file's path inside the package (``models/layers.py``)."""
     return str(Path(filename).resolve())[len(PACKAGE):]
