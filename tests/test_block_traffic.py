@@ -14,6 +14,17 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _planned(code: str) -> subprocess.CompletedProcess:
+    """``code`` run in a fresh process (the H100 plan changes Triton's driver and inductor's
+    settings for good), from the repository, with inductor's caches off; it must succeed."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 @pytest.mark.slow
 def test_the_h100_plan_counts_forward_and_backward_kernels_with_the_short_kernel() -> None:
     """With ``--plan h100`` nothing runs, yet both graphs of a SwinV2 block are planned: the
@@ -35,11 +46,7 @@ def test_the_h100_plan_counts_forward_and_backward_kernels_with_the_short_kernel
                           for origin in (getattr(inner.node, "origins", None) or ()) if "skysense" in str(origin.target)})
             print(attention is not None, ",".join(ops) or "-", round(sum(totals.values())), round(totals["attention"]))
         """)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = _planned(code)
     rows = [line.split() for line in result.stdout.splitlines()]
     (sdpa_short, sdpa_ops, sdpa_total, _), (short, ops, total, attention) = rows
     assert sdpa_short == "False" and sdpa_ops == "-" and short == "True", rows
@@ -69,10 +76,6 @@ def test_a_shifted_block_moves_about_what_an_unshifted_one_does() -> None:
             weights = sum(b for b, kind, _, out in bt.kernel_rows() if kind == "element-wise" and out.count(",") == 1)
             print((moved - weights) / x.numel())
         """)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = _planned(code)
     unshifted, shifted = (float(line) for line in result.stdout.split())
     assert 0 < shifted - unshifted < 8, (unshifted, shifted)
