@@ -1150,7 +1150,7 @@ def format_table(report: dict[str, Any]) -> str:
         if row["at_paper_batch"] is False:
             verdict += f" (the paper's batch {row['paper_batch']} did not fit)"
         if row["met"] is not None and "H100" not in report["device_name"]:
-            # An H200's HBM3e moves 1.4x an H100's bytes per second for the same matmul peak: its
+            # An H200's HBM3e moves 1.4x an H100's bytes per second (data sheets), same matmul peak: its
             # memory-bound kernels are faster, so its MFU says more than an H100's would.
             verdict += f" (on an {report['device_name']}, not an H100)"
         lines.append(f"{row['part']:<14} {pct(row['skysense_mfu']):>9} {pct(row['timm_mfu']):>9} {ratio:>6} "
