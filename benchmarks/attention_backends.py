@@ -42,16 +42,23 @@ import gpu_step  # noqa: E402  (beside this file)
 
 from skysense.config import preset_config  # noqa: E402
 from skysense.models import SDPA_BACKENDS, swin_v2  # noqa: E402
-from skysense.models import short_attention  # noqa: E402
-from skysense.models.attention import explicit_attention  # noqa: E402
+from skysense.models import class_token_attention, short_attention  # noqa: E402
+from skysense.models.attention import SPLIT, attention, explicit_attention  # noqa: E402
 from skysense.models.skysense import SkySense  # noqa: E402
 from skysense.validation import checked_on_host  # noqa: E402
 
 # "default": SDPA's own choice; "explicit": skysense.models.attention.explicit_attention, the
-# model's own softmax(q k^T * scale + mask) v in the inputs' dtype.
+# model's own softmax(q k^T * scale + mask) v in the inputs' dtype; "split_cudnn": the class-token
+# split (skysense.models.class_token_attention) with cuDNN on the grid, compiled as the model's
+# blocks are (its merges are element-wise kernels that only inductor fuses). Its flash and
+# memory-efficient variants are not timed: those kernels took 1.8x and 2.4x cuDNN's time on
+# ViT-L/4's call on the H100 (2026-11-28).
 BACKENDS: dict[str, list[SDPBackend] | None] = {
     "default": None, **{name: [backend] for name, backend in SDPA_BACKENDS.items()}, "explicit": None, "short": None,
+    "split_cudnn": None,
 }
+# Backends that are ours, not SDPA's: their values are checked before they are timed.
+OURS = ("explicit", "short", *SPLIT)
 
 
 @dataclass(frozen=True)
@@ -149,36 +156,103 @@ class AttentionInputs:
         q, k, v = tensor(call.query, True), tensor(call.key, True), tensor(call.key, True)
         return cls(q, k, v, mask, tensor(call.query, False))
 
+    def upcast(self) -> "AttentionInputs":
+        """The same values in float32, as new leaves laid out alike (a reference to check against)."""
+        def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().float().requires_grad_(t.requires_grad)
+
+        if self.qkv is not None:
+            qkv = leaf(self.qkv)
+            return AttentionInputs(*_split_heads(qkv, self.q.shape[1]), None, self.grad.float(), qkv)
+        return AttentionInputs(leaf(self.q), leaf(self.k), leaf(self.v), leaf(self.mask), self.grad.float())
+
+
+def _split_heads(qkv: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """q, k, v of an (N, L, 3C) projection output as (N, H, L, D) views, as the blocks split it."""
+    n, length, width3 = qkv.shape
+    return [t.reshape(n, length, heads, -1).transpose(1, 2) for t in qkv.split(width3 // 3, -1)]
+
+
+def backend_forward(call: AttentionCall, inputs: AttentionInputs, backend: str) -> Callable[[], torch.Tensor]:
+    """The forward pass of ``call`` with ``backend`` on ``inputs``, as the model's layers make it;
+    RuntimeError when the backend does not take the call."""
+    q, k, v, mask, qkv = inputs.q, inputs.k, inputs.v, inputs.mask, inputs.qkv
+    heads = q.shape[1]
+    if backend == "short":
+        if mask is not None or qkv is None or not short_attention.supports_qkv(qkv, heads):
+            raise RuntimeError(f"short: timed here without a mask, up to {short_attention.MAX_LENGTH} tokens, heads "
+                               f"up to {short_attention.MAX_WIDTH} wide, CUDA (SwinV2's calls: "
+                               f"benchmarks/swin_attention.py); got q {tuple(q.shape)} on {q.device}")
+        return lambda: short_attention.short_attention_qkv(qkv, heads, None, call.scale)  # as the layers call it
+    if backend in SPLIT:
+        if mask is not None or qkv is None or not class_token_attention.supports(q, k, v, None, SPLIT[backend]):
+            raise RuntimeError(f"{backend}: takes (N, H, 64 k + 1, D) self-attention without a mask (a class token "
+                               f"and a grid), half precision on CUDA; got q {tuple(q.shape)} {q.dtype} on {q.device}")
+
+        def split(projected: torch.Tensor) -> torch.Tensor:
+            return attention(*_split_heads(projected, heads), None, call.scale, backends=(backend,))
+
+        compiled = torch.compile(split, fullgraph=True)  # compiled in the first (warm-up) step
+        return lambda: compiled(qkv)
+    if backend == "explicit":
+        return lambda: explicit_attention(q, k, v, mask, call.scale)
+    if BACKENDS[backend] is None:
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
+
+    def forced() -> torch.Tensor:
+        with sdpa_kernel(BACKENDS[backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
+
+    return forced
+
+
+def _forward_backward(forward: Callable[[], torch.Tensor], inputs: AttentionInputs) -> list[torch.Tensor]:
+    """Run ``forward`` and its backward pass with ``inputs.grad``; the output and the inputs'
+    gradients (the projection's where the inputs are its views), which it then clears."""
+    out = forward()
+    grad = inputs.grad
+    if out.dim() == 3:  # the qkv entry's (N, L, C)
+        grad = grad.transpose(1, 2).reshape(out.shape)
+    out.backward(grad)
+    leaves = [inputs.qkv] if inputs.qkv is not None else [inputs.q, inputs.k, inputs.v, inputs.mask]
+    results = [out.detach() if out.dim() == 4 else out.detach().reshape(grad.shape[:2] + (inputs.q.shape[1], -1))
+               .transpose(1, 2)]
+    for t in leaves:
+        if t is not None and t.grad is not None:
+            results.append(t.grad)
+    for t in (inputs.q, inputs.k, inputs.v, inputs.mask, inputs.qkv):  # each step alike: no accumulation
+        if t is not None:
+            t.grad = None
+    return results
+
+
+def check_values(call: AttentionCall, inputs: AttentionInputs, backend: str, slack: float = 2.0) -> None:
+    """RuntimeError unless ``backend``'s output and gradients are within ``slack`` times SDPA's
+    default's error (plus 1e-3) of SDPA's math in float32 on the same inputs: a kernel of ours
+    that computes something else is refused, not timed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = _forward_backward(backend_forward(call, inputs, backend), inputs)
+        default = _forward_backward(backend_forward(call, inputs, "default"), inputs)
+        exact_inputs = inputs.upcast()
+        exact = _forward_backward(backend_forward(call, exact_inputs, "math"), exact_inputs)
+    for what, a, b, ref in zip(("output", "gradient"), ours, default, exact):
+        error, default_error = (a.float() - ref).abs().max().item(), (b.float() - ref).abs().max().item()
+        if not error <= slack * default_error + 1e-3:
+            raise RuntimeError(f"{backend}: wrong values: {what} off by {error:.3g} from SDPA's float32 math, "
+                               f"SDPA's default by {default_error:.3g}")
+
 
 def time_backend(call: AttentionCall, inputs: AttentionInputs, backend: str, device: torch.device,
                  warmup: int, repeats: int) -> float:
     """Median seconds of forward + backward of ``call`` with ``backend``; raises RuntimeError
-    when the backend refuses it."""
-    q, k, v, mask, qkv = inputs.q, inputs.k, inputs.v, inputs.mask, inputs.qkv
-    heads = q.shape[1]
-
-    if backend == "short" and (mask is not None or qkv is None or not short_attention.supports_qkv(qkv, heads)):
-        raise RuntimeError(f"short: timed here without a mask, up to {short_attention.MAX_LENGTH} tokens, heads up "
-                           f"to {short_attention.MAX_WIDTH} wide, CUDA (SwinV2's calls: benchmarks/swin_attention.py); "
-                           f"got q {tuple(q.shape)} on {q.device}")
+    when the backend refuses it (ours, :data:`OURS`, also when its values are wrong)."""
+    forward = backend_forward(call, inputs, backend)
+    if backend in OURS:
+        check_values(call, inputs, backend)
 
     def step() -> None:
-        if backend == "explicit":
-            out = explicit_attention(q, k, v, mask, call.scale)
-        elif backend == "short":
-            out = short_attention.short_attention_qkv(qkv, heads, None, call.scale)  # as the model's layers call it
-        elif BACKENDS[backend] is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
-        else:
-            with sdpa_kernel(BACKENDS[backend]):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
-        grad = inputs.grad
-        if out.dim() == 3:  # the qkv entry's (N, L, C)
-            grad = grad.transpose(1, 2).reshape(out.shape)
-        out.backward(grad)
-        for t in (q, k, v, mask, qkv):  # no accumulation into earlier gradients: each step alike
-            if t is not None:
-                t.grad = None
+        _forward_backward(forward, inputs)
 
     with warnings.catch_warnings():  # a forced backend that refuses says why at length
         warnings.simplefilter("ignore")
@@ -243,7 +317,7 @@ def format_row(row: dict[str, Any]) -> str:
 # H100 (2026-11-28) it beat cuDNN 1.65x on the fusion's call here, with contiguous inputs, and
 # lost inside the compiled fusion, where its batched products copied the strided q, k and v of
 # the qkv split (72 copies, 17.7 ms per step: benchmarks/RESULTS.md).
-CHOSEN_AUTOMATICALLY = ("default", *SDPA_BACKENDS, "short")
+CHOSEN_AUTOMATICALLY = ("default", *SDPA_BACKENDS, "short", "split_cudnn")
 
 
 def faster_backends(report: dict[str, Any], min_speedup: float = 1.1) -> dict[str, str]:
