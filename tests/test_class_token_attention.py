@@ -118,6 +118,25 @@ def test_a_vit_with_a_class_token_trains_as_with_sdpa(compiled: bool) -> None:
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=tolerance, msg=name)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_each_cuda_kernels_operators_trace_on_the_meta_device(kernel: str) -> None:
+    """The CUDA path without a GPU: each kernel's ATen operators with their own outputs (cuDNN's
+    (N, H, L, 1) log-sum-exp, the random state kept for the backward operator), the products
+    with float32 results, eager and traced by AOTAutograd; shapes, dtypes and layouts only."""
+    from skysense.models.class_token_attention import _ClassTokenAttention
+
+    qkv = torch.empty(2, 257, 3 * 4 * 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+
+    def run(q, k, v):
+        return _ClassTokenAttention.apply(q, k, v, kernel, 0.125)
+
+    for fn in (run, torch.compile(run, backend="aot_eager", fullgraph=True)):
+        out = fn(*_views(qkv, 4))
+        assert out.shape == (2, 4, 257, 64) and out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
+        (grad,) = torch.autograd.grad(out, qkv, torch.empty_like(out))
+        assert grad.shape == qkv.shape and grad.dtype == torch.bfloat16
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a GPU")
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_the_cuda_kernels_give_sdpas_values_in_bfloat16(kernel: str) -> None:

@@ -65,9 +65,10 @@ def _accumulation(dtype: torch.dtype) -> torch.dtype:
 
 
 def _product(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` over (N, H) in float32 or wider: on CUDA the half-precision product accumulates in
-    float32 and is written in float32 (``bmm`` with ``out_dtype``), elsewhere in the inputs' dtype."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+    """``a @ b`` over (N, H) in float32 or wider: off the CPU (on CUDA; on the meta device, where
+    the tests trace the CUDA path) the half-precision product accumulates in float32 and is
+    written in float32 (``bmm`` with ``out_dtype``), on the CPU in the inputs' dtype."""
+    if a.device.type != "cpu" and a.dtype in (torch.float16, torch.bfloat16):
         out = torch.bmm(a.flatten(0, 1), b.flatten(0, 1), out_dtype=torch.float32)
         return out.unflatten(0, a.shape[:2])
     return torch.matmul(a, b).to(_accumulation(a.dtype))
@@ -145,26 +146,27 @@ class _ClassTokenAttention(torch.autograd.Function):
         # The grid's queries against the class key, merged into the kernel's rows.
         s_cls = _product(q_grid, k_cls.transpose(-2, -1))[..., 0] * scale  # (N, H, L - 1)
         lse_rows = torch.logaddexp(lse_grid, s_cls)
-        merged = (out_grid.to(acc) * torch.exp(lse_grid - lse_rows)[..., None]
-                  + torch.exp(s_cls - lse_rows)[..., None] * v_cls.to(acc))
+        p_rows = torch.exp(s_cls - lse_rows)  # the class key's probability in each grid row
+        merged = out_grid.to(acc) * torch.exp(lse_grid - lse_rows)[..., None] + p_rows[..., None] * v_cls.to(acc)
         # The class query against every key.
         scores = _product(q_cls, k.transpose(-2, -1)) * scale  # (N, H, 1, L)
-        lse_cls = torch.logsumexp(scores, -1)  # (N, H, 1)
-        out_cls = _product(torch.exp(scores - lse_cls[..., None]).to(v.dtype), v)
+        p_cls = torch.softmax(scores, -1)
         out = _heads_last(q.shape, q)
-        out[:, :, :1] = out_cls
+        out[:, :, :1] = _product(p_cls.to(v.dtype), v)
         out[:, :, 1:] = merged
-        lse = torch.cat([lse_cls, lse_rows], -1)
+        # Saved besides the inputs: the output, the grid rows' log-sum-exp, and the two sets of
+        # probabilities computed by hand ((N, H, L) in all), which the backward pass would
+        # otherwise recompute from q and k, a read of each.
         # The kernel's random seed and offset are tensors: saved as such, the rest kept as it is.
         ctx.slots = [i for i, t in enumerate(state) if isinstance(t, Tensor)]
-        ctx.save_for_backward(q, k, v, out, lse, *(state[i] for i in ctx.slots))
+        ctx.save_for_backward(q, k, v, out, lse_rows, p_rows, p_cls, *(state[i] for i in ctx.slots))
         ctx.state = [None if i in ctx.slots else t for i, t in enumerate(state)]
         ctx.kernel, ctx.scale = kernel, scale
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
-        q, k, v, out, lse, *state_tensors = ctx.saved_tensors
+        q, k, v, out, lse_rows, p_rows, p_cls, *state_tensors = ctx.saved_tensors
         state = list(ctx.state)
         for i, t in zip(ctx.slots, state_tensors):
             state[i] = t
@@ -174,7 +176,6 @@ class _ClassTokenAttention(torch.autograd.Function):
         k_cls, k_grid = k[:, :, :1], k[:, :, 1:]
         v_cls, v_grid = v[:, :, :1], v[:, :, 1:]
         g_cls, g_grid = grad[:, :, :1], grad[:, :, 1:]
-        lse_cls, lse_rows = lse[..., :1], lse[..., 1:]
         delta = (grad.to(acc) * out.to(acc)).sum(-1)  # rowsum(dout * out), (N, H, L)
         delta_cls, delta_rows = delta[..., :1], delta[..., 1:]
         out_grid = out[:, :, 1:]
@@ -183,14 +184,13 @@ class _ClassTokenAttention(torch.autograd.Function):
         dq_grid, dk_grid, dv_grid = _kernel_backward(ctx.kernel, g_grid, q_grid, k_grid, v_grid, out_grid, lse_rows,
                                                      state, scale)
         # The grid's queries x the class key.
-        p = torch.exp(_product(q_grid, k_cls.transpose(-2, -1)) * scale - lse_rows[..., None])  # (N, H, L - 1, 1)
+        p = p_rows[..., None]  # (N, H, L - 1, 1)
         dv_cls = _product(p.transpose(-2, -1).to(dtype), g_grid)  # (N, H, 1, D)
         ds = p * (_product(g_grid, v_cls.transpose(-2, -1)) - delta_rows[..., None])
         dq_grid = dq_grid.to(acc) + ds * (k_cls.to(acc) * scale)
         dk_cls = _product(ds.transpose(-2, -1).to(dtype), q_grid) * scale
         # The class query x every key.
-        p_cls = torch.exp(_product(q_cls, k.transpose(-2, -1)) * scale - lse_cls[..., None])  # (N, H, 1, L)
-        ds_cls = p_cls * (_product(g_cls, v.transpose(-2, -1)) - delta_cls[..., None])
+        ds_cls = p_cls * (_product(g_cls, v.transpose(-2, -1)) - delta_cls[..., None])  # (N, H, 1, L)
         dq_cls = _product(ds_cls.to(dtype), k) * scale
         dk = torch.cat([dk_cls, dk_grid.to(acc)], 2) + ds_cls.transpose(-2, -1) * (q_cls.to(acc) * scale)
         dv = torch.cat([dv_cls, dv_grid.to(acc)], 2) + p_cls.transpose(-2, -1) * g_cls.to(acc)
