@@ -74,6 +74,33 @@ def _product(a: Tensor, b: Tensor) -> Tensor:
     return torch.matmul(a, b).to(_accumulation(a.dtype))
 
 
+def _dot(rows: Tensor, one: Tensor) -> Tensor:
+    """(N, H, L, D) ``rows`` times one (N, H, 1, D) row: (N, H, L) in float32 or wider. Compiled,
+    an element-wise product and a sum that inductor fuses into one pass over ``rows``; eager,
+    a batched product (a copy of strided rows, but no float32 temporaries)."""
+    if torch.compiler.is_compiling():
+        acc = _accumulation(rows.dtype)
+        return (rows.to(acc) * one.to(acc)).sum(-1)
+    return _product(rows, one.transpose(-2, -1))[..., 0]
+
+
+def _weighted_sum(weights: Tensor, rows: Tensor) -> Tensor:
+    """``sum_l weights[..., l] rows[..., l, :]`` for (N, H, L) float ``weights`` and (N, H, L, D)
+    ``rows``: (N, H, D) in float32 or wider (fused when compiled, as :func:`_dot`; eager, the
+    weights rounded to the rows' dtype for a batched product)."""
+    if torch.compiler.is_compiling():
+        return (weights[..., None] * rows.to(weights.dtype)).sum(-2)
+    return _product(weights[..., None, :].to(rows.dtype), rows)[..., 0, :]
+
+
+def _first_and_rest(first: Tensor, rest: Tensor) -> Tensor:
+    """(N, H, 1 + L', D) from an (N, H, D) first row and (N, H, L', D) others: element-wise
+    (two paddings and a sum), so that inductor computes it inside whatever reads it instead of
+    materialising a concatenation."""
+    return (torch.nn.functional.pad(rest, (0, 0, 1, 0))
+            + torch.nn.functional.pad(first[:, :, None], (0, 0, 0, rest.shape[2])))
+
+
 def _kernel_forward(kernel: str, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, tuple]:
     """The fused kernel on the grid: its output, its rows' log-sum-exp as (N, H, L) float32, and
     what its backward operator needs besides (the log-sum-exp's own shape among it)."""
@@ -144,16 +171,19 @@ class _ClassTokenAttention(torch.autograd.Function):
         v_cls, v_grid = v[:, :, :1], v[:, :, 1:]
         out_grid, lse_grid, state = _kernel_forward(kernel, q_grid, k_grid, v_grid, scale)
         # The grid's queries against the class key, merged into the kernel's rows.
-        s_cls = _product(q_grid, k_cls.transpose(-2, -1))[..., 0] * scale  # (N, H, L - 1)
+        s_cls = _dot(q_grid, k_cls) * scale  # (N, H, L - 1)
         lse_rows = torch.logaddexp(lse_grid, s_cls)
         p_rows = torch.exp(s_cls - lse_rows)  # the class key's probability in each grid row
         merged = out_grid.to(acc) * torch.exp(lse_grid - lse_rows)[..., None] + p_rows[..., None] * v_cls.to(acc)
         # The class query against every key.
-        scores = _product(q_cls, k.transpose(-2, -1)) * scale  # (N, H, 1, L)
-        p_cls = torch.softmax(scores, -1)
-        out = _heads_last(q.shape, q)
-        out[:, :, :1] = _product(p_cls.to(v.dtype), v)
-        out[:, :, 1:] = merged
+        p_cls = torch.softmax(_dot(k, q_cls) * scale, -1)  # (N, H, L)
+        out_cls = _weighted_sum(p_cls, v)  # (N, H, D)
+        if torch.compiler.is_compiling():  # one element-wise kernel writes the output, heads last
+            out = _first_and_rest(out_cls, merged).to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        else:
+            out = _heads_last(q.shape, q)
+            out[:, :, 0] = out_cls
+            out[:, :, 1:] = merged
         # Saved besides the inputs: the output, the grid rows' log-sum-exp, and the two sets of
         # probabilities computed by hand ((N, H, L) in all), which the backward pass would
         # otherwise recompute from q and k, a read of each.
@@ -177,24 +207,24 @@ class _ClassTokenAttention(torch.autograd.Function):
         v_cls, v_grid = v[:, :, :1], v[:, :, 1:]
         g_cls, g_grid = grad[:, :, :1], grad[:, :, 1:]
         delta = (grad.to(acc) * out.to(acc)).sum(-1)  # rowsum(dout * out), (N, H, L)
-        delta_cls, delta_rows = delta[..., :1], delta[..., 1:]
+        delta_cls, delta_rows = delta[..., 0], delta[..., 1:]
         out_grid = out[:, :, 1:]
         if g_grid.stride() != out_grid.stride():  # one layout for both, as the kernels write them
             g_grid, out_grid = g_grid.contiguous(), out_grid.contiguous()
         dq_grid, dk_grid, dv_grid = _kernel_backward(ctx.kernel, g_grid, q_grid, k_grid, v_grid, out_grid, lse_rows,
                                                      state, scale)
-        # The grid's queries x the class key.
-        p = p_rows[..., None]  # (N, H, L - 1, 1)
-        dv_cls = _product(p.transpose(-2, -1).to(dtype), g_grid)  # (N, H, 1, D)
-        ds = p * (_product(g_grid, v_cls.transpose(-2, -1)) - delta_rows[..., None])
-        dq_grid = dq_grid.to(acc) + ds * (k_cls.to(acc) * scale)
-        dk_cls = _product(ds.transpose(-2, -1).to(dtype), q_grid) * scale
-        # The class query x every key.
-        ds_cls = p_cls * (_product(g_cls, v.transpose(-2, -1)) - delta_cls[..., None])  # (N, H, 1, L)
-        dq_cls = _product(ds_cls.to(dtype), k) * scale
-        dk = torch.cat([dk_cls, dk_grid.to(acc)], 2) + ds_cls.transpose(-2, -1) * (q_cls.to(acc) * scale)
-        dv = torch.cat([dv_cls, dv_grid.to(acc)], 2) + p_cls.transpose(-2, -1) * g_cls.to(acc)
-        dq = torch.cat([dq_cls, dq_grid], 2)
+        # The grid's queries x the class key: (N, H, L - 1) score gradients, (N, H, D) sums.
+        ds = p_rows * (_dot(g_grid, v_cls) - delta_rows)
+        dv_cls = _weighted_sum(p_rows, g_grid)
+        dk_cls = _weighted_sum(ds, q_grid) * scale
+        # The class query x every key: (N, H, L) score gradients.
+        ds_cls = p_cls * (_dot(v, g_cls) - delta_cls[..., None])
+        dq_cls = _weighted_sum(ds_cls, k) * scale
+        # Each gradient as the grid's part, the class token's row, and the class query's rank-one
+        # part over every key, summed element-wise.
+        dq = _first_and_rest(dq_cls, dq_grid.to(acc) + ds[..., None] * (k_cls.to(acc) * scale))
+        dk = _first_and_rest(dk_cls, dk_grid.to(acc)) + ds_cls[..., None] * (q_cls.to(acc) * scale)
+        dv = _first_and_rest(dv_cls, dv_grid.to(acc)) + p_cls[..., None] * g_cls.to(acc)
         return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None
 
 
