@@ -42,23 +42,19 @@ import gpu_step  # noqa: E402  (beside this file)
 
 from skysense.config import preset_config  # noqa: E402
 from skysense.models import SDPA_BACKENDS, swin_v2  # noqa: E402
-from skysense.models import class_token_attention, short_attention  # noqa: E402
-from skysense.models.attention import SPLIT, attention, explicit_attention  # noqa: E402
+from skysense.models import short_attention  # noqa: E402
+from skysense.models.attention import explicit_attention  # noqa: E402
 from skysense.models.skysense import SkySense  # noqa: E402
 from skysense.validation import checked_on_host  # noqa: E402
 
 # "default": SDPA's own choice; "explicit": skysense.models.attention.explicit_attention, the
-# model's own softmax(q k^T * scale + mask) v in the inputs' dtype; "split_cudnn": the class-token
-# split (skysense.models.class_token_attention) with cuDNN on the grid, compiled as the model's
-# blocks are (its merges are element-wise kernels that only inductor fuses). Its flash and
-# memory-efficient variants are not timed: those kernels took 1.8x and 2.4x cuDNN's time on
-# ViT-L/4's call on the H100 (2026-11-28).
+# model's own softmax(q k^T * scale + mask) v in the inputs' dtype.
 BACKENDS: dict[str, list[SDPBackend] | None] = {
     "default": None, **{name: [backend] for name, backend in SDPA_BACKENDS.items()}, "explicit": None, "short": None,
-    "split_cudnn": None,
 }
-# Backends that are ours, not SDPA's: their values are checked before they are timed.
-OURS = ("explicit", "short", *SPLIT)
+# Backends that are ours, not SDPA's: their values are checked before they are timed (the short
+# kernel has never run on a GPU).
+OURS = ("explicit", "short")
 
 
 @dataclass(frozen=True)
@@ -151,7 +147,7 @@ class AttentionInputs:
         if call.mask is None and call.query == call.key:
             n, heads, length, width = call.query
             qkv = tensor((n, length, 3 * heads * width), True)
-            q, k, v = (t.reshape(n, length, heads, width).transpose(1, 2) for t in qkv.split(heads * width, -1))
+            q, k, v = _split_heads(qkv, heads)
             return cls(q, k, v, mask, tensor(call.query, False), qkv)
         q, k, v = tensor(call.query, True), tensor(call.key, True), tensor(call.key, True)
         return cls(q, k, v, mask, tensor(call.query, False))
@@ -184,16 +180,6 @@ def backend_forward(call: AttentionCall, inputs: AttentionInputs, backend: str) 
                                f"up to {short_attention.MAX_WIDTH} wide, CUDA (SwinV2's calls: "
                                f"benchmarks/swin_attention.py); got q {tuple(q.shape)} on {q.device}")
         return lambda: short_attention.short_attention_qkv(qkv, heads, None, call.scale)  # as the layers call it
-    if backend in SPLIT:
-        if mask is not None or qkv is None or not class_token_attention.supports(q, k, v, None, SPLIT[backend]):
-            raise RuntimeError(f"{backend}: takes (N, H, 64 k + 1, D) self-attention without a mask (a class token "
-                               f"and a grid), half precision on CUDA; got q {tuple(q.shape)} {q.dtype} on {q.device}")
-
-        def split(projected: torch.Tensor) -> torch.Tensor:
-            return attention(*_split_heads(projected, heads), None, call.scale, backends=(backend,))
-
-        compiled = torch.compile(split, fullgraph=True)  # compiled in the first (warm-up) step
-        return lambda: compiled(qkv)
     if backend == "explicit":
         return lambda: explicit_attention(q, k, v, mask, call.scale)
     if BACKENDS[backend] is None:
@@ -317,7 +303,7 @@ def format_row(row: dict[str, Any]) -> str:
 # H100 (2026-11-28) it beat cuDNN 1.65x on the fusion's call here, with contiguous inputs, and
 # lost inside the compiled fusion, where its batched products copied the strided q, k and v of
 # the qkv split (72 copies, 17.7 ms per step: benchmarks/RESULTS.md).
-CHOSEN_AUTOMATICALLY = ("default", *SDPA_BACKENDS, "short", "split_cudnn")
+CHOSEN_AUTOMATICALLY = ("default", *SDPA_BACKENDS, "short")
 
 
 def faster_backends(report: dict[str, Any], min_speedup: float = 1.1) -> dict[str, str]:

@@ -26,17 +26,12 @@ the backward graph is compiled with the forward one). The fusion decisions are t
 backend's, though the tensors still live on the CPU, so SDPA is the CPU's operator. With
 ``--attention short`` our blocks run attention through the short-sequence kernels
 (:mod:`skysense.models.short_attention`), counted as opaque operators that read their inputs
-and write their outputs once. With ``--attention split_cudnn`` ViT-L/4's blocks attend through
-the class-token split (:mod:`skysense.models.class_token_attention`): the grid's kernel is the
-CPU's flash operator (an opaque operator, as SDPA is), and the products and merges by hand are
-planned by inductor as on CUDA, except that the products are ``bmm`` in bf16 and a cast where
-CUDA's write float32 directly.
+and write their outputs once.
 
     PYTHONPATH=src python benchmarks/block_traffic.py                 # every part, about 12 minutes on 2 cores
     PYTHONPATH=src python benchmarks/block_traffic.py --parts vit,fusion
     PYTHONPATH=src python benchmarks/block_traffic.py --plan h100 --attention short --parts swin_v2
     PYTHONPATH=src python benchmarks/block_traffic.py --plan h100 --attention short --parts fusion --kernels
-    PYTHONPATH=src python benchmarks/block_traffic.py --plan h100 --attention split_cudnn --parts vit
 """
 
 from __future__ import annotations
@@ -261,15 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", action="store_true",
                         help="also list the kernels of each of our blocks as compiled at batch 2: bytes per "
                              "element of its input, kind, and the buffers each writes")
-    parser.add_argument("--attention", choices=("sdpa", "short", "split_cudnn"), default="sdpa",
-                        help="our blocks' attention: SDPA, the short-sequence kernels (needs --plan h100), or "
-                             "the class-token split (part (b); its grid kernel is the CPU's flash operator here)")
+    parser.add_argument("--attention", choices=("sdpa", "short"), default="sdpa",
+                        help="our blocks' attention: SDPA, or the short-sequence kernels (needs --plan h100)")
     args = parser.parse_args(argv)
     if args.attention == "short" and args.plan != "h100":
         parser.error("--attention short: the short-sequence kernels run on CUDA only; count them with --plan h100")
     if args.plan == "h100":
         plan_for_h100()
-    attention = None if args.attention == "sdpa" else [args.attention]
+    attention = ["short"] if args.attention == "short" else None
     _quiet_metrics_log()
     swin_v2.fused_head_multiple = lambda device: 8  # SwinV2-H's 44-wide heads run 48 wide, as on CUDA
     print(f"fwd + bwd, bf16 autocast, scaled to gpu_step.py's huge shapes: bytes per element of a block's input "

@@ -17,9 +17,9 @@
 #      does not fit), 30 Sinkhorn-Knopp rounds without read-backs; on a card over 80 GB with the
 #      allocator capped at what the H100 could reserve;
 #   0. first (unless ATTENTION=0): benchmarks/attention_backends.py on (b)'s and (c)'s calls, and
-#      our attention in step 1 restricted to the backend (SDPA's, the short-sequence Triton
-#      kernel "short", or the class-token split "split_cudnn" for ViT-L/4's 257 tokens; ours only
-#      where their values check out) that beat SDPA's default by 1.1x or more over the part's calls; "short"
+#      our attention in step 1 restricted to the backend (SDPA's, or the short-sequence Triton
+#      kernel "short" where its values check out) that beat SDPA's default by 1.1x or more over
+#      the part's calls; "short"
 #      for (d)'s fusion too if our compiled fusion with it then beat timm's in step 1. Then
 #      benchmarks/swin_attention.py: SwinV2-H's window attention layers through SDPA and through
 #      the short kernel, compiled, with the step's ratio (a measurement; (a) itself is not run).
@@ -69,10 +69,9 @@ step() {  # step LABEL SECONDS COMMAND...: run it for at most SECONDS, or what i
 ours_args=()
 step_ours_args=()
 if [ "${ATTENTION:-1}" != 0 ]; then
-    # The fusion's calls first: its choice also goes to (d). The ViT's include the class-token
-    # split, compiled (about 10-20 s more than session 12's 25 s for every part's calls: a guess).
-    step attention 90 bash -c "python3 benchmarks/attention_backends.py ${attention_args[*]} --parts fusion,vit \
-        --budget 50 --json $out/attention.json 2>&1 | tee $out/attention.log"
+    # The fusion's calls first: its choice also goes to (d).
+    step attention 75 bash -c "python3 benchmarks/attention_backends.py ${attention_args[*]} --parts fusion,vit \
+        --budget 35 --json $out/attention.json 2>&1 | tee $out/attention.log"
     ours=$(python3 benchmarks/attention_backends.py --our-sdpa-from "$finished/attention.json" 2>/dev/null)
     echo "device_call: our attention: ${ours:-none, SDPA picks}" | tee "$out/choice.log"
     read -r -a ours_args <<<"$ours"

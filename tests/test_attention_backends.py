@@ -105,20 +105,3 @@ def test_a_backend_of_ours_with_wrong_values_is_refused_not_timed(monkeypatch) -
     monkeypatch.setattr(attention_backends, "explicit_attention", lambda *args: right(*args) * 1.01)
     with pytest.raises(RuntimeError, match="explicit: wrong values: output off by"):
         attention_backends.time_backend(call, inputs, "explicit", cpu, 0, 1)
-
-
-@pytest.mark.slow
-def test_the_class_token_split_is_checked_and_timed_compiled_on_a_class_token_call() -> None:
-    # A class token and 8 x 8 patches; on the CPU the split runs the CPU's flash kernel on the grid.
-    call = attention_backends.AttentionCall((2, 2, 65, 8), (2, 2, 65, 8), None, False, None)
-    inputs = attention_backends.AttentionInputs.make(call, torch.device("cpu"), torch.float32)
-    assert attention_backends.time_backend(call, inputs, "split_cudnn", torch.device("cpu"), 0, 1) > 0
-    assert inputs.qkv.grad is None  # nothing left to accumulate into the next step
-    short = attention_backends.AttentionCall((2, 2, 64, 8), (2, 2, 64, 8), None, False, None)
-    with pytest.raises(RuntimeError, match=r"split_cudnn: takes \(N, H, 64 k \+ 1, D\)"):
-        attention_backends.time_backend(short, attention_backends.AttentionInputs.make(short, torch.device("cpu"),
-                                                                                       torch.float32),
-                                        "split_cudnn", torch.device("cpu"), 0, 1)
-    wins = {"rows": [{"part": "vit", "calls_per_forward": 24, "ms": {"default": 1.9, "cudnn": 1.9,
-                                                                     "split_cudnn": 1.2}}]}
-    assert attention_backends.faster_backends(wins) == {"vit": "split_cudnn"}

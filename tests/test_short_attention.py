@@ -483,3 +483,25 @@ def test_swin_s_backward_kernel_spills_less_with_the_warps_it_is_given() -> None
     chosen, four = (kernel_registers.build(short_attention._backward_kernel, switches, w) for w in (warps, 4))
     assert warps == 8 and chosen["spill_stores"] < four["spill_stores"], (chosen, four)
     assert chosen["shared"] <= 227 * 1024
+
+
+def test_the_attention_benchmark_checks_and_times_the_kernel_as_the_layers_call_it() -> None:
+    """benchmarks/attention_backends.py's check before timing: the short kernel's (N, L, C)
+    output and (N, L, 3C) gradient, compared with SDPA's float32 math, pass; scaled by 1.01
+    they are refused."""
+    out = _interpreted(f"""
+        import sys, torch
+        sys.path.insert(0, {str(SRC.parent / "benchmarks")!r})
+        import attention_backends as ab
+        call = ab.AttentionCall((3, 2, 20, 16), (3, 2, 20, 16), None, False, None)
+        inputs = ab.AttentionInputs.make(call, torch.device("cpu"), torch.float32)
+        print("timed", ab.time_backend(call, inputs, "short", torch.device("cpu"), 0, 1) > 0)
+        right = ab.short_attention.short_attention_qkv
+        ab.short_attention.short_attention_qkv = lambda *args: right(*args) * 1.01
+        try:
+            ab.check_values(call, inputs, "short")
+        except RuntimeError as error:
+            print("refused", error)
+    """)
+    assert "timed True" in out
+    assert "refused short: wrong values: output off by" in out

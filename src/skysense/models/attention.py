@@ -16,11 +16,7 @@ mask or a key-padding mask; the model's attention layers
 (:class:`skysense.models.layers.Attention` and SwinV2's window attention, with its position
 bias, shift mask and cosine normalisation) call its qkv entry directly, which returns the qkv
 projection's gradient as one tensor. Calls it does not take (longer sequences, other additive
-masks, the CPU) run SDPA with torch's choice. ``"split_cudnn"``, ``"split_flash"`` and
-``"split_efficient"`` are :mod:`skysense.models.class_token_attention`: a class token and a grid
-of 64 k tokens (ViT-L/4's 1 + 16 x 16), the grid through that fused kernel, whose tiles it fills,
-the class token by hand; other calls run SDPA with torch's choice. ``benchmarks/attention_backends.py``
-times every choice.
+masks, the CPU) run SDPA with torch's choice. ``benchmarks/attention_backends.py`` times every choice.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from skysense.models import class_token_attention, short_attention
+from skysense.models import short_attention
 
 # Names of torch's SDPA backends.
 SDPA_BACKENDS: dict[str, SDPBackend] = {
@@ -43,11 +39,9 @@ SDPA_BACKENDS: dict[str, SDPBackend] = {
 }
 EXPLICIT = "explicit"
 SHORT = "short"
-# The class-token split's names, each with the fused kernel that attends over the grid.
-SPLIT: dict[str, str] = {f"split_{kernel}": kernel for kernel in class_token_attention.KERNELS}
-# Every name :func:`set_attention_backends` takes; all but SDPA's only on their own.
-ATTENTION_BACKENDS: tuple[str, ...] = (*SDPA_BACKENDS, EXPLICIT, SHORT, *SPLIT)
-ALONE = (EXPLICIT, SHORT, *SPLIT)
+# Every name :func:`set_attention_backends` takes; ``"explicit"`` and ``"short"`` only on their own.
+ATTENTION_BACKENDS: tuple[str, ...] = (*SDPA_BACKENDS, EXPLICIT, SHORT)
+ALONE = (EXPLICIT, SHORT)
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -128,11 +122,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
         if (attn_mask is None or key_padding_mask is not None) and short_attention.supports(q, k, v, key_padding_mask):
             return short_attention.short_attention(q, k, v, key_padding_mask, scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    if len(backends) == 1 and backends[0] in SPLIT:
-        kernel = SPLIT[backends[0]]
-        if class_token_attention.supports(q, k, v, attn_mask, kernel):
-            return class_token_attention.class_token_attention(q, k, v, kernel, scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     with sdpa_kernel([SDPA_BACKENDS[name] for name in backends]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
@@ -149,7 +138,7 @@ def _key_padding(attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tenso
 
 def check_attention_backends(backends: Sequence[str], name: str = "attention backends") -> tuple[str, ...]:
     """``backends`` as a tuple, or ``ValueError`` naming ``name`` unless it is one or more of
-    SDPA's backends, or one of :data:`ALONE` alone."""
+    SDPA's backends, or ``"explicit"`` alone."""
     names = [backends] if isinstance(backends, str) else list(backends)
     if not names or any(n not in ATTENTION_BACKENDS for n in names) or (set(ALONE) & set(names) and len(names) > 1):
         raise ValueError(f"{name}: expected one or more of {list(SDPA_BACKENDS)}, or one of {list(ALONE)} alone, "
