@@ -20,9 +20,11 @@
 #      our attention in step 1 restricted to the backend (SDPA's, or the short-sequence Triton
 #      kernel "short" where its values check out) that beat SDPA's default by 1.1x or more over
 #      the part's calls; "short"
-#      for (d)'s fusion too if our compiled fusion with it then beat timm's in step 1. Then
-#      benchmarks/swin_attention.py: SwinV2-H's window attention layers through SDPA and through
+#      for (d)'s fusion too if our compiled fusion with it then beat timm's in step 1;
+#   3. last (unless ATTENTION=0), with what (d) leaves (at least SWIN_RESERVE seconds, default 90):
+#      benchmarks/swin_attention.py, SwinV2-H's window attention layers through SDPA and through
 #      the short kernel, compiled, with the step's ratio (a measurement; (a) itself is not run).
+#      It ran before step 1 until session 17; compiled (d), never measured, comes first now.
 # The tool brings back at most 8 files: every finished step's JSON and log go into
 # $OUT/done.tgz (rewritten after each step); the step in flight writes its own files into $OUT.
 set -uo pipefail
@@ -75,10 +77,6 @@ if [ "${ATTENTION:-1}" != 0 ]; then
     ours=$(python3 benchmarks/attention_backends.py --our-sdpa-from "$finished/attention.json" 2>/dev/null)
     echo "device_call: our attention: ${ours:-none, SDPA picks}" | tee "$out/choice.log"
     read -r -a ours_args <<<"$ours"
-    # SwinV2-H's window attention layers, SDPA against the short kernel (bias, shift mask and
-    # 44-wide heads in the kernel), compiled, in one process: a measurement only, (a) is not run.
-    step swin_attention 120 bash -c "python3 benchmarks/swin_attention.py ${attention_args[*]} \
-        --json $out/swin_attention.json 2>&1 | tee $out/swin_attention.log"
 fi
 step enc 150 env TAG=enc BUDGET=90 bash benchmarks/gpu_step_device.sh --parts vit,fusion \
     --compile-mode "${ENCODER_MODE:-reduce-overhead}" "${ours_args[@]}" "${step_args[@]}"
@@ -115,8 +113,17 @@ echo "device_call: (d) memory: ${card_mib:-?} MiB card, ${cap_args[*]:-no cap}, 
 # (d): the eager ladder takes about a minute; then the compiled row compiles 27 block graphs
 # (counted on the CPU at huge's structure with narrow widths, selective checkpointing or none:
 # tests/test_gpu_step_benchmark.py::test_the_huge_pretraining_step_compiles_into_few_graphs):
-# it gets everything that is left.
-step d 600 env TAG=d BUDGET=$(($(left) - 60)) bash benchmarks/gpu_step_device.sh --parts pretrain_step \
+# it gets everything that is left but SWIN_RESERVE seconds for step 3.
+reserve=0
+[ "${ATTENTION:-1}" != 0 ] && reserve=${SWIN_RESERVE:-90}
+d_seconds=$(($(left) - reserve))
+step d "$d_seconds" env TAG=d BUDGET=$((d_seconds - 60)) bash benchmarks/gpu_step_device.sh --parts pretrain_step \
     --step-batch "$batch" --warmup 2 --repeats 4 --sinkhorn-rounds 30 --step-checkpointing "$start" \
     "${step_ours_args[@]}" "${cap_args[@]}" "${step_args[@]}"
+if [ "${ATTENTION:-1}" != 0 ]; then
+    # SwinV2-H's window attention layers, SDPA against the short kernel (bias, shift mask and
+    # 44-wide heads in the kernel), compiled, in one process: a measurement only, (a) is not run.
+    step swin_attention 120 bash -c "python3 benchmarks/swin_attention.py ${attention_args[*]} \
+        --json $out/swin_attention.json 2>&1 | tee $out/swin_attention.log"
+fi
 echo "device_call: done at ${SECONDS} s"
