@@ -212,10 +212,13 @@ def _forward_backward(forward: Callable[[], torch.Tensor], inputs: AttentionInpu
     return results
 
 
-def check_values(call: AttentionCall, inputs: AttentionInputs, backend: str, slack: float = 2.0) -> None:
+def check_values(call: AttentionCall, inputs: AttentionInputs, backend: str, slack: float = 4.0) -> None:
     """RuntimeError unless ``backend``'s output and gradients are within ``slack`` times SDPA's
     default's error (plus 1e-3) of SDPA's math in float32 on the same inputs: a kernel of ours
-    that computes something else is refused, not timed."""
+    that computes something else (a wrong stride or layout gives errors of the values' own
+    size) is refused, not timed. The slack leaves room for rounding that differs from SDPA's
+    kernel in bf16 (the explicit product rounds its scores to bf16, for one), so that a right
+    kernel is not refused."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = _forward_backward(backend_forward(call, inputs, backend), inputs)
