@@ -225,7 +225,8 @@ def check_values(call: AttentionCall, inputs: AttentionInputs, backend: str, sla
         default = _forward_backward(backend_forward(call, inputs, "default"), inputs)
         exact_inputs = inputs.upcast()
         exact = _forward_backward(backend_forward(call, exact_inputs, "math"), exact_inputs)
-    for what, a, b, ref in zip(("output", "gradient"), ours, default, exact):
+    names = ["output", *(f"gradient {i + 1} of {len(exact) - 1}" for i in range(len(exact) - 1))]
+    for what, a, b, ref in zip(names, ours, default, exact, strict=True):
         error, default_error = (a.float() - ref).abs().max().item(), (b.float() - ref).abs().max().item()
         if not error <= slack * default_error + 1e-3:
             raise RuntimeError(f"{backend}: wrong values: {what} off by {error:.3g} from SDPA's float32 math, "

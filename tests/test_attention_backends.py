@@ -105,3 +105,19 @@ def test_a_backend_of_ours_with_wrong_values_is_refused_not_timed(monkeypatch) -
     monkeypatch.setattr(attention_backends, "explicit_attention", lambda *args: right(*args) * 1.01)
     with pytest.raises(RuntimeError, match="explicit: wrong values: output off by"):
         attention_backends.time_backend(call, inputs, "explicit", cpu, 0, 1)
+
+
+def test_the_value_check_compares_every_gradient_of_a_masked_call(monkeypatch) -> None:
+    """SwinV2's calls: q, k, v and the position bias's mask each get a gradient; a backend
+    wrong in the last of them (the mask's) is refused too."""
+    call = attention_backends.AttentionCall((2, 4, 8, 16), (2, 4, 8, 16), (1, 4, 8, 8), True, 1.0)
+    inputs = attention_backends.AttentionInputs.make(call, torch.device("cpu"), torch.float32)
+    attention_backends.check_values(call, inputs, "explicit")
+    right = attention_backends.explicit_attention
+
+    def wrong_mask_gradient(q, k, v, mask, scale):
+        return right(q, k, v, mask * 0.5 + mask.detach() * 0.5, scale)  # same values, half the mask's gradient
+
+    monkeypatch.setattr(attention_backends, "explicit_attention", wrong_mask_gradient)
+    with pytest.raises(RuntimeError, match="explicit: wrong values: gradient 4 of 4 off by"):
+        attention_backends.check_values(call, inputs, "explicit")
