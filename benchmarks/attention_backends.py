@@ -201,8 +201,7 @@ def _forward_backward(forward: Callable[[], torch.Tensor], inputs: AttentionInpu
         grad = grad.transpose(1, 2).reshape(out.shape)
     out.backward(grad)
     leaves = [inputs.qkv] if inputs.qkv is not None else [inputs.q, inputs.k, inputs.v, inputs.mask]
-    results = [out.detach() if out.dim() == 4 else out.detach().reshape(grad.shape[:2] + (inputs.q.shape[1], -1))
-               .transpose(1, 2)]
+    results = [out.detach() if out.dim() == 4 else out.detach().unflatten(-1, (inputs.q.shape[1], -1)).transpose(1, 2)]
     for t in leaves:
         if t is not None and t.grad is not None:
             results.append(t.grad)

@@ -19,12 +19,11 @@
 #   0. first (unless ATTENTION=0): benchmarks/attention_backends.py on (b)'s and (c)'s calls, and
 #      our attention in step 1 restricted to the backend (SDPA's, or the short-sequence Triton
 #      kernel "short" where its values check out) that beat SDPA's default by 1.1x or more over
-#      the part's calls; "short"
-#      for (d)'s fusion too if our compiled fusion with it then beat timm's in step 1;
+#      the part's calls; "short" for (d)'s fusion too if our compiled fusion with it then beat
+#      timm's in step 1;
 #   3. last (unless ATTENTION=0), with what (d) leaves (at least SWIN_RESERVE seconds, default 90):
 #      benchmarks/swin_attention.py, SwinV2-H's window attention layers through SDPA and through
 #      the short kernel, compiled, with the step's ratio (a measurement; (a) itself is not run).
-#      It ran before step 1 until session 17; compiled (d), never measured, comes first now.
 # The tool brings back at most 8 files: every finished step's JSON and log go into
 # $OUT/done.tgz (rewritten after each step); the step in flight writes its own files into $OUT.
 set -uo pipefail
