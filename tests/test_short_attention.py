@@ -9,15 +9,14 @@ compiler builds it for the H100 here, without a GPU.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from triton_interpreter import run_interpreted
 
 from skysense.models import short_attention
 from skysense.models.attention import attention
@@ -26,15 +25,7 @@ triton = pytest.importorskip("triton")
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _interpreted(code: str, interpret: bool = True) -> str:
-    """Run ``code`` in a fresh Python, with Triton's interpreter on unless ``interpret`` is
-    false; its standard output."""
-    env = {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0",
-           "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
+_interpreted = run_interpreted
 
 
 @pytest.mark.slow
