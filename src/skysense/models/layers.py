@@ -8,9 +8,10 @@ Parameter names follow timm (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from skysense.models import short_attention
+from skysense.models import gelu_bias, short_attention
 from skysense.models.attention import SHORT, attention
 
 
@@ -73,15 +74,23 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Linear -> exact GELU -> Linear."""
+    """Linear -> exact GELU -> Linear. With ``gelu_kernel`` set (:func:`~skysense.models.gelu_bias.set_mlp_kernel`)
+    the first bias and the GELU run as :func:`~skysense.models.gelu_bias.bias_gelu` where it takes
+    the call: one backward kernel writes both of their gradients."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.gelu_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu_kernel and self.training and torch.is_grad_enabled():
+            u = F.linear(x, self.fc1.weight)
+            if gelu_bias.supports(u, self.fc1.bias):
+                return self.fc2(gelu_bias.bias_gelu(u, self.fc1.bias))
+            return self.fc2(self.act(u + self.fc1.bias.to(u.dtype)))
         return self.fc2(self.act(self.fc1(x)))
 
 
