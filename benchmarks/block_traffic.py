@@ -57,20 +57,26 @@ import gpu_step  # noqa: E402  (beside this file: the parts' shapes)
 from skysense.config import preset_config  # noqa: E402
 from skysense.models import swin_v2  # noqa: E402
 from skysense.models.attention import set_attention_backends  # noqa: E402
+from skysense.models.gelu_bias import set_mlp_kernel  # noqa: E402
 from skysense.models.layers import TransformerBlock  # noqa: E402
 
 # Set by --plan h100 (see plan_for_h100): the forward call stops at the first kernel launch.
 PLAN_ONLY = False
-ATTENTION_ORIGINS = {"skysense", "bmm", "amax", "_softmax", "_softmax_backward_data", "_scaled_dot_product_flash_attention_for_cpu",
+# Our operators are named in full ("skysense.short_attention_qkv"): the GELU's is element-wise.
+ATTENTION_ORIGINS = {"skysense.short_attention", "skysense.short_attention_backward", "skysense.short_attention_qkv",
+                     "skysense.short_attention_qkv_backward", "skysense.explicit_attention", "bmm", "amax", "_softmax", "_softmax_backward_data", "_scaled_dot_product_flash_attention_for_cpu",
                      "_scaled_dot_product_flash_attention_for_cpu_backward"}
 KINDS = ("matmul", "attention", "element-wise")
+# Our element-wise operators, opaque to inductor under the plan (so extern kernels, not matmuls).
+ELEMENTWISE_ORIGINS = {"skysense.gelu_bias_backward"}
 
 
 def _origins(node) -> set[str]:
     names = set()
     for inner in node.get_nodes():
         for origin in getattr(inner.node, "origins", ()) or ():
-            names.add(str(origin.target).replace("aten.", "").split(".")[0])
+            target = str(origin.target).replace("aten.", "")
+            names.add(".".join(target.split(".")[:2]) if target.startswith("skysense.") else target.split(".")[0])
     return names
 
 
@@ -78,6 +84,8 @@ def _kind(node) -> str:
     origins = _origins(node)
     if origins & ATTENTION_ORIGINS:
         return "attention"
+    if origins & ELEMENTWISE_ORIGINS:
+        return "element-wise"
     return "matmul" if isinstance(node, ExternKernelSchedulerNode) else "element-wise"
 
 
@@ -139,10 +147,13 @@ def _vit_block(implementation: str, config) -> torch.nn.Module:
     return Block(dim, heads, ratio, qkv_bias=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=eps))
 
 
-def block_bytes(block: torch.nn.Module, x: torch.Tensor, attention: list[str] | None = None) -> dict[str, float]:
+def block_bytes(block: torch.nn.Module, x: torch.Tensor, attention: list[str] | None = None,
+                mlp_kernel: bool = False) -> dict[str, float]:
     """Bytes moved by kind in one compiled forward and backward of ``block`` on ``x``, its
-    attention run by ``attention`` (names of skysense's backends; None: torch's choice)."""
-    set_attention_backends(block, attention)  # timm's blocks have no such setting
+    attention run by ``attention`` (names of skysense's backends; None: torch's choice), its
+    MLP's GELU backward by :func:`skysense.models.gelu_bias.bias_gelu` if ``mlp_kernel``."""
+    set_attention_backends(block, attention)  # timm's blocks have neither setting
+    set_mlp_kernel(block, mlp_kernel)
     x = x.detach().requires_grad_()
     torch._dynamo.reset()
     metrics.reset()
@@ -205,9 +216,9 @@ Row = tuple[str, int, int, int, int, Callable[[str, int], dict[str, float]]]
 
 
 def part_blocks(part: str, max_side: int, shapes: "gpu_step.Shapes" = gpu_step.HUGE,
-                attention: list[str] | None = None) -> Iterator[Row]:
+                attention: list[str] | None = None, mlp_kernel: bool = False) -> Iterator[Row]:
     """The blocks of part (a) ``swin_v2``, (b) ``vit`` or (c) ``fusion`` at ``shapes`` (gpu_step.py's),
-    ours with ``attention`` (see :func:`block_bytes`)."""
+    ours with ``attention`` and ``mlp_kernel`` (see :func:`block_bytes`)."""
     config = preset_config(shapes.preset)
     if part == "swin_v2":
         hr = config.hr
@@ -223,7 +234,7 @@ def part_blocks(part: str, max_side: int, shapes: "gpu_step.Shapes" = gpu_step.H
                 def measure(name: str, batch: int, dim=dim, heads=heads, measured=measured, shifted=shifted):
                     torch.manual_seed(0)
                     block = _swin_block(name, hr, dim, heads, measured, shifted)
-                    return block_bytes(block, torch.randn(batch, measured, measured, dim), attention)
+                    return block_bytes(block, torch.randn(batch, measured, measured, dim), attention, mlp_kernel)
 
                 label = f"stage {stage + 1} {dim}x{side}x{side}{' shifted' if shifted else ''}"
                 yield label, blocks, dim, measured * measured, shapes.swin_batch * side * side, measure
@@ -239,7 +250,7 @@ def part_blocks(part: str, max_side: int, shapes: "gpu_step.Shapes" = gpu_step.H
     def measure(name: str, batch: int):
         torch.manual_seed(0)
         return block_bytes(_vit_block(name, block_config), torch.randn(batch * measured, tokens, block_config.embed_dim),
-                           attention)
+                           attention, mlp_kernel)
 
     yield (f"{block_config.embed_dim} wide, {tokens} tokens", block_config.depth, block_config.embed_dim,
            measured * tokens, sequences * tokens, measure)
@@ -258,9 +269,13 @@ def main(argv: list[str] | None = None) -> int:
                              "element of its input, kind, and the buffers each writes")
     parser.add_argument("--attention", choices=("sdpa", "short"), default="sdpa",
                         help="our blocks' attention: SDPA, or the short-sequence kernels (needs --plan h100)")
+    parser.add_argument("--mlp-kernel", action="store_true",
+                        help="our MLPs' GELU backward and first bias gradient in one kernel (needs --plan h100)")
     args = parser.parse_args(argv)
     if args.attention == "short" and args.plan != "h100":
         parser.error("--attention short: the short-sequence kernels run on CUDA only; count them with --plan h100")
+    if args.mlp_kernel and args.plan != "h100":
+        parser.error("--mlp-kernel: the kernel runs on CUDA only; count it with --plan h100")
     if args.plan == "h100":
         plan_for_h100()
     attention = ["short"] if args.attention == "short" else None
@@ -273,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     for part in args.parts.split(","):
         step = {name: dict.fromkeys(KINDS, 0.0) for name in ("skysense", "timm")}
         for label, blocks, dim, tokens, step_tokens, measure in part_blocks(part.strip(), args.max_side,
-                                                                                  attention=attention):
+                                                                                  attention=attention,
+                                                                                  mlp_kernel=args.mlp_kernel):
             for name in step:
                 moved = scaled_bytes(functools.partial(measure, name), tokens, step_tokens)
                 elements = step_tokens * dim

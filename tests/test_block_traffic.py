@@ -79,3 +79,31 @@ def test_a_shifted_block_moves_about_what_an_unshifted_one_does() -> None:
     result = _planned(code)
     unshifted, shifted = (float(line) for line in result.stdout.split())
     assert 0 < shifted - unshifted < 8, (unshifted, shifted)
+
+
+@pytest.mark.slow
+def test_the_h100_plan_counts_the_gelu_kernel_as_element_wise_and_fewer_bytes() -> None:
+    """With the MLP kernel (``--mlp-kernel``) a transformer block's GELU backward and first bias
+    gradient are one opaque operator in the H100 plan, counted as element-wise work, not a
+    matmul; the block moves 8 bytes per element of its input less (the bias gradient no longer
+    reads the GELU's input gradient back) and its matmuls move the same."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "benchmarks")
+        import block_traffic as bt
+        bt.plan_for_h100()
+        bt._quiet_metrics_log()
+        from skysense.models.layers import TransformerBlock
+        import torch._inductor.metrics as metrics
+        for kernel in (False, True):
+            torch.manual_seed(0)
+            x = torch.randn(64, 32, 256)
+            totals = bt.block_bytes(TransformerBlock(256, 4, 4.0, 0.0, 1e-6), x, None, kernel)
+            kinds = sorted({bt._kind(node) for node, _ in metrics.nodes_num_elem if "skysense.gelu_bias_backward" in bt._origins(node)})
+            print(kernel, ",".join(kinds) or "-", *(f"{totals[k] / x.numel():.2f}" for k in bt.KINDS))
+        """)
+    result = _planned(code)
+    (plain, plain_kinds, *plain_bytes), (kernel, kinds, *kernel_bytes) = [line.split() for line in result.stdout.splitlines()]
+    assert (plain, plain_kinds, kernel, kinds) == ("False", "-", "True", "element-wise"), result.stdout
+    matmul, attention, elementwise = (float(k) - float(p) for k, p in zip(kernel_bytes, plain_bytes))
+    assert abs(matmul) < 0.05 and attention == 0 and -8.5 < elementwise < -7.0, result.stdout  # fc1 reads no bias
