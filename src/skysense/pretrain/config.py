@@ -151,6 +151,10 @@ class PretrainConfig:
     # student's and the teacher's alike. Empty: torch's choice everywhere.
     # benchmarks/attention_backends.py times them.
     attention_backends: dict[str, list[str]] = field(default_factory=dict)
+    # Every MLP's GELU backward pass and first bias gradient in one Triton kernel (CUDA;
+    # skysense.models.gelu_bias): the same values, 8 bytes per element of a block's input less
+    # to move. benchmarks/gelu_backward.py times it against inductor's two kernels.
+    mlp_kernel: bool = False
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:

@@ -44,7 +44,7 @@ from skysense.distributed import (
     mean_across_processes,
     wrap_data_parallel,
 )
-from skysense.models import TRANSFORMER_BLOCKS, PixelShuffleProjection
+from skysense.models import TRANSFORMER_BLOCKS, PixelShuffleProjection, set_mlp_kernel
 from skysense.pretrain.checkpoint import (
     STATE_NAME,
     has_checkpoint,
@@ -148,6 +148,7 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
     checkpoint_blocks(module.student, TRANSFORMER_BLOCKS, config.activation_checkpointing)
     for network in (module.student, module.teacher):  # before compiling: graphs keep the kernel they traced
         network.set_attention_backends(config.attention_backends)
+        set_mlp_kernel(network, config.mlp_kernel)
     if config.compile == "blocks":  # after checkpointing, before FSDP: both hook around the compiled forward
         compile_blocks(module, TRANSFORMER_BLOCKS)
     sharded = is_sharded(config) and context.enabled
