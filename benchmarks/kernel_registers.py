@@ -32,14 +32,14 @@ from skysense.config import preset_config  # noqa: E402
 from skysense.models import short_attention  # noqa: E402
 
 POINTER_TYPES = {"mask_ptr": "*i8", "lse_ptr": "*fp32", "window_ptr": "*fp32", "dbias_ptr": "*fp32",
-                 "cos_ptr": "*fp32", "dcos_ptr": "*fp32"}
+                 "cos_ptr": "*fp32", "dcos_ptr": "*fp32", "dqkvb_ptr": "*fp32"}
 
 
 def calls(shapes: gpu_step.Shapes = gpu_step.HUGE) -> dict[str, dict[str, object]]:
     """The kernels' switches for the fusion's call and for SwinV2-H's stages (shifted blocks)."""
     config = preset_config(shapes.preset)
     found = {"fusion": {"HAS_MASK": True, "HAS_BIAS": False, "HAS_WINDOW_MASK": False, "COSINE": False,
-                        "BIAS_GRAD": False, "SCALE_GRAD": False, "ONE_LAYOUT": True, "GROUP": 1,
+                        "BIAS_GRAD": False, "SCALE_GRAD": False, "QKV_BIAS_GRAD": True, "ONE_LAYOUT": True, "GROUP": 1,
                         "BLOCK": short_attention._tile(shapes.fusion_tokens),
                         "WIDTH": short_attention._tile(config.fusion.embed_dim // config.fusion.num_heads)}}
     hr = config.hr
@@ -50,7 +50,8 @@ def calls(shapes: gpu_step.Shapes = gpu_step.HUGE) -> dict[str, dict[str, object
         windows = shapes.swin_batch * (side // hr.window_size) ** 2
         found[f"swin stage {stage + 1}"] = {
             "HAS_MASK": False, "HAS_BIAS": True, "HAS_WINDOW_MASK": True, "COSINE": True, "BIAS_GRAD": True,
-            "SCALE_GRAD": True, "ONE_LAYOUT": True, "GROUP": short_attention._bias_group(windows, heads),
+            "SCALE_GRAD": True, "QKV_BIAS_GRAD": False, "ONE_LAYOUT": True,
+            "GROUP": short_attention._bias_group(windows, heads),
             "BLOCK": short_attention._tile(hr.window_size**2),
             "WIDTH": short_attention._tile(hr.embed_dim * 2**stage // heads)}
     return found

@@ -218,8 +218,9 @@ def test_the_qkv_entry_with_cosine_scores_matches_float64_sdpa() -> None:
     """short_attention_qkv on an (N, L, 3C) projection output: SwinV2's call (11-wide heads, the
     cosine normalisation and the per-head scale in the kernel, a bias with its gradient summed 4
     sequences per program, with and without a window mask) and the fusion's (a key-padding
-    mask, no cosine). The output, the (N, L, 3C) gradient, the bias's and the scale's against
-    F.normalize and SDPA in float64, each error relative to the largest reference value."""
+    mask, no cosine, the projection's bias gradient summed by the kernel). The output, the
+    (N, L, 3C) gradient, the bias's, the scale's and the projection bias's against F.normalize
+    and SDPA in float64, each error relative to the largest reference value."""
     out = _interpreted("""
         import torch, torch.nn.functional as F
         from skysense.models import short_attention as sa
@@ -236,9 +237,11 @@ def test_the_qkv_entry_with_cosine_scores_matches_float64_sdpa() -> None:
                 qkv = torch.randn(n, length, 3 * heads * width).to(dtype).requires_grad_()
                 bias = torch.randn(heads, length, length).to(dtype).requires_grad_() if swin else None
                 logit = torch.randn(heads).requires_grad_() if swin else None
+                # the fusion's projection bias, added with its gradient detached: the kernel sums it
+                qkv_bias = None if swin else torch.randn(3 * heads * width).requires_grad_()
                 inputs = [t for t in (qkv, bias, logit) if t is not None]
                 out = sa.short_attention_qkv(qkv, heads, key_mask, 1.0 if swin else 0.3, bias, mask,
-                                             logit.exp() if swin else None)
+                                             logit.exp() if swin else None, qkv_bias)
                 assert out.shape == (n, length, heads * width) and out.is_contiguous()
                 ref_in = [t.detach().double().requires_grad_() for t in inputs]
                 q, k, v = (t.unflatten(-1, (heads, width)).transpose(1, 2) for t in ref_in[0].split(heads * width, -1))
@@ -251,9 +254,12 @@ def test_the_qkv_entry_with_cosine_scores_matches_float64_sdpa() -> None:
                 ref = F.scaled_dot_product_attention(q, k, v, attn_mask=added, scale=1.0 if swin else 0.3)
                 ref = ref.transpose(1, 2).reshape(n, length, -1)
                 grad = torch.randn_like(out)
-                grads = torch.autograd.grad(out, inputs, grad)
+                grads = torch.autograd.grad(out, inputs + ([] if swin else [qkv_bias]), grad)
                 assert grads[0].shape == qkv.shape and grads[0].is_contiguous()
                 ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+                if not swin:  # the bias's gradient: the qkv gradient summed over sequences and tokens
+                    assert grads[-1].dtype == torch.float32
+                    ref_grads = (*ref_grads, ref_grads[0].sum((0, 1)))
                 errors = [((a.double() - b).abs().max() / b.abs().max()).item()
                           for a, b in zip((out, *grads), (ref, *ref_grads))]
                 assert max(errors) < tolerance, (dtype, call, mask is not None, errors)
@@ -266,7 +272,8 @@ def test_with_the_kernel_the_graphs_neither_normalise_nor_concatenate() -> None:
     """What :func:`short_attention_qkv` takes out of a compiled training step, in the graphs
     AOTAutograd hands inductor: SwinV2's forward graph has no norm of q or k (the kernel
     normalises them), and neither block's backward graph concatenates the q, k and v gradients
-    (the kernel writes them as one tensor). With SDPA, as a control, both are there."""
+    (the kernel writes them as one tensor), and the fusion's does not sum that gradient for the
+    projection's bias (the kernel does). With SDPA, as a control, they are there."""
     out = _interpreted("""
         import collections, torch
         from functorch.compile import make_boxed_func
@@ -290,11 +297,14 @@ def test_with_the_kernel_the_graphs_neither_normalise_nor_concatenate() -> None:
             for backends in (None, ["short"]):
                 set_attention_backends(block, backends)
                 forward, backward = operators(block, x.clone())
-                print(name, backends is not None, forward["aten.linalg_vector_norm.default"], backward["aten.cat.default"])
+                print(name, backends is not None, forward["aten.linalg_vector_norm.default"], backward["aten.cat.default"],
+                      backward["aten.sum.dim_IntList"])
         """)
     rows = [line.split() for line in out.splitlines()]
-    assert rows == [["swin", "False", "2", "1"], ["swin", "True", "0", "0"],
-                    ["fusion", "False", "0", "1"], ["fusion", "True", "0", "0"]], out
+    assert [row[:4] for row in rows] == [["swin", "False", "2", "1"], ["swin", "True", "0", "0"],
+                                         ["fusion", "False", "0", "1"], ["fusion", "True", "0", "0"]], out
+    # The fusion's qkv bias gradient is the kernel's column sums: one sum over the tokens fewer.
+    assert int(rows[3][4]) == int(rows[2][4]) - 1, out
 
 
 def test_the_operators_are_registered_at_first_use_not_on_import() -> None:
@@ -438,11 +448,13 @@ def test_the_kernels_compile_for_hopper_without_a_gpu(dtype: str, block: int, wi
 
     if short_attention.triton is None or not hasattr(short_attention, "_forward_kernel"):
         pytest.skip("Triton is not installed")
+    # The qkv bias's column sums as the layers ask for them: the fusion's calls, not SwinV2's.
     constants = {"HAS_MASK": mask, "HAS_BIAS": swin, "HAS_WINDOW_MASK": swin, "COSINE": swin, "BIAS_GRAD": swin,
-                 "SCALE_GRAD": swin, "ONE_LAYOUT": swin or mask, "GROUP": 4 if swin else 1, "BLOCK": block, "WIDTH": width,
+                 "SCALE_GRAD": swin, "QKV_BIAS_GRAD": mask and not swin, "ONE_LAYOUT": swin or mask,
+                 "GROUP": 4 if swin else 1, "BLOCK": block, "WIDTH": width,
                  "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     pointers = {"mask_ptr": "*i8", "lse_ptr": "*fp32", "window_ptr": "*fp32", "dbias_ptr": "*fp32", "cos_ptr": "*fp32",
-                "dcos_ptr": "*fp32"}
+                "dcos_ptr": "*fp32", "dqkvb_ptr": "*fp32"}
     for kernel in (short_attention._forward_kernel, short_attention._backward_kernel):
         signature = {}
         for name in kernel.arg_names:

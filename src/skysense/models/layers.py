@@ -110,10 +110,17 @@ class Attention(nn.Module):
         """``x``: (N, L, C). ``key_padding_mask``: (N, L) bool, True where a token may be attended."""
         n, length, dim = x.shape
         heads = self.num_heads
-        qkv = self.qkv(x)
-        if self.sdpa_backends == (SHORT,) and short_attention.supports_qkv(qkv, heads, key_padding_mask):
-            # The kernel reads the projection's output whole and writes its gradient whole.
-            return self.proj(short_attention.short_attention_qkv(qkv, heads, key_padding_mask))
+        if self.sdpa_backends == (SHORT,):
+            # The kernel reads the projection's output whole and writes its gradient whole, summing
+            # the bias's gradient as it goes: the projection adds the bias with its gradient detached.
+            bias = self.qkv.bias
+            qkv = F.linear(x, self.qkv.weight, None if bias is None else bias.detach())
+            if short_attention.supports_qkv(qkv, heads, key_padding_mask):
+                return self.proj(short_attention.short_attention_qkv(qkv, heads, key_padding_mask, qkv_bias=bias))
+            if bias is not None:  # SDPA below: the bias's gradient through autograd again (the values add zero)
+                qkv = qkv + (bias - bias.detach()).to(qkv.dtype)
+        else:
+            qkv = self.qkv(x)
         # Split along the channels, not unbound from an (N, L, 3, heads, d) view: the backward pass
         # then writes the three gradients straight into the (N, L, 3C) matrix the weight gradient
         # needs, instead of stacking them and copying the stack into that layout (one copy of

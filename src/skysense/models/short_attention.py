@@ -201,14 +201,14 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, window_ptr, cos_ptr, out_ptr, grad_ptr, lse_ptr,
-                         d_ptr, dbias_ptr, dcos_ptr,
+                         d_ptr, dbias_ptr, dcos_ptr, dqkvb_ptr,
                          q_n, q_h, q_l, k_n, k_h, k_l, v_n, v_h, v_l, mask_n, out_n, out_h, out_l, g_n, g_h, g_l,
                          d_n, d_h, d_l, dq_off, dk_off, dv_off,
                          sequences, heads, length, width, windows, scale,
                          HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW_MASK: tl.constexpr,
                          COSINE: tl.constexpr, BIAS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
-                         ONE_LAYOUT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         QKV_BIAS_GRAD: tl.constexpr, ONE_LAYOUT: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK: tl.constexpr, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
         if ONE_LAYOUT:
             # q, k, v and their gradients have one set of strides, out and grad another (the qkv
             # entry's layouts): one tile of row offsets for each set stays live through the loop
@@ -218,7 +218,9 @@ if triton is not None:
             g_n, g_h, g_l = out_n, out_h, out_l
         # Program (group, h) takes head h of sequences group * GROUP ... group * GROUP + GROUP - 1,
         # adding their score gradients into one partial sum of the bias gradient (and of the
-        # cosine scale's). dq, dk and dv go to one buffer, at dq_off, dk_off and dv_off.
+        # cosine scale's). dq, dk and dv go to one buffer, at dq_off, dk_off and dv_off. With
+        # QKV_BIAS_GRAD their column sums over the group's rows go to a partial sum of the gradient
+        # of the qkv projection's bias (rows and columns outside the sequence and head are zero).
         program = tl.program_id(0)
         group = program // heads
         h = program % heads
@@ -226,6 +228,9 @@ if triton is not None:
         cols = tl.arange(0, WIDTH)
         dbias = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
         dcos = tl.sum(tl.zeros((BLOCK,), dtype=tl.float32), 0)
+        dq_sum = tl.zeros((WIDTH,), dtype=tl.float32)
+        dk_sum = tl.zeros((WIDTH,), dtype=tl.float32)
+        dv_sum = tl.zeros((WIDTH,), dtype=tl.float32)
         for s in range(GROUP):
             n = group * GROUP + s
             inside = (rows < length) & (n < sequences)
@@ -251,6 +256,8 @@ if triton is not None:
             offset = n * d_n + h * d_h
             dv = tl.dot(tl.trans(p.to(grad.dtype)), grad, input_precision=PRECISION)
             _store_rows(d_ptr, dv_off + offset, d_l, rows, cols, inside, width, dv)
+            if QKV_BIAS_GRAD:
+                dv_sum += tl.sum(dv, 0)
             dp = tl.dot(grad, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             if BIAS_GRAD:
@@ -262,10 +269,18 @@ if triton is not None:
                     dcos += tl.sum(tl.sum(dq * q_unit, 1), 0)
                 dq = _unit_rows_backward(dq * cos, q_unit, q_norm)
             _store_rows(d_ptr, dq_off + offset, d_l, rows, cols, inside, width, dq)
+            if QKV_BIAS_GRAD:
+                dq_sum += tl.sum(dq, 0)
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
             if COSINE:  # through k = unit(k)
                 dk = _unit_rows_backward(dk, k_in.to(tl.float32) / k_norm[:, None], k_norm)
             _store_rows(d_ptr, dk_off + offset, d_l, rows, cols, inside, width, dk)
+            if QKV_BIAS_GRAD:
+                dk_sum += tl.sum(dk, 0)
+        if QKV_BIAS_GRAD:  # (programs, 3, WIDTH): q's, k's and v's columns of head h
+            tl.store(dqkvb_ptr + program * 3 * WIDTH + cols, dq_sum)
+            tl.store(dqkvb_ptr + program * 3 * WIDTH + WIDTH + cols, dk_sum)
+            tl.store(dqkvb_ptr + program * 3 * WIDTH + 2 * WIDTH + cols, dv_sum)
         if BIAS_GRAD:
             tl.store(dbias_ptr + program * BLOCK * BLOCK + rows[:, None] * BLOCK + rows[None, :], dbias)
         if SCALE_GRAD:
@@ -354,10 +369,12 @@ def _launch_backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
                      window_mask: Tensor | None, cosine_scale: Tensor | None, out: Tensor,
                      out_strides: tuple[int, int, int], grad: Tensor, grad_strides: tuple[int, int, int], lse: Tensor,
                      scale: float, bias_grad: bool, scale_grad: bool, gradients: Tensor,
-                     gradient_strides: tuple[int, int, int], offsets: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+                     gradient_strides: tuple[int, int, int], offsets: tuple[int, int, int],
+                     qkv_bias_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Run the backward kernel, writing dq, dk and dv into ``gradients`` (one buffer, at
     ``offsets``, each with sequence, head and row strides ``gradient_strides``); the bias's and
-    the cosine scale's gradients (empty where not asked for)."""
+    the cosine scale's gradients, and with ``qkv_bias_grad`` the float32 (3, H, D) sums of dq, dk
+    and dv over the sequences and rows (empty where not asked for)."""
     _checked_last_stride(q, k, v, out, grad)
     n, heads, length, width = q.shape
     block = _tile(length)
@@ -367,21 +384,25 @@ def _launch_backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
     programs = -(-n // group) * heads
     partial = torch.empty((programs if bias_grad else 1, block, block), dtype=torch.float32, device=q.device)
     cos_partial = torch.empty((programs if scale_grad else 1,), dtype=torch.float32, device=q.device)
+    wide = _tile(width)
+    qkv_partial = torch.empty((programs if qkv_bias_grad else 1, 3, wide), dtype=torch.float32, device=q.device)
     extra, extra_strides, switches = _extra_inputs(q, key_padding_mask, bias, window_mask, cosine_scale)
     one_layout = (q.stride() == k.stride() == v.stride() and tuple(q.stride()[:3]) == tuple(gradient_strides)
                   and tuple(out_strides) == tuple(grad_strides))
     _launcher(_backward_kernel)[(programs,)](
-        q, k, v, *extra, out, grad, lse, gradients, partial, cos_partial,
+        q, k, v, *extra, out, grad, lse, gradients, partial, cos_partial, qkv_partial,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *extra_strides, *out_strides, *grad_strides, *gradient_strides,
         *offsets, n, heads, length, width, _windows(window_mask), scale, **switches, BIAS_GRAD=bias_grad,
-        SCALE_GRAD=scale_grad, ONE_LAYOUT=one_layout, GROUP=group, BLOCK=block, WIDTH=_tile(width),
-        PRECISION=_precision(q), num_warps=backward_warps(block))
+        SCALE_GRAD=scale_grad, QKV_BIAS_GRAD=qkv_bias_grad, ONE_LAYOUT=one_layout, GROUP=group, BLOCK=block,
+        WIDTH=wide, PRECISION=_precision(q), num_warps=backward_warps(block))
     dbias = q.new_empty(0)
     if bias_grad:
         dbias = partial.reshape(-1, heads, block, block).sum(0)[:, :length, :length].to(bias.dtype).contiguous()
     dcos = cos_partial.reshape(-1, heads).sum(0).to(cosine_scale.dtype) if scale_grad else q.new_empty(0)
-    return dbias, dcos
+    dqkv_bias = (qkv_partial.reshape(-1, heads, 3, wide).sum(0)[..., :width].transpose(0, 1) if qkv_bias_grad
+                 else qkv_partial.new_empty(0))
+    return dbias, dcos, dqkv_bias
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, bias: Tensor | None,
@@ -399,14 +420,16 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, 
     n, heads, length, width = q.shape
     gradients = torch.empty((3, n, length, heads, width), dtype=q.dtype, device=q.device)
     one = n * length * heads * width
-    dbias, _ = _launch_backward(q, k, v, key_padding_mask, bias, window_mask, None, out, out.stride()[:3], grad,
+    dbias, _, _ = _launch_backward(q, k, v, key_padding_mask, bias, window_mask, None, out, out.stride()[:3], grad,
                                 grad.stride()[:3], lse, scale, bias_grad, False, gradients,
                                 (length * heads * width, width, heads * width), (0, one, 2 * one))
     return gradients, dbias
 
 
 def _qkv_forward(qkv: Tensor, heads: int, key_padding_mask: Tensor | None, bias: Tensor | None,
-                 window_mask: Tensor | None, cosine_scale: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+                 window_mask: Tensor | None, cosine_scale: Tensor | None, scale: float,
+                 qkv_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The attention output and the rows' log-sum-exp; ``qkv_bias`` is only there for its gradient."""
     n, length, width3 = qkv.shape
     width = width3 // 3
     out = qkv.new_empty((n, length, width))
@@ -417,17 +440,20 @@ def _qkv_forward(qkv: Tensor, heads: int, key_padding_mask: Tensor | None, bias:
 
 def _qkv_backward(qkv: Tensor, heads: int, key_padding_mask: Tensor | None, bias: Tensor | None,
                   window_mask: Tensor | None, cosine_scale: Tensor | None, out: Tensor, grad: Tensor, lse: Tensor,
-                  scale: float, bias_grad: bool, scale_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The qkv projection output's gradient, (N, L, 3C) like it, and the bias's and the cosine
-    scale's gradients."""
+                  scale: float, bias_grad: bool, scale_grad: bool,
+                  qkv_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The qkv projection output's gradient, (N, L, 3C) like it, the bias's and the cosine
+    scale's gradients, and the (3C,) float32 column sums of the first (the gradient of a bias the
+    projection added)."""
     n, length, width3 = qkv.shape
     width = width3 // 3
     gradients = qkv.new_empty((n, length, width3))
-    dbias, dcos = _launch_backward(
+    dbias, dcos, dqkv_bias = _launch_backward(
         *_split_heads(qkv, heads), key_padding_mask, bias, window_mask, cosine_scale, out,
         (out.stride(0), width // heads, out.stride(1)), grad, (grad.stride(0), width // heads, grad.stride(1)), lse,
-        scale, bias_grad, scale_grad, gradients, (length * width3, width // heads, width3), (0, width, 2 * width))
-    return gradients, dbias, dcos
+        scale, bias_grad, scale_grad, gradients, (length * width3, width // heads, width3), (0, width, 2 * width),
+        qkv_bias_grad)
+    return gradients, dbias, dcos, dqkv_bias.reshape(-1)
 
 
 def _kernel_ready(grad: Tensor, like: Tensor) -> Tensor:
@@ -454,20 +480,23 @@ def _gradients(ctx, grad_out, grad_lse):
 
 
 def _qkv_setup(ctx, inputs, output) -> None:
-    qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, scale = inputs
+    qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, scale, qkv_bias = inputs
     out, lse = output
     ctx.save_for_backward(qkv, key_padding_mask, bias, window_mask, cosine_scale, out, lse)
     ctx.heads, ctx.scale = heads, scale
+    ctx.qkv_bias_dtype = None if qkv_bias is None else qkv_bias.dtype
 
 
 def _qkv_gradients(ctx, grad_out, grad_lse):
     qkv, key_padding_mask, bias, window_mask, cosine_scale, out, lse = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
     scale_grad = cosine_scale is not None and ctx.needs_input_grad[5]
-    dqkv, dbias, dcos = _short_attention_qkv_backward(qkv, ctx.heads, key_padding_mask, bias, window_mask,
-                                                      cosine_scale, out, _kernel_ready(grad_out, out), lse, ctx.scale,
-                                                      bias_grad, scale_grad)
-    return dqkv, None, None, dbias if bias_grad else None, None, dcos if scale_grad else None, None
+    qkv_bias_grad = ctx.qkv_bias_dtype is not None and ctx.needs_input_grad[7]
+    dqkv, dbias, dcos, dqkv_bias = _short_attention_qkv_backward(
+        qkv, ctx.heads, key_padding_mask, bias, window_mask, cosine_scale, out, _kernel_ready(grad_out, out), lse,
+        ctx.scale, bias_grad, scale_grad, qkv_bias_grad)
+    return (dqkv, None, None, dbias if bias_grad else None, None, dcos if scale_grad else None, None,
+            dqkv_bias.to(ctx.qkv_bias_dtype) if qkv_bias_grad else None)
 
 
 # The four operators, registered by :func:`register_operators`.
@@ -519,15 +548,16 @@ def register_operators() -> bool:
             return q.new_empty((3, n, length, heads, width)), partial_gradient(bias_grad, bias, q)
 
         @qkv_forward.register_fake
-        def _(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, scale):
+        def _(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, scale, qkv_bias):
             n, length, width3 = qkv.shape
             return qkv.new_empty((n, length, width3 // 3)), lse(qkv, n, heads, length)
 
         @qkv_backward.register_fake
         def _(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, out, grad, lse, scale, bias_grad,
-              scale_grad):
+              scale_grad, qkv_bias_grad):
             return (qkv.new_empty(qkv.shape), partial_gradient(bias_grad, bias, qkv),
-                    partial_gradient(scale_grad, cosine_scale, qkv))
+                    partial_gradient(scale_grad, cosine_scale, qkv),
+                    qkv.new_empty((qkv.shape[-1] if qkv_bias_grad else 0,), dtype=torch.float32))
 
     _short_attention_backward, _short_attention_qkv_backward = backward, qkv_backward
     _short_attention, _short_attention_qkv = forward, qkv_forward
@@ -579,7 +609,7 @@ def supports_qkv(qkv: Tensor, heads: int, key_padding_mask: Tensor | None = None
 
 def short_attention_qkv(qkv: Tensor, heads: int, key_padding_mask: Tensor | None = None,
                         scale: float | None = None, bias: Tensor | None = None, window_mask: Tensor | None = None,
-                        cosine_scale: Tensor | None = None) -> Tensor:
+                        cosine_scale: Tensor | None = None, qkv_bias: Tensor | None = None) -> Tensor:
     """:func:`short_attention` of the q, k and v in an (N, L, 3C) qkv projection's output (q, k,
     v one after the other along the channels, each ``heads`` heads wide), as (N, L, C).
 
@@ -589,6 +619,11 @@ def short_attention_qkv(qkv: Tensor, heads: int, key_padding_mask: Tensor | None
     q and k are divided by their L2 norms (at least 1e-12, as ``F.normalize``) in float32, q
     multiplied by its head's scale, both rounded to qkv's dtype, then ``q k^T * scale`` as
     before; the scale gets its gradient. The normalised q and k never leave the kernel.
+
+    ``qkv_bias`` (3C,): the bias the projection added to ``qkv`` with its gradient detached
+    (``F.linear(x, w, b.detach())``). It is not read; the backward kernel sums the gradient's
+    columns as it writes them and returns the sums as its gradient, so that nothing reads the
+    (N, L, 3C) gradient again for them.
     """
     if not supports_qkv(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale):
         raise ValueError(
@@ -601,4 +636,7 @@ def short_attention_qkv(qkv: Tensor, heads: int, key_padding_mask: Tensor | None
     scale = (qkv.shape[-1] // (3 * heads)) ** -0.5 if scale is None else scale
     if _short_attention_qkv is None:
         register_operators()
-    return _short_attention_qkv(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, scale)[0]
+    if qkv_bias is not None and (qkv_bias.shape != qkv.shape[-1:] or qkv_bias.device != qkv.device):
+        raise ValueError(f"short_attention_qkv: expected a qkv bias of {qkv.shape[-1]} values on {qkv.device}, got "
+                         f"{_described(qkv_bias)} on {qkv_bias.device}")
+    return _short_attention_qkv(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, scale, qkv_bias)[0]
