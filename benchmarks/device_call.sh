@@ -21,10 +21,11 @@
 #      kernel "short" where its values check out) that beat SDPA's default by 1.1x or more over
 #      the part's calls; "short" for (d)'s fusion too if our compiled fusion with it then beat
 #      timm's in step 1;
-#   0b. then (unless MLP=0): benchmarks/gelu_backward.py, our MLPs with and without the GELU
-#      backward kernel (skysense.models.gelu_bias) at (b)'s and (a)'s shapes, values checked; steps
-#      1 and 2 run our MLPs with it in the parts where it won by 1.05x or more ((d) also only if our
-#      compiled rows with it ran in step 1; MLP_KERNEL=PARTS chooses instead);
+#   0b. then (unless BIAS=0): benchmarks/bias_kernels.py, our MLPs and attention layers with and
+#      without the kernels that sum their bias gradients (skysense.models.gelu_bias, qkv_gradient)
+#      at (a)'s, (b)'s and (c)'s shapes, values checked; steps 1 and 2 run our layers with each
+#      kernel in the parts where it won by 1.05x or more ((d) also only if our compiled rows with
+#      them ran in step 1); BIAS_KERNELS="--our-mlp-kernel PARTS --our-qkv-kernel PARTS" chooses instead;
 #   3. last (unless ATTENTION=0), with what (d) leaves (at least SWIN_RESERVE seconds, default 90):
 #      benchmarks/swin_attention.py, SwinV2-H's window attention layers through SDPA and through
 #      the short kernel, compiled, with the step's ratio (a measurement; (a) itself is not run).
@@ -81,19 +82,19 @@ if [ "${ATTENTION:-1}" != 0 ]; then
     echo "device_call: our attention: ${ours:-none, SDPA picks}" | tee "$out/choice.log"
     read -r -a ours_args <<<"$ours"
 fi
-mlp_args=()
-if [ "${MLP:-1}" != 0 ]; then
-    # On the CPU (SMOKE) the kernel runs only under Triton's interpreter.
-    step gelu 60 env ${SMOKE:+TRITON_INTERPRET=1} bash -c "python3 benchmarks/gelu_backward.py \
-        ${attention_args[*]} --json $out/gelu_backward.json 2>&1 | tee $out/gelu_backward.log"
-    mlp=$(python3 benchmarks/gelu_backward.py --our-mlp-kernel-from "$finished/gelu_backward.json" 2>/dev/null)
-    # MLP_KERNEL=PART[,PART...] overrides the choice (a second call, or the smoke run's paths)
-    [ -n "${MLP_KERNEL:-}" ] && mlp="--our-mlp-kernel $MLP_KERNEL"
-    echo "device_call: our MLP kernel: ${mlp:-none}" | tee -a "$out/choice.log"
-    read -r -a mlp_args <<<"$mlp"
+bias_args=()
+if [ "${BIAS:-1}" != 0 ]; then
+    # On the CPU (SMOKE) the kernels run only under Triton's interpreter.
+    step bias 60 env ${SMOKE:+TRITON_INTERPRET=1} bash -c "python3 benchmarks/bias_kernels.py \
+        ${attention_args[*]} --json $out/bias_kernels.json 2>&1 | tee $out/bias_kernels.log"
+    bias=$(python3 benchmarks/bias_kernels.py --choice-from "$finished/bias_kernels.json" 2>/dev/null)
+    # BIAS_KERNELS overrides the choice (a second call, or the smoke run's paths)
+    bias=${BIAS_KERNELS:-$bias}
+    echo "device_call: our bias-gradient kernels: ${bias:-none}" | tee -a "$out/choice.log"
+    read -r -a bias_args <<<"$bias"
 fi
 step enc 150 env TAG=enc BUDGET=90 bash benchmarks/gpu_step_device.sh --parts vit,fusion \
-    --compile-mode "${ENCODER_MODE:-reduce-overhead}" "${ours_args[@]}" "${mlp_args[@]}" "${step_args[@]}"
+    --compile-mode "${ENCODER_MODE:-reduce-overhead}" "${ours_args[@]}" "${bias_args[@]}" "${step_args[@]}"
 # "short" for (d)'s fusion only if it was chosen and our compiled fusion then beat timm's in step 1:
 # a kernel that fails or loses inside the compiled model must not cost (d) its compiled row.
 if [[ " ${ours_args[*]} " == *" fusion=short "* ]] && python3 - "$finished/gpu_step-enc.json" <<'EOF'
@@ -105,16 +106,19 @@ EOF
 then
     step_ours_args=(--our-sdpa fusion=short)
 fi
-# The MLP kernel for (d) only if it was chosen for (d) and our compiled rows with it ran in step 1.
-if [[ "${mlp_args[*]:-}" == *pretrain_step* ]] && python3 - "$finished/gpu_step-enc.json" <<'EOF'
+# A bias-gradient kernel for (d) only if it was chosen for (d) and our compiled rows ran in step 1 with
+# the kernels chosen there.
+if [ ${#bias_args[@]} -gt 0 ] && python3 - "$finished/gpu_step-enc.json" <<'EOF'
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1]))["results"] if r["implementation"] == "skysense" and r["mode"] != "eager"]
 sys.exit(0 if rows and not any(r["error"] for r in rows) else 1)
 EOF
 then
-    step_ours_args+=(--our-mlp-kernel pretrain_step)
+    for ((i = 0; i + 1 < ${#bias_args[@]}; i += 2)); do
+        [[ ",${bias_args[i + 1]}," == *,pretrain_step,* ]] && step_ours_args+=("${bias_args[i]}" pretrain_step)
+    done
 fi
-echo "device_call: (d) attention and MLPs: ${step_ours_args[*]:-SDPA picks, no MLP kernel}" | tee "$out/choice-d.log"
+echo "device_call: (d) attention and bias kernels: ${step_ours_args[*]:-SDPA picks, none}" | tee "$out/choice-d.log"
 # Issue 7 asks whether the paper's batch fits in 80 GB: on a larger card (an H200's 141 GB) (d)'s
 # allocator is capped at what the H100 of 2026-11-28 could reserve (gpu_step.H100_ALLOCATOR_GIB),
 # so its ladder stops where that H100's would (MEMORY_CAP_GIB=none: the whole card).

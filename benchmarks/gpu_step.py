@@ -44,8 +44,9 @@ timm's); ``--our-sdpa PART=NAMES`` restricts only our attention layers of that p
 (:func:`skysense.models.set_attention_backends`; in (d) the student's and teacher's matching
 encoders). ``benchmarks/attention_backends.py`` times each backend on the calls of every part.
 ``--our-mlp-kernel PARTS`` runs our MLPs' GELU backward and first bias gradient in one Triton
-kernel (:mod:`skysense.models.gelu_bias`) in those parts; ``benchmarks/gelu_backward.py`` times
-it against inductor's two kernels.
+kernel (:mod:`skysense.models.gelu_bias`) in those parts, ``--our-qkv-kernel PARTS`` our
+attention layers' qkv gradient and its bias's (:mod:`skysense.models.qkv_gradient`);
+``benchmarks/bias_kernels.py`` times both against inductor's kernels.
 
 The report is rewritten (atomically) after every row, so a run stopped by a time limit keeps
 what it measured; ``--budget`` stops starting new measurements after that many seconds.
@@ -88,7 +89,7 @@ from skysense.compilation import compile_blocks
 from skysense.config import SkySenseConfig, preset_config
 from skysense.devices import adamw, to_device
 from skysense.distributed import apply_activation_checkpointing, clip_grad_norm, matmul_outputs_saved
-from skysense.models import SDPA_BACKENDS, set_attention_backends, set_mlp_kernel, short_attention
+from skysense.models import SDPA_BACKENDS, set_attention_backends, set_mlp_kernel, set_qkv_kernel, short_attention
 from skysense.models.attention import check_attention_backends
 from skysense.models.fusion import FusionTransformer
 from skysense.models.layers import TransformerBlock
@@ -230,6 +231,9 @@ class Options:
     # For our models only: the parts (names of Options.parts) whose MLPs run their GELU backward
     # and first bias gradient in one kernel (skysense.models.gelu_bias.set_mlp_kernel).
     our_mlp_kernel: tuple[str, ...] = ()
+    # For our models only: the parts whose attention layers assemble the qkv gradient from SDPA's
+    # and sum the qkv bias's gradient in one kernel (skysense.models.qkv_gradient.set_qkv_kernel).
+    our_qkv_kernel: tuple[str, ...] = ()
     # Part (d)'s Sinkhorn-Knopp: None as the pretraining config's default (rounds until the
     # tolerance, each test a host sync); N: exactly N rounds, no test (sinkhorn_stop_early: false).
     sinkhorn_rounds: int | None = None
@@ -245,9 +249,12 @@ OUR_SDPA_SCOPES = {"swin_v2": ("hr",), "vit": ("s2", "s1"), "fusion": ("fusion",
 
 def set_our_attention(part: str, model: nn.Module, options: Options) -> None:
     """Restrict the attention backends of our ``model`` of ``part`` as ``options.our_sdpa`` asks,
-    and set its MLPs to the GELU kernel if ``options.our_mlp_kernel`` names the part."""
+    and set its MLPs to the GELU kernel and its attention layers to the qkv kernel if
+    ``options.our_mlp_kernel`` and ``options.our_qkv_kernel`` name the part."""
     if part in options.our_mlp_kernel:
         set_mlp_kernel(model, True)
+    if part in options.our_qkv_kernel:
+        set_qkv_kernel(model, True)
     for scope, backends in (options.our_sdpa or {}).items():
         if part == "pretrain_step":
             for network in (model.pretraining.student, model.pretraining.teacher):
@@ -845,6 +852,7 @@ class Run:
             "sdpa_priority": list(options.sdpa_priority) if options.sdpa_priority else None,
             "our_sdpa": {k: list(v) for k, v in options.our_sdpa.items()} if options.our_sdpa else None,
             "our_mlp_kernel": list(options.our_mlp_kernel),
+            "our_qkv_kernel": list(options.our_qkv_kernel),
             "sinkhorn_rounds": options.sinkhorn_rounds,
             "memory_cap": None,
             "warmup": options.warmup,
@@ -1100,6 +1108,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'; SDPA ' + ' > '.join(report['sdpa_priority']) if report.get('sdpa_priority') else ''}"
         f"{''.join(f'; our {k} SDPA ' + '/'.join(v) for k, v in (report.get('our_sdpa') or {}).items())}"
         f"{'; our GELU kernel in ' + ', '.join(report['our_mlp_kernel']) if report.get('our_mlp_kernel') else ''}"
+        f"{'; our qkv kernel in ' + ', '.join(report['our_qkv_kernel']) if report.get('our_qkv_kernel') else ''}"
         f"{settings}; matmul peak "
         f"{peak['tflops_per_s']:.2f} TFLOP/s (n={peak['matmul_n']}, {peak['dtype']})"
         f"{'; copy ' + format(peak['copy_gb_per_s'], ',.0f') + ' GB/s' if peak.get('copy_gb_per_s') else ''}",
@@ -1211,6 +1220,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--our-mlp-kernel", metavar="PART[,PART...]", default="",
                         help="only for our models: the parts whose MLPs run the GELU backward and the first "
                              "bias gradient in one kernel (skysense.models.gelu_bias; CUDA)")
+    parser.add_argument("--our-qkv-kernel", metavar="PART[,PART...]", default="",
+                        help="only for our models: the parts whose attention layers assemble the qkv gradient and "
+                             "sum its bias's in one kernel where SDPA runs (skysense.models.qkv_gradient; CUDA)")
     parser.add_argument("--sinkhorn-rounds", type=int, metavar="N",
                         help="(d): exactly N Sinkhorn-Knopp rounds per call, without the convergence tests that "
                              "read the GPU back (default: the pretraining config's, rounds until the tolerance)")
@@ -1253,9 +1265,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                        f"--our-sdpa {scope}")
         except ValueError as error:
             parser.error(str(error))
-    our_mlp_kernel = tuple(p.strip() for p in args.our_mlp_kernel.split(",") if p.strip())
-    if set(our_mlp_kernel) - set(Options.parts):
-        parser.error(f"--our-mlp-kernel {args.our_mlp_kernel!r}: expected parts among {list(Options.parts)}")
+    kernel_parts = {}
+    for flag, value in (("--our-mlp-kernel", args.our_mlp_kernel), ("--our-qkv-kernel", args.our_qkv_kernel)):
+        kernel_parts[flag] = tuple(p.strip() for p in value.split(",") if p.strip())
+        if set(kernel_parts[flag]) - set(Options.parts):
+            parser.error(f"{flag} {value!r}: expected parts among {list(Options.parts)}")
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     options = Options(device=args.device, dtype=dtype, shapes=shapes, compile=not args.no_compile,
                       compile_scope=args.compile_scope, compile_mode=args.compile_mode,
@@ -1264,7 +1278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       json_path=Path(args.json) if args.json else None, profile=args.profile,
                       compile_cache=Path(args.compile_cache) if args.compile_cache else None,
                       sdpa_priority=tuple(n.strip() for n in args.sdpa_priority.split(",")) if args.sdpa_priority else None,
-                      our_sdpa=our_sdpa or None, our_mlp_kernel=our_mlp_kernel, sinkhorn_rounds=args.sinkhorn_rounds,
+                      our_sdpa=our_sdpa or None, our_mlp_kernel=kernel_parts["--our-mlp-kernel"],
+                      our_qkv_kernel=kernel_parts["--our-qkv-kernel"], sinkhorn_rounds=args.sinkhorn_rounds,
                       memory_cap_gib=args.memory_cap_gib)
     report = run_benchmark(options)
     print(format_table(report))

@@ -82,11 +82,13 @@ def test_a_shifted_block_moves_about_what_an_unshifted_one_does() -> None:
 
 
 @pytest.mark.slow
-def test_the_h100_plan_counts_the_gelu_kernel_as_element_wise_and_fewer_bytes() -> None:
+def test_the_h100_plan_counts_the_bias_kernels_as_element_wise_and_fewer_bytes() -> None:
     """With the MLP kernel (``--mlp-kernel``) a transformer block's GELU backward and first bias
-    gradient are one opaque operator in the H100 plan, counted as element-wise work, not a
-    matmul; the block moves 8 bytes per element of its input less (the bias gradient no longer
-    reads the GELU's input gradient back) and its matmuls move the same."""
+    gradient are one opaque operator in the H100 plan, and with the qkv kernel (``--qkv-kernel``)
+    the qkv gradient's assembly and its bias's sum: both counted as element-wise work, not
+    matmuls. The block moves 8 bytes per element of its input less with the first (the bias
+    gradient no longer reads the GELU's input gradient back) and 6 less with the second (nor the
+    qkv gradient); its matmuls and attention move the same."""
     code = textwrap.dedent("""
         import sys, torch
         sys.path.insert(0, "benchmarks")
@@ -95,15 +97,20 @@ def test_the_h100_plan_counts_the_gelu_kernel_as_element_wise_and_fewer_bytes() 
         bt._quiet_metrics_log()
         from skysense.models.layers import TransformerBlock
         import torch._inductor.metrics as metrics
-        for kernel in (False, True):
+        ours = {"skysense.gelu_bias_backward", "skysense.qkv_gradient"}
+        for mlp, qkv in ((False, False), (True, False), (True, True)):
             torch.manual_seed(0)
             x = torch.randn(64, 32, 256)
-            totals = bt.block_bytes(TransformerBlock(256, 4, 4.0, 0.0, 1e-6), x, None, kernel)
-            kinds = sorted({bt._kind(node) for node, _ in metrics.nodes_num_elem if "skysense.gelu_bias_backward" in bt._origins(node)})
-            print(kernel, ",".join(kinds) or "-", *(f"{totals[k] / x.numel():.2f}" for k in bt.KINDS))
+            totals = bt.block_bytes(TransformerBlock(256, 4, 4.0, 0.0, 1e-6), x, None, mlp, qkv)
+            kinds = sorted({bt._kind(node) for node, _ in metrics.nodes_num_elem if bt._origins(node) & ours})
+            print(mlp, qkv, ",".join(kinds) or "-", *(f"{totals[k] / x.numel():.2f}" for k in bt.KINDS))
         """)
     result = _planned(code)
-    (plain, plain_kinds, *plain_bytes), (kernel, kinds, *kernel_bytes) = [line.split() for line in result.stdout.splitlines()]
-    assert (plain, plain_kinds, kernel, kinds) == ("False", "-", "True", "element-wise"), result.stdout
-    matmul, attention, elementwise = (float(k) - float(p) for k, p in zip(kernel_bytes, plain_bytes))
-    assert abs(matmul) < 0.05 and attention == 0 and -8.5 < elementwise < -7.0, result.stdout  # fc1 reads no bias
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert [row[:3] for row in rows] == [["False", "False", "-"], ["True", "False", "element-wise"],
+                                         ["True", "True", "element-wise"]], result.stdout
+    (plain, mlp, both) = [[float(v) for v in row[3:]] for row in rows]
+    for before, after, saved in ((plain, mlp, 8), (mlp, both, 6)):
+        matmul, attention, elementwise = (a - b for a, b in zip(after, before))
+        assert abs(matmul) < 0.05 and attention == 0, result.stdout  # fc1 and qkv read no bias vector now
+        assert -saved - 0.5 < elementwise < -saved + 1.0, result.stdout

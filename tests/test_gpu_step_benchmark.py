@@ -176,28 +176,35 @@ def test_our_sdpa_restricts_our_attention_only(monkeypatch, sdpa_choices) -> Non
             assert layers and all(m.sdpa_backends == backends for m in layers), name
 
 
-def test_our_mlp_kernel_sets_the_mlps_of_our_models_of_the_named_parts_only(monkeypatch) -> None:
-    """``--our-mlp-kernel PARTS`` sets our MLPs of those parts to the GELU kernel (on the CPU, where
-    it cannot run, they compute the same values another way), says so in the report, and leaves
-    timm's models and the other parts alone."""
+def test_our_bias_kernels_are_set_in_our_models_of_the_named_parts_only(monkeypatch) -> None:
+    """``--our-mlp-kernel PARTS`` and ``--our-qkv-kernel PARTS`` set our MLPs and attention layers of
+    those parts to their kernels (on the CPU, where they cannot run, the layers compute the same
+    values another way), say so in the report, and leave timm's models and the other parts alone."""
     monkeypatch.setattr(gpu_step, "SMALL", TINY)
     report = gpu_step.main(["--device", "cpu", "--small", "--no-compile", "--parts", "fusion", "--warmup", "0",
-                            "--repeats", "1", "--our-mlp-kernel", "fusion"])
-    assert report["our_mlp_kernel"] == ["fusion"] and "our GELU kernel in fusion" in gpu_step.format_table(report)
+                            "--repeats", "1", "--our-mlp-kernel", "fusion", "--our-qkv-kernel", "vit,fusion"])
+    assert report["our_mlp_kernel"] == ["fusion"] and report["our_qkv_kernel"] == ["vit", "fusion"]
+    table = gpu_step.format_table(report)
+    assert "our GELU kernel in fusion" in table and "our qkv kernel in vit, fusion" in table
     assert report["results"] and all(r["error"] is None for r in report["results"])
-    with pytest.raises(SystemExit):
-        gpu_step.main(["--device", "cpu", "--small", "--our-mlp-kernel", "hr"])
-    options = gpu_step.Options(device="cpu", dtype="fp32", shapes=TINY, our_mlp_kernel=("vit",))
-    for part, expected in (("vit", True), ("fusion", False)):
+    for flag in ("--our-mlp-kernel", "--our-qkv-kernel"):
+        with pytest.raises(SystemExit):
+            gpu_step.main(["--device", "cpu", "--small", flag, "hr"])
+    options = gpu_step.Options(device="cpu", dtype="fp32", shapes=TINY, our_mlp_kernel=("vit",),
+                               our_qkv_kernel=("fusion",))
+    for part, mlp, qkv in (("vit", True, False), ("fusion", False, True)):
         models, _ = gpu_step.encoder_models(part, TINY, torch.device("cpu"))
         gpu_step.set_our_attention(part, models["skysense"], options)
-        mlps = [m for m in models["skysense"].modules() if hasattr(m, "gelu_kernel")]
-        assert mlps and all(m.gelu_kernel is expected for m in mlps), part
-        assert not any(hasattr(m, "gelu_kernel") for m in models["timm"].modules())
-    step = gpu_step.pretrain_model(dataclasses.replace(options, our_mlp_kernel=("pretrain_step",)))
+        for setting, expected in (("gelu_kernel", mlp), ("qkv_kernel", qkv)):
+            layers = [m for m in models["skysense"].modules() if hasattr(m, setting)]
+            assert layers and all(getattr(m, setting) is expected for m in layers), (part, setting)
+            assert not any(hasattr(m, setting) for m in models["timm"].modules())
+    step = gpu_step.pretrain_model(dataclasses.replace(options, our_mlp_kernel=("pretrain_step",),
+                                                       our_qkv_kernel=("pretrain_step",)))
     for network in (step.pretraining.student, step.pretraining.teacher):
-        mlps = [m for m in network.modules() if hasattr(m, "gelu_kernel")]
-        assert mlps and all(m.gelu_kernel for m in mlps)
+        for setting in ("gelu_kernel", "qkv_kernel"):
+            layers = [m for m in network.modules() if hasattr(m, setting)]
+            assert layers and all(getattr(m, setting) for m in layers), setting
 
 
 def test_profiled_rows_say_how_much_of_the_step_ran_kernels(monkeypatch) -> None:

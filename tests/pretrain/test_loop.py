@@ -157,21 +157,23 @@ def test_attention_backends_reach_the_student_and_the_teacher(tmp_path: Path, ai
         PretrainConfig.from_dict({**CONFIG, "attention_backends": {"fusion": ["fastest"]}})
 
 
-def test_the_mlp_kernel_setting_reaches_every_mlp_of_both_networks(tmp_path: Path, aid_like: Path,
-                                                                 monkeypatch) -> None:
-    """``mlp_kernel: true`` sets every MLP of the student and of the teacher before compiling; on
-    the CPU, where the kernel cannot run, the MLPs add the bias after the product, and the losses
-    are those of the plain run."""
+@pytest.mark.parametrize("setting, attribute", [("mlp_kernel", "gelu_kernel"), ("qkv_kernel", "qkv_kernel")])
+def test_the_bias_kernel_settings_reach_every_layer_of_both_networks(tmp_path: Path, aid_like: Path, monkeypatch,
+                                                                     setting: str, attribute: str) -> None:
+    """``mlp_kernel: true`` sets every MLP, ``qkv_kernel: true`` every attention layer, of the student
+    and of the teacher before compiling; on the CPU, where the kernels cannot run, the layers
+    compute the same values another way, and the losses are those of the plain run."""
     from skysense.pretrain import loop
 
     calls = []
-    original = loop.set_mlp_kernel
-    monkeypatch.setattr(loop, "set_mlp_kernel", lambda network, enabled: calls.append(
-        (enabled, original(network, enabled), sum(1 for m in network.modules() if getattr(m, "gelu_kernel", False)))))
+    name = {"mlp_kernel": "set_mlp_kernel", "qkv_kernel": "set_qkv_kernel"}[setting]
+    original = getattr(loop, name)
+    monkeypatch.setattr(loop, name, lambda network, enabled: calls.append(
+        (enabled, original(network, enabled), sum(1 for m in network.modules() if getattr(m, attribute, False)))))
     losses = {}
-    for setting in (False, True):
-        config = PretrainConfig.from_dict({**CONFIG, "max_steps": 2, "mlp_kernel": setting})
-        losses[setting] = [r["loss"] for r in pretrain(config, tmp_path / str(setting), data_root=str(aid_like),
+    for enabled in (False, True):
+        config = PretrainConfig.from_dict({**CONFIG, "max_steps": 2, setting: enabled})
+        losses[enabled] = [r["loss"] for r in pretrain(config, tmp_path / str(enabled), data_root=str(aid_like),
                                                        progress=False)]
     assert [c[0] for c in calls] == [False, False, True, True]  # student and teacher, each run
     assert all(count > 0 for _, count, _ in calls) and [c[2] for c in calls] == [0, 0, calls[2][1], calls[3][1]]

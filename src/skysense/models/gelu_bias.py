@@ -45,7 +45,7 @@ except ImportError:  # e.g. macOS wheels of torch come without Triton
 ROWS_PER_PROGRAM = 256
 # The tile one program holds per step of that walk. Built for the H100 with 4 warps, ptxas reports
 # 80 registers a thread and no spills (32 x 128: 141): more programs resident per SM for this
-# memory-bound loop. Never timed on a GPU: benchmarks/gelu_backward.py times it there.
+# memory-bound loop. Never timed on a GPU: benchmarks/bias_kernels.py times it there.
 BLOCK_ROWS = 16
 BLOCK_COLS = 128
 
@@ -95,6 +95,7 @@ def _launcher(kernel):
 def _backward(grad: Tensor, u: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """The gradient of ``u`` (``u``'s shape and type) and the (row programs, columns) float32
     partial sums of the bias gradient."""
+    grad = grad.contiguous()  # the kernel reads it with u's (contiguous) offsets
     cols = u.shape[-1]
     rows = u.numel() // cols
     grad_u = torch.empty_like(u)
@@ -149,7 +150,7 @@ class _BiasGelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001, D102
         u, bias = ctx.saved_tensors
-        grad_u, partial = _gelu_bias_backward(grad.contiguous(), u, bias)
+        grad_u, partial = _gelu_bias_backward(grad, u, bias)  # no stride question here (see qkv_gradient)
         return grad_u, partial.sum(0).to(bias.dtype)
 
 

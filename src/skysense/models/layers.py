@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skysense.models import gelu_bias, short_attention
+from skysense.models import gelu_bias, qkv_gradient, short_attention
 from skysense.models.attention import SHORT, attention
 
 
@@ -105,27 +105,27 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.sdpa_backends: tuple[str, ...] | None = None  # set_attention_backends
+        self.qkv_kernel = False  # qkv_gradient.set_qkv_kernel
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: (N, L, C). ``key_padding_mask``: (N, L) bool, True where a token may be attended."""
         n, length, dim = x.shape
         heads = self.num_heads
-        if self.sdpa_backends == (SHORT,):
-            # The kernel reads the projection's output whole and writes its gradient whole, summing
-            # the bias's gradient as it goes: the projection adds the bias with its gradient detached.
-            bias = self.qkv.bias
-            qkv = F.linear(x, self.qkv.weight, None if bias is None else bias.detach())
-            if short_attention.supports_qkv(qkv, heads, key_padding_mask):
-                return self.proj(short_attention.short_attention_qkv(qkv, heads, key_padding_mask, qkv_bias=bias))
-            if bias is not None:  # SDPA below: the bias's gradient through autograd again (the values add zero)
-                qkv = qkv + (bias - bias.detach()).to(qkv.dtype)
-        else:
-            qkv = self.qkv(x)
+        short = self.sdpa_backends == (SHORT,)
+        # The short kernel, and the qkv kernel with SDPA, sum the projection bias's gradient as they
+        # write the qkv gradient: the projection then adds the bias with its gradient detached.
+        bias = self.qkv.bias
+        detached = bias is not None and (short or (self.qkv_kernel and torch.is_grad_enabled()))
+        qkv = F.linear(x, self.qkv.weight, bias.detach() if detached else bias)
+        if short and short_attention.supports_qkv(qkv, heads, key_padding_mask):
+            # The kernel reads the projection's output whole and writes its gradient whole.
+            return self.proj(short_attention.short_attention_qkv(qkv, heads, key_padding_mask, qkv_bias=bias))
         # Split along the channels, not unbound from an (N, L, 3, heads, d) view: the backward pass
         # then writes the three gradients straight into the (N, L, 3C) matrix the weight gradient
         # needs, instead of stacking them and copying the stack into that layout (one copy of
-        # q, k and v less: benchmarks/block_traffic.py).
-        q, k, v = (t.reshape(n, length, heads, dim // heads).transpose(1, 2) for t in qkv.split(dim, -1))
+        # q, k and v less: benchmarks/block_traffic.py). With the qkv kernel one Triton kernel per
+        # gradient does that copy and sums the bias's gradient.
+        q, k, v = qkv_gradient.split_qkv(qkv, heads, bias if detached else None, kernel=self.qkv_kernel)
         attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         out = attention(q, k, v, attn_mask, backends=self.sdpa_backends)
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))

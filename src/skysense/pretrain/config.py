@@ -153,8 +153,11 @@ class PretrainConfig:
     attention_backends: dict[str, list[str]] = field(default_factory=dict)
     # Every MLP's GELU backward pass and first bias gradient in one Triton kernel (CUDA;
     # skysense.models.gelu_bias): the same values, 8 bytes per element of a block's input less
-    # to move. benchmarks/gelu_backward.py times it against inductor's two kernels.
+    # to move. qkv_kernel: every attention layer that runs SDPA assembles its qkv gradient and
+    # sums the qkv bias's in one kernel (skysense.models.qkv_gradient): 6 bytes less.
+    # benchmarks/bias_kernels.py times both against inductor's kernels.
     mlp_kernel: bool = False
+    qkv_kernel: bool = False
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
