@@ -87,11 +87,6 @@ def supports(u: Tensor, bias: Tensor) -> bool:
     return u.is_cuda or (short_attention.interpreted() and u.device.type == "cpu")
 
 
-def _launcher(kernel):
-    """``kernel`` as torch.compile traces it (``wrap_triton``), or plain under the interpreter."""
-    return kernel if short_attention.interpreted() else torch.library.wrap_triton(kernel)
-
-
 def _backward(grad: Tensor, u: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """The gradient of ``u`` (``u``'s shape and type) and the (row programs, columns) float32
     partial sums of the bias gradient."""
@@ -101,7 +96,7 @@ def _backward(grad: Tensor, u: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     grad_u = torch.empty_like(u)
     programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
     partial = torch.empty((programs, cols), dtype=torch.float32, device=u.device)
-    _launcher(_backward_kernel)[(programs, triton.cdiv(cols, BLOCK_COLS))](
+    short_attention._launcher(_backward_kernel)[(programs, triton.cdiv(cols, BLOCK_COLS))](
         grad, u, bias, grad_u, partial, rows, cols, ROWS=ROWS_PER_PROGRAM, BLOCK_ROWS=BLOCK_ROWS,
         BLOCK_COLS=BLOCK_COLS, num_warps=4)
     return grad_u, partial

@@ -64,11 +64,6 @@ if triton is not None:
             tl.store(partial_ptr + row_program * width + columns, tl.sum(total, axis=0), mask=in_columns)
 
 
-def _launcher(kernel):
-    """``kernel`` as torch.compile traces it (``wrap_triton``), or plain under the interpreter."""
-    return kernel if short_attention.interpreted() else torch.library.wrap_triton(kernel)
-
-
 def _assemble(dq: Tensor, dk: Tensor, dv: Tensor, bias_grad: bool) -> tuple[Tensor, Tensor]:
     """dq, dk and dv ((N, H, L, D), stride 1 along D) as one (N, L, 3C) tensor, and, with
     ``bias_grad``, the (3C,) float32 sums of its columns (else an empty tensor)."""
@@ -81,7 +76,7 @@ def _assemble(dq: Tensor, dk: Tensor, dv: Tensor, bias_grad: bool) -> tuple[Tens
     partial = torch.empty((3, programs, width) if bias_grad else (1,), dtype=torch.float32, device=dq.device)
     for which, grad in enumerate((dq, dk, dv)):
         target = partial[which] if bias_grad else partial
-        _launcher(_assemble_kernel)[(programs, triton.cdiv(width, BLOCK_COLS))](
+        short_attention._launcher(_assemble_kernel)[(programs, triton.cdiv(width, BLOCK_COLS))](
             grad, out, target, grad.stride(0), grad.stride(1), grad.stride(2), rows, length, width, head_width,
             which * width, 3 * width, BIAS_GRAD=bias_grad, ROWS=ROWS_PER_PROGRAM, BLOCK_ROWS=BLOCK_ROWS,
             BLOCK_COLS=BLOCK_COLS, num_warps=4)
