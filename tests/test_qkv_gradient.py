@@ -151,3 +151,22 @@ def test_without_the_kernel_autograd_gives_the_same_gradients() -> None:
     assert qkv_gradient.set_qkv_kernel(TransformerBlock(32, 4), False) == 1
     with pytest.raises(ValueError, match=r"a bias of 96 values for qkv \(2, 5, 96\), got \(95,\)"):
         qkv_gradient.split_qkv(torch.zeros(2, 5, 96), 4, torch.zeros(95))
+
+
+@pytest.mark.slow
+def test_a_kernel_switched_on_without_its_setter_fails_under_compile_saying_what_to_do() -> None:
+    """A layer whose kernel flag was set by hand, not by ``set_qkv_kernel`` / ``set_mlp_kernel``,
+    reaches torch.compile with the operator unregistered: the error says which setter to call."""
+    out = run_interpreted("""
+        import torch
+        from skysense.models.layers import Attention, Mlp
+        for layer, x, setter in ((Attention(32, 4), torch.randn(2, 5, 32), "set_qkv_kernel"),
+                                 (Mlp(32, 64), torch.randn(10, 32), "set_mlp_kernel")):
+            layer.qkv_kernel = layer.gelu_kernel = True
+            try:
+                torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+                print("compiled")
+            except Exception as error:
+                print(setter in str(error))
+    """)
+    assert out.split() == ["True", "True"], out

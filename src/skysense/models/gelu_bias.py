@@ -158,6 +158,9 @@ def bias_gelu(u: Tensor, bias: Tensor) -> Tensor:
                          f"under TRITON_INTERPRET=1) and a bias of {u.shape[-1] if u.dim() else '?'} values on its "
                          f"device; got u {tuple(u.shape)} {u.dtype} on {u.device} (contiguous: {u.is_contiguous()}), "
                          f"bias {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    if _gelu_bias_backward is None and torch.compiler.is_compiling():
+        raise RuntimeError("bias_gelu: its operator is registered outside torch.compile: call "
+                           "skysense.models.set_mlp_kernel(model, True) before compiling the model")
     register_operators()
     return _BiasGelu.apply(u, bias)
 

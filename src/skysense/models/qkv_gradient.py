@@ -154,6 +154,9 @@ def split_qkv(qkv: Tensor, heads: int, bias: Tensor | None = None, kernel: bool 
         raise ValueError(f"split_qkv: expected a bias of {qkv.shape[-1]} values for qkv {tuple(qkv.shape)}, got "
                          f"{tuple(bias.shape)}")
     if kernel and supports(qkv, heads):
+        if _qkv_gradient is None and torch.compiler.is_compiling():
+            raise RuntimeError("split_qkv: its operator is registered outside torch.compile: call "
+                               "skysense.models.set_qkv_kernel(model, True) before compiling the model")
         register_operators()
         return _SplitQkv.apply(qkv, bias, heads)
     if bias is not None:  # values unchanged: the bias was added detached; this gives it its gradient
