@@ -170,3 +170,38 @@ def test_a_kernel_switched_on_without_its_setter_fails_under_compile_saying_what
                 print(setter in str(error))
     """)
     assert out.split() == ["True", "True"], out
+
+
+@pytest.mark.slow
+def test_checkpointed_blocks_with_both_kernels_train_as_plain_ones() -> None:
+    """Under activation checkpointing, selective (matmul and attention outputs kept) and full, eager
+    and compiled block-wise after it (``aot_eager``, as pretraining compiles), a transformer block
+    with the qkv and MLP kernels gives the plain block's output and every gradient: the views the
+    qkv split returns and the bias added with its gradient detached survive the recomputation."""
+    out = run_interpreted("""
+        import copy, torch
+        from skysense.compilation import compile_blocks
+        from skysense.distributed import apply_activation_checkpointing, matmul_outputs_saved
+        from skysense.models import set_mlp_kernel, set_qkv_kernel
+        from skysense.models.layers import TransformerBlock
+        torch.manual_seed(0)
+        plain = torch.nn.Sequential(TransformerBlock(32, 2))
+        x = torch.randn(4, 16, 32)
+        def run(model, backend):
+            if backend:
+                compile_blocks(model, (TransformerBlock,), backend=backend)
+            inputs = x.clone().requires_grad_()
+            out = model(inputs)
+            out.square().mean().backward()
+            return [out, inputs.grad] + [p.grad for p in model.parameters()]
+        reference = run(copy.deepcopy(plain), None)
+        for policy in ("selective", "full"):
+            for backend in (None, "aot_eager"):
+                model = copy.deepcopy(plain)
+                set_qkv_kernel(model, True), set_mlp_kernel(model, True)
+                apply_activation_checkpointing(model, (TransformerBlock,), matmul_outputs_saved() if policy == "selective" else None)
+                got = run(model, backend)
+                print(policy, backend, f"{max((a - b).abs().max().item() for a, b in zip(got, reference)):.2e}")
+    """)
+    errors = [float(line.split()[-1]) for line in out.splitlines()]
+    assert len(errors) == 4 and max(errors) < 1e-5, out
