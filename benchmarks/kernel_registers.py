@@ -29,10 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_step  # noqa: E402  (beside this file: the parts' shapes)
 
 from skysense.config import preset_config  # noqa: E402
-from skysense.models import short_attention  # noqa: E402
+from skysense.models import gelu_bias, qkv_gradient, short_attention  # noqa: E402
 
 POINTER_TYPES = {"mask_ptr": "*i8", "lse_ptr": "*fp32", "window_ptr": "*fp32", "dbias_ptr": "*fp32",
                  "cos_ptr": "*fp32", "dcos_ptr": "*fp32", "dqkvb_ptr": "*fp32"}
+# The bias-gradient kernels' float32 pointers: the MLP's bias, and the partial sums of both.
+BIAS_KERNEL_POINTERS = {"bias_ptr": "*fp32", "partial_ptr": "*fp32"}
 
 
 def calls(shapes: gpu_step.Shapes = gpu_step.HUGE) -> dict[str, dict[str, object]]:
@@ -57,9 +59,10 @@ def calls(shapes: gpu_step.Shapes = gpu_step.HUGE) -> dict[str, dict[str, object
     return found
 
 
-def build(kernel, switches: dict[str, object], warps: int) -> dict[str, int]:
-    """``kernel`` built for sm_90 in bf16 with ``warps`` warps: ptxas's registers and spills,
-    and Triton's shared memory."""
+def build(kernel, switches: dict[str, object], warps: int, pointers: dict[str, str] | None = None) -> dict[str, int]:
+    """``kernel`` built for sm_90 in bf16 with ``warps`` warps (pointers bf16 but those of
+    :data:`POINTER_TYPES` and ``pointers``): ptxas's registers and spills, and Triton's shared memory."""
+    types = {**POINTER_TYPES, **(pointers or {})}
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -69,7 +72,7 @@ def build(kernel, switches: dict[str, object], warps: int) -> dict[str, int]:
         if name in switches or name.isupper():
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = POINTER_TYPES.get(name, "*bf16")
+            signature[name] = types.get(name, "*bf16")
         else:
             signature[name] = "fp32" if name == "scale" else "i32"
     constants = {name: value for name, value in {**switches, "PRECISION": "tf32"}.items() if name in kernel.arg_names}
@@ -109,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
                 built = build(kernel, switches, warps)
                 print(f"{name:<14} {kernel.__name__:<17} {switches['GROUP']:>5} {warps:>5} {built['registers']:>9} "
                       f"{built['spill_stores']:>12} {built['spill_loads']:>11} {built['shared']:>7}")
+    # The bias-gradient kernels (skysense.models.gelu_bias, qkv_gradient), with the tiles they launch.
+    for name, kernel, switches in (
+            ("MLP", gelu_bias._backward_kernel, {"ROWS": gelu_bias.ROWS_PER_PROGRAM, "BLOCK_ROWS": gelu_bias.BLOCK_ROWS,
+                                                  "BLOCK_COLS": gelu_bias.BLOCK_COLS}),
+            ("qkv", qkv_gradient._assemble_kernel, {"BIAS_GRAD": True, "ROWS": qkv_gradient.ROWS_PER_PROGRAM,
+                                                     "BLOCK_ROWS": qkv_gradient.BLOCK_ROWS,
+                                                     "BLOCK_COLS": qkv_gradient.BLOCK_COLS})):
+        for warps in [int(w) for w in args.warps.split(",") if w] or [4]:
+            built = build(kernel, switches, warps, BIAS_KERNEL_POINTERS)
+            print(f"{name:<14} {kernel.__name__:<17} {'-':>5} {warps:>5} {built['registers']:>9} "
+                  f"{built['spill_stores']:>12} {built['spill_loads']:>11} {built['shared']:>7}")
     return 0
 
 
