@@ -3,7 +3,6 @@ their bias gradients, and the choice it hands gpu_step.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,19 +11,9 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SRC = BENCHMARKS.parent / "src"
+from benchmark_scripts import BENCHMARKS, SRC, load_benchmark
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bias_kernels = _load("bias_kernels")
+bias_kernels = load_benchmark("bias_kernels")
 
 
 def test_the_rows_are_the_layers_of_parts_a_to_c() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,19 +10,9 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SRC = BENCHMARKS.parent / "src"
+from benchmark_scripts import BENCHMARKS, SRC, load_benchmark
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-swin_attention = _load("swin_attention")
+swin_attention = load_benchmark("swin_attention")
 
 
 def test_the_layers_of_swinv2_h_add_up_to_its_24_blocks() -> None:
