@@ -102,29 +102,24 @@ def _backward(grad: Tensor, u: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     return grad_u, partial
 
 
+def _backward_fake(grad: Tensor, u: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    cols = u.shape[-1]
+    programs = -(-(u.numel() // cols) // ROWS_PER_PROGRAM)
+    return torch.empty_like(u), u.new_empty((programs, cols), dtype=torch.float32)
+
+
 _gelu_bias_backward = None
 
 
 def register_operators() -> bool:
-    """Register ``skysense::gelu_bias_backward`` with torch (once); whether it is registered (not
+    """Register ``skysense::gelu_bias_backward`` with torch (once;
+    :func:`~skysense.models.short_attention.kernel_operator`); whether it is registered (not
     without Triton). Done at the first :func:`bias_gelu` call and by :func:`set_mlp_kernel`,
-    before anything compiles the layers, not on import (a ``triton_op`` imports inductor). Under
-    the interpreter it is an opaque custom operator with its output shapes registered, as the
-    kernel cannot be traced on fake tensors there."""
+    before anything compiles the layers, not on import (a ``triton_op`` imports inductor)."""
     global _gelu_bias_backward
-    if _gelu_bias_backward is not None or triton is None:
-        return _gelu_bias_backward is not None
-    operator = torch.library.custom_op if short_attention.interpreted() else torch.library.triton_op
-    backward = operator("skysense::gelu_bias_backward", mutates_args=())(_backward)
-    if short_attention.interpreted():
-        @backward.register_fake
-        def _(grad, u, bias):
-            cols = u.shape[-1]
-            programs = -(-(u.numel() // cols) // ROWS_PER_PROGRAM)
-            return torch.empty_like(u), u.new_empty((programs, cols), dtype=torch.float32)
-
-    _gelu_bias_backward = backward
-    return True
+    if _gelu_bias_backward is None and triton is not None:
+        _gelu_bias_backward = short_attention.kernel_operator("skysense::gelu_bias_backward", _backward, _backward_fake)
+    return _gelu_bias_backward is not None
 
 
 def reference(u: Tensor, bias: Tensor) -> Tensor:

@@ -83,28 +83,24 @@ def _assemble(dq: Tensor, dk: Tensor, dv: Tensor, bias_grad: bool) -> tuple[Tens
     return out, partial.sum(1).reshape(-1) if bias_grad else partial.new_empty(0)
 
 
+def _assemble_fake(dq: Tensor, dk: Tensor, dv: Tensor, bias_grad: bool) -> tuple[Tensor, Tensor]:
+    n, heads, length, head_width = dq.shape
+    return (dq.new_empty((n, length, 3 * heads * head_width)),
+            dq.new_empty((3 * heads * head_width if bias_grad else 0,), dtype=torch.float32))
+
+
 _qkv_gradient = None
 
 
 def register_operators() -> bool:
-    """Register ``skysense::qkv_gradient`` with torch (once); whether it is registered (not without
-    Triton). Done at the first :func:`split_qkv` call that uses it and by :func:`set_qkv_kernel`,
-    not on import (a ``triton_op`` imports inductor). Under the interpreter it is an opaque custom
-    operator with its output shapes registered."""
+    """Register ``skysense::qkv_gradient`` with torch (once;
+    :func:`~skysense.models.short_attention.kernel_operator`); whether it is registered (not
+    without Triton). Done at the first :func:`split_qkv` call that uses it and by
+    :func:`set_qkv_kernel`, not on import (a ``triton_op`` imports inductor)."""
     global _qkv_gradient
-    if _qkv_gradient is not None or triton is None:
-        return _qkv_gradient is not None
-    operator = torch.library.custom_op if short_attention.interpreted() else torch.library.triton_op
-    assemble = operator("skysense::qkv_gradient", mutates_args=())(_assemble)
-    if short_attention.interpreted():
-        @assemble.register_fake
-        def _(dq, dk, dv, bias_grad):
-            n, heads, length, head_width = dq.shape
-            return (dq.new_empty((n, length, 3 * heads * head_width)),
-                    dq.new_empty((3 * heads * head_width if bias_grad else 0,), dtype=torch.float32))
-
-    _qkv_gradient = assemble
-    return True
+    if _qkv_gradient is None and triton is not None:
+        _qkv_gradient = short_attention.kernel_operator("skysense::qkv_gradient", _assemble, _assemble_fake)
+    return _qkv_gradient is not None
 
 
 def supports(qkv: Tensor, heads: int) -> bool:

@@ -506,59 +506,67 @@ _short_attention_qkv = None
 _short_attention_qkv_backward = None
 
 
+def kernel_operator(name: str, implementation, fake):
+    """``implementation`` registered as the operator ``name`` (``"skysense::..."``), without side
+    effects: on a GPU a ``triton_op``, which torch.compile traces into, putting the kernels in its
+    graph; under the interpreter, whose kernels are plain Python calls that tracing would run on
+    fake tensors, an opaque ``custom_op`` whose output shapes and layouts ``fake`` gives."""
+    if interpreted():
+        operator = torch.library.custom_op(name, mutates_args=())(implementation)
+        operator.register_fake(fake)
+        return operator
+    return torch.library.triton_op(name, mutates_args=())(implementation)
+
+
+def _fake_lse(q: Tensor, sequences: int, heads: int, length: int) -> Tensor:
+    return q.new_empty((sequences * heads, _tile(length)), dtype=torch.float32)
+
+
+def _fake_partial(wanted: bool, t: Tensor | None, like: Tensor) -> Tensor:
+    return t.new_empty(t.shape) if wanted and t is not None else like.new_empty(0)
+
+
+def _forward_fake(q, k, v, key_padding_mask, bias, window_mask, scale):
+    n, heads, length, _ = q.shape
+    return _heads_last(q.shape, q), _fake_lse(q, n, heads, length)
+
+
+def _backward_fake(q, k, v, key_padding_mask, bias, window_mask, out, grad, lse, scale, bias_grad):
+    n, heads, length, width = q.shape
+    return q.new_empty((3, n, length, heads, width)), _fake_partial(bias_grad, bias, q)
+
+
+def _qkv_forward_fake(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, scale, qkv_bias):
+    n, length, width3 = qkv.shape
+    return qkv.new_empty((n, length, width3 // 3)), _fake_lse(qkv, n, heads, length)
+
+
+def _qkv_backward_fake(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, out, grad, lse, scale,
+                       bias_grad, scale_grad, qkv_bias_grad):
+    return (qkv.new_empty(qkv.shape), _fake_partial(bias_grad, bias, qkv),
+            _fake_partial(scale_grad, cosine_scale, qkv),
+            qkv.new_empty((qkv.shape[-1] if qkv_bias_grad else 0,), dtype=torch.float32))
+
+
 def register_operators() -> bool:
     """Register ``skysense::short_attention``, ``skysense::short_attention_qkv`` and their
-    backward operators with torch (once; later calls do nothing); whether they are registered
-    (not without Triton). :func:`short_attention` and :func:`short_attention_qkv` do it at their
-    first call and :func:`skysense.models.attention.set_attention_backends` when it selects
-    ``"short"``, so that ``torch.compile`` finds them registered. It is not done on import:
-    registering a ``triton_op`` imports inductor (about a second), which a process that never
-    runs the kernel need not pay.
-
-    On a GPU the operators are ``triton_op``s: torch.compile traces into them and puts the
-    kernels in its graph. Under the interpreter the kernels are plain Python calls that tracing
-    would run on fake tensors, so there they are opaque custom operators with their output shapes
-    and layouts registered.
+    backward operators with torch (once; later calls do nothing; :func:`kernel_operator`);
+    whether they are registered (not without Triton). :func:`short_attention` and
+    :func:`short_attention_qkv` do it at their first call and
+    :func:`skysense.models.attention.set_attention_backends` when it selects ``"short"``, so that
+    ``torch.compile`` finds them registered. It is not done on import: registering a
+    ``triton_op`` imports inductor (about a second), which a process that never runs the kernel
+    need not pay.
     """
     global _short_attention, _short_attention_backward, _short_attention_qkv, _short_attention_qkv_backward
     if _short_attention is not None or triton is None:
         return _short_attention is not None
-    operator = torch.library.custom_op if interpreted() else torch.library.triton_op
-    forward = operator("skysense::short_attention", mutates_args=())(_forward)
-    backward = operator("skysense::short_attention_backward", mutates_args=())(_backward)
+    forward = kernel_operator("skysense::short_attention", _forward, _forward_fake)
+    backward = kernel_operator("skysense::short_attention_backward", _backward, _backward_fake)
     forward.register_autograd(_gradients, setup_context=_setup)
-    qkv_forward = operator("skysense::short_attention_qkv", mutates_args=())(_qkv_forward)
-    qkv_backward = operator("skysense::short_attention_qkv_backward", mutates_args=())(_qkv_backward)
+    qkv_forward = kernel_operator("skysense::short_attention_qkv", _qkv_forward, _qkv_forward_fake)
+    qkv_backward = kernel_operator("skysense::short_attention_qkv_backward", _qkv_backward, _qkv_backward_fake)
     qkv_forward.register_autograd(_qkv_gradients, setup_context=_qkv_setup)
-    if interpreted():
-        def lse(q: Tensor, sequences: int, heads: int, length: int) -> Tensor:
-            return q.new_empty((sequences * heads, _tile(length)), dtype=torch.float32)
-
-        def partial_gradient(wanted: bool, t: Tensor | None, like: Tensor) -> Tensor:
-            return t.new_empty(t.shape) if wanted and t is not None else like.new_empty(0)
-
-        @forward.register_fake
-        def _(q, k, v, key_padding_mask, bias, window_mask, scale):
-            n, heads, length, _ = q.shape
-            return _heads_last(q.shape, q), lse(q, n, heads, length)
-
-        @backward.register_fake
-        def _(q, k, v, key_padding_mask, bias, window_mask, out, grad, lse, scale, bias_grad):
-            n, heads, length, width = q.shape
-            return q.new_empty((3, n, length, heads, width)), partial_gradient(bias_grad, bias, q)
-
-        @qkv_forward.register_fake
-        def _(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, scale, qkv_bias):
-            n, length, width3 = qkv.shape
-            return qkv.new_empty((n, length, width3 // 3)), lse(qkv, n, heads, length)
-
-        @qkv_backward.register_fake
-        def _(qkv, heads, key_padding_mask, bias, window_mask, cosine_scale, out, grad, lse, scale, bias_grad,
-              scale_grad, qkv_bias_grad):
-            return (qkv.new_empty(qkv.shape), partial_gradient(bias_grad, bias, qkv),
-                    partial_gradient(scale_grad, cosine_scale, qkv),
-                    qkv.new_empty((qkv.shape[-1] if qkv_bias_grad else 0,), dtype=torch.float32))
-
     _short_attention_backward, _short_attention_qkv_backward = backward, qkv_backward
     _short_attention, _short_attention_qkv = forward, qkv_forward
     return True
