@@ -185,12 +185,7 @@ def choice_arguments(report: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--small", action="store_true", help="the tiny preset's shapes (a CPU smoke run)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--no-compile", action="store_true", help="eager layers")
-    parser.add_argument("--json", type=Path, help="write the report here (atomically)")
+    gpu_step.add_layer_arguments(parser)
     parser.add_argument("--choice-from", type=Path, metavar="JSON",
                         help="only print gpu_step.py's --our-mlp-kernel / --our-qkv-kernel arguments for the parts "
                              "this report chose (nothing if none)")

@@ -823,6 +823,17 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def add_layer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that time single layers compiled against each other
+    (``swin_attention.py``, ``bias_kernels.py``): device, shapes, timing, compilation, report."""
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="the tiny preset's shapes (a CPU smoke run)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true", help="eager layers")
+    parser.add_argument("--json", type=Path, help="write the report here (atomically)")
+
+
 def write_json(report: dict[str, Any], path: Path) -> None:
     """Write ``report`` to ``path`` atomically (temp file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

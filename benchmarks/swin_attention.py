@@ -119,12 +119,7 @@ def measure(shapes: gpu_step.Shapes, device: torch.device, warmup: int, repeats:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--small", action="store_true", help="the tiny preset's shapes (a CPU smoke run)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--no-compile", action="store_true", help="eager layers")
-    parser.add_argument("--json", type=Path, help="write the report here (atomically)")
+    gpu_step.add_layer_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shapes = gpu_step.SMALL if args.small else gpu_step.HUGE
