@@ -59,6 +59,7 @@ from skysense.models import swin_v2  # noqa: E402
 from skysense.models.attention import set_attention_backends  # noqa: E402
 from skysense.models.gelu_bias import set_mlp_kernel  # noqa: E402
 from skysense.models.qkv_gradient import set_qkv_kernel  # noqa: E402
+from skysense.models.residual_norm import set_norm_kernel  # noqa: E402
 from skysense.models.layers import TransformerBlock  # noqa: E402
 
 # Set by --plan h100 (see plan_for_h100): the forward call stops at the first kernel launch.
@@ -69,7 +70,7 @@ ATTENTION_ORIGINS = {"skysense.short_attention", "skysense.short_attention_backw
                      "_scaled_dot_product_flash_attention_for_cpu_backward"}
 KINDS = ("matmul", "attention", "element-wise")
 # Our element-wise operators, opaque to inductor under the plan (so extern kernels, not matmuls).
-ELEMENTWISE_ORIGINS = {"skysense.gelu_bias_backward", "skysense.qkv_gradient"}
+ELEMENTWISE_ORIGINS = {"skysense.gelu_bias_backward", "skysense.qkv_gradient", "skysense.residual_norm_backward"}
 
 
 def _origins(node) -> set[str]:
@@ -149,14 +150,16 @@ def _vit_block(implementation: str, config) -> torch.nn.Module:
 
 
 def block_bytes(block: torch.nn.Module, x: torch.Tensor, attention: list[str] | None = None,
-                mlp_kernel: bool = False, qkv_kernel: bool = False) -> dict[str, float]:
+                mlp_kernel: bool = False, qkv_kernel: bool = False, norm_kernel: bool = False) -> dict[str, float]:
     """Bytes moved by kind in one compiled forward and backward of ``block`` on ``x``, its
     attention run by ``attention`` (names of skysense's backends; None: torch's choice), its
     MLP's GELU backward by :func:`skysense.models.gelu_bias.bias_gelu` if ``mlp_kernel``, its
-    qkv gradient by :func:`skysense.models.qkv_gradient.split_qkv`'s kernel if ``qkv_kernel``."""
+    qkv gradient by :func:`skysense.models.qkv_gradient.split_qkv`'s kernel if ``qkv_kernel``,
+    its residual junctions by :mod:`skysense.models.residual_norm`'s kernel if ``norm_kernel``."""
     set_attention_backends(block, attention)  # timm's blocks have none of these settings
     set_mlp_kernel(block, mlp_kernel)
     set_qkv_kernel(block, qkv_kernel)
+    set_norm_kernel(block, norm_kernel)
     x = x.detach().requires_grad_()
     torch._dynamo.reset()
     metrics.reset()
@@ -220,9 +223,9 @@ Row = tuple[str, int, int, int, int, Callable[[str, int], dict[str, float]]]
 
 def part_blocks(part: str, max_side: int, shapes: "gpu_step.Shapes" = gpu_step.HUGE,
                 attention: list[str] | None = None, mlp_kernel: bool = False,
-                qkv_kernel: bool = False) -> Iterator[Row]:
+                qkv_kernel: bool = False, norm_kernel: bool = False) -> Iterator[Row]:
     """The blocks of part (a) ``swin_v2``, (b) ``vit`` or (c) ``fusion`` at ``shapes`` (gpu_step.py's),
-    ours with ``attention``, ``mlp_kernel`` and ``qkv_kernel`` (see :func:`block_bytes`)."""
+    ours with ``attention``, ``mlp_kernel``, ``qkv_kernel`` and ``norm_kernel`` (see :func:`block_bytes`)."""
     config = preset_config(shapes.preset)
     if part == "swin_v2":
         hr = config.hr
@@ -239,7 +242,7 @@ def part_blocks(part: str, max_side: int, shapes: "gpu_step.Shapes" = gpu_step.H
                     torch.manual_seed(0)
                     block = _swin_block(name, hr, dim, heads, measured, shifted)
                     return block_bytes(block, torch.randn(batch, measured, measured, dim), attention, mlp_kernel,
-                                       qkv_kernel)
+                                       qkv_kernel, norm_kernel)
 
                 label = f"stage {stage + 1} {dim}x{side}x{side}{' shifted' if shifted else ''}"
                 yield label, blocks, dim, measured * measured, shapes.swin_batch * side * side, measure
@@ -255,7 +258,7 @@ def part_blocks(part: str, max_side: int, shapes: "gpu_step.Shapes" = gpu_step.H
     def measure(name: str, batch: int):
         torch.manual_seed(0)
         return block_bytes(_vit_block(name, block_config), torch.randn(batch * measured, tokens, block_config.embed_dim),
-                           attention, mlp_kernel, qkv_kernel)
+                           attention, mlp_kernel, qkv_kernel, norm_kernel)
 
     yield (f"{block_config.embed_dim} wide, {tokens} tokens", block_config.depth, block_config.embed_dim,
            measured * tokens, sequences * tokens, measure)
@@ -279,10 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qkv-kernel", action="store_true",
                         help="our attention layers' qkv gradient and its bias's in one kernel where SDPA runs "
                              "(needs --plan h100)")
+    parser.add_argument("--norm-kernel", action="store_true",
+                        help="our pre-norm blocks' residual junctions (norms, residual adds, the projections' "
+                             "bias gradients) in one backward kernel each (needs --plan h100)")
     args = parser.parse_args(argv)
     if args.attention == "short" and args.plan != "h100":
         parser.error("--attention short: the short-sequence kernels run on CUDA only; count them with --plan h100")
-    for flag, on in (("--mlp-kernel", args.mlp_kernel), ("--qkv-kernel", args.qkv_kernel)):
+    for flag, on in (("--mlp-kernel", args.mlp_kernel), ("--qkv-kernel", args.qkv_kernel),
+                     ("--norm-kernel", args.norm_kernel)):
         if on and args.plan != "h100":
             parser.error(f"{flag}: the kernel runs on CUDA only; count it with --plan h100")
     if args.plan == "h100":
@@ -299,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, blocks, dim, tokens, step_tokens, measure in part_blocks(part.strip(), args.max_side,
                                                                                   attention=attention,
                                                                                   mlp_kernel=args.mlp_kernel,
-                                                                                  qkv_kernel=args.qkv_kernel):
+                                                                                  qkv_kernel=args.qkv_kernel,
+                                                                                  norm_kernel=args.norm_kernel):
             for name in step:
                 moved = scaled_bytes(functools.partial(measure, name), tokens, step_tokens)
                 elements = step_tokens * dim

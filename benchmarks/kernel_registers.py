@@ -29,12 +29,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_step  # noqa: E402  (beside this file: the parts' shapes)
 
 from skysense.config import preset_config  # noqa: E402
-from skysense.models import gelu_bias, qkv_gradient, short_attention  # noqa: E402
+from skysense.models import gelu_bias, qkv_gradient, residual_norm, short_attention  # noqa: E402
 
 POINTER_TYPES = {"mask_ptr": "*i8", "lse_ptr": "*fp32", "window_ptr": "*fp32", "dbias_ptr": "*fp32",
                  "cos_ptr": "*fp32", "dcos_ptr": "*fp32", "dqkvb_ptr": "*fp32"}
 # The bias-gradient kernels' float32 pointers: the MLP's bias, and the partial sums of both.
 BIAS_KERNEL_POINTERS = {"bias_ptr": "*fp32", "partial_ptr": "*fp32"}
+# The residual junctions' kernel (skysense.models.residual_norm) under bf16 autocast: the residual
+# stream, its gradients, the norm's weight and the sums float32; the branch, its scale and the
+# norm's output gradient bf16.
+NORM_KERNEL_POINTERS = {"x_ptr": "*fp32", "dres_ptr": "*fp32", "dx_ptr": "*fp32", "weight_ptr": "*fp32",
+                        "partial_ptr": "*fp32"}
+# Its three junctions of a pre-norm block (layer_norm_residual, branch_layer_norm, branch_add),
+# with stochastic depth, at the ViTs' and the fusion's width 1024.
+NORM_JUNCTIONS = {
+    "LN1 junction": {"NORM": True, "ADDED": False, "BRANCH": False, "SCALE": False, "RESIDUAL": True, "SUMS": 2},
+    "LN2 junction": {"NORM": True, "ADDED": True, "BRANCH": True, "SCALE": True, "RESIDUAL": True, "SUMS": 3},
+    "output add": {"NORM": False, "ADDED": False, "BRANCH": True, "SCALE": True, "RESIDUAL": True, "SUMS": 1},
+}
+# Arguments that are float32 scalars (the rest, i32).
+FLOAT_ARGUMENTS = {"scale", "eps"}
 
 
 def calls(shapes: gpu_step.Shapes = gpu_step.HUGE) -> dict[str, dict[str, object]]:
@@ -74,7 +88,7 @@ def build(kernel, switches: dict[str, object], warps: int, pointers: dict[str, s
         elif name.endswith("_ptr"):
             signature[name] = types.get(name, "*bf16")
         else:
-            signature[name] = "fp32" if name == "scale" else "i32"
+            signature[name] = "fp32" if name in FLOAT_ARGUMENTS else "i32"
     constants = {name: value for name, value in {**switches, "PRECISION": "tf32"}.items() if name in kernel.arg_names}
     missing = [name for name in kernel.arg_names if name.isupper() and name not in constants]
     if missing:
@@ -122,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         for warps in [int(w) for w in args.warps.split(",") if w] or [4]:
             built = build(kernel, switches, warps, BIAS_KERNEL_POINTERS)
             print(f"{name:<14} {kernel.__name__:<17} {'-':>5} {warps:>5} {built['registers']:>9} "
+                  f"{built['spill_stores']:>12} {built['spill_loads']:>11} {built['shared']:>7}")
+    width = short_attention.triton.next_power_of_2(preset_config("huge").fusion.embed_dim)
+    tile = {"ROWS": residual_norm.ROWS_PER_PROGRAM, "BLOCK_COLS": width,
+            "BLOCK_ROWS": max(1, residual_norm.TILE_ELEMENTS // width)}
+    for name, switches in NORM_JUNCTIONS.items():
+        for warps in [int(w) for w in args.warps.split(",") if w] or [residual_norm.NUM_WARPS]:
+            built = build(residual_norm._backward_kernel, {**tile, **switches}, warps, NORM_KERNEL_POINTERS)
+            print(f"{name:<14} {'_backward_kernel':<17} {'-':>5} {warps:>5} {built['registers']:>9} "
                   f"{built['spill_stores']:>12} {built['spill_loads']:>11} {built['shared']:>7}")
     return 0
 

@@ -155,34 +155,37 @@ def test_without_the_kernel_autograd_gives_the_same_gradients() -> None:
 
 @pytest.mark.slow
 def test_a_kernel_switched_on_without_its_setter_fails_under_compile_saying_what_to_do() -> None:
-    """A layer whose kernel flag was set by hand, not by ``set_qkv_kernel`` / ``set_mlp_kernel``,
-    reaches torch.compile with the operator unregistered: the error says which setter to call."""
+    """A layer whose kernel flag was set by hand, not by ``set_qkv_kernel`` / ``set_mlp_kernel`` /
+    ``set_norm_kernel``, reaches torch.compile with the operator unregistered: the error says
+    which setter to call."""
     out = run_interpreted("""
         import torch
-        from skysense.models.layers import Attention, Mlp
+        from skysense.models.layers import Attention, Mlp, TransformerBlock
         for layer, x, setter in ((Attention(32, 4), torch.randn(2, 5, 32), "set_qkv_kernel"),
-                                 (Mlp(32, 64), torch.randn(10, 32), "set_mlp_kernel")):
-            layer.qkv_kernel = layer.gelu_kernel = True
+                                 (Mlp(32, 64), torch.randn(10, 32), "set_mlp_kernel"),
+                                 (TransformerBlock(32, 4), torch.randn(2, 5, 32), "set_norm_kernel")):
+            layer.qkv_kernel = layer.gelu_kernel = layer.norm_kernel = True
             try:
                 torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
                 print("compiled")
             except Exception as error:
                 print(setter in str(error))
     """)
-    assert out.split() == ["True", "True"], out
+    assert out.split() == ["True", "True", "True"], out
 
 
 @pytest.mark.slow
-def test_checkpointed_blocks_with_both_kernels_train_as_plain_ones() -> None:
+def test_checkpointed_blocks_with_the_kernels_train_as_plain_ones() -> None:
     """Under activation checkpointing, selective (matmul and attention outputs kept) and full, eager
     and compiled block-wise after it (``aot_eager``, as pretraining compiles), a transformer block
-    with the qkv and MLP kernels gives the plain block's output and every gradient: the views the
-    qkv split returns and the bias added with its gradient detached survive the recomputation."""
+    with the qkv, MLP and residual-junction kernels gives the plain block's output and every
+    gradient: the views the qkv split and the first junction return, and the biases added with
+    their gradients detached, survive the recomputation."""
     out = run_interpreted("""
         import copy, torch
         from skysense.compilation import compile_blocks
         from skysense.distributed import apply_activation_checkpointing, matmul_outputs_saved
-        from skysense.models import set_mlp_kernel, set_qkv_kernel
+        from skysense.models import set_mlp_kernel, set_norm_kernel, set_qkv_kernel
         from skysense.models.layers import TransformerBlock
         torch.manual_seed(0)
         plain = torch.nn.Sequential(TransformerBlock(32, 2))
@@ -198,7 +201,7 @@ def test_checkpointed_blocks_with_both_kernels_train_as_plain_ones() -> None:
         for policy in ("selective", "full"):
             for backend in (None, "aot_eager"):
                 model = copy.deepcopy(plain)
-                set_qkv_kernel(model, True), set_mlp_kernel(model, True)
+                set_qkv_kernel(model, True), set_mlp_kernel(model, True), set_norm_kernel(model, True)
                 apply_activation_checkpointing(model, (TransformerBlock,), matmul_outputs_saved() if policy == "selective" else None)
                 got = run(model, backend)
                 print(policy, backend, f"{max((a - b).abs().max().item() for a, b in zip(got, reference)):.2e}")

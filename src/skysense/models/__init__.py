@@ -5,6 +5,7 @@ from skysense.models.geo_context import GeoContextPrototypes, region_index
 from skysense.models.attention import ATTENTION_BACKENDS, SDPA_BACKENDS, set_attention_backends
 from skysense.models.gelu_bias import set_mlp_kernel
 from skysense.models.qkv_gradient import set_qkv_kernel
+from skysense.models.residual_norm import set_norm_kernel
 from skysense.models.layers import TransformerBlock
 from skysense.models.skysense import SkySense
 from skysense.models.swin_v2 import SwinTransformerV2, SwinV2Block
@@ -27,5 +28,6 @@ __all__ = [
     "region_index",
     "set_attention_backends",
     "set_mlp_kernel",
+    "set_norm_kernel",
     "set_qkv_kernel",
 ]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skysense.models import gelu_bias, qkv_gradient, short_attention
+from skysense.models import gelu_bias, qkv_gradient, residual_norm, short_attention
 from skysense.models.attention import SHORT, attention
 
 
@@ -60,14 +60,19 @@ class DropPath(nn.Module):
         """Make the keep-probability buffer on ``device`` (e.g. after loading onto the meta device)."""
         self.keep_prob = torch.tensor(1.0 - self._p, dtype=torch.float32, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def sample_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The (B,) scale of ``x``'s samples in ``x``'s type, 0 (dropped) or ``1 / (1 - p)``
+        (kept); None where nothing is dropped (evaluation, or rate 0)."""
         if not self.training or not self.active:
-            return x
+            return None
         # Compiled: the rate as a tensor, one graph for every nonzero rate.
         keep: torch.Tensor | float = self.keep_prob if torch.compiler.is_compiling() else 1.0 - self._p
-        # The scale joins the (B, 1, ...) mask: one pass over x instead of two (forward and backward).
-        scale = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
-        return x * scale
+        # The scale joins the mask: one pass over x instead of two (forward and backward).
+        return x.new_empty((x.shape[0],)).bernoulli_(keep).div_(keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.sample_scale(x)
+        return x if scale is None else x * scale.view((x.shape[0],) + (1,) * (x.ndim - 1))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -76,7 +81,9 @@ class DropPath(nn.Module):
 class Mlp(nn.Module):
     """Linear -> exact GELU -> Linear. With ``gelu_kernel`` set (:func:`~skysense.models.gelu_bias.set_mlp_kernel`)
     the first bias and the GELU run as :func:`~skysense.models.gelu_bias.bias_gelu` where it takes
-    the call: one backward kernel writes both of their gradients."""
+    the call: one backward kernel writes both of their gradients. ``fc2_bias_gradient=False``
+    adds the second bias with its gradient detached, for a caller whose kernel sums it
+    (:func:`~skysense.models.residual_norm.branch_add`)."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -85,13 +92,16 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.gelu_kernel = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fc2_bias_gradient: bool = True) -> torch.Tensor:
         if self.gelu_kernel and self.training and torch.is_grad_enabled():
             u = F.linear(x, self.fc1.weight)
             if gelu_bias.supports(u, self.fc1.bias):
-                return self.fc2(gelu_bias.bias_gelu(u, self.fc1.bias))
-            return self.fc2(self.act(u + self.fc1.bias.to(u.dtype)))
-        return self.fc2(self.act(self.fc1(x)))
+                hidden = gelu_bias.bias_gelu(u, self.fc1.bias)
+            else:
+                hidden = self.act(u + self.fc1.bias.to(u.dtype))
+        else:
+            hidden = self.act(self.fc1(x))
+        return F.linear(hidden, self.fc2.weight, self.fc2.bias if fc2_bias_gradient else self.fc2.bias.detach())
 
 
 class Attention(nn.Module):
@@ -107,9 +117,13 @@ class Attention(nn.Module):
         self.sdpa_backends: tuple[str, ...] | None = None  # set_attention_backends
         self.qkv_kernel = False  # qkv_gradient.set_qkv_kernel
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: (N, L, C). ``key_padding_mask``: (N, L) bool, True where a token may be attended."""
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                proj_bias_gradient: bool = True) -> torch.Tensor:
+        """``x``: (N, L, C). ``key_padding_mask``: (N, L) bool, True where a token may be attended.
+        ``proj_bias_gradient=False`` adds the output projection's bias with its gradient detached,
+        for a caller whose kernel sums it (:func:`~skysense.models.residual_norm.branch_layer_norm`)."""
         n, length, dim = x.shape
+        proj_bias = self.proj.bias if proj_bias_gradient else self.proj.bias.detach()
         heads = self.num_heads
         short = self.sdpa_backends == (SHORT,)
         # The short kernel, and the qkv kernel with SDPA, sum the projection bias's gradient as they
@@ -119,7 +133,8 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias.detach() if detached else bias)
         if short and short_attention.supports_qkv(qkv, heads, key_padding_mask):
             # The kernel reads the projection's output whole and writes its gradient whole.
-            return self.proj(short_attention.short_attention_qkv(qkv, heads, key_padding_mask, qkv_bias=bias))
+            out = short_attention.short_attention_qkv(qkv, heads, key_padding_mask, qkv_bias=bias)
+            return F.linear(out, self.proj.weight, proj_bias)
         # Split along the channels, not unbound from an (N, L, 3, heads, d) view: the backward pass
         # then writes the three gradients straight into the (N, L, 3C) matrix the weight gradient
         # needs, instead of stacking them and copying the stack into that layout (one copy of
@@ -128,11 +143,15 @@ class Attention(nn.Module):
         q, k, v = qkv_gradient.split_qkv(qkv, heads, bias if detached else None, kernel=self.qkv_kernel)
         attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         out = attention(q, k, v, attn_mask, backends=self.sdpa_backends)
-        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+        return F.linear(out.transpose(1, 2).reshape(n, length, dim), self.proj.weight, proj_bias)
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm block: x + Attn(LN(x)), then x + MLP(LN(x)). With ``norm_kernel`` set
+    (:func:`~skysense.models.residual_norm.set_norm_kernel`) its three residual junctions run
+    through :mod:`skysense.models.residual_norm` in training where it takes the call: one backward
+    kernel each writes the residual stream's gradient, the branch's, and the norm's and the
+    projection's bias gradients."""
 
     def __init__(
         self,
@@ -148,10 +167,22 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
+        self.norm_kernel = False
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.norm_kernel and self.training and torch.is_grad_enabled() and residual_norm.supports(x):
+            return self._forward_junctions(x, key_padding_mask)
         x = x + self.drop_path(self.attn(self.norm1(x), key_padding_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _forward_junctions(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """The same block, its junctions differentiated by residual_norm's kernels (stochastic depth
+        drawn in the same order: the same samples dropped for the same seed)."""
+        x, h = residual_norm.layer_norm_residual(x, self.norm1)
+        a = self.attn(h, key_padding_mask, proj_bias_gradient=False)
+        x, h = residual_norm.branch_layer_norm(x, a, self.drop_path.sample_scale(a), self.attn.proj.bias, self.norm2)
+        m = self.mlp(h, fc2_bias_gradient=False)
+        return residual_norm.branch_add(x, m, self.drop_path.sample_scale(m), self.mlp.fc2.bias)
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
