@@ -1,4 +1,4 @@
-"""Our MLPs and attention layers with and without the kernels that sum their bias gradients, one run.
+"""Our MLPs, attention layers and blocks with and without the kernels that sum their bias gradients, one run.
 
 Compiled by inductor, a block's backward pass reads two of its gradients back only to sum a
 bias's gradient over the tokens: the GELU input's (fc1's bias; 8 bytes per element of the
@@ -7,16 +7,22 @@ assembled it from SDPA's dq, dk and dv). :mod:`skysense.models.gelu_bias` and
 :mod:`skysense.models.qkv_gradient` sum them in the kernels that write those gradients
 (``set_mlp_kernel``, ``set_qkv_kernel``): in inductor's H100 plan about 12.8 + 9.7 GB less per
 step of part (b) (``benchmarks/block_traffic.py --plan h100 --mlp-kernel --qkv-kernel``).
+:mod:`skysense.models.residual_norm` differentiates a pre-norm block's residual junctions (the
+norms, the residual adds, the projections' bias gradients) in one kernel each
+(``set_norm_kernel``): 21.5 GB less per step of part (b) (``--norm-kernel``).
 
 This times, compiled, forward + backward under bf16 autocast, with and without the kernel in the
 same process (after checking both give the same output and gradients within bf16 rounding):
 - ``mlp`` rows: one ``Mlp`` (fc1, exact GELU, fc2) at the width and token count of ViT-L/4
   (part (b); the fusion's, part (c), differ by 0.4% in tokens) and of each SwinV2-H stage (part (a));
 - ``qkv`` rows: one ``Attention`` (qkv projection, SDPA, output projection) of ViT-L/4 and one of
-  the fusion (SDPA: where the short kernel runs the fusion's attention it sums that bias itself).
+  the fusion (SDPA: where the short kernel runs the fusion's attention it sums that bias itself);
+- a ``norm`` row: one whole ``TransformerBlock`` of ViT-L/4 (the junctions span the block; the
+  fusion's blocks are as wide, with 0.4% fewer tokens), whose kernels save a few percent of its
+  time at most, hence :data:`BLOCK_MARGIN`.
 It adds the times up as the blocks of each part's step run them; ``--choice-from`` turns the
-report into ``gpu_step.py``'s ``--our-mlp-kernel`` and ``--our-qkv-kernel`` arguments for the
-parts where a kernel won by :data:`MARGIN` or more (``pretrain_step`` when it won over all of its
+report into ``gpu_step.py``'s ``--our-mlp-kernel``, ``--our-qkv-kernel`` and ``--our-norm-kernel``
+arguments for the parts where a kernel won by :data:`MARGIN` (a whole block: :data:`BLOCK_MARGIN`) or more (``pretrain_step`` when it won over all of its
 rows together).
 
     python benchmarks/bias_kernels.py --json bias_kernels.json           # CUDA, huge shapes
@@ -41,19 +47,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_step  # noqa: E402  (beside this file: shapes, timing, atomic writes)
 
 from skysense.config import preset_config  # noqa: E402
-from skysense.models import gelu_bias, qkv_gradient  # noqa: E402
-from skysense.models.layers import Attention, Mlp  # noqa: E402
+from skysense.models import gelu_bias, qkv_gradient, residual_norm  # noqa: E402
+from skysense.models.layers import Attention, Mlp, TransformerBlock  # noqa: E402
 
-# A kernel is chosen for a part whose step total it beats by this factor or more.
+# A kernel is chosen for a part whose step total it beats by this factor or more; the junction
+# kernels, timed on whole blocks (matrix products included), by BLOCK_MARGIN.
 MARGIN = 1.05
+BLOCK_MARGIN = 1.02
 # Largest difference allowed between the two settings' outputs and gradients, relative to the
 # largest value of each (bf16 rounds to 3.9e-3; the MLP kernel adds the bias after the product's rounding).
 TOLERANCE = 2e-2
 # Per kind of kernel: gpu_step.py's argument, and for each part the rows its step total adds up
 # (the fusion's MLPs are ViT-L/4's width; part (d) has every encoder and the fusion).
-KINDS = {"mlp": "--our-mlp-kernel", "qkv": "--our-qkv-kernel"}
+KINDS = {"mlp": "--our-mlp-kernel", "qkv": "--our-qkv-kernel", "norm": "--our-norm-kernel"}
 PART_ROWS = {"mlp": {"swin_v2": ("swin_v2",), "vit": ("vit",), "fusion": ("vit",), "pretrain_step": ("swin_v2", "vit")},
-             "qkv": {"vit": ("vit",), "fusion": ("fusion",), "pretrain_step": ("vit", "fusion")}}
+             "qkv": {"vit": ("vit",), "fusion": ("fusion",), "pretrain_step": ("vit", "fusion")},
+             "norm": {"vit": ("vit",), "fusion": ("vit",), "pretrain_step": ("vit",)}}
 
 
 def row_shapes(shapes: gpu_step.Shapes) -> list[dict[str, Any]]:
@@ -71,7 +80,10 @@ def row_shapes(shapes: gpu_step.Shapes) -> list[dict[str, Any]]:
              "sequences": shapes.vit_batch, "tokens": vit_tokens, "blocks": vit.depth},
             {"kind": "qkv", "part": "fusion", "label": "fusion attention", "dim": fusion.embed_dim,
              "heads": fusion.num_heads, "sequences": shapes.fusion_batch, "tokens": shapes.fusion_tokens,
-             "blocks": fusion.depth}]
+             "blocks": fusion.depth},
+            {"kind": "norm", "part": "vit", "label": "ViT block", "dim": vit.embed_dim, "heads": vit.num_heads,
+             "hidden": int(vit.embed_dim * vit.mlp_ratio), "sequences": shapes.vit_batch, "tokens": vit_tokens,
+             "blocks": vit.depth}]
     hr = config.hr
     side = shapes.swin_image // hr.patch_size
     for stage, depth in enumerate(hr.depths):
@@ -94,12 +106,17 @@ def run_row(row: dict[str, Any], kernel: bool, device: torch.device, warmup: int
         shape = (row["sequences"] * row["tokens"], row["dim"])
         probe = torch.empty(shape[0], row["hidden"], device=device, dtype=torch.bfloat16)
         ran = kernel and gelu_bias.supports(probe, layer.fc1.bias)
-    else:
+    elif row["kind"] == "qkv":
         layer = Attention(row["dim"], row["heads"]).to(device).train()
         qkv_gradient.set_qkv_kernel(layer, kernel)
         shape = (row["sequences"], row["tokens"], row["dim"])
         probe = torch.empty(*shape[:2], 3 * row["dim"], device=device, dtype=torch.bfloat16)
         ran = kernel and qkv_gradient.supports(probe, row["heads"])
+    else:
+        layer = TransformerBlock(row["dim"], row["heads"], row["hidden"] / row["dim"]).to(device).train()
+        residual_norm.set_norm_kernel(layer, kernel)
+        shape = (row["sequences"], row["tokens"], row["dim"])
+        ran = kernel and residual_norm.supports(torch.empty(shape, device=device))
     x = torch.randn(shape, device=device, requires_grad=True)
     gradient = torch.randn(shape, device=device, dtype=torch.bfloat16)
     torch.compiler.reset()
@@ -169,8 +186,9 @@ def part_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any
 def chosen_parts(report: dict[str, Any], kind: str) -> list[str]:
     """The parts whose layers the ``kind`` kernel made faster by :data:`MARGIN` or more, with values
     that checked out."""
+    margin = BLOCK_MARGIN if kind == "norm" else MARGIN
     return [part for part, total in report.get("parts", {}).get(kind, {}).items()
-            if total["sound"] and total["ratio"] >= MARGIN]
+            if total["sound"] and total["ratio"] >= margin]
 
 
 def choice_arguments(report: dict[str, Any]) -> list[str]:
@@ -187,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     gpu_step.add_layer_arguments(parser)
     parser.add_argument("--choice-from", type=Path, metavar="JSON",
-                        help="only print gpu_step.py's --our-mlp-kernel / --our-qkv-kernel arguments for the parts "
-                             "this report chose (nothing if none)")
+                        help="only print gpu_step.py's --our-mlp-kernel / --our-qkv-kernel / --our-norm-kernel "
+                             "arguments for the parts this report chose (nothing if none)")
     args = parser.parse_args(argv)
     if args.choice_from:
         print(" ".join(choice_arguments(json.loads(args.choice_from.read_text()))))
@@ -197,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = gpu_step.SMALL if args.small else gpu_step.HUGE
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "preset": shapes.preset, "compiled": not args.no_compile,
-              "dtype": "bf16 autocast", "margin": MARGIN, "tolerance": TOLERANCE}
+              "dtype": "bf16 autocast", "margin": MARGIN, "block_margin": BLOCK_MARGIN, "tolerance": TOLERANCE}
     measure(shapes, device, args.warmup, args.repeats, not args.no_compile, report, args.json)
     for kind, parts in report["parts"].items():
         for part, total in parts.items():

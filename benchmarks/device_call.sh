@@ -21,11 +21,13 @@
 #      kernel "short" where its values check out) that beat SDPA's default by 1.1x or more over
 #      the part's calls; "short" for (d)'s fusion too if our compiled fusion with it then beat
 #      timm's in step 1;
-#   0b. then (unless BIAS=0): benchmarks/bias_kernels.py, our MLPs and attention layers with and
-#      without the kernels that sum their bias gradients (skysense.models.gelu_bias, qkv_gradient)
-#      at (a)'s, (b)'s and (c)'s shapes, values checked; steps 1 and 2 run our layers with each
-#      kernel in the parts where it won by 1.05x or more ((d) also only if our compiled rows with
-#      them ran in step 1); BIAS_KERNELS="--our-mlp-kernel PARTS --our-qkv-kernel PARTS" chooses instead;
+#   0b. then (unless BIAS=0, at most 75 s): benchmarks/bias_kernels.py, our MLPs, attention layers
+#      and a ViT-L block with and without the kernels that sum their bias gradients
+#      (skysense.models.gelu_bias, qkv_gradient, residual_norm) at (a)'s, (b)'s and (c)'s shapes,
+#      values checked; steps 1 and 2 run our layers with each kernel in the parts where it won by
+#      1.05x or more (a whole block: 1.02x; (d) also only if our compiled rows with them ran in
+#      step 1); BIAS_KERNELS="--our-mlp-kernel PARTS --our-qkv-kernel PARTS --our-norm-kernel PARTS"
+#      chooses instead;
 #   3. last (unless ATTENTION=0), with what (d) leaves (at least SWIN_RESERVE seconds, default 90):
 #      benchmarks/swin_attention.py, SwinV2-H's window attention layers through SDPA and through
 #      the short kernel, compiled, with the step's ratio (a measurement; (a) itself is not run).
@@ -85,7 +87,7 @@ fi
 bias_args=()
 if [ "${BIAS:-1}" != 0 ]; then
     # On the CPU (SMOKE) the kernels run only under Triton's interpreter.
-    step bias 60 env ${SMOKE:+TRITON_INTERPRET=1} bash -c "python3 benchmarks/bias_kernels.py \
+    step bias 75 env ${SMOKE:+TRITON_INTERPRET=1} bash -c "python3 benchmarks/bias_kernels.py \
         ${attention_args[*]} --json $out/bias_kernels.json 2>&1 | tee $out/bias_kernels.log"
     bias=$(python3 benchmarks/bias_kernels.py --choice-from "$finished/bias_kernels.json" 2>/dev/null)
     # BIAS_KERNELS overrides the choice (a second call, or the smoke run's paths)

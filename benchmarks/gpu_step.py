@@ -45,8 +45,10 @@ timm's); ``--our-sdpa PART=NAMES`` restricts only our attention layers of that p
 encoders). ``benchmarks/attention_backends.py`` times each backend on the calls of every part.
 ``--our-mlp-kernel PARTS`` runs our MLPs' GELU backward and first bias gradient in one Triton
 kernel (:mod:`skysense.models.gelu_bias`) in those parts, ``--our-qkv-kernel PARTS`` our
-attention layers' qkv gradient and its bias's (:mod:`skysense.models.qkv_gradient`);
-``benchmarks/bias_kernels.py`` times both against inductor's kernels.
+attention layers' qkv gradient and its bias's (:mod:`skysense.models.qkv_gradient`),
+``--our-norm-kernel PARTS`` the pre-norm blocks' residual junctions with their norms' and
+projections' bias gradients (:mod:`skysense.models.residual_norm`);
+``benchmarks/bias_kernels.py`` times each against inductor's kernels.
 
 The report is rewritten (atomically) after every row, so a run stopped by a time limit keeps
 what it measured; ``--budget`` stops starting new measurements after that many seconds.
@@ -89,7 +91,8 @@ from skysense.compilation import compile_blocks
 from skysense.config import SkySenseConfig, preset_config
 from skysense.devices import adamw, to_device
 from skysense.distributed import apply_activation_checkpointing, clip_grad_norm, matmul_outputs_saved
-from skysense.models import SDPA_BACKENDS, set_attention_backends, set_mlp_kernel, set_qkv_kernel, short_attention
+from skysense.models import (SDPA_BACKENDS, set_attention_backends, set_mlp_kernel, set_norm_kernel, set_qkv_kernel,
+                             short_attention)
 from skysense.models.attention import check_attention_backends
 from skysense.models.fusion import FusionTransformer
 from skysense.models.layers import TransformerBlock
@@ -234,6 +237,9 @@ class Options:
     # For our models only: the parts whose attention layers assemble the qkv gradient from SDPA's
     # and sum the qkv bias's gradient in one kernel (skysense.models.qkv_gradient.set_qkv_kernel).
     our_qkv_kernel: tuple[str, ...] = ()
+    # For our models only: the parts whose pre-norm blocks differentiate their residual junctions
+    # (norms, residual adds, projection biases) in one kernel each (skysense.models.residual_norm).
+    our_norm_kernel: tuple[str, ...] = ()
     # Part (d)'s Sinkhorn-Knopp: None as the pretraining config's default (rounds until the
     # tolerance, each test a host sync); N: exactly N rounds, no test (sinkhorn_stop_early: false).
     sinkhorn_rounds: int | None = None
@@ -249,12 +255,15 @@ OUR_SDPA_SCOPES = {"swin_v2": ("hr",), "vit": ("s2", "s1"), "fusion": ("fusion",
 
 def set_our_attention(part: str, model: nn.Module, options: Options) -> None:
     """Restrict the attention backends of our ``model`` of ``part`` as ``options.our_sdpa`` asks,
-    and set its MLPs to the GELU kernel and its attention layers to the qkv kernel if
-    ``options.our_mlp_kernel`` and ``options.our_qkv_kernel`` name the part."""
+    and set its MLPs to the GELU kernel, its attention layers to the qkv kernel and its pre-norm
+    blocks to the junction kernels if ``options.our_mlp_kernel``, ``options.our_qkv_kernel`` and
+    ``options.our_norm_kernel`` name the part."""
     if part in options.our_mlp_kernel:
         set_mlp_kernel(model, True)
     if part in options.our_qkv_kernel:
         set_qkv_kernel(model, True)
+    if part in options.our_norm_kernel:
+        set_norm_kernel(model, True)
     for scope, backends in (options.our_sdpa or {}).items():
         if part == "pretrain_step":
             for network in (model.pretraining.student, model.pretraining.teacher):
@@ -864,6 +873,7 @@ class Run:
             "our_sdpa": {k: list(v) for k, v in options.our_sdpa.items()} if options.our_sdpa else None,
             "our_mlp_kernel": list(options.our_mlp_kernel),
             "our_qkv_kernel": list(options.our_qkv_kernel),
+            "our_norm_kernel": list(options.our_norm_kernel),
             "sinkhorn_rounds": options.sinkhorn_rounds,
             "memory_cap": None,
             "warmup": options.warmup,
@@ -1120,6 +1130,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{''.join(f'; our {k} SDPA ' + '/'.join(v) for k, v in (report.get('our_sdpa') or {}).items())}"
         f"{'; our GELU kernel in ' + ', '.join(report['our_mlp_kernel']) if report.get('our_mlp_kernel') else ''}"
         f"{'; our qkv kernel in ' + ', '.join(report['our_qkv_kernel']) if report.get('our_qkv_kernel') else ''}"
+        f"{'; our junction kernels in ' + ', '.join(report['our_norm_kernel']) if report.get('our_norm_kernel') else ''}"
         f"{settings}; matmul peak "
         f"{peak['tflops_per_s']:.2f} TFLOP/s (n={peak['matmul_n']}, {peak['dtype']})"
         f"{'; copy ' + format(peak['copy_gb_per_s'], ',.0f') + ' GB/s' if peak.get('copy_gb_per_s') else ''}",
@@ -1234,6 +1245,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--our-qkv-kernel", metavar="PART[,PART...]", default="",
                         help="only for our models: the parts whose attention layers assemble the qkv gradient and "
                              "sum its bias's in one kernel where SDPA runs (skysense.models.qkv_gradient; CUDA)")
+    parser.add_argument("--our-norm-kernel", metavar="PART[,PART...]", default="",
+                        help="only for our models: the parts whose pre-norm blocks differentiate each residual "
+                             "junction (norm, residual add, projection bias) in one kernel "
+                             "(skysense.models.residual_norm; CUDA)")
     parser.add_argument("--sinkhorn-rounds", type=int, metavar="N",
                         help="(d): exactly N Sinkhorn-Knopp rounds per call, without the convergence tests that "
                              "read the GPU back (default: the pretraining config's, rounds until the tolerance)")
@@ -1277,7 +1292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except ValueError as error:
             parser.error(str(error))
     kernel_parts = {}
-    for flag, value in (("--our-mlp-kernel", args.our_mlp_kernel), ("--our-qkv-kernel", args.our_qkv_kernel)):
+    for flag, value in (("--our-mlp-kernel", args.our_mlp_kernel), ("--our-qkv-kernel", args.our_qkv_kernel),
+                        ("--our-norm-kernel", args.our_norm_kernel)):
         kernel_parts[flag] = tuple(p.strip() for p in value.split(",") if p.strip())
         if set(kernel_parts[flag]) - set(Options.parts):
             parser.error(f"{flag} {value!r}: expected parts among {list(Options.parts)}")
@@ -1290,7 +1306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       compile_cache=Path(args.compile_cache) if args.compile_cache else None,
                       sdpa_priority=tuple(n.strip() for n in args.sdpa_priority.split(",")) if args.sdpa_priority else None,
                       our_sdpa=our_sdpa or None, our_mlp_kernel=kernel_parts["--our-mlp-kernel"],
-                      our_qkv_kernel=kernel_parts["--our-qkv-kernel"], sinkhorn_rounds=args.sinkhorn_rounds,
+                      our_qkv_kernel=kernel_parts["--our-qkv-kernel"],
+                      our_norm_kernel=kernel_parts["--our-norm-kernel"], sinkhorn_rounds=args.sinkhorn_rounds,
                       memory_cap_gib=args.memory_cap_gib)
     report = run_benchmark(options)
     print(format_table(report))

@@ -177,32 +177,37 @@ def test_our_sdpa_restricts_our_attention_only(monkeypatch, sdpa_choices) -> Non
 
 
 def test_our_bias_kernels_are_set_in_our_models_of_the_named_parts_only(monkeypatch) -> None:
-    """``--our-mlp-kernel PARTS`` and ``--our-qkv-kernel PARTS`` set our MLPs and attention layers of
-    those parts to their kernels (on the CPU, where they cannot run, the layers compute the same
-    values another way), say so in the report, and leave timm's models and the other parts alone."""
+    """``--our-mlp-kernel PARTS``, ``--our-qkv-kernel PARTS`` and ``--our-norm-kernel PARTS`` set our
+    MLPs, attention layers and pre-norm blocks of those parts to their kernels (on the CPU, where
+    they cannot run, the layers compute the same values another way), say so in the report, and
+    leave timm's models and the other parts alone."""
     monkeypatch.setattr(gpu_step, "SMALL", TINY)
     report = gpu_step.main(["--device", "cpu", "--small", "--no-compile", "--parts", "fusion", "--warmup", "0",
-                            "--repeats", "1", "--our-mlp-kernel", "fusion", "--our-qkv-kernel", "vit,fusion"])
+                            "--repeats", "1", "--our-mlp-kernel", "fusion", "--our-qkv-kernel", "vit,fusion",
+                            "--our-norm-kernel", "fusion"])
     assert report["our_mlp_kernel"] == ["fusion"] and report["our_qkv_kernel"] == ["vit", "fusion"]
+    assert report["our_norm_kernel"] == ["fusion"]
     table = gpu_step.format_table(report)
     assert "our GELU kernel in fusion" in table and "our qkv kernel in vit, fusion" in table
+    assert "our junction kernels in fusion" in table
     assert report["results"] and all(r["error"] is None for r in report["results"])
-    for flag in ("--our-mlp-kernel", "--our-qkv-kernel"):
+    for flag in ("--our-mlp-kernel", "--our-qkv-kernel", "--our-norm-kernel"):
         with pytest.raises(SystemExit):
             gpu_step.main(["--device", "cpu", "--small", flag, "hr"])
     options = gpu_step.Options(device="cpu", dtype="fp32", shapes=TINY, our_mlp_kernel=("vit",),
-                               our_qkv_kernel=("fusion",))
+                               our_qkv_kernel=("fusion",), our_norm_kernel=("vit",))
     for part, mlp, qkv in (("vit", True, False), ("fusion", False, True)):
         models, _ = gpu_step.encoder_models(part, TINY, torch.device("cpu"))
         gpu_step.set_our_attention(part, models["skysense"], options)
-        for setting, expected in (("gelu_kernel", mlp), ("qkv_kernel", qkv)):
+        for setting, expected in (("gelu_kernel", mlp), ("qkv_kernel", qkv), ("norm_kernel", mlp)):
             layers = [m for m in models["skysense"].modules() if hasattr(m, setting)]
             assert layers and all(getattr(m, setting) is expected for m in layers), (part, setting)
             assert not any(hasattr(m, setting) for m in models["timm"].modules())
     step = gpu_step.pretrain_model(dataclasses.replace(options, our_mlp_kernel=("pretrain_step",),
-                                                       our_qkv_kernel=("pretrain_step",)))
+                                                       our_qkv_kernel=("pretrain_step",),
+                                                       our_norm_kernel=("pretrain_step",)))
     for network in (step.pretraining.student, step.pretraining.teacher):
-        for setting in ("gelu_kernel", "qkv_kernel"):
+        for setting in ("gelu_kernel", "qkv_kernel", "norm_kernel"):
             layers = [m for m in network.modules() if hasattr(m, setting)]
             assert layers and all(getattr(m, setting) for m in layers), setting
 

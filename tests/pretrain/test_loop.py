@@ -157,16 +157,17 @@ def test_attention_backends_reach_the_student_and_the_teacher(tmp_path: Path, ai
         PretrainConfig.from_dict({**CONFIG, "attention_backends": {"fusion": ["fastest"]}})
 
 
-@pytest.mark.parametrize("setting, attribute", [("mlp_kernel", "gelu_kernel"), ("qkv_kernel", "qkv_kernel")])
+@pytest.mark.parametrize("setting, attribute", [("mlp_kernel", "gelu_kernel"), ("qkv_kernel", "qkv_kernel"),
+                                                ("norm_kernel", "norm_kernel")])
 def test_the_bias_kernel_settings_reach_every_layer_of_both_networks(tmp_path: Path, aid_like: Path, monkeypatch,
                                                                      setting: str, attribute: str) -> None:
-    """``mlp_kernel: true`` sets every MLP, ``qkv_kernel: true`` every attention layer, of the student
-    and of the teacher before compiling; on the CPU, where the kernels cannot run, the layers
+    """``mlp_kernel: true`` sets every MLP, ``qkv_kernel: true`` every attention layer,
+    ``norm_kernel: true`` every pre-norm block, of the student and of the teacher before compiling; on the CPU, where the kernels cannot run, the layers
     compute the same values another way, and the losses are those of the plain run."""
     from skysense.pretrain import loop
 
     calls = []
-    name = {"mlp_kernel": "set_mlp_kernel", "qkv_kernel": "set_qkv_kernel"}[setting]
+    name = {"mlp_kernel": "set_mlp_kernel", "qkv_kernel": "set_qkv_kernel", "norm_kernel": "set_norm_kernel"}[setting]
     original = getattr(loop, name)
     monkeypatch.setattr(loop, name, lambda network, enabled: calls.append(
         (enabled, original(network, enabled), sum(1 for m in network.modules() if getattr(m, attribute, False)))))

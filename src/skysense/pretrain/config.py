@@ -155,9 +155,12 @@ class PretrainConfig:
     # skysense.models.gelu_bias): the same values, 8 bytes per element of a block's input less
     # to move. qkv_kernel: every attention layer that runs SDPA assembles its qkv gradient and
     # sums the qkv bias's in one kernel (skysense.models.qkv_gradient): 6 bytes less.
-    # benchmarks/bias_kernels.py times both against inductor's kernels.
+    # norm_kernel: every pre-norm block differentiates each residual junction (norm, residual
+    # add, the projections' bias gradients) in one kernel (skysense.models.residual_norm): 14
+    # bytes less. benchmarks/bias_kernels.py times each against inductor's kernels.
     mlp_kernel: bool = False
     qkv_kernel: bool = False
+    norm_kernel: bool = False
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:

@@ -44,7 +44,8 @@ from skysense.distributed import (
     mean_across_processes,
     wrap_data_parallel,
 )
-from skysense.models import TRANSFORMER_BLOCKS, PixelShuffleProjection, set_mlp_kernel, set_qkv_kernel
+from skysense.models import (TRANSFORMER_BLOCKS, PixelShuffleProjection, set_mlp_kernel, set_norm_kernel,
+                             set_qkv_kernel)
 from skysense.pretrain.checkpoint import (
     STATE_NAME,
     has_checkpoint,
@@ -150,6 +151,7 @@ def _pretrain(config: PretrainConfig, out: Path, data_root: str | None, resume: 
         network.set_attention_backends(config.attention_backends)
         set_mlp_kernel(network, config.mlp_kernel)
         set_qkv_kernel(network, config.qkv_kernel)
+        set_norm_kernel(network, config.norm_kernel)
     if config.compile == "blocks":  # after checkpointing, before FSDP: both hook around the compiled forward
         compile_blocks(module, TRANSFORMER_BLOCKS)
     sharded = is_sharded(config) and context.enabled
