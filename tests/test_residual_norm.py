@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmark_scripts import BENCHMARKS
 from triton_interpreter import run_interpreted
 
 from skysense.models import residual_norm
@@ -188,3 +189,41 @@ def test_a_stream_the_kernel_does_not_take_is_refused_with_its_shape() -> None:
     assert not residual_norm.supports(torch.zeros(4, 8, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"layer_norm_residual: .*got \(4, 8\) torch.float32 on cpu"):
         residual_norm.layer_norm_residual(torch.zeros(4, 8), norm)
+
+
+@pytest.mark.slow
+def test_the_huge_pretraining_step_with_the_kernel_compiles_into_as_few_graphs() -> None:
+    """(d) at huge's structure with narrow widths (as ``test_gpu_step_benchmark``'s graph count),
+    every pre-norm block on the junction kernels, selectively checkpointed and compiled
+    block-wise (``aot_eager``): still 27 graphs, no graph break, and a second step compiles
+    nothing. The kernel's operator returns zeros here (its shapes, not its values: under the
+    interpreter the real kernel would take minutes at these depths)."""
+    out = run_interpreted("""
+        import dataclasses, functools, sys
+        sys.path.insert(0, BENCHMARKS)
+        import torch
+        from torch import Tensor  # the operator's annotations name it
+        import gpu_step
+        from skysense.compilation import compile_blocks
+        from skysense.models import residual_norm, set_norm_kernel
+        real = residual_norm._backward
+        @functools.wraps(real)
+        def zeros(*args):
+            return tuple(t.zero_() for t in residual_norm._backward_fake(*args))
+        residual_norm._backward = zeros
+        options = gpu_step.Options(device="cpu", dtype="fp32", shapes=dataclasses.replace(gpu_step.HUGE, step_batches=(1,)),
+                                   sinkhorn_rounds=30)
+        model = gpu_step.narrow_huge_model(options)
+        print("blocks", set_norm_kernel(model, True))
+        workload = gpu_step.pretrain_workload(model, 1, options)
+        workload.checkpoint("selective")
+        counters = torch._dynamo.utils.counters
+        print("compiled", compile_blocks(model, workload.blocks, backend="aot_eager"))
+        workload.step(model)
+        graphs = counters["stats"]["unique_graphs"]
+        workload.step(model)
+        print("graphs", graphs, counters["stats"]["unique_graphs"], "breaks", len(counters["graph_break"]))
+    """.replace("BENCHMARKS", repr(str(BENCHMARKS))))
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    assert lines["blocks"] == "144" and lines["compiled"] == "192", out  # ViTs and fusion, student and teacher
+    assert lines["graphs"] == "27 27 breaks 0", out
