@@ -197,6 +197,30 @@ def test_a_missing_gpu_is_named(aid_like, tmp_path):
         finetune(_config(aid_like, device="cuda"), tmp_path / "run", progress=False)
 
 
+def test_the_kernel_settings_reach_every_layer_of_the_encoder(aid_like, tmp_path, monkeypatch):
+    """``mlp_kernel``, ``qkv_kernel`` and ``norm_kernel`` set the encoder's MLPs, attention layers
+    and pre-norm blocks before compiling, as in pretraining; on the CPU, where the kernels cannot
+    run, the losses are those of the plain run."""
+    from skysense.downstream import finetune as module
+
+    calls = []
+    for name in ("set_mlp_kernel", "set_qkv_kernel", "set_norm_kernel"):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda network, enabled, name=name, original=original: calls.append(
+            (name, enabled, original(network, enabled))))
+    losses = {}
+    for enabled in (False, True):
+        config = _config(aid_like, max_steps=2, device="cpu", mlp_kernel=enabled, qkv_kernel=enabled,
+                         norm_kernel=enabled)
+        losses[enabled] = [r["loss"] for r in finetune(config, tmp_path / str(enabled), progress=False)]
+    assert [(name, enabled) for name, enabled, _ in calls] == [
+        (name, enabled) for enabled in (False, True) for name in ("set_mlp_kernel", "set_qkv_kernel", "set_norm_kernel")]
+    counts = {name: count for name, enabled, count in calls if enabled}
+    # every block has an MLP; only the ViTs' and the fusion's are pre-norm (SwinV2's are post-norm)
+    assert counts["set_mlp_kernel"] > counts["set_norm_kernel"] > 0 and counts["set_qkv_kernel"] > 0, counts
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_attention_backends_reach_the_encoder(aid_like, tmp_path, sdpa_choices):
     """Every network restricted to the math path: every attention call of a fine-tuning run
     takes it (the CPU's default for the fusion's unmasked sequences is its flash kernel), and

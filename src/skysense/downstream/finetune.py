@@ -43,7 +43,7 @@ from skysense.downstream.registry import downstream_dataset
 from skysense.devices import adamw, resolve_device, to_device, training_autocast
 from skysense.distributed import check_checkpointing_setting, checkpoint_blocks
 from skysense.downstream.tasks import TASKS, DownstreamModel, TaskSpec, build_task_model
-from skysense.models import TRANSFORMER_BLOCKS, SkySense
+from skysense.models import TRANSFORMER_BLOCKS, SkySense, set_mlp_kernel, set_norm_kernel, set_qkv_kernel
 from skysense.pretrain.data import StepBatchSampler
 from skysense.pretrain.loop import METRICS_NAME, STATE_NAME, MetricsLog, NonFiniteLossError, learning_rate
 from skysense.validation import checked_on_host
@@ -127,6 +127,14 @@ class FinetuneConfig:
     # (networks hr, s2, s1, fusion, geo; backends cudnn, flash, efficient, math, or explicit
     # alone). Empty: torch's choice.
     attention_backends: dict[str, list[str]] = field(default_factory=dict)
+    # The encoder's bias-gradient kernels on CUDA, as in pretraining (PretrainConfig): every MLP's
+    # GELU backward with fc1's bias gradient (skysense.models.gelu_bias), every SDPA attention
+    # layer's qkv gradient with its bias's (qkv_gradient), every pre-norm block's residual
+    # junctions with their norms' and projections' bias gradients (residual_norm). The same
+    # values; on the CPU the layers compute them without the kernels.
+    mlp_kernel: bool = False
+    qkv_kernel: bool = False
+    norm_kernel: bool = False
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
 
     def __post_init__(self) -> None:
@@ -301,6 +309,9 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
         model.encoder.requires_grad_(False)
     checkpoint_blocks(model.encoder, TRANSFORMER_BLOCKS, config.activation_checkpointing)
     model.encoder.set_attention_backends(config.attention_backends)  # before compiling
+    set_mlp_kernel(model.encoder, config.mlp_kernel)
+    set_qkv_kernel(model.encoder, config.qkv_kernel)
+    set_norm_kernel(model.encoder, config.norm_kernel)
     optimizer = adamw(parameter_groups(model, encoder.config, config.optim.weight_decay, config.optim.layer_decay),
                       config.optim.lr, device)
     start = _load_state(out, model, optimizer, config) if resume else 0
