@@ -105,6 +105,44 @@ def test_blocks_with_the_kernel_train_as_without_it_eager_and_compiled() -> None
 
 
 @pytest.mark.slow
+def test_blocks_with_the_kernel_under_bf16_autocast_match_within_its_rounding() -> None:
+    """Under bf16 autocast, as on CUDA (the norms' outputs cast to bf16 inside the junctions, their
+    gradients arriving in bf16), eager and compiled, without and with stochastic depth: the output
+    and every gradient within 2e-2 of the plain block's largest value (bf16 rounds to 3.9e-3; the
+    kernel sums in float32 what autograd sums from bf16 copies). A gradient lost on the way (as
+    torch 2.11's compiled path lost a norm's through a cast that returned its input) is 1.0 off."""
+    out = run_interpreted("""
+        import copy, torch
+        torch._dynamo.config.recompile_limit = 64
+        from skysense.models import set_norm_kernel
+        from skysense.models.layers import TransformerBlock
+        torch.manual_seed(0)
+        x = torch.randn(4, 20, 64)
+        for rate in (0.0, 0.3):
+            block = TransformerBlock(64, 4, 4.0, rate, 1e-6)
+            ours = copy.deepcopy(block)
+            set_norm_kernel(ours, True)
+            def run(model, backend):
+                model = copy.deepcopy(model).train()
+                forward = torch.compile(model, backend=backend, fullgraph=True) if backend else model
+                inputs = x.clone().requires_grad_()
+                torch.manual_seed(1)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = forward(inputs)
+                out.float().square().mean().backward()
+                return {"out": out, "x": inputs.grad, **{n: p.grad for n, p in model.named_parameters()}}
+            for backend in (None, "aot_eager", "inductor"):
+                got, reference = run(ours, backend), run(block, backend)
+                errors = {k: ((got[k].float() - v.float()).abs().max() / v.float().abs().max()).item()
+                          for k, v in reference.items()}
+                print(rate, backend, len(errors), f"{max(errors.values()):.2e}")
+    """)
+    rows = [line.split() for line in out.splitlines()]
+    assert len(rows) == 6 and all(row[2] == "14" for row in rows), out
+    assert max(float(row[-1]) for row in rows) < 2e-2, out
+
+
+@pytest.mark.slow
 def test_a_dropped_sample_gets_no_branch_gradient() -> None:
     """With stochastic depth at 0.99 (every sample dropped in both branches, for seed 3), the block
     is the identity, the output projection and both branch biases get zero gradient, and the

@@ -217,7 +217,10 @@ class _ResidualNorm(torch.autograd.Function):
     def forward(x: Tensor, branch: Tensor | None, scale: Tensor | None, branch_bias: Tensor | None, weight: Tensor,
                 bias: Tensor | None, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:  # noqa: D102
         stream = x.view_as(x) if branch is None else x + _scaled(branch, scale)
-        return stream, F.layer_norm(stream, (x.shape[-1],), weight, bias, eps).to(out_dtype)
+        normed = F.layer_norm(stream, (x.shape[-1],), weight, bias, eps)
+        # Cast only where the type changes: compiled on torch 2.11 (the H100's), an output made by
+        # a `.to()` that returns its input loses its gradient (zeros arrive; not on torch 2.14).
+        return stream, normed if normed.dtype == out_dtype else normed.to(out_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001, D102
