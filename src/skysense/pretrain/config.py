@@ -156,7 +156,7 @@ class PretrainConfig:
     # to move. qkv_kernel: every attention layer that runs SDPA assembles its qkv gradient and
     # sums the qkv bias's in one kernel (skysense.models.qkv_gradient): 6 bytes less.
     # norm_kernel: every pre-norm block differentiates each residual junction (norm, residual
-    # add, the projections' bias gradients) in one kernel (skysense.models.residual_norm): 14
+    # add, the projections' bias gradients) in one kernel (skysense.models.residual_norm): about 13
     # bytes less. benchmarks/bias_kernels.py times each against inductor's kernels.
     mlp_kernel: bool = False
     qkv_kernel: bool = False
