@@ -36,6 +36,7 @@ shapes at hand (minutes more of compilation).
 On one 80 GB GPU, without FSDP's sharding of 35 GiB of weights, gradients and moments, batch 3
 is estimated at 90.7 GiB without activation checkpointing, 70.5 GiB with every block keeping
 only its matmul and attention outputs ("selective": it recomputes element-wise work only),
+62.1 GiB with the fusion's blocks selective and the encoders' recomputed ("selective-fusion"),
 54.6 GiB with the fusion transformer's blocks recomputed and 39.5 GiB with every block
 (``benchmarks/step_memory.py``): expect the retries, in that order (CHECKPOINTING).
 
@@ -185,9 +186,13 @@ SMALL = Shapes(preset="tiny", swin_image=64, swin_batch=4, vit_image=16, vit_bat
                fusion_batch=64, step_batches=(2,), step_hr=128, step_s2_frames=2, step_s1_frames=2, matmul_n=1024)
 COMPILE_SCOPES = ("blocks", "model")
 # Activation checkpointing of a workload (Workload.checkpoint), in the order (d) tries them when
-# the paper's batch does not fit: estimated at batch 3 on one device 90.7, 70.5, 54.6 and 39.5 GiB
-# (benchmarks/step_memory.py).
-CHECKPOINTING = ("off", "selective", "fusion", "all")
+# the paper's batch does not fit: estimated at batch 3 on one device 90.7, 70.5, 62.1, 54.6 and
+# 39.5 GiB (benchmarks/step_memory.py). Each recomputes more than the one before: element-wise work
+# only; that and the student encoders' forward (about 5% of the step's 158.3 TFLOP at batch 3);
+# the student fusion's forward instead (20%); every forward (25%) (RESULTS.md, session 20).
+CHECKPOINTING = ("off", "selective", "selective-fusion", "fusion", "all")
+# The settings that name (d)'s fusion transformer apart from its other blocks.
+FUSION_SCOPES = ("selective-fusion", "fusion")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 # Issue 7's targets on an H100 (bf16): the MFU each of our parts must reach.
 MFU_TARGETS = {"swin_v2": 0.50, "vit": 0.55, "fusion": 0.55, "pretrain_step": 0.45}
@@ -302,50 +307,63 @@ class Workload:
 
     def checkpoint(self, scope: str = "all") -> None:
         """Set the activation checkpointing of the blocks (of the student, for (d)); it can be
-        changed between steps. ``scope`` (CHECKPOINTING): "off"; "fusion" (for (d)): the fusion
-        transformer's blocks recompute their whole forward, the others none (they hold two thirds
-        of the step's activations, benchmarks/step_memory.py); "selective": every block keeps its
+        changed between steps. ``scope`` (CHECKPOINTING): "off"; "selective": every block keeps its
         matmul and attention outputs and recomputes the rest
-        (:func:`skysense.distributed.matmul_outputs_saved`); "all": every block recomputes its
-        whole forward."""
+        (:func:`skysense.distributed.matmul_outputs_saved`); "selective-fusion" (for (d)): the
+        fusion transformer's blocks selective, every other block recomputes its whole forward (the
+        pretraining config's ``{hr: true, s2: true, s1: true, fusion: selective}``); "fusion" (for
+        (d)): the fusion transformer's blocks recompute their whole forward, the others none (they
+        hold two thirds of the step's activations, benchmarks/step_memory.py); "all": every block
+        recomputes its whole forward."""
         if scope not in CHECKPOINTING:
             raise ValueError(f"checkpoint scope {scope!r}: expected one of {list(CHECKPOINTING)}")
         target, fusion = self.model, None
         if isinstance(self.model, PretrainStep):
             target, fusion = self.model.pretraining.student, self.model.pretraining.student.fusion
-        elif scope == "fusion":
+        elif scope in FUSION_SCOPES:
             raise ValueError(f"checkpoint scope {scope!r}: only (d) has a fusion transformer; use 'all'")
         switch = getattr(target, "_benchmark_checkpointing", None)
         if switch is None:
-            switch = target._benchmark_checkpointing = SwitchedCheckpointing(target, self.blocks)
-        switch.set(scope, fusion)
+            switch = target._benchmark_checkpointing = SwitchedCheckpointing(target, self.blocks, fusion)
+        switch.set(scope)
         self.checkpointed = scope
 
 
 class SwitchedCheckpointing:
     """Activation checkpointing of every block of a model, switched between steps: which blocks
     recompute (composable ``checkpoint``'s per-block ``enable_hook``) and whether fully or
-    selectively. It is the blocks' ``context_fn``: recomputation runs under
-    :meth:`Recomputation.running`, which the FLOP count leaves out, and when selective,
-    ``compile_blocks`` traces the selective policy inside each compiled block
-    (``traced_in_compile``; the switch is not changed after compiling)."""
+    selectively, for the blocks of ``fusion`` (a submodule) and for the others apart. Each group's
+    :class:`CheckpointContexts` is its blocks' ``context_fn``."""
 
-    def __init__(self, model: nn.Module, blocks: tuple[type[nn.Module], ...]) -> None:
+    def __init__(self, model: nn.Module, blocks: tuple[type[nn.Module], ...], fusion: nn.Module | None = None) -> None:
         from torch.distributed._composable.checkpoint_activation import checkpoint
 
-        self.selective = False
-        apply_activation_checkpointing(model, blocks, context_fn=self)
+        self.fusion, self.others = CheckpointContexts(), CheckpointContexts()
+        if fusion is not None:
+            apply_activation_checkpointing(fusion, blocks, context_fn=self.fusion)
+        apply_activation_checkpointing(model, blocks, context_fn=self.others)
+        self.inside = set(fusion.modules()) if fusion is not None else set()
         self.states = {m: checkpoint.state(m) for m in model.modules() if isinstance(m, blocks)}
+
+    def set(self, scope: str) -> None:
+        for block, state in self.states.items():
+            state.enable_hook = scope in ("selective", "selective-fusion", "all") or (
+                scope == "fusion" and block in self.inside)
+        self.fusion.selective = scope in ("selective", "selective-fusion")
+        self.others.selective = scope == "selective"
+
+
+class CheckpointContexts:
+    """``context_fn`` of a group of checkpointed blocks: the forward's and the recomputation's
+    context managers, selective or not. Recomputation runs under :meth:`Recomputation.running`,
+    which the FLOP count leaves out, and when selective, ``compile_blocks`` traces the selective
+    policy inside each compiled block (``traced_in_compile``; not changed after compiling)."""
+
+    def __init__(self) -> None:
+        self.selective = False
         self.selective_contexts = matmul_outputs_saved()
 
-    def set(self, scope: str, fusion: nn.Module | None = None) -> None:
-        inside = set(fusion.modules()) if fusion is not None else set()
-        for block, state in self.states.items():
-            state.enable_hook = scope in ("selective", "all") or (scope == "fusion" and block in inside)
-        self.selective = scope == "selective"
-
     def __call__(self) -> tuple[Any, Any]:
-        """``context_fn`` of each block's checkpoint: the forward's and the recomputation's."""
         forward, recompute = self.selective_contexts() if self.selective else (nullcontext(), nullcontext())
         return forward, _marked(recompute)
 
@@ -928,7 +946,8 @@ def run_pretrain_step(run: Run) -> None:
 
     When the first batch (the paper's) does not fit without activation checkpointing, it is
     tried again with each next setting of CHECKPOINTING: every block keeping its matmul
-    outputs (selective), the fusion transformer's blocks recomputed, every block recomputed;
+    outputs (selective), the fusion's blocks so and the encoders' recomputed (selective-fusion),
+    the fusion transformer's blocks recomputed, every block recomputed;
     the following batches keep what fitted. When it does not fit even so, one more step of it runs
     under :class:`live_memory.LiveSites` to record what was alive when memory ran out
     (``memory_at_failure`` in its row), and smaller batches are tried down to 1, so that the
@@ -1122,6 +1141,10 @@ def format_table(report: dict[str, Any]) -> str:
     settings = f"; (d) Sinkhorn-Knopp {rounds} rounds without convergence tests" if rounds else ""
     if cap:
         settings += f"; memory capped at {cap['gib']:g} of {cap['device_total_gib']:.2f} GiB"
+    # Each row's mode, with its activation checkpointing beside it where it has any.
+    modes = [r["mode"] if (r.get("activation_checkpointing") or "off") == "off"
+             else f"{r['mode']}, {r['activation_checkpointing']}" for r in report["results"]]
+    width = max([20, *map(len, modes)])
     lines = [
         f"{report['device_name']} ({report['device']}), torch {report['torch']}, timm {report['timm']}, "
         f"{report['dtype']}{' autocast' if report['autocast'] else ''}, {scope}, activation checkpointing "
@@ -1134,7 +1157,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{settings}; matmul peak "
         f"{peak['tflops_per_s']:.2f} TFLOP/s (n={peak['matmul_n']}, {peak['dtype']})"
         f"{'; copy ' + format(peak['copy_gb_per_s'], ',.0f') + ' GB/s' if peak.get('copy_gb_per_s') else ''}",
-        f"{'part':<14} {'impl':<9} {'mode':<20} {'batch':>5} {'step ms':>9} {'items/s':>9} {'TFLOP/s':>8} "
+        f"{'part':<14} {'impl':<9} {'mode':<{width}} {'batch':>5} {'step ms':>9} {'items/s':>9} {'TFLOP/s':>8} "
         f"{'MFU':>6} {'GiB':>6} {'compile s':>9} {'graphs':>6}",
     ]
     cache = report.get("compile_cache")
@@ -1142,18 +1165,15 @@ def format_table(report: dict[str, Any]) -> str:
         lines.insert(1, f"compile cache {cache['path']}: loaded {cache['loaded_bytes']:,} bytes "
                         f"({cache.get('loaded_entries', 0)} entries), saved {cache.get('saved_bytes', 0):,} bytes "
                         f"({cache.get('saved_entries', 0)} entries)")
-    for r in report["results"]:
-        # The row's activation checkpointing beside its mode, where it has any.
-        checkpointed = r.get("activation_checkpointing") or "off"
-        mode = r["mode"] if checkpointed == "off" else f"{r['mode']}, {checkpointed}"
+    for r, mode in zip(report["results"], modes):
         if r["error"]:
-            lines.append(f"{r['part']:<14} {r['implementation']:<9} {mode:<20} {r['batch']:>5} {r['error']}")
+            lines.append(f"{r['part']:<14} {r['implementation']:<9} {mode:<{width}} {r['batch']:>5} {r['error']}")
             continue
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         compiled = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
         graphs = r["compiled_graphs"] if r.get("compiled_graphs") is not None else "-"
         lines.append(
-            f"{r['part']:<14} {r['implementation']:<9} {mode:<20} {r['batch']:>5} {r['step_ms']:>9.1f} "
+            f"{r['part']:<14} {r['implementation']:<9} {mode:<{width}} {r['batch']:>5} {r['step_ms']:>9.1f} "
             f"{r['items_per_s']:>9.1f} {r['tflops_per_s']:>8.3f} {100 * r['mfu']:>5.1f}% {memory:>6} {compiled:>9} {graphs:>6}"
         )
     for r in report["results"]:

@@ -69,6 +69,9 @@ GIB = 2**30
 # attention outputs (``activation_checkpointing: selective``); the fusion transformer's blocks;
 # every transformer block (--activation-checkpointing / ``activation_checkpointing: true``).
 CHECKPOINTING = gpu_step.CHECKPOINTING
+# The pretraining loop's activation_checkpointing for each setting but "off" and "fusion".
+LOOP_SETTINGS = {"selective": "selective", "all": True,
+                 "selective-fusion": {"hr": True, "s2": True, "s1": True, "fusion": "selective"}}
 
 
 def clear_mask_caches() -> None:
@@ -177,8 +180,8 @@ def _estimate(batch: int, checkpointing: str, shapes: gpu_step.Shapes,
     student = model.pretraining.student
     if checkpointing == "fusion":
         apply_activation_checkpointing(student.fusion, (TransformerBlock,))
-    elif checkpointing in ("all", "selective"):  # the loop's activation_checkpointing: true / selective
-        checkpoint_blocks(student, TRANSFORMER_BLOCKS, True if checkpointing == "all" else checkpointing)
+    elif checkpointing != "off":  # the loop's activation_checkpointing: true, selective or per network
+        checkpoint_blocks(student, TRANSFORMER_BLOCKS, LOOP_SETTINGS[checkpointing])
     if context is not None:  # after checkpointing, as the loop
         apply_fsdp(model.pretraining, context, FSDP_UNITS, training_dtype(torch.device("cuda")))  # as on CUDA
     padding = swin_v2.fused_head_multiple

@@ -306,10 +306,14 @@ def _checkpointing_on(step: "gpu_step.PretrainStep") -> str:
     on = [m for m in blocks if checkpoint.state(m) is not None and checkpoint.state(m).enable_hook]
     if not on:
         return "off"
+    switch = student._benchmark_checkpointing
     if len(on) < len(blocks):
         assert set(on) == {m for m in student.fusion.modules() if isinstance(m, TransformerBlock)}
+        assert not switch.fusion.selective
         return "fusion"
-    return "selective" if student._benchmark_checkpointing.selective else "all"
+    if switch.fusion.selective:
+        return "selective" if switch.others.selective else "selective-fusion"
+    return "all"
 
 
 def _out_of_memory_unless(*fitting: str) -> Callable:
@@ -333,14 +337,15 @@ def test_pretrain_step_retries_the_paper_batch_with_the_fusion_checkpointed(monk
     shapes = dataclasses.replace(TINY, step_batches=(2, 3))
     rows = gpu_step.run_benchmark(_quick(shapes=shapes, parts=("pretrain_step",)))["results"]
     assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
-        (2, "off", "OutOfMemoryError"), (2, "selective", "OutOfMemoryError"), (2, "fusion", ""), (3, "fusion", "")]
+        (2, "off", "OutOfMemoryError"), (2, "selective", "OutOfMemoryError"), (2, "selective-fusion", "OutOfMemoryError"),
+        (2, "fusion", ""), (3, "fusion", "")]
     monkeypatch.undo()
     plain = gpu_step.run_benchmark(_quick(shapes=dataclasses.replace(TINY, step_batches=(3,)),
                                           parts=("pretrain_step",)))["results"]
     # Equal but for Sinkhorn-Knopp's rounds (two small products each, and as many rounds as it
     # takes to converge, which float rounding can move by one check: 2e-6 of this step seen on
     # torch 2.11). Counting the recomputation would add a third of the fusion's FLOPs.
-    assert rows[3]["flops_per_step"] == pytest.approx(plain[0]["flops_per_step"], rel=1e-4)
+    assert rows[4]["flops_per_step"] == pytest.approx(plain[0]["flops_per_step"], rel=1e-4)
     # (d)'s eager row also counts one step's host syncs (Sinkhorn's tests, the geo regions) and launches.
     assert 3 < plain[0]["host_syncs"] <= 3 + 2 * 18 and plain[0]["operators"] > 1000, plain[0]
 
@@ -360,8 +365,8 @@ def test_pretrain_step_checkpoints_every_block_when_the_fusion_alone_is_not_enou
     shapes = dataclasses.replace(TINY, step_batches=(2, 3))
     rows = gpu_step.run_benchmark(_quick(shapes=shapes, parts=("pretrain_step",)))["results"]
     assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
-        (2, "off", "OutOfMemoryError"), (2, "selective", "OutOfMemoryError"), (2, "fusion", "OutOfMemoryError"),
-        (2, "all", ""), (3, "all", "")]
+        (2, "off", "OutOfMemoryError"), (2, "selective", "OutOfMemoryError"),
+        (2, "selective-fusion", "OutOfMemoryError"), (2, "fusion", "OutOfMemoryError"), (2, "all", ""), (3, "all", "")]
 
 
 @pytest.mark.slow
@@ -569,16 +574,17 @@ def test_a_paper_batch_that_never_fits_is_traced_and_smaller_batches_are_measure
                                            parts=("pretrain_step",)))
     rows = report["results"]
     assert [(r["batch"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
-        (2, "off", "OutOfMemoryError"), (2, "selective", "OutOfMemoryError"), (2, "fusion", "OutOfMemoryError"),
-        (2, "all", "OutOfMemoryError"), (1, "all", "")]
-    failure = rows[3]["memory_at_failure"]
+        (2, "off", "OutOfMemoryError"), (2, "selective", "OutOfMemoryError"),
+        (2, "selective-fusion", "OutOfMemoryError"), (2, "fusion", "OutOfMemoryError"), (2, "all", "OutOfMemoryError"),
+        (1, "all", "")]
+    failure = rows[4]["memory_at_failure"]
     assert failure["error"].startswith("OutOfMemoryError")
     assert failure["allocator_gib"] is None  # the CUDA allocator's count, on a GPU only
     origins = {o["origin"]: o["gib"] for o in failure["by_origin"]}
     made_here = [origin for origin in origins if origin.startswith("zeros at test_gpu_step_benchmark.py:")]
     assert len(made_here) == 1 and origins[made_here[0]] == pytest.approx(2 * 2**20 * 4 / 2**30), origins
     assert origins["model state"] > 0
-    assert "host_syncs" in rows[4] and rows[4]["host_syncs"] is not None  # counted where it first fitted
+    assert "host_syncs" in rows[5] and rows[5]["host_syncs"] is not None  # counted where it first fitted
     summary = {row["part"]: row for row in gpu_step.summary({**report, "device": "cuda"})}["pretrain_step"]
     assert summary["skysense_batch"] == 1 and summary["at_paper_batch"] is False and summary["met"] is False
     assert "2.0 GiB alive" not in gpu_step.format_table(report)
@@ -735,8 +741,9 @@ def test_a_compiled_step_that_does_not_fit_tries_the_next_checkpointing(monkeypa
     rows = gpu_step.run_benchmark(_quick(compile=True, parts=("pretrain_step",)))["results"]
     assert [(r["mode"], r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
         ("eager", "off", "OutOfMemoryError"), ("eager", "selective", ""), ("compiled", "selective", "OutOfMemoryError"),
-        ("compiled", "fusion", "OutOfMemoryError"), ("compiled", "all", "")]
-    assert rows[4]["flops_per_step"] == rows[1]["flops_per_step"] and rows[4]["compiled_graphs"] > 0
+        ("compiled", "selective-fusion", "OutOfMemoryError"), ("compiled", "fusion", "OutOfMemoryError"),
+        ("compiled", "all", "")]
+    assert rows[5]["flops_per_step"] == rows[1]["flops_per_step"] and rows[5]["compiled_graphs"] > 0
 
 
 @pytest.mark.slow
@@ -746,9 +753,10 @@ def test_the_ladder_can_start_from_a_checkpointing_setting(monkeypatch) -> None:
     monkeypatch.setattr(gpu_step.PretrainStep, "forward", _out_of_memory_unless("fusion", "all"))
     rows = gpu_step.run_benchmark(_quick(parts=("pretrain_step",), step_checkpointing="selective"))["results"]
     assert [(r["activation_checkpointing"], (r["error"] or "")[:16]) for r in rows] == [
-        ("selective", "OutOfMemoryError"), ("fusion", "")]
+        ("selective", "OutOfMemoryError"), ("selective-fusion", "OutOfMemoryError"), ("fusion", "")]
     table = gpu_step.format_table({**gpu_step.run_benchmark(_quick(parts=())), "results": rows})
-    assert f"pretrain_step  skysense  {'eager, selective':<20}     2 OutOfMemoryError" in table, table
-    assert f"pretrain_step  skysense  {'eager, fusion':<20}     2 " in table, table
+    width = len("eager, selective-fusion")  # the longest mode, its column's width
+    assert f"pretrain_step  skysense  {'eager, selective':<{width}}     2 OutOfMemoryError" in table, table
+    assert f"pretrain_step  skysense  {'eager, fusion':<{width}}     2 " in table, table
     with pytest.raises(SystemExit):
         gpu_step.main(["--device", "cpu", "--small", "--step-checkpointing", "some"])

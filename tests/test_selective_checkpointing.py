@@ -138,3 +138,30 @@ def test_recomputed_stochastic_depth_uses_the_forward_mask(backend: str | None) 
     kept = int((scale[:, 0] > 0).sum())
     assert 0 < kept < 64, "no sample dropped, or none kept: the check proves nothing"
     torch.testing.assert_close(block.lin.bias.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_setting_per_network_checkpoints_each_networks_blocks_its_way() -> None:
+    """``{hr: true, s2: true, s1: true, fusion: selective}``: the encoders' blocks recompute their
+    whole forward, the fusion's keep their matmul outputs; a network not named is left alone, and
+    a wrong network or value is an error naming its key."""
+    from torch.distributed._composable import checkpoint
+
+    from skysense.distributed import checkpoint_blocks
+    from skysense.models import SkySense
+
+    model = SkySense(preset_config("tiny"))
+    setting = {"hr": True, "s2": True, "fusion": "selective"}
+    blocks = {name: [m for m in model.network(name).modules() if isinstance(m, TRANSFORMER_BLOCKS)]
+              for name in ("hr", "s2", "s1", "fusion")}
+    assert checkpoint_blocks(model, TRANSFORMER_BLOCKS, setting) == sum(len(blocks[n]) for n in setting)
+    for name, expected in (("hr", "full"), ("s2", "full"), ("s1", None), ("fusion", "selective")):
+        kinds = {None if checkpoint.state(b) is None else
+                 "selective" if getattr(b._checkpoint_context_fn, "traced_in_compile", None) else "full"
+                 for b in blocks[name]}
+        assert kinds == {expected}, name
+    with pytest.raises(ValueError, match=r"activation_checkpointing\.fusion: expected true, false or 'selective', got 'some'"):
+        checkpoint_blocks(model, TRANSFORMER_BLOCKS, {"fusion": "some"})
+    with pytest.raises(ValueError, match=r"activation_checkpointing: unknown network 'vit'; expected among \['hr', 's2'"):
+        checkpoint_blocks(model, TRANSFORMER_BLOCKS, {"vit": True})
+    with pytest.raises(ValueError, match="a mapping of networks needs a SkySense model, got VisionTransformer"):
+        checkpoint_blocks(model.s2_encoder, TRANSFORMER_BLOCKS, {"s2": True})

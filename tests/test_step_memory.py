@@ -63,9 +63,12 @@ def test_tiny_step_state_is_weights_gradients_and_adamw_moments() -> None:
 @pytest.mark.slow
 def test_checkpointing_and_batch_move_the_peak_the_expected_way() -> None:
     off2, all2, selective2 = _estimate(2), _estimate(2, "all"), _estimate(2, "selective")
+    selective_fusion2 = _estimate(2, "selective-fusion")  # the encoders recomputed, the fusion selective
     off4 = _estimate(4)
-    assert all2.peak_gib < selective2.peak_gib < off2.peak_gib < off4.peak_gib
-    assert all2.state_gib == off2.state_gib == selective2.state_gib
+    # At these small shapes "all" and "selective-fusion" peak alike (0.103 GiB over a 0.094 state):
+    # the encoders' activations do not set it (huge at batch 3: 39.5, 62.1, 70.5, 90.7 GiB).
+    assert all2.peak_gib <= selective_fusion2.peak_gib < selective2.peak_gib < off2.peak_gib < off4.peak_gib
+    assert all2.state_gib == off2.state_gib == selective2.state_gib == selective_fusion2.state_gib
 
 
 def test_resizing_a_storage_in_place_is_counted() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -227,17 +227,44 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def check_checkpointing_setting(setting: object) -> None:
-    """Raise ``ValueError`` naming ``activation_checkpointing`` unless ``setting`` is one of its
-    values in pretraining and fine-tuning: False, True or "selective"."""
-    if not (setting is False or setting is True or setting == "selective"):
-        raise ValueError(f"activation_checkpointing: expected true, false or 'selective', got {setting!r}")
+    """Raise ``ValueError`` naming ``activation_checkpointing`` (or its network's key) unless
+    ``setting`` is one of its values in pretraining and fine-tuning: False, True, "selective",
+    or a mapping from networks of a SkySense model (:data:`skysense.models.skysense.NETWORKS`)
+    to one of those three."""
+    if isinstance(setting, Mapping):
+        from skysense.models.skysense import NETWORKS
+
+        for network, value in setting.items():
+            if network not in NETWORKS:
+                raise ValueError(f"activation_checkpointing: unknown network {network!r}; expected among "
+                                 f"{list(NETWORKS)}")
+            _check_checkpointing_value(value, f"activation_checkpointing.{network}")
+        return
+    _check_checkpointing_value(setting, "activation_checkpointing")
 
 
-def checkpoint_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...], setting: bool | str) -> int:
+def _check_checkpointing_value(value: object, key: str) -> None:
+    if not (value is False or value is True or value == "selective"):
+        raise ValueError(f"{key}: expected true, false or 'selective'"
+                         f"{'' if '.' in key else ' (or a mapping of networks to those)'}, got {value!r}")
+
+
+def checkpoint_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...],
+                      setting: bool | str | Mapping[str, bool | str]) -> int:
     """Apply an ``activation_checkpointing`` setting to the blocks of ``model``: False, nothing;
     True, each block recomputes its whole forward; "selective", each keeps its matmul and
-    attention outputs (:func:`matmul_outputs_saved`). Returns the number of blocks checkpointed."""
+    attention outputs (:func:`matmul_outputs_saved`). A mapping applies a setting per network of
+    a SkySense ``model`` (``{"hr": True, "s2": True, "s1": True, "fusion": "selective"}``: the
+    encoders recompute, the fusion transformer keeps its matmul outputs; networks not named are
+    not checkpointed). Returns the number of blocks checkpointed."""
     check_checkpointing_setting(setting)
+    if isinstance(setting, Mapping):
+        network = getattr(model, "network", None)
+        if network is None:
+            raise ValueError(f"activation_checkpointing: a mapping of networks needs a SkySense model, "
+                             f"got {type(model).__name__}")
+        return sum(checkpoint_blocks(network(name), block_types, value)
+                   for name, value in setting.items() if network(name) is not None)
     if setting is False:
         return 0
     context_fn = matmul_outputs_saved() if setting == "selective" else None

@@ -182,13 +182,16 @@ def test_the_bias_kernel_settings_reach_every_layer_of_both_networks(tmp_path: P
 
 
 def test_checkpointed_runs_match_a_plain_one(tmp_path: Path, aid_like: Path) -> None:
-    """Every block recomputed (true) or only its element-wise work ("selective"): the same losses."""
+    """Every block recomputed (true), only its element-wise work ("selective"), or a setting per
+    network (the encoders recomputed, the fusion selective): the same losses."""
     losses = {}
-    for setting in (False, True, "selective"):
+    per_network = {"hr": True, "s2": True, "s1": True, "fusion": "selective"}
+    for name, setting in (("off", False), ("all", True), ("selective", "selective"), ("per-network", per_network)):
         config = PretrainConfig.from_dict({**CONFIG, "max_steps": 3, "activation_checkpointing": setting})
-        rows = pretrain(config, tmp_path / str(setting), data_root=str(aid_like), progress=False)
-        losses[setting] = [r["loss"] for r in rows]
-    np.testing.assert_allclose(losses[True], losses[False], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(losses["selective"], losses[False], rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="activation_checkpointing: expected true, false or 'selective', got 'some'"):
+        rows = pretrain(config, tmp_path / name, data_root=str(aid_like), progress=False)
+        losses[name] = [r["loss"] for r in rows]
+    for name in ("all", "selective", "per-network"):
+        np.testing.assert_allclose(losses[name], losses["off"], rtol=0, atol=1e-5, err_msg=name)
+    assert PretrainConfig.from_dict(config.to_dict()).activation_checkpointing == per_network  # as checkpoints keep it
+    with pytest.raises(ValueError, match="activation_checkpointing: expected true, false or 'selective'.*, got 'some'"):
         PretrainConfig.from_dict({**CONFIG, "activation_checkpointing": "some"})

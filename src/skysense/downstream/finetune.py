@@ -121,8 +121,10 @@ class FinetuneConfig:
     # "blocks": each transformer block of the encoder compiled on its own (skysense.compilation).
     compile: str = "off"
     # Recompute the encoder blocks' activations in the backward pass (less memory, more time):
-    # true, each block's whole forward; "selective", all but its matmul and attention outputs.
-    activation_checkpointing: bool | str = False
+    # true, each block's whole forward; "selective", all but its matmul and attention outputs;
+    # or one of those per network, e.g. {hr: true, fusion: selective} (networks hr, s2, s1,
+    # fusion, geo; those not named are not checkpointed).
+    activation_checkpointing: bool | str | dict[str, bool | str] = False
     # SDPA backends that each encoder network's attention may use, e.g. {fusion: [efficient]}
     # (networks hr, s2, s1, fusion, geo; backends cudnn, flash, efficient, math, or explicit
     # alone). Empty: torch's choice.

@@ -32,6 +32,9 @@ from skysense.models.vit import VisionTransformer
 from skysense import validation
 
 SENTINEL = ("s2", "s1")
+# The networks a setting may name per network (attention_backends, activation_checkpointing):
+# the encoders of each modality, the fusion transformer, the geo-context module.
+NETWORKS = ("hr", *SENTINEL, "fusion", "geo")
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -77,7 +80,7 @@ class SkySense(nn.Module):
         save_pretrained(self, directory)
 
     # The networks whose attention kernels ``attention_backends`` settings name.
-    ATTENTION_NETWORKS = ("hr", "s2", "s1", "fusion", "geo")
+    ATTENTION_NETWORKS = NETWORKS
 
     @staticmethod
     def check_attention_backends(setting: Mapping[str, Sequence[str]]) -> None:
@@ -96,9 +99,17 @@ class SkySense(nn.Module):
         others keep torch's choice, see :func:`skysense.models.attention.set_attention_backends`).
         Call it before compiling. Returns the number of attention layers set."""
         self.check_attention_backends(setting)
-        networks = {**{m: self.encoder(m) for m in ("hr", *SENTINEL)}, "fusion": self.fusion, "geo": self.geo_context}
-        return sum(set_attention_backends(networks[network], backends)
-                   for network, backends in setting.items() if networks[network] is not None)
+        return sum(set_attention_backends(self.network(network), backends)
+                   for network, backends in setting.items() if self.network(network) is not None)
+
+    def network(self, name: str) -> nn.Module | None:
+        """The network named ``name`` in :data:`NETWORKS` (``hr``, ``s2``, ``s1``: the
+        encoders; ``fusion``; ``geo``: the geo-context module, None when the model has none)."""
+        networks = {"hr": self.hr_encoder, "s2": self.s2_encoder, "s1": self.s1_encoder, "fusion": self.fusion,
+                    "geo": self.geo_context}
+        if name not in networks:
+            raise KeyError(f"network {name!r}: expected one of {list(networks)}")
+        return networks[name]
 
     def encoder(self, modality: str) -> nn.Module:
         return {"hr": self.hr_encoder, "s2": self.s2_encoder, "s1": self.s1_encoder}[modality]

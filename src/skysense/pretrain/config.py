@@ -140,8 +140,13 @@ class PretrainConfig:
     num_threads: int | None = None
     # Recompute the student's transformer blocks in the backward pass: false; true (each block's
     # whole forward); "selective" (matmul and attention outputs kept, the rest recomputed:
-    # skysense.distributed.matmul_outputs_saved; traced inside each block under compile: blocks).
-    activation_checkpointing: bool | str = False
+    # skysense.distributed.matmul_outputs_saved; traced inside each block under compile: blocks);
+    # or one of those per network, e.g. {hr: true, s2: true, s1: true, fusion: selective} (networks
+    # hr, s2, s1, fusion, geo; those not named are not checkpointed). That one keeps the fusion's
+    # matmul outputs, where most of the step's FLOPs are, and recomputes the encoders: huge's step
+    # at the paper's batch of 3 on one device is estimated at 62.1 GiB against selective's 70.5
+    # (benchmarks/step_memory.py --batches 3 --checkpointing selective-fusion).
+    activation_checkpointing: bool | str | dict[str, bool | str] = False
     # Encode the views of a step that share their shapes (the two global views) in one pass of
     # the student and one of the teacher, stacked along the batch (skysense.pretrain.view_batching):
     # the same features with half the launches and FSDP gathers. False: one pass per view.
