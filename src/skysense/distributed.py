@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -267,12 +268,56 @@ def checkpoint_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...]
                    for name, value in setting.items() if network(name) is not None)
     if setting is False:
         return 0
-    context_fn = matmul_outputs_saved() if setting == "selective" else None
-    return apply_activation_checkpointing(model, block_types, context_fn=context_fn)
+    if setting == "selective":
+        return checkpoint_forwards(model, block_types, matmul_outputs_saved())
+    return apply_activation_checkpointing(model, block_types)
+
+
+def checkpoint_forwards(model: nn.Module, block_types: tuple[type[nn.Module], ...],
+                        context_fn: Callable[[], tuple[AbstractContextManager, AbstractContextManager]]) -> int:
+    """Checkpoint every block of the given types by wrapping its ``forward`` in
+    ``torch.utils.checkpoint.checkpoint`` with ``context_fn`` (selective checkpointing:
+    :func:`matmul_outputs_saved`). Hooks on the block stay outside the checkpointed region, in
+    the forward pass and in the recomputation alike, which selective checkpointing needs under
+    FSDP2: the composable checkpoint of :func:`apply_activation_checkpointing` reruns the block's
+    hooks inside the recomputation, so FSDP2's cast of the block's inputs to the gathered
+    parameters' dtype (bf16 on CUDA) reaches the replay of operators the forward pass did not
+    record, and the backward pass fails ("profiler._record_function_enter_new.default encountered
+    during backward but not found in storage"). Parameter names are unchanged; blocks already
+    checkpointed either way are left as they are. Under ``compile: blocks``
+    (:func:`skysense.compilation.compile_blocks`) the wrapped forward is compiled, the checkpoint
+    traced inside the block's graph. Returns the number of blocks checkpointed by this call."""
+    blocks = [m for m in model.modules() if isinstance(m, block_types) and block_checkpointing(m) == "off"]
+    for block in blocks:
+        block.forward = checkpointed(block.forward, context_fn)
+        block._checkpoint_context_fn = context_fn
+        block._forward_checkpointed = True
+    return len(blocks)
+
+
+def checkpointed(forward: Callable[..., Any], context_fn: Any) -> Callable[..., Any]:
+    """``forward`` run under ``torch.utils.checkpoint.checkpoint`` (non-reentrant) with ``context_fn``."""
+    import torch.utils.checkpoint
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+    return run
+
+
+def block_checkpointing(block: nn.Module) -> str:
+    """How ``block`` recomputes its activations: "off"; "full" (its whole forward); "selective"
+    (its matmul and attention outputs kept: a ``context_fn`` with ``traced_in_compile``)."""
+    from torch.distributed._composable import checkpoint
+
+    if not getattr(block, "_forward_checkpointed", False) and checkpoint.state(block) is None:
+        return "off"
+    return "selective" if getattr(getattr(block, "_checkpoint_context_fn", None), "traced_in_compile", None) else "full"
 
 
 def matmul_outputs_saved() -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
-    """``context_fn`` of selective activation checkpointing (:func:`apply_activation_checkpointing`).
+    """``context_fn`` of selective activation checkpointing (:func:`checkpoint_forwards`).
 
     A checkpointed block keeps the outputs of its matrix products and attention kernels for the
     backward pass and recomputes everything else (norms, activations, casts, copies), so the
@@ -282,8 +327,9 @@ def matmul_outputs_saved() -> Callable[[], tuple[AbstractContextManager, Abstrac
     (``benchmarks/step_memory.py --batches 3 --checkpointing selective``). The blocks must not
     modify those outputs in place (torch raises if they do).
 
-    Under ``compile: blocks``, :func:`skysense.compilation.compile_blocks` moves the checkpoint
-    inside each block's compiled graph (``traced_in_compile``), where torch.compile applies the
+    Under ``compile: blocks`` the checkpoint is inside each block's compiled graph (the compiled
+    forward is :func:`checkpoint_forwards`'s, or :func:`skysense.compilation.compile_blocks` moves
+    a composable checkpoint's ``traced_in_compile`` inside), where torch.compile applies the
     policy to the graph's operators: outside it, a compiled block's matmuls would reach the
     policy as inductor's ``out=`` kernels and be recomputed.
     """
@@ -329,7 +375,7 @@ def apply_activation_checkpointing(
     from torch.distributed._composable import checkpoint
 
     options = {} if context_fn is None else {"context_fn": context_fn}
-    blocks = [m for m in model.modules() if isinstance(m, block_types) and checkpoint.state(m) is None]
+    blocks = [m for m in model.modules() if isinstance(m, block_types) and block_checkpointing(m) == "off"]
     for block in blocks:
         checkpoint(block, **options)
         block._checkpoint_context_fn = context_fn

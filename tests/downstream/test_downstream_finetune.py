@@ -164,9 +164,10 @@ def test_config_file_and_overrides(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [True, "selective"])
+@pytest.mark.parametrize("checkpointing", [True, "selective", {"hr": "selective", "fusion": True}],
+                         ids=["all", "selective", "per-network"])
 def test_compiled_checkpointed_encoder_trains_like_eager(aid_like, tmp_path, monkeypatch, checkpointing):
-    """`compile: blocks` with activation checkpointing (full, or selective) gives the eager run's
+    """`compile: blocks` with activation checkpointing (full, selective, or one per network) gives the eager run's
     losses (compiled with the aot_eager backend here: the graph capture without minutes of
     inductor on a CPU)."""
     import skysense.downstream.finetune as finetune_module

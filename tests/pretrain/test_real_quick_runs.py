@@ -53,7 +53,7 @@ def test_oscd_pretrain_and_change_probe_quick(data_root: Path, tmp_path: Path) -
 
 def test_paper_scale_config_builds_the_paper_setup() -> None:
     """configs/pretrain/huge-paper.yaml: the huge model, 3 sequences per GPU on 80 GPUs, 20 S2
-    and 10 S1 frames, views on one fusion grid, FSDP2 with checkpointing and compiled blocks."""
+    and 10 S1 frames, views on one fusion grid, FSDP2 with selective checkpointing and compiled blocks."""
     from skysense.config import preset_config
     from skysense.pretrain.config import PretrainConfig
     from skysense.pretrain.data import PairMaker
@@ -61,7 +61,7 @@ def test_paper_scale_config_builds_the_paper_setup() -> None:
     config = PretrainConfig.from_yaml(CONFIGS / "huge-paper.yaml")
     assert (config.preset, config.batch_size // 80, config.max_steps) == ("huge", 3, 875_000)
     assert (config.data.s2_frames, config.data.s1_frames) == (20, 10)
-    assert (config.distributed.strategy, config.activation_checkpointing, config.compile) == ("fsdp", True, "blocks")
+    assert (config.distributed.strategy, config.activation_checkpointing, config.compile) == ("fsdp", "selective", "blocks")
     model = preset_config("huge")
     views = config.data.view_config(model)
     assert (views.hr_size, views.sentinel_size) == (512, 16)
