@@ -157,7 +157,7 @@ def apply_fsdp(
     after it, and its gradients reduce-scattered (averaged) in the backward pass. The
     remaining parameters form the root group of ``module``. A unit must be entered through
     its ``forward`` (``unit(x)``), which is how the encoders call their blocks. Call this after
-    :func:`apply_activation_checkpointing` and before building the optimizer, whose
+    :func:`checkpoint_blocks` and before building the optimizer, whose
     parameters must be the sharded ones.
 
     fully_shard refuses 0-d parameters (it shards dim 0), e.g. a learnable temperature: they
