@@ -154,6 +154,13 @@ def test_a_setting_per_network_checkpoints_each_networks_blocks_its_way() -> Non
     assert checkpoint_blocks(model, TRANSFORMER_BLOCKS, setting) == sum(len(blocks[n]) for n in setting)
     for name, expected in (("hr", "full"), ("s2", "full"), ("s1", "off"), ("fusion", "selective")):
         assert {block_checkpointing(b) for b in blocks[name]} == {expected}, name
+    # A deep copy (how the EMA teacher is made) runs its own blocks, not the original's.
+    copy = __import__("copy").deepcopy(model.fusion)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(0.5)
+    x = torch.randn(2, 4, model.fusion.blocks[0].norm1.normalized_shape[0])
+    assert not torch.allclose(copy.blocks[0](x), model.fusion.blocks[0](x))
     with pytest.raises(ValueError, match=r"activation_checkpointing\.fusion: expected true, false or 'selective', got 'some'"):
         checkpoint_blocks(model, TRANSFORMER_BLOCKS, {"fusion": "some"})
     with pytest.raises(ValueError, match=r"activation_checkpointing: unknown network 'vit'; expected among \['hr', 's2'"):

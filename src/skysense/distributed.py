@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import types
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -289,10 +290,22 @@ def checkpoint_forwards(model: nn.Module, block_types: tuple[type[nn.Module], ..
     traced inside the block's graph. Returns the number of blocks checkpointed by this call."""
     blocks = [m for m in model.modules() if isinstance(m, block_types) and block_checkpointing(m) == "off"]
     for block in blocks:
-        block.forward = checkpointed(block.forward, context_fn)
+        if "forward" in vars(block):
+            raise ValueError(f"checkpoint_forwards: {type(block).__name__}.forward was already replaced "
+                             f"(compiled?); checkpoint the blocks before compiling them")
+        # A method bound to the block, not a closure over it: a deep copy of the model (the EMA
+        # teacher's) then runs its own block, not the original's.
+        block.forward = types.MethodType(_checkpointed_forward, block)
         block._checkpoint_context_fn = context_fn
         block._forward_checkpointed = True
     return len(blocks)
+
+
+def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    import torch.utils.checkpoint
+
+    return torch.utils.checkpoint.checkpoint(type(block).forward, block, *args, use_reentrant=False,
+                                             context_fn=block._checkpoint_context_fn, **kwargs)
 
 
 def checkpointed(forward: Callable[..., Any], context_fn: Any) -> Callable[..., Any]:
