@@ -167,6 +167,10 @@ def test_a_setting_per_network_checkpoints_each_networks_blocks_its_way() -> Non
         checkpoint_blocks(model, TRANSFORMER_BLOCKS, {"vit": True})
     with pytest.raises(ValueError, match="a mapping of networks needs a SkySense model, got VisionTransformer"):
         checkpoint_blocks(model.s2_encoder, TRANSFORMER_BLOCKS, {"s2": True})
+    block = model.s1_encoder.blocks[0]
+    block.forward = torch.compile(block.forward)  # compiled before checkpointing: the wrong order
+    with pytest.raises(ValueError, match="forward was already replaced .*checkpoint the blocks before compiling"):
+        checkpoint_blocks(model, TRANSFORMER_BLOCKS, {"s1": "selective"})
 
 
 @pytest.mark.parametrize("setting", [True, "selective"])
