@@ -193,6 +193,8 @@ COMPILE_SCOPES = ("blocks", "model")
 CHECKPOINTING = ("off", "selective", "selective-fusion", "fusion", "all")
 # The settings that name (d)'s fusion transformer apart from its other blocks.
 FUSION_SCOPES = ("selective-fusion", "fusion")
+# "selective-fusion" as the pretraining config's activation_checkpointing (a setting per network).
+SELECTIVE_FUSION = {"hr": True, "s2": True, "s1": True, "fusion": "selective"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 # Issue 7's targets on an H100 (bf16): the MFU each of our parts must reach.
 MFU_TARGETS = {"swin_v2": 0.50, "vit": 0.55, "fusion": 0.55, "pretrain_step": 0.45}

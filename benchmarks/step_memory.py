@@ -70,8 +70,7 @@ GIB = 2**30
 # every transformer block (--activation-checkpointing / ``activation_checkpointing: true``).
 CHECKPOINTING = gpu_step.CHECKPOINTING
 # The pretraining loop's activation_checkpointing for each setting but "off" and "fusion".
-LOOP_SETTINGS = {"selective": "selective", "all": True,
-                 "selective-fusion": {"hr": True, "s2": True, "s1": True, "fusion": "selective"}}
+LOOP_SETTINGS = {"selective": "selective", "all": True, "selective-fusion": gpu_step.SELECTIVE_FUSION}
 
 
 def clear_mask_caches() -> None:

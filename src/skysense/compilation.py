@@ -22,9 +22,9 @@ import warnings
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
-from skysense.distributed import checkpointed
 from skysense.models.swin_v2 import SwinV2Block
 
 # Compiled variants one block ``forward`` may collect: every stage shape, shifted or not, the
@@ -85,6 +85,13 @@ def _traced_checkpoint(block: nn.Module) -> Any:
     return traced
 
 
+def _checkpointed(forward: Any, context_fn: Any) -> Any:
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+    return checkpointed
+
+
 def compile_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...], **options: Any) -> int:
     """Replace the ``forward`` of every submodule of ``block_types`` with its compiled version.
 
@@ -110,7 +117,7 @@ def compile_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...], *
             continue
         forward, context_fn = block.forward, _traced_checkpoint(block)
         if context_fn is not None:
-            forward = checkpointed(forward, context_fn)
+            forward = _checkpointed(forward, context_fn)
         block.forward = torch.compile(forward, **options)
         compiled += 1
     for reason in sorted(reasons):

@@ -265,8 +265,9 @@ def checkpoint_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...]
         if network is None:
             raise ValueError(f"activation_checkpointing: a mapping of networks needs a SkySense model, "
                              f"got {type(model).__name__}")
-        return sum(checkpoint_blocks(network(name), block_types, value)
-                   for name, value in setting.items() if network(name) is not None)
+        networks = {name: network(name) for name in setting}
+        return sum(checkpoint_blocks(networks[name], block_types, value)
+                   for name, value in setting.items() if networks[name] is not None)
     if setting is False:
         return 0
     if setting == "selective":
@@ -306,17 +307,6 @@ def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
     return torch.utils.checkpoint.checkpoint(type(block).forward, block, *args, use_reentrant=False,
                                              context_fn=block._checkpoint_context_fn, **kwargs)
-
-
-def checkpointed(forward: Callable[..., Any], context_fn: Any) -> Callable[..., Any]:
-    """``forward`` run under ``torch.utils.checkpoint.checkpoint`` (non-reentrant) with ``context_fn``."""
-    import torch.utils.checkpoint
-
-    @functools.wraps(forward)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
-
-    return run
 
 
 def block_checkpointing(block: nn.Module) -> str:
