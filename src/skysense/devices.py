@@ -49,5 +49,13 @@ def training_autocast(device: torch.device) -> AbstractContextManager:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch's tensors on ``device``; other values as they are."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on ``device``, also those in lists (per-image detection targets);
+    other values as they are."""
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return [v.to(device) for v in value]
+        return value
+
+    return {k: move(v) for k, v in batch.items()}

@@ -178,7 +178,7 @@ def test_task_spec_validation_and_round_trip():
     spec = TaskSpec("change", 2, modalities=("s2", "hr"), semantic_classes=7, class_names=("a", "b"))
     assert spec.modalities == ("hr", "s2")  # fusion order
     assert TaskSpec.from_dict(spec.to_dict()) == spec
-    for kwargs, message in ((dict(task="detection", num_classes=2), "task"),
+    for kwargs, message in ((dict(task="instance_segmentation", num_classes=2), "task"),
                             (dict(task="change", num_classes=3), "num_classes"),
                             (dict(task="segmentation", num_classes=2, multilabel=True), "multilabel"),
                             (dict(task="segmentation", num_classes=2, modalities=("rgb",)), "modalities"),

@@ -35,7 +35,7 @@ OVERRIDES = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("finetune", help="fine-tune with a task head (classification, segmentation, change)")
+    parser = subparsers.add_parser("finetune", help="fine-tune with a task head (classification, segmentation, change, detection)")
     parser.add_argument("--config", type=Path, default=None, help="YAML config, e.g. configs/finetune/aid-tiny.yaml")
     parser.add_argument("--task", choices=TASKS, default=None, help="required unless the config sets it")
     parser.add_argument("--dataset", default=None, help="dataset name (skysense datasets list); required unless in the config")
@@ -134,8 +134,9 @@ def print_report(report: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    keys = [k for k in ("oa", "top5", "map", "miou", "mf1", "miou_excluding", "mf1_excluding", "f1", "precision",
-                        "recall", "iou", "scs", "bc", "sc") if isinstance(report.get(k), float)]
+    keys = [k for k in ("oa", "top5", "map", "map50", "map50_11point", "miou", "mf1", "miou_excluding",
+                        "mf1_excluding", "f1", "precision", "recall", "iou", "scs", "bc", "sc")
+            if isinstance(report.get(k), float)]
     scores = ", ".join(f"{k} {report[k]:.4f}" for k in keys)
     if report.get("excluded_classes"):
         scores += f" (excluding {', '.join(report['excluded_classes'])})"

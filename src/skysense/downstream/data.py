@@ -9,7 +9,9 @@ global position), so a resumed run sees exactly the data of an uninterrupted one
   ``sentinel_size`` the ``s2`` / ``s1`` frames of each sample are first resized to that square
   side (:func:`resize_series`), so samples of different sizes (fMoW-Sentinel) share a batch;
 * segmentation / change: padded (images 0, targets ignore) up to ``crop_size`` when smaller,
-  a random ``crop_size`` window (aligned to the coarsest grid), random flips.
+  a random ``crop_size`` window (aligned to the coarsest grid), random flips;
+* detection: the same crops and flips, with the boxes moved, clipped and flipped along
+  (:mod:`skysense.downstream.boxes`; oriented boxes become their horizontal hulls first).
 
 With ``cache`` each normalised sample is kept in memory once read (per DataLoader worker): for
 a few large scenes (OSCD: 8 training cities, about 250 MB as float32) that are cropped many times.
@@ -30,9 +32,10 @@ from torch.utils.data import Dataset, Subset
 from skysense.config import SkySenseConfig
 from skysense.data.sample import SERIES
 from skysense.data.units import normalize
+from skysense.downstream.boxes import DETECTION_TARGETS, crop_boxes, flip_boxes, with_horizontal_boxes
 from skysense.downstream.sliding_window import SPATIAL_KEYS, crop, grid_alignment, pad_to, reference_size
 
-TARGETS = ("label", "mask", "mask_post", "change")
+TARGETS = ("label", "mask", "mask_post", "change") + DETECTION_TARGETS
 
 
 def normalize_sample(sample: Mapping[str, Any], config: SkySenseConfig) -> dict[str, Any]:
@@ -62,12 +65,15 @@ def select(sample: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
 
 
 def flip(sample: Mapping[str, Any], horizontal: bool, vertical: bool) -> dict[str, Any]:
-    """Flip every spatial entry (last two axes)."""
+    """Flip every spatial entry (last two axes), and the detection boxes with them."""
     dims = tuple(d for d, on in ((-1, horizontal), (-2, vertical)) if on)
     if not dims:
         return dict(sample)
-    return {k: torch.flip(v, dims) if k in SPATIAL_KEYS and isinstance(v, torch.Tensor) else v
-            for k, v in sample.items()}
+    out = {k: torch.flip(v, dims) if k in SPATIAL_KEYS and isinstance(v, torch.Tensor) else v
+           for k, v in sample.items()}
+    if isinstance(sample.get("boxes"), torch.Tensor):
+        out["boxes"] = flip_boxes(sample["boxes"], *reference_size(sample), horizontal, vertical)
+    return out
 
 
 def resize_series(sample: Mapping[str, Any], size: int) -> dict[str, Any]:
@@ -89,7 +95,8 @@ def resize_series(sample: Mapping[str, Any], size: int) -> dict[str, Any]:
 
 
 def random_crop(sample: Mapping[str, Any], size: int, generator: torch.Generator) -> dict[str, Any]:
-    """A ``size`` x ``size`` window (reference grid) at a random aligned position, after padding."""
+    """A ``size`` x ``size`` window (reference grid) at a random aligned position, after padding;
+    detection boxes are cut to it (:func:`~skysense.downstream.boxes.crop_boxes`)."""
     sample = pad_to(sample, size, size)
     height, width = reference_size(sample)
     align = grid_alignment(sample)
@@ -98,7 +105,7 @@ def random_crop(sample: Mapping[str, Any], size: int, generator: torch.Generator
                          f"by that factor)")
     top = int(torch.randint(0, (height - size) // align + 1, (1,), generator=generator)) * align
     left = int(torch.randint(0, (width - size) // align + 1, (1,), generator=generator)) * align
-    return crop(sample, top, left, size, size)
+    return crop_boxes(crop(sample, top, left, size, size), top, left, size, size)
 
 
 def _check_sentinel_size(task: str, sentinel_size: int | None) -> None:
@@ -132,6 +139,8 @@ class TrainingSamples(Dataset):
         sample = select(normalize_sample(self.dataset[index], self.config), self.keys)
         if self.sentinel_size is not None:
             sample = resize_series(sample, self.sentinel_size)
+        if self.task == "detection":
+            sample = with_horizontal_boxes(sample)
         if self.cache is not None:
             self.cache[index] = sample
         return sample
@@ -155,12 +164,13 @@ class TrainingSamples(Dataset):
 class EvaluationSamples(Dataset):
     """Item ``index`` -> normalised sample with only the model's entries, targets, ``id``,
     ``crs`` and ``transform`` (for georeferenced predictions); ``s2`` / ``s1`` frames resized
-    to ``sentinel_size`` when given (classification, as in training)."""
+    to ``sentinel_size`` when given (classification, as in training); for ``task="detection"``
+    horizontal boxes (the hull of oriented ones, as in training)."""
 
     def __init__(self, dataset: Dataset, config: SkySenseConfig, keys: Sequence[str],
-                 sentinel_size: int | None = None) -> None:
+                 sentinel_size: int | None = None, task: str | None = None) -> None:
         self.dataset, self.config, self.keys = dataset, config, tuple(keys) + ("id", "crs", "transform")
-        self.sentinel_size = sentinel_size
+        self.sentinel_size, self.task = sentinel_size, task
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -169,6 +179,8 @@ class EvaluationSamples(Dataset):
         sample = select(normalize_sample(self.dataset[index], self.config), self.keys)
         if self.sentinel_size is not None:
             sample = resize_series(sample, self.sentinel_size)
+        if self.task == "detection":
+            sample = with_horizontal_boxes(sample)
         return sample
 
 

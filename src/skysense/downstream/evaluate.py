@@ -9,10 +9,13 @@
   :mod:`skysense.downstream.registry` (Potsdam, Vaihingen: clutter) unless told otherwise.
 * change: the same for the change map: F1, precision, recall, IoU of the change class, OA; with
   a semantic head also BC, SC and SCS (:class:`~skysense.evaluation.metrics.SemanticChangeScore`).
+* detection: one whole image at a time, VOC average precision at IoU 0.5 per class and its mean
+  (``map50``, and the 11-point ``map50_11point``: :mod:`skysense.evaluation.box_ap`).
 
 With ``predictions`` set, each tile's class map is written there as a GeoTIFF carrying the tile's
 CRS and transform when it had them (:mod:`skysense.downstream.predictions`); change models also
-write ``<id>_post.tif`` (the after date's classes) when they predict semantics.
+write ``<id>_post.tif`` (the after date's classes) when they predict semantics; detection
+models write ``<id>.json`` with each image's boxes, scores and classes.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from tqdm.auto import tqdm
 from skysense.data.sample import collate
 from skysense.devices import resolve_device, to_device
 from skysense.downstream.data import EvaluationSamples, model_keys
-from skysense.downstream.predictions import prediction_path, write_prediction
+from skysense.downstream.predictions import prediction_path, write_detections, write_prediction
 from skysense.downstream.sliding_window import sliding_window
 from skysense.downstream.tasks import DownstreamModel
+from skysense.evaluation.box_ap import BoxAveragePrecision
 from skysense.evaluation.metrics import (
     ConfusionMatrix,
     SemanticChangeScore,
@@ -91,7 +95,7 @@ def evaluate_model(
         raise ValueError(f"evaluate: excluded classes apply to segmentation, not {spec.task}")
     excluded = class_indices(excluded_classes, spec.class_names, spec.num_classes)
     samples = EvaluationSamples(dataset, model.config, model_keys(spec.modalities, spec.geo_context),
-                                spec.sentinel_size)
+                                spec.sentinel_size, spec.task)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -99,6 +103,8 @@ def evaluate_model(
         with torch.inference_mode():
             if spec.task == "classification":
                 return _classification(model, samples, batch_size, num_workers, progress, device)
+            if spec.task == "detection":
+                return _detection(model, samples, predictions, num_workers, progress, device)
             return _dense(model, samples, window, stride, predictions, num_workers, progress, device, excluded)
     finally:
         model.train(was_training)
@@ -120,6 +126,34 @@ def _classification(model: DownstreamModel, samples: Dataset, batch_size: int, n
     report["oa"] = topk_accuracy(scores, targets.long(), 1)
     if scores.shape[1] >= 5:
         report["top5"] = topk_accuracy(scores, targets.long(), 5)
+    return report
+
+
+def _detection(model: DownstreamModel, samples: Dataset, predictions: str | Path | None, num_workers: int,
+               progress: bool, device: torch.device) -> dict[str, Any]:
+    spec = model.spec
+    metric = BoxAveragePrecision(spec.num_classes, class_names=spec.class_names or None)
+    # One image per batch: detection images may differ in size (DOTA), and are not resized.
+    loader = DataLoader(samples, batch_size=1, num_workers=num_workers, collate_fn=collate)
+    written = 0
+    for batch in tqdm(loader, desc="evaluate", unit="image", disable=not progress, leave=False):
+        found = model(to_device(batch, device))["detections"][0]
+        truth = model.targets(batch)
+        if not isinstance(truth["boxes"], list) or not isinstance(truth["labels"], list):
+            raise ValueError(f"evaluate: detection targets 'boxes' / 'labels' missing from sample "
+                             f"{batch.get('id', ['?'])[0]!r} (keys {sorted(batch)})")
+        difficult = truth["difficult"][0] if isinstance(truth["difficult"], list) else None
+        metric.update(found["boxes"], found["scores"], found["labels"], truth["boxes"][0], truth["labels"][0],
+                      difficult)
+        if predictions is not None:
+            sample_id = batch.get("id", [f"sample_{written}"])[0]
+            write_detections(prediction_path(predictions, sample_id, extension=".json"), found, spec.class_names,
+                             batch.get("crs", [None])[0], batch.get("transform", [None])[0])
+            written += 1
+    report: dict[str, Any] = {"samples": len(samples), **metric.compute()}
+    if predictions is not None:
+        report["predictions"] = str(predictions)
+        report["predictions_written"] = written
     return report
 
 
@@ -217,11 +251,11 @@ def evaluate_run(
         stride = info.get("eval_stride")
     if excluded_classes is None:
         excluded_classes = downstream_dataset(name, model.spec.task).excluded_classes
-    report = evaluate_model(model, data, batch_size=batch_size,
-                            window=window if model.spec.task != "classification" else None,
+    dense = model.spec.task in ("segmentation", "change")
+    report = evaluate_model(model, data, batch_size=batch_size, window=window if dense else None,
                             stride=stride, predictions=predictions, num_workers=num_workers, progress=progress,
                             excluded_classes=excluded_classes)
     return {"task": model.spec.task, "dataset": name, "split": split, "data_root": root_used, "run": str(run),
             "encoder_source": info.get("encoder_source"), "finetune_step": info.get("step"),
-            "preset": model.config.preset, "window": window if model.spec.task != "classification" else None,
+            "preset": model.config.preset, "window": window if dense else None,
             **report}

@@ -1,15 +1,21 @@
-"""Prediction maps written as single-band GeoTIFFs, atomically.
+"""Predictions written atomically: class maps as single-band GeoTIFFs, detections as JSON.
 
 A map gets the CRS and affine transform of the input it was predicted from when that input had
 one (OSCD, Sen1Floods11, DynamicEarthNet, ...); otherwise (LEVIR-CD, LoveDA, ... are plain PNGs)
 it is written without georeference. Values are class indices (uint8, or int16 when a class
 index exceeds 255); ``nodata`` is not set because every pixel holds a prediction.
+
+Detections (:func:`write_detections`) go to ``<id>.json``: boxes in pixels of the image
+(x0, y0, x1, y1), scores, class indices and names; with a georeferenced input also its CRS and
+each box's bounds in that CRS.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +27,34 @@ from rasterio.errors import NotGeoreferencedWarning
 from skysense.weights import atomic_write
 
 
-def prediction_path(folder: str | Path, sample_id: str, suffix: str = "") -> Path:
-    """``folder/<id>{suffix}.tif`` with any character other than letters, digits, ``-``, ``_``,
-    ``.`` in the id replaced by ``_`` (ids such as ``train/Urban/12`` become one file name)."""
+def prediction_path(folder: str | Path, sample_id: str, suffix: str = "", extension: str = ".tif") -> Path:
+    """``folder/<id>{suffix}{extension}`` with any character other than letters, digits, ``-``,
+    ``_``, ``.`` in the id replaced by ``_`` (ids such as ``train/Urban/12`` become one file name)."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(sample_id)) or "sample"
-    return Path(folder) / f"{safe}{suffix}.tif"
+    return Path(folder) / f"{safe}{suffix}{extension}"
+
+
+def write_detections(path: str | Path, detections: Mapping[str, torch.Tensor], class_names: Sequence[str] = (),
+                     crs: Any = None, transform: Any = None) -> Path:
+    """Write one image's detections (``boxes`` (N, 4), ``scores``, ``labels``) to ``path`` as JSON, atomically."""
+    boxes = detections["boxes"].detach().float().cpu()
+    labels = detections["labels"].detach().cpu().tolist()
+    record: dict[str, Any] = {
+        "boxes": [[round(v, 2) for v in box] for box in boxes.tolist()],
+        "scores": [round(v, 5) for v in detections["scores"].detach().float().cpu().tolist()],
+        "labels": labels,
+        "classes": [class_names[k] if k < len(class_names) else str(k) for k in labels],
+    }
+    if crs is not None and transform is not None:
+        bounds = []
+        for x0, y0, x1, y1 in boxes.tolist():
+            xs, ys = zip(*(transform * corner for corner in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))))
+            bounds.append([min(xs), min(ys), max(xs), max(ys)])
+        record["crs"] = str(crs)
+        record["bounds"] = bounds
+    path = Path(path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record) + "\n"))
+    return path
 
 
 def write_prediction(path: str | Path, classes: torch.Tensor | np.ndarray, crs: Any = None,

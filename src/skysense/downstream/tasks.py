@@ -1,7 +1,7 @@
 """Task models: a SkySense encoder (any subset of its modalities) plus a task head.
 
-Three tasks, each a :class:`DownstreamModel` whose ``forward(batch)`` returns a dict of logits
-keyed by the target each one predicts:
+Four tasks, each a :class:`DownstreamModel`; the first three return from ``forward(batch)`` a
+dict of logits keyed by the target each one predicts:
 
 * ``classification`` (:class:`ClassificationModel`): ``{"label": (B, K)}``. The pooled feature
   of the linear probe (:func:`skysense.evaluation.features.pool_features`: with S2/S1 the pooled
@@ -17,6 +17,9 @@ keyed by the target each one predicts:
   by level, and predicts ``{"change": (B, 2, H, W)}``. With ``semantic_classes`` (semantic
   change, DynamicEarthNet) a second, shared UperNet predicts the classes of each date:
   ``"mask"`` (before) and ``"mask_post"`` (after).
+* ``detection`` (:class:`~skysense.downstream.detection.DetectionModel`): horizontal boxes from a
+  Faster R-CNN with FPN over :func:`feature_pyramid` (needs ``hr``); losses in training mode,
+  ``{"detections": [...]}`` in evaluation mode. Built on demand (it needs torchvision).
 
 Feature pyramid (:func:`feature_pyramid`), four levels, finest first:
 
@@ -57,7 +60,7 @@ from skysense.downstream.heads import LinearClassifier, UperNetHead
 from skysense.evaluation.features import feature_dim, pool_features, resize_hr
 from skysense.models import SkySense
 
-TASKS = ("classification", "segmentation", "change")
+TASKS = ("classification", "segmentation", "change", "detection")
 SENTINEL = ("s2", "s1")
 PYRAMID_POOLS = (1, 2, 4, 8)
 """Pooling factors of the Sentinel-only pyramid levels."""
@@ -93,6 +96,9 @@ class TaskSpec:
         self.modalities = tuple(m for m in MODALITIES if m in self.modalities)
         if self.num_classes < 1 or (self.task == "change" and self.num_classes != 2):
             raise ValueError(f"num_classes: expected >= 1 (2 for change), got {self.num_classes} for {self.task}")
+        if self.task == "detection" and "hr" not in self.modalities:
+            raise ValueError(f"detection: boxes lie in HR pixels, so 'hr' must be among the modalities, got "
+                             f"{self.modalities}")
         if self.multilabel and self.task != "classification":
             raise ValueError("multilabel: only for classification")
         if self.semantic_classes and self.task != "change":
@@ -344,5 +350,9 @@ MODELS: dict[str, type[DownstreamModel]] = {
 
 def build_task_model(encoder: SkySense, spec: TaskSpec) -> DownstreamModel:
     """The task model of ``spec.task`` around ``encoder``."""
+    if spec.task == "detection":
+        from skysense.downstream.detection import DetectionModel  # torchvision, only when asked for
+
+        return DetectionModel(encoder, spec)
     return MODELS[spec.task](encoder, spec)
 

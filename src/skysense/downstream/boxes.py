@@ -1,0 +1,73 @@
+"""Detection boxes through the sample transforms: oriented to horizontal, crops and flips.
+
+Boxes are in pixels of ``hr`` (:mod:`skysense.data.sample`): ``(N, 4)`` x0, y0, x1, y1 or
+``(N, 8)`` corners x1, y1, ..., x4, y4 (DOTA, DIOR-R, FAIR1M). Horizontal detection takes the
+axis-aligned hull of oriented boxes, as DOTA's horizontal-box task (Task 2) defines its ground
+truth from the same annotations.
+
+A crop moves every box into the window's coordinates, clips it to the window and drops the boxes
+left narrower or lower than ``min_size`` pixels (what remains of an object cut by the border is
+kept, as mmdetection's ``RandomCrop`` does). Padding at the bottom/right
+(:func:`skysense.downstream.sliding_window.pad_to`) leaves boxes where they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+DETECTION_TARGETS = ("boxes", "labels", "difficult")
+MIN_BOX_SIZE = 1.0
+"""Boxes narrower or lower than this (pixels) after a crop are dropped."""
+
+
+def horizontal_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """``(N, 4)`` x0, y0, x1, y1: unchanged, or the axis-aligned hull of ``(N, 8)`` corners."""
+    if boxes.ndim != 2 or boxes.shape[1] not in (4, 8):
+        raise ValueError(f"boxes: expected (N, 4) or (N, 8), got shape {tuple(boxes.shape)}")
+    if boxes.shape[1] == 4:
+        return boxes
+    xs, ys = boxes[:, 0::2], boxes[:, 1::2]
+    return torch.stack([xs.amin(1), ys.amin(1), xs.amax(1), ys.amax(1)], dim=1)
+
+
+def with_horizontal_boxes(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy whose ``boxes`` (if any) are horizontal (:func:`horizontal_boxes`)."""
+    out = dict(sample)
+    if isinstance(sample.get("boxes"), torch.Tensor):
+        out["boxes"] = horizontal_boxes(sample["boxes"])
+    return out
+
+
+def crop_boxes(sample: Mapping[str, Any], top: int, left: int, height: int, width: int,
+               min_size: float = MIN_BOX_SIZE) -> dict[str, Any]:
+    """A copy whose horizontal boxes (with their labels and flags) are cut to the window (module docstring)."""
+    boxes = sample.get("boxes")
+    if not isinstance(boxes, torch.Tensor):
+        return dict(sample)
+    if boxes.shape[1] != 4:
+        raise ValueError(f"boxes: a crop needs horizontal (N, 4) boxes, got shape {tuple(boxes.shape)}")
+    shift = boxes.new_tensor([left, top, left, top])
+    limit = boxes.new_tensor([width, height, width, height])
+    moved = torch.minimum((boxes - shift).clamp_min(0), limit)
+    keep = ((moved[:, 2] - moved[:, 0]) >= min_size) & ((moved[:, 3] - moved[:, 1]) >= min_size)
+    out = dict(sample)
+    out["boxes"] = moved[keep]
+    for key in DETECTION_TARGETS[1:]:
+        if isinstance(sample.get(key), torch.Tensor):
+            out[key] = sample[key][keep]
+    return out
+
+
+def flip_boxes(boxes: torch.Tensor, height: int, width: int, horizontal: bool, vertical: bool) -> torch.Tensor:
+    """Horizontal boxes of an image of ``height`` x ``width`` pixels after its flips."""
+    if boxes.shape[1] != 4:
+        raise ValueError(f"boxes: a flip needs horizontal (N, 4) boxes, got shape {tuple(boxes.shape)}")
+    x0, y0, x1, y1 = boxes.unbind(1)
+    if horizontal:
+        x0, x1 = width - x1, width - x0
+    if vertical:
+        y0, y1 = height - y1, height - y0
+    return torch.stack([x0, y0, x1, y1], dim=1)

@@ -1,0 +1,127 @@
+"""Horizontal object detection: the SkySense HR pyramid under a Faster R-CNN with FPN.
+
+The SkySense paper fine-tunes a Faster R-CNN with a feature pyramid network (1x schedule) for
+DIOR. :class:`DetectionModel` builds it from torchvision's parts on the task's feature pyramid
+(:func:`~skysense.downstream.tasks.feature_pyramid`: the HR SwinV2's four levels, strides 4 to
+32, with the fused map joined to the last when S2/S1 are inputs too):
+
+* :class:`~torchvision.ops.FeaturePyramidNetwork` to ``decoder_channels`` channels, plus a max-pooled
+  fifth level (P2 to P6);
+* a region proposal network with one anchor size per level (32 to 512 pixels) and aspect ratios
+  0.5, 1, 2; 2,000 proposals per level before NMS (IoU 0.7) in training and 1,000 at test, 1,000
+  per image after (mmdetection's ``faster_rcnn_r50_fpn_1x`` settings);
+* RoI-align of 7 x 7 on P2 to P5 by box size, two fully connected layers of 1,024, a classifier
+  over the classes and background, class-specific box regression; 512 sampled RoIs per image
+  (a quarter positive); at test boxes scoring at least 0.05, NMS at 0.5, 100 per image.
+
+Images are not resized (the data pipeline crops them); each batch is padded at the bottom/right
+to a multiple of 32 for the encoder, and proposals and detections are clipped to the images'
+own sizes. Class indices are the dataset's (0-based); torchvision's background class 0 is
+internal. Boxes flagged ``difficult`` are left out of the training targets (as mmdetection's
+VOC-style datasets do) and are ignored by the evaluation (:mod:`skysense.evaluation.box_ap`).
+
+``forward(batch)`` returns the losses in training mode (``loss_objectness``,
+``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``) and ``{"detections": [...]}`` (per
+image ``boxes`` (N, 4), ``scores``, ``labels``) in evaluation mode.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+    from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+except ImportError as error:  # pragma: no cover - installed with the extra
+    raise ImportError(f"detection needs torchvision: pip install 'skysense[detection]' ({error})") from error
+
+from skysense.downstream.tasks import SENTINEL, DownstreamModel, TaskSpec, feature_pyramid, pyramid_channels
+from skysense.models import SkySense
+
+SIZE_DIVISOR = 32
+ANCHOR_SIZES = (32, 64, 128, 256, 512)
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+ROI_LEVELS = ("0", "1", "2", "3")
+
+
+class DetectionModel(DownstreamModel):
+    """SkySense encoder + Faster R-CNN with FPN (module docstring)."""
+
+    output_keys = ("boxes",)
+
+    def __init__(self, encoder: SkySense, spec: TaskSpec) -> None:
+        super().__init__(encoder, spec)
+        width = spec.decoder_channels
+        self.fpn = FeaturePyramidNetwork(list(pyramid_channels(encoder.config, spec)), width,
+                                            extra_blocks=LastLevelMaxPool())
+        anchors = AnchorGenerator(sizes=tuple((s,) for s in ANCHOR_SIZES),
+                                     aspect_ratios=(ASPECT_RATIOS,) * len(ANCHOR_SIZES))
+        self.rpn = RegionProposalNetwork(
+            anchors, RPNHead(width, len(ASPECT_RATIOS)), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+            batch_size_per_image=256, positive_fraction=0.5, pre_nms_top_n={"training": 2000, "testing": 1000},
+            post_nms_top_n={"training": 1000, "testing": 1000}, nms_thresh=0.7)
+        pool = MultiScaleRoIAlign(list(ROI_LEVELS), output_size=7, sampling_ratio=2)
+        self.roi_heads = RoIHeads(
+            pool, TwoMLPHead(width * 7 * 7, 1024), FastRCNNPredictor(1024, spec.num_classes + 1),
+            fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
+            bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
+
+    def box_targets(self, batch: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """Per image ``boxes`` (N, 4) and ``labels`` shifted past torchvision's background, difficult boxes left out."""
+        boxes, labels = batch.get("boxes"), batch.get("labels")
+        if not isinstance(boxes, list) or not isinstance(labels, list):
+            raise ValueError(f"detection model: targets 'boxes' and 'labels' (lists, one per image) missing from "
+                             f"the batch (keys {sorted(batch)})")
+        difficult = batch.get("difficult") or [None] * len(boxes)
+        targets = []
+        for i, (b, k, hard) in enumerate(zip(boxes, labels, difficult)):
+            if b.ndim != 2 or b.shape[1] != 4:
+                raise ValueError(f"detection model: image {i}: boxes must be horizontal (N, 4), got shape "
+                                 f"{tuple(b.shape)} (oriented boxes go through skysense.downstream.boxes."
+                                 "horizontal_boxes)")
+            keep = ~hard.bool() if hard is not None else torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
+            if k.numel() and (int(k.min()) < 0 or int(k.max()) >= self.spec.num_classes):
+                raise ValueError(f"detection model: image {i}: labels must lie in 0..{self.spec.num_classes - 1}, "
+                                 f"got {int(k.min())}..{int(k.max())}")
+            targets.append({"boxes": b[keep].float(), "labels": k[keep].long() + 1})
+        return targets
+
+    def targets(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return {"boxes": batch.get("boxes"), "labels": batch.get("labels"), "difficult": batch.get("difficult")}
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        inputs = self.encoder_inputs(batch)
+        hr = inputs["hr"]
+        height, width = int(hr.shape[-2]), int(hr.shape[-1])
+        pad_h, pad_w = -height % SIZE_DIVISOR, -width % SIZE_DIVISOR
+        if pad_h or pad_w:
+            if any(m in inputs for m in SENTINEL):
+                raise ValueError(f"detection model: with S2/S1 inputs, hr sides must be multiples of {SIZE_DIVISOR} "
+                                 f"(the grids must match), got {height} x {width}")
+            inputs["hr"] = F.pad(hr, (0, pad_w, 0, pad_h))
+        levels = feature_pyramid(self.encode(inputs), self.spec)
+        features = self.fpn(OrderedDict((str(i), x) for i, x in enumerate(levels)))
+        images = ImageList(inputs["hr"], [(height, width)] * hr.shape[0])
+        targets = self.box_targets(batch) if self.training else None
+        proposals, rpn_losses = self.rpn(images, features, targets)
+        detections, roi_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return {"detections": [{**d, "labels": d["labels"] - 1} for d in detections]}
+
+    def loss(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The sum of the four Faster R-CNN losses, and each of them (training-mode outputs)."""
+        if "detections" in outputs:
+            raise ValueError("detection model: losses come from a forward pass in training mode (model.train())")
+        terms = {k: v.float() for k, v in outputs.items()}
+        return torch.stack(list(terms.values())).sum(), terms
