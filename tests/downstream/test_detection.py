@@ -242,7 +242,7 @@ def test_detection_learns_squares():
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
     g = torch.Generator().manual_seed(1)
     model.train()
-    for _ in range(STEPS):
+    for _ in range(100):
         items = [scene(g) for _ in range(4)]
         batch = {"hr": torch.stack([i[0] for i in items]), "boxes": [i[1] for i in items],
                  "labels": [i[2] for i in items]}
@@ -253,8 +253,6 @@ def test_detection_learns_squares():
     after = score(model)
     assert before < 0.05 and after > 0.6, (before, after)
 
-
-STEPS = 100
 
 
 # -- fine-tuning, evaluation, the command line --------------------------------------------------
