@@ -100,7 +100,7 @@ def _register_task(sub: argparse._SubParsersAction, task: str) -> None:
         parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: window / 2)")
         parser.add_argument("--predictions", type=Path, default=None,
                             help="write each tile's predicted class map here as a GeoTIFF (input CRS/transform kept)")
-    if task == "detection":
+    if task in ("detection", "oriented_detection"):
         parser.add_argument("--predictions", type=Path, default=None,
                             help="write each image's detections here as <id>.json (pixel boxes, scores, classes)")
     if task == "segmentation":

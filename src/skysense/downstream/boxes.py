@@ -5,9 +5,11 @@ Boxes are in pixels of ``hr`` (:mod:`skysense.data.sample`): ``(N, 4)`` x0, y0, 
 axis-aligned hull of oriented boxes, as DOTA's horizontal-box task (Task 2) defines its ground
 truth from the same annotations.
 
-A crop moves every box into the window's coordinates, clips it to the window and drops the boxes
-left narrower or lower than ``min_size`` pixels (what remains of an object cut by the border is
-kept, as mmdetection's ``RandomCrop`` does). Padding at the bottom/right
+A crop moves every box into the window's coordinates. A horizontal box is clipped to the window
+and dropped when left narrower or lower than ``min_size`` pixels (what remains of an object cut
+by the border is kept, as mmdetection's ``RandomCrop`` does); an oriented box is kept whole when
+its centre lies in the window and dropped otherwise (as mmrotate's ``RRandomCrop`` does). Flips
+mirror every coordinate. Padding at the bottom/right
 (:func:`skysense.downstream.sliding_window.pad_to`) leaves boxes where they are.
 """
 
@@ -43,16 +45,22 @@ def with_horizontal_boxes(sample: Mapping[str, Any]) -> dict[str, Any]:
 
 def crop_boxes(sample: Mapping[str, Any], top: int, left: int, height: int, width: int,
                min_size: float = MIN_BOX_SIZE) -> dict[str, Any]:
-    """A copy whose horizontal boxes (with their labels and flags) are cut to the window (module docstring)."""
+    """A copy whose boxes (with their labels and flags) are cut to the window (module docstring);
+    oriented (N, 8) boxes are moved, not clipped, and kept when their centre lies in the window."""
     boxes = sample.get("boxes")
     if not isinstance(boxes, torch.Tensor):
         return dict(sample)
-    if boxes.shape[1] != 4:
-        raise ValueError(f"boxes: a crop needs horizontal (N, 4) boxes, got shape {tuple(boxes.shape)}")
-    shift = boxes.new_tensor([left, top, left, top])
-    limit = boxes.new_tensor([width, height, width, height])
-    moved = torch.minimum((boxes - shift).clamp_min(0), limit)
-    keep = ((moved[:, 2] - moved[:, 0]) >= min_size) & ((moved[:, 3] - moved[:, 1]) >= min_size)
+    if boxes.ndim != 2 or boxes.shape[1] not in (4, 8):
+        raise ValueError(f"boxes: expected (N, 4) or (N, 8), got shape {tuple(boxes.shape)}")
+    if boxes.shape[1] == 8:
+        moved = boxes - boxes.new_tensor([left, top] * 4)
+        cx, cy = moved[:, 0::2].mean(1), moved[:, 1::2].mean(1)
+        keep = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+    else:
+        shift = boxes.new_tensor([left, top, left, top])
+        limit = boxes.new_tensor([width, height, width, height])
+        moved = torch.minimum((boxes - shift).clamp_min(0), limit)
+        keep = ((moved[:, 2] - moved[:, 0]) >= min_size) & ((moved[:, 3] - moved[:, 1]) >= min_size)
     out = dict(sample)
     out["boxes"] = moved[keep]
     for key in DETECTION_TARGETS[1:]:
@@ -62,9 +70,16 @@ def crop_boxes(sample: Mapping[str, Any], top: int, left: int, height: int, widt
 
 
 def flip_boxes(boxes: torch.Tensor, height: int, width: int, horizontal: bool, vertical: bool) -> torch.Tensor:
-    """Horizontal boxes of an image of ``height`` x ``width`` pixels after its flips."""
-    if boxes.shape[1] != 4:
-        raise ValueError(f"boxes: a flip needs horizontal (N, 4) boxes, got shape {tuple(boxes.shape)}")
+    """Boxes ((N, 4) or (N, 8) corners) of an image of ``height`` x ``width`` pixels after its flips."""
+    if boxes.ndim != 2 or boxes.shape[1] not in (4, 8):
+        raise ValueError(f"boxes: expected (N, 4) or (N, 8), got shape {tuple(boxes.shape)}")
+    if boxes.shape[1] == 8:
+        out = boxes.clone()
+        if horizontal:
+            out[:, 0::2] = width - boxes[:, 0::2]
+        if vertical:
+            out[:, 1::2] = height - boxes[:, 1::2]
+        return out
     x0, y0, x1, y1 = boxes.unbind(1)
     if horizontal:
         x0, x1 = width - x1, width - x0

@@ -89,12 +89,16 @@ class DetectionModel(DownstreamModel):
                 raise ValueError(f"detection model: image {i}: boxes must be horizontal (N, 4), got shape "
                                  f"{tuple(b.shape)} (oriented boxes go through skysense.downstream.boxes."
                                  "horizontal_boxes)")
+            self.check_labels(k, i)
             keep = ~hard.bool() if hard is not None else torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
-            if k.numel() and (int(k.min()) < 0 or int(k.max()) >= self.spec.num_classes):
-                raise ValueError(f"detection model: image {i}: labels must lie in 0..{self.spec.num_classes - 1}, "
-                                 f"got {int(k.min())}..{int(k.max())}")
             targets.append({"boxes": b[keep].float(), "labels": k[keep].long() + 1})
         return targets
+
+    def check_labels(self, labels: torch.Tensor, image: int) -> None:
+        """Class indices of one image's boxes must lie in ``0..num_classes - 1``."""
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.spec.num_classes):
+            raise ValueError(f"detection model: image {image}: labels must lie in 0..{self.spec.num_classes - 1}, "
+                             f"got {int(labels.min())}..{int(labels.max())}")
 
     def targets(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {"boxes": batch.get("boxes"), "labels": batch.get("labels"), "difficult": batch.get("difficult")}

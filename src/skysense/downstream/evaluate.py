@@ -9,8 +9,9 @@
   :mod:`skysense.downstream.registry` (Potsdam, Vaihingen: clutter) unless told otherwise.
 * change: the same for the change map: F1, precision, recall, IoU of the change class, OA; with
   a semantic head also BC, SC and SCS (:class:`~skysense.evaluation.metrics.SemanticChangeScore`).
-* detection: one whole image at a time, VOC average precision at IoU 0.5 per class and its mean
-  (``map50``, and the 11-point ``map50_11point``: :mod:`skysense.evaluation.box_ap`).
+* detection / oriented detection: one whole image at a time, VOC average precision at IoU 0.5
+  per class and its mean (``map50``, and the 11-point ``map50_11point``:
+  :mod:`skysense.evaluation.box_ap`; oriented boxes by the IoU of their quadrilaterals).
 
 With ``predictions`` set, each tile's class map is written there as a GeoTIFF carrying the tile's
 CRS and transform when it had them (:mod:`skysense.downstream.predictions`); change models also
@@ -33,7 +34,7 @@ from skysense.devices import resolve_device, to_device
 from skysense.downstream.data import EvaluationSamples, model_keys
 from skysense.downstream.predictions import prediction_path, write_detections, write_prediction
 from skysense.downstream.sliding_window import sliding_window
-from skysense.downstream.tasks import DownstreamModel
+from skysense.downstream.tasks import DETECTION_TASKS, DownstreamModel
 from skysense.evaluation.box_ap import BoxAveragePrecision
 from skysense.evaluation.metrics import (
     ConfusionMatrix,
@@ -103,7 +104,7 @@ def evaluate_model(
         with torch.inference_mode():
             if spec.task == "classification":
                 return _classification(model, samples, batch_size, num_workers, progress, device)
-            if spec.task == "detection":
+            if spec.task in DETECTION_TASKS:
                 return _detection(model, samples, predictions, num_workers, progress, device)
             return _dense(model, samples, window, stride, predictions, num_workers, progress, device, excluded)
     finally:
@@ -132,7 +133,8 @@ def _classification(model: DownstreamModel, samples: Dataset, batch_size: int, n
 def _detection(model: DownstreamModel, samples: Dataset, predictions: str | Path | None, num_workers: int,
                progress: bool, device: torch.device) -> dict[str, Any]:
     spec = model.spec
-    metric = BoxAveragePrecision(spec.num_classes, class_names=spec.class_names or None)
+    oriented = spec.task == "oriented_detection"
+    metric = BoxAveragePrecision(spec.num_classes, class_names=spec.class_names or None, oriented=oriented)
     # One image per batch: detection images may differ in size (DOTA), and are not resized.
     loader = DataLoader(samples, batch_size=1, num_workers=num_workers, collate_fn=collate)
     written = 0
@@ -143,8 +145,8 @@ def _detection(model: DownstreamModel, samples: Dataset, predictions: str | Path
             raise ValueError(f"evaluate: detection targets 'boxes' / 'labels' missing from sample "
                              f"{batch.get('id', ['?'])[0]!r} (keys {sorted(batch)})")
         difficult = truth["difficult"][0] if isinstance(truth["difficult"], list) else None
-        metric.update(found["boxes"], found["scores"], found["labels"], truth["boxes"][0], truth["labels"][0],
-                      difficult)
+        metric.update(found["corners" if oriented else "boxes"], found["scores"], found["labels"], truth["boxes"][0],
+                      truth["labels"][0], difficult)
         if predictions is not None:
             sample_id = batch.get("id", [f"sample_{written}"])[0]
             write_detections(prediction_path(predictions, sample_id, extension=".json"), found, spec.class_names,

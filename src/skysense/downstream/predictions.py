@@ -6,8 +6,9 @@ it is written without georeference. Values are class indices (uint8, or int16 wh
 index exceeds 255); ``nodata`` is not set because every pixel holds a prediction.
 
 Detections (:func:`write_detections`) go to ``<id>.json``: boxes in pixels of the image
-(x0, y0, x1, y1), scores, class indices and names; with a georeferenced input also its CRS and
-each box's bounds in that CRS.
+(x0, y0, x1, y1; oriented: cx, cy, w, h, angle and the four ``corners``), scores, class indices
+and names; with a georeferenced input also its CRS and each box's bounds (oriented: corners) in
+that CRS.
 """
 
 from __future__ import annotations
@@ -36,22 +37,30 @@ def prediction_path(folder: str | Path, sample_id: str, suffix: str = "", extens
 
 def write_detections(path: str | Path, detections: Mapping[str, torch.Tensor], class_names: Sequence[str] = (),
                      crs: Any = None, transform: Any = None) -> Path:
-    """Write one image's detections (``boxes`` (N, 4), ``scores``, ``labels``) to ``path`` as JSON, atomically."""
+    """Write one image's detections (``boxes``, ``scores``, ``labels``, optional ``corners``) to
+    ``path`` as JSON, atomically."""
     boxes = detections["boxes"].detach().float().cpu()
     labels = detections["labels"].detach().cpu().tolist()
     record: dict[str, Any] = {
-        "boxes": [[round(v, 2) for v in box] for box in boxes.tolist()],
+        "boxes": [[round(v, 4) for v in box] for box in boxes.tolist()],
         "scores": [round(v, 5) for v in detections["scores"].detach().float().cpu().tolist()],
         "labels": labels,
         "classes": [class_names[k] if k < len(class_names) else str(k) for k in labels],
     }
+    corners = detections.get("corners")
+    if corners is not None:
+        record["corners"] = [[round(v, 2) for v in quad] for quad in corners.detach().float().cpu().tolist()]
     if crs is not None and transform is not None:
-        bounds = []
-        for x0, y0, x1, y1 in boxes.tolist():
-            xs, ys = zip(*(transform * corner for corner in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))))
-            bounds.append([min(xs), min(ys), max(xs), max(ys)])
+        if corners is None:
+            quads = [[x0, y0, x1, y0, x1, y1, x0, y1] for x0, y0, x1, y1 in boxes.tolist()]
+        else:
+            quads = corners.detach().double().cpu().tolist()
         record["crs"] = str(crs)
-        record["bounds"] = bounds
+        mapped = [[v for k in range(4) for v in transform * (quad[2 * k], quad[2 * k + 1])] for quad in quads]
+        if corners is None:
+            record["bounds"] = [[min(q[0::2]), min(q[1::2]), max(q[0::2]), max(q[1::2])] for q in mapped]
+        else:
+            record["corners_crs"] = mapped
     path = Path(path)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record) + "\n"))
     return path

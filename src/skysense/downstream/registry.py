@@ -2,7 +2,7 @@
 
 One entry per (dataset, task) pair the loaders in :mod:`skysense.data.datasets` support. The
 ``metric`` is the score the SkySense paper reports for that benchmark (``oa``, ``map``,
-``miou``, ``mf1``, ``f1`` of the change class, ``scs``, ``map50`` for detection). Class names are taken from the dataset
+``miou``, ``mf1``, ``f1`` of the change class, ``scs``, ``map50`` for both detection tasks). Class names are taken from the dataset
 object when it lists them (AID and RESISC-45 read them from their folders).
 
 ``excluded_classes`` names the classes the benchmark's protocol leaves out of its class means:
@@ -20,7 +20,7 @@ from typing import Any
 
 from skysense.data.datasets import DATASETS
 from skysense.data.datasets.bigearthnet import LABELS_19
-from skysense.data.datasets.detection import DIOR_CLASSES
+from skysense.data.datasets.detection import DIOR_CLASSES, DOTA_CLASSES, FAIR1M_CLASSES
 from skysense.data.datasets.dynamic_earthnet import CLASSES as DYNAMIC_EARTHNET_CLASSES
 from skysense.data.datasets.eurosat import CLASSES as EUROSAT_CLASSES
 from skysense.data.datasets.fmow import CATEGORIES as FMOW_CATEGORIES
@@ -88,7 +88,14 @@ REGISTRY: dict[tuple[str, str], DownstreamDataset] = {
     # DOTA with the horizontal hulls of its oriented boxes, its official horizontal-box task (run
     # on patches split by DOTA_devkit's ImgSplit; its classes follow the dataset's version).
     ("dior", "detection"): DownstreamDataset("detection", len(DIOR_CLASSES), "map50", DIOR_CLASSES),
-    ("dota", "detection"): DownstreamDataset("detection", 15, "map50", eval_split="val"),
+    ("dota", "detection"): DownstreamDataset("detection", 15, "map50", DOTA_CLASSES["1.0"], eval_split="val"),
+    # Oriented detection (Rotated Faster R-CNN): DIOR-R and FAIR1M v1.0 as in the paper, DOTA's
+    # oriented task; mAP at IoU 0.5 of the quadrilaterals. FAIR1M's test labels are not public.
+    ("dior_r", "oriented_detection"): DownstreamDataset("oriented_detection", len(DIOR_CLASSES), "map50", DIOR_CLASSES),
+    ("fair1m", "oriented_detection"): DownstreamDataset("oriented_detection", len(FAIR1M_CLASSES), "map50",
+                                                        FAIR1M_CLASSES, eval_split="validation"),
+    ("dota", "oriented_detection"): DownstreamDataset("oriented_detection", 15, "map50", DOTA_CLASSES["1.0"],
+                                                      eval_split="val"),
     ("dynamic_earthnet", "change"): DownstreamDataset("change", 2, "scs", CHANGE_CLASSES,
                                                       semantic_classes=len(DYNAMIC_EARTHNET_CLASSES),
                                                       eval_split="val", options={"task": "change"}),

@@ -1,6 +1,6 @@
 """Task models: a SkySense encoder (any subset of its modalities) plus a task head.
 
-Four tasks, each a :class:`DownstreamModel`; the first three return from ``forward(batch)`` a
+Five tasks, each a :class:`DownstreamModel`; the first three return from ``forward(batch)`` a
 dict of logits keyed by the target each one predicts:
 
 * ``classification`` (:class:`ClassificationModel`): ``{"label": (B, K)}``. The pooled feature
@@ -20,6 +20,8 @@ dict of logits keyed by the target each one predicts:
 * ``detection`` (:class:`~skysense.downstream.detection.DetectionModel`): horizontal boxes from a
   Faster R-CNN with FPN over :func:`feature_pyramid` (needs ``hr``); losses in training mode,
   ``{"detections": [...]}`` in evaluation mode. Built on demand (it needs torchvision).
+* ``oriented_detection`` (:class:`~skysense.downstream.oriented_detection.OrientedDetectionModel`):
+  the same with a Rotated Faster R-CNN box head: oriented boxes (DIOR-R, FAIR1M, DOTA).
 
 Feature pyramid (:func:`feature_pyramid`), four levels, finest first:
 
@@ -60,7 +62,8 @@ from skysense.downstream.heads import LinearClassifier, UperNetHead
 from skysense.evaluation.features import feature_dim, pool_features, resize_hr
 from skysense.models import SkySense
 
-TASKS = ("classification", "segmentation", "change", "detection")
+TASKS = ("classification", "segmentation", "change", "detection", "oriented_detection")
+DETECTION_TASKS = ("detection", "oriented_detection")
 SENTINEL = ("s2", "s1")
 PYRAMID_POOLS = (1, 2, 4, 8)
 """Pooling factors of the Sentinel-only pyramid levels."""
@@ -96,8 +99,8 @@ class TaskSpec:
         self.modalities = tuple(m for m in MODALITIES if m in self.modalities)
         if self.num_classes < 1 or (self.task == "change" and self.num_classes != 2):
             raise ValueError(f"num_classes: expected >= 1 (2 for change), got {self.num_classes} for {self.task}")
-        if self.task == "detection" and "hr" not in self.modalities:
-            raise ValueError(f"detection: boxes lie in HR pixels, so 'hr' must be among the modalities, got "
+        if self.task in DETECTION_TASKS and "hr" not in self.modalities:
+            raise ValueError(f"{self.task}: boxes lie in HR pixels, so 'hr' must be among the modalities, got "
                              f"{self.modalities}")
         if self.multilabel and self.task != "classification":
             raise ValueError("multilabel: only for classification")
@@ -354,5 +357,9 @@ def build_task_model(encoder: SkySense, spec: TaskSpec) -> DownstreamModel:
         from skysense.downstream.detection import DetectionModel  # torchvision, only when asked for
 
         return DetectionModel(encoder, spec)
+    if spec.task == "oriented_detection":
+        from skysense.downstream.oriented_detection import OrientedDetectionModel
+
+        return OrientedDetectionModel(encoder, spec)
     return MODELS[spec.task](encoder, spec)
 

@@ -1,4 +1,4 @@
-"""Average precision of horizontal box detections, as PASCAL VOC defines it (DIOR's mAP50).
+"""Average precision of box detections, as PASCAL VOC defines it (DIOR's mAP50, DOTA's mAP).
 
 For each class, over the whole split: detections sorted by score (highest first; ties keep the
 order they were given in), each matched to the not-yet-matched ground-truth box of its image
@@ -11,7 +11,9 @@ positives to recall (the VOC protocol). Precision and recall along the ranking g
   mode), the mean over classes with at least one non-difficult box in the split;
 * ``map50_11point``: the VOC 2007 variant, the mean of the best precision at recall 0, 0.1, ..., 1.
 
-A class with boxes but no detections has AP 0; a class without boxes is left out of the means
+With ``oriented=True`` boxes are (N, 8) corners and the IoU is that of the quadrilaterals
+(:func:`skysense.downstream.rotated_boxes.quad_iou`), as DOTA's evaluation kit computes it on
+polygons. A class with boxes but no detections has AP 0; a class without boxes is left out of the means
 and reported as None. Coordinates are continuous (no "+1" pixel convention): box areas are
 ``(x1 - x0) * (y1 - y0)``.
 """
@@ -55,12 +57,19 @@ class BoxAveragePrecision:
     """Accumulates detections and ground truth image by image; :meth:`compute` gives the APs."""
 
     def __init__(self, num_classes: int, iou_threshold: float = 0.5,
-                 class_names: Sequence[str] | None = None) -> None:
+                 class_names: Sequence[str] | None = None, oriented: bool = False) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes: expected >= 1, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names: {len(class_names)} names for {num_classes} classes")
         self.num_classes, self.iou_threshold = num_classes, iou_threshold
+        self.width = 8 if oriented else 4
+        if oriented:
+            from skysense.downstream.rotated_boxes import quad_iou
+
+            self.iou = quad_iou
+        else:
+            self.iou = box_iou
         self.class_names = tuple(class_names) if class_names else tuple(str(k) for k in range(num_classes))
         # Per class: (score, is_true_positive, is_ignored) of every detection; positives to recall.
         self.scores: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
@@ -71,11 +80,13 @@ class BoxAveragePrecision:
 
     def update(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, gt_boxes: torch.Tensor,
                gt_labels: torch.Tensor, gt_difficult: torch.Tensor | None = None) -> None:
-        """One image: detections ``boxes`` (N, 4), ``scores`` (N,), ``labels`` (N,) and its
-        ground truth ``gt_boxes`` (M, 4), ``gt_labels`` (M,), ``gt_difficult`` (M,) bool."""
-        for name, value, width in (("boxes", boxes, 4), ("gt_boxes", gt_boxes, 4)):
-            if value.ndim != 2 or value.shape[1] != width:
-                raise ValueError(f"{name}: expected (N, 4) horizontal boxes, got shape {tuple(value.shape)}")
+        """One image: detections ``boxes`` (N, 4) (or (N, 8) corners when oriented), ``scores``
+        (N,), ``labels`` (N,) and its ground truth ``gt_boxes``, ``gt_labels`` (M,),
+        ``gt_difficult`` (M,) bool."""
+        kind = "(N, 8) corners" if self.width == 8 else "(N, 4) horizontal boxes"
+        for name, value in (("boxes", boxes), ("gt_boxes", gt_boxes)):
+            if value.ndim != 2 or value.shape[1] != self.width:
+                raise ValueError(f"{name}: expected {kind}, got shape {tuple(value.shape)}")
         if scores.shape != (boxes.shape[0],) or labels.shape != (boxes.shape[0],):
             raise ValueError(f"scores / labels: expected ({boxes.shape[0]},) each, got {tuple(scores.shape)} and "
                              f"{tuple(labels.shape)}")
@@ -102,7 +113,7 @@ class BoxAveragePrecision:
             true = torch.zeros(det_scores.shape[0], dtype=torch.bool)
             ignored = torch.zeros_like(true)
             if gt.any():
-                overlaps = box_iou(det_boxes, gt_boxes[gt])
+                overlaps = self.iou(det_boxes, gt_boxes[gt])
                 hard = difficult[gt]
                 taken = torch.zeros(overlaps.shape[1], dtype=torch.bool)
                 best, index = overlaps.max(dim=1)
