@@ -194,6 +194,7 @@ def test_oriented_detection_learns_rotated_bars():
         optimizer.step()
     after = score(model)
     # measured 0.41 (mean best IoU per bar 0.63) after 150 steps; an untrained model finds nothing
+    print(f"mAP50 untrained {before:.4f}, after 150 steps {after:.4f}")
     assert before < 0.05 and after > 0.25, (before, after)
 
 
