@@ -51,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the head")
     parser.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay factor (1: none)")
     parser.add_argument("--warmup-steps", type=int, default=None)
-    parser.add_argument("--crop-size", type=int, default=None, help="segmentation/change training crop (pixels)")
+    parser.add_argument("--crop-size", type=int, default=None,
+                        help="segmentation/change/detection training crop in pixels (default: the dataset's, e.g. 800 "
+                             "for dior, else 128)")
     parser.add_argument("--image-size", type=int, default=None, help="classification HR side (multiple of 32)")
     parser.add_argument("--sentinel-size", type=int, default=None,
                         help="classification: resize each sample's S2/S1 frames to this side (bilinear) before "

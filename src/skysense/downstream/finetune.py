@@ -39,7 +39,7 @@ from skysense.data.datasets import DATASETS, dataset_root
 from skysense.data.sample import collate
 from skysense.downstream.data import TrainingSamples, evenly_spaced, model_keys
 from skysense.downstream.lr_decay import parameter_groups
-from skysense.downstream.registry import downstream_dataset
+from skysense.downstream.registry import DEFAULT_CROP_SIZE, downstream_dataset
 from skysense.devices import adamw, resolve_device, to_device, training_autocast
 from skysense.distributed import check_checkpointing_setting, checkpoint_blocks
 from skysense.downstream.tasks import TASKS, DownstreamModel, TaskSpec, build_task_model
@@ -99,8 +99,10 @@ class FinetuneConfig:
     # Classification: S2/S1 frames of each sample resized (bilinear) to this side before batching;
     # None: the registry's (96 for fMoW-Sentinel, whose images differ in size; else no resize); 0: none.
     sentinel_size: int | None = None
-    # Segmentation / change: training crop, and evaluation window / stride (reference-grid pixels).
-    crop_size: int = 128
+    # Segmentation / change / detection: training crop, and evaluation window / stride
+    # (reference-grid pixels). None: the dataset's in the registry (DIOR 800, DOTA and FAIR1M
+    # 1024), else 128; resolved when the config is made.
+    crop_size: int | None = None
     eval_window: int | None = None
     eval_stride: int | None = None
     class_weights: tuple[float, ...] | None = None
@@ -144,6 +146,9 @@ class FinetuneConfig:
             raise ValueError(f"task: expected one of {TASKS}, got {self.task!r}")
         check_checkpointing_setting(self.activation_checkpointing)
         SkySense.check_attention_backends(self.attention_backends)
+        if self.crop_size is None:
+            entry = downstream_dataset(self.dataset, self.task)
+            self.crop_size = entry.crop_size or DEFAULT_CROP_SIZE
         if self.weights is None and self.preset not in PRESETS:
             raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("batch_size", "max_steps", "checkpoint_every", "crop_size"):

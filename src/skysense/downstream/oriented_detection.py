@@ -98,7 +98,7 @@ class OrientedRoIHead(nn.Module):
     def sample(self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Sampled proposals per image, their labels (0: background) and regression targets."""
-        proposals = [torch.cat([p.detach(), t["boxes"].to(p.dtype)]) for p, t in zip(proposals, targets)]
+        proposals = [torch.cat([p.detach().float(), t["boxes"].float()]) for p, t in zip(proposals, targets)]
         labels, matches = [], []
         for p, t in zip(proposals, targets):
             if t["boxes"].shape[0] == 0:

@@ -26,6 +26,8 @@ from skysense.data.datasets.eurosat import CLASSES as EUROSAT_CLASSES
 from skysense.data.datasets.fmow import CATEGORIES as FMOW_CATEGORIES
 
 CHANGE_CLASSES = ("no_change", "change")
+DEFAULT_CROP_SIZE = 128
+"""Training crop side of segmentation, change and detection runs whose dataset names none."""
 
 
 def _classes(name: str) -> tuple[str, ...]:
@@ -51,6 +53,9 @@ class DownstreamDataset:
     excluded_classes: tuple[str, ...] = ()
     # Classification: S2/S1 side each sample is resized to before batching; None: as read.
     sentinel_size: int | None = None
+    # Training crop side when the run sets none (None: DEFAULT_CROP_SIZE). Detection trains on
+    # whole images or DOTA_devkit-style patches: DIOR's 800 px, 1024 px patches of DOTA / FAIR1M.
+    crop_size: int | None = None
 
 
 REGISTRY: dict[tuple[str, str], DownstreamDataset] = {
@@ -87,15 +92,17 @@ REGISTRY: dict[tuple[str, str], DownstreamDataset] = {
     # Horizontal detection: DIOR as the paper evaluates it (Faster R-CNN + FPN, mAP at IoU 0.5);
     # DOTA with the horizontal hulls of its oriented boxes, its official horizontal-box task (run
     # on patches split by DOTA_devkit's ImgSplit; its classes follow the dataset's version).
-    ("dior", "detection"): DownstreamDataset("detection", len(DIOR_CLASSES), "map50", DIOR_CLASSES),
-    ("dota", "detection"): DownstreamDataset("detection", 15, "map50", DOTA_CLASSES["1.0"], eval_split="val"),
+    ("dior", "detection"): DownstreamDataset("detection", len(DIOR_CLASSES), "map50", DIOR_CLASSES, crop_size=800),
+    ("dota", "detection"): DownstreamDataset("detection", 15, "map50", DOTA_CLASSES["1.0"], eval_split="val",
+                                             crop_size=1024),
     # Oriented detection (Rotated Faster R-CNN): DIOR-R and FAIR1M v1.0 as in the paper, DOTA's
     # oriented task; mAP at IoU 0.5 of the quadrilaterals. FAIR1M's test labels are not public.
-    ("dior_r", "oriented_detection"): DownstreamDataset("oriented_detection", len(DIOR_CLASSES), "map50", DIOR_CLASSES),
+    ("dior_r", "oriented_detection"): DownstreamDataset("oriented_detection", len(DIOR_CLASSES), "map50", DIOR_CLASSES,
+                                                        crop_size=800),
     ("fair1m", "oriented_detection"): DownstreamDataset("oriented_detection", len(FAIR1M_CLASSES), "map50",
-                                                        FAIR1M_CLASSES, eval_split="validation"),
+                                                        FAIR1M_CLASSES, eval_split="validation", crop_size=1024),
     ("dota", "oriented_detection"): DownstreamDataset("oriented_detection", 15, "map50", DOTA_CLASSES["1.0"],
-                                                      eval_split="val"),
+                                                      eval_split="val", crop_size=1024),
     ("dynamic_earthnet", "change"): DownstreamDataset("change", 2, "scs", CHANGE_CLASSES,
                                                       semantic_classes=len(DYNAMIC_EARTHNET_CLASSES),
                                                       eval_split="val", options={"task": "change"}),
