@@ -294,8 +294,52 @@ def test_quick_detection_on_real_dota_images(data_root, tmp_path):
                                            checkpoint_every=2, crop_size=256, decoder_channels=32, num_threads=1))
     rows = finetune(config, tmp_path / "run", progress=False)
     assert all(math.isfinite(r["loss"]) for r in rows)
-    report = evaluate_run(tmp_path / "run", predictions=tmp_path / "pred", progress=False)
+    report = evaluate_run(tmp_path / "run", window=512, stride=400, predictions=tmp_path / "pred", progress=False)
     dataset = DOTA(root)
     objects = sum(int((~dataset[i]["difficult"]).sum()) for i in range(len(dataset)))
     assert report["images"] == len(dataset) == 2 and report["objects"] == objects
     assert 0.0 <= report["map50"] <= 1.0 and report["predictions_written"] == 2
+
+
+def _coordinate_image(height: int, width: int) -> torch.Tensor:
+    """A (1, 3, H, W) image whose band 0 holds each pixel's x and band 1 its y: a window knows where it is."""
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                            indexing="ij")
+    return torch.stack([xs, ys, torch.zeros_like(xs)])[None]
+
+
+@pytest.mark.parametrize("task", ["detection", "oriented_detection"])
+def test_windows_move_detections_into_the_scene_and_merge_duplicates(tiny_model, task, monkeypatch):
+    """Every window that wholly holds the object (scene pixels 60..80 x 40..60) reports it in its
+    own pixels; merged, the scene has it once, at its place."""
+    model = build_task_model(tiny_model, TaskSpec(task, 3, ("hr",), decoder_channels=32)).eval()
+    windows = []
+
+    def fake_forward(batch):
+        x, y = int(batch["hr"][0, 0, 0, 0]), int(batch["hr"][0, 1, 0, 0])
+        h, w = batch["hr"].shape[-2:]
+        windows.append((x, y, w, h))
+        inside = x <= 60 and y <= 40 and x + w >= 80 and y + h >= 60
+        box = torch.tensor([[60.0 - x, 40 - y, 80 - x, 60 - y]])[:int(inside)]
+        found = {"boxes": box, "scores": torch.full((box.shape[0],), 0.9 - 0.001 * len(windows)),
+                 "labels": torch.full((box.shape[0],), 2)}
+        if task == "oriented_detection":
+            found["corners"] = box[:, [0, 1, 2, 1, 2, 3, 0, 3]]
+            found["boxes"] = torch.cat([(box[:, :2] + box[:, 2:]) / 2, box[:, 2:] - box[:, :2],
+                                        torch.zeros(box.shape[0], 1)], 1)
+        return {"detections": [found]}
+
+    monkeypatch.setattr(model, "forward", fake_forward)
+    found = model.detect({"hr": _coordinate_image(100, 160)}, window=64, stride=48)[0]
+    assert windows == [(x, y, 64, 64) for y in (0, 36) for x in (0, 48, 96)]
+    assert sum(1 for x, y, w, h in windows if x <= 60 and y <= 40 and x + w >= 80 and y + h >= 60) == 2
+    assert found["labels"].tolist() == [2] and found["scores"].tolist() == [pytest.approx(0.898)]  # the 2nd window's, the best
+    if task == "detection":
+        assert found["boxes"].tolist() == [[60, 40, 80, 60]]
+    else:
+        assert found["boxes"].tolist() == [[70, 50, 20, 20, 0]]
+        assert found["corners"].tolist() == [[60, 40, 80, 40, 80, 60, 60, 60]]
+    # an image no larger than the window runs whole
+    windows.clear()
+    model.detect({"hr": _coordinate_image(64, 64)}, window=64)
+    assert windows == [(0, 0, 64, 64)]

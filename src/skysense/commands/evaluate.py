@@ -94,10 +94,11 @@ def _register_task(sub: argparse._SubParsersAction, task: str) -> None:
                         help="default: the run's, else $SKYSENSE_DATA/<usual sub-folder>")
     parser.add_argument("--split", default=None, help="default: the run's evaluation split")
     parser.add_argument("--limit", type=int, default=None, help="evaluate N samples spread evenly over the split")
-    if task in ("segmentation", "change"):
+    if task != "classification":
         parser.add_argument("--window", type=int, default=None,
                             help="sliding-window side in pixels (default: the run's eval window or crop size)")
         parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: window / 2)")
+    if task in ("segmentation", "change"):
         parser.add_argument("--predictions", type=Path, default=None,
                             help="write each tile's predicted class map here as a GeoTIFF (input CRS/transform kept)")
     if task in ("detection", "oriented_detection"):

@@ -23,6 +23,12 @@ VOC-style datasets do) and are ignored by the evaluation (:mod:`skysense.evaluat
 ``forward(batch)`` returns the losses in training mode (``loss_objectness``,
 ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``) and ``{"detections": [...]}`` (per
 image ``boxes`` (N, 4), ``scores``, ``labels``) in evaluation mode.
+
+:meth:`DetectionModel.detect` runs a scene larger than ``window`` pixels window by window
+(overlapping, the last one moved back to end at the border, as
+:func:`~skysense.downstream.sliding_window.sliding_window` places them), moves each window's
+detections into the scene's pixels and merges them with class-wise NMS at the head's threshold,
+keeping the head's number per image: what DOTA_devkit's split-and-merge does for large scenes.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ try:
 except ImportError as error:  # pragma: no cover - installed with the extra
     raise ImportError(f"detection needs torchvision: pip install 'skysense[detection]' ({error})") from error
 
+from torchvision.ops import batched_nms
+
+from skysense.downstream.sliding_window import crop, grid_alignment, reference_size, window_starts
 from skysense.downstream.tasks import SENTINEL, DownstreamModel, TaskSpec, feature_pyramid, pyramid_channels
 from skysense.models import SkySense
 
@@ -122,6 +131,35 @@ class DetectionModel(DownstreamModel):
         if self.training:
             return {**rpn_losses, **roi_losses}
         return {"detections": [{**d, "labels": d["labels"] - 1} for d in detections]}
+
+    def detect(self, batch: Mapping[str, Any], window: int | None = None,
+               stride: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """Detections per image (evaluation mode); with ``window``, a larger image goes through
+        overlapping windows every ``stride`` pixels (default ``window // 2``), merged by NMS."""
+        height, width = reference_size(batch)
+        if window is None or (height <= window and width <= window):
+            return self(batch)["detections"]
+        if batch["hr"].shape[0] != 1:
+            raise ValueError(f"detection windows: one image at a time, got a batch of {batch['hr'].shape[0]}")
+        stride = stride or max(1, window // 2)
+        align = grid_alignment(batch)
+        pieces = []
+        for y in window_starts(height, window, stride, align):
+            for x in window_starts(width, window, stride, align):
+                found = self(crop(batch, y, x, min(window, height - y), min(window, width - x)))["detections"][0]
+                pieces.append(self.moved(found, x, y))
+        return [self.merged({k: torch.cat([p[k] for p in pieces]) for k in pieces[0]})]
+
+    @staticmethod
+    def moved(found: dict[str, torch.Tensor], x: int, y: int) -> dict[str, torch.Tensor]:
+        """One window's detections in the pixels of the scene whose window starts at (x, y)."""
+        return {**found, "boxes": found["boxes"] + found["boxes"].new_tensor([x, y, x, y])}
+
+    def merged(self, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Detections of overlapping windows after class-wise NMS, the head's number at most."""
+        keep = batched_nms(found["boxes"].float(), found["scores"].float(), found["labels"],
+                           self.roi_heads.nms_thresh)[:self.roi_heads.detections_per_img]
+        return {k: v[keep] for k, v in found.items()}
 
     def loss(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The sum of the four Faster R-CNN losses, and each of them (training-mode outputs)."""

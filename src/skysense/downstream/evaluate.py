@@ -9,7 +9,8 @@
   :mod:`skysense.downstream.registry` (Potsdam, Vaihingen: clutter) unless told otherwise.
 * change: the same for the change map: F1, precision, recall, IoU of the change class, OA; with
   a semantic head also BC, SC and SCS (:class:`~skysense.evaluation.metrics.SemanticChangeScore`).
-* detection / oriented detection: one whole image at a time, VOC average precision at IoU 0.5
+* detection / oriented detection: one image at a time (a larger one window by window, merged by
+  NMS: :meth:`~skysense.downstream.detection.DetectionModel.detect`), VOC average precision at IoU 0.5
   per class and its mean (``map50``, and the 11-point ``map50_11point``:
   :mod:`skysense.evaluation.box_ap`; oriented boxes by the IoU of their quadrilaterals).
 
@@ -83,7 +84,8 @@ def evaluate_model(
     """Scores of ``model`` on ``dataset`` (raw samples; normalised here). See the module docstring.
 
     Args:
-        window: sliding-window side for dense tasks (reference-grid pixels); None: whole tiles.
+        window: sliding-window side for dense and detection tasks (reference-grid pixels); None:
+            whole tiles.
         stride: step between windows (default: half the window).
         predictions: folder for GeoTIFF prediction maps (dense tasks), or None.
         excluded_classes: segmentation only: classes (indices or names) left out of the
@@ -105,7 +107,7 @@ def evaluate_model(
             if spec.task == "classification":
                 return _classification(model, samples, batch_size, num_workers, progress, device)
             if spec.task in DETECTION_TASKS:
-                return _detection(model, samples, predictions, num_workers, progress, device)
+                return _detection(model, samples, window, stride, predictions, num_workers, progress, device)
             return _dense(model, samples, window, stride, predictions, num_workers, progress, device, excluded)
     finally:
         model.train(was_training)
@@ -130,8 +132,8 @@ def _classification(model: DownstreamModel, samples: Dataset, batch_size: int, n
     return report
 
 
-def _detection(model: DownstreamModel, samples: Dataset, predictions: str | Path | None, num_workers: int,
-               progress: bool, device: torch.device) -> dict[str, Any]:
+def _detection(model: DownstreamModel, samples: Dataset, window: int | None, stride: int | None,
+               predictions: str | Path | None, num_workers: int, progress: bool, device: torch.device) -> dict[str, Any]:
     spec = model.spec
     oriented = spec.task == "oriented_detection"
     metric = BoxAveragePrecision(spec.num_classes, class_names=spec.class_names or None, oriented=oriented)
@@ -139,7 +141,7 @@ def _detection(model: DownstreamModel, samples: Dataset, predictions: str | Path
     loader = DataLoader(samples, batch_size=1, num_workers=num_workers, collate_fn=collate)
     written = 0
     for batch in tqdm(loader, desc="evaluate", unit="image", disable=not progress, leave=False):
-        found = model(to_device(batch, device))["detections"][0]
+        found = model.detect(to_device(batch, device), window, stride)[0]
         truth = model.targets(batch)
         if not isinstance(truth["boxes"], list) or not isinstance(truth["labels"], list):
             raise ValueError(f"evaluate: detection targets 'boxes' / 'labels' missing from sample "
@@ -253,11 +255,11 @@ def evaluate_run(
         stride = info.get("eval_stride")
     if excluded_classes is None:
         excluded_classes = downstream_dataset(name, model.spec.task).excluded_classes
-    dense = model.spec.task in ("segmentation", "change")
-    report = evaluate_model(model, data, batch_size=batch_size, window=window if dense else None,
+    windowed = model.spec.task != "classification"
+    report = evaluate_model(model, data, batch_size=batch_size, window=window if windowed else None,
                             stride=stride, predictions=predictions, num_workers=num_workers, progress=progress,
                             excluded_classes=excluded_classes)
     return {"task": model.spec.task, "dataset": name, "split": split, "data_root": root_used, "run": str(run),
             "encoder_source": info.get("encoder_source"), "finetune_step": info.get("step"),
-            "preset": model.config.preset, "window": window if dense else None,
+            "preset": model.config.preset, "window": window if windowed else None,
             **report}

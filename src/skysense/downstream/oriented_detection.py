@@ -18,7 +18,7 @@ and regresses an oriented box from it (:class:`OrientedRoIHead`).
   smooth L1 (beta 1/9) summed over positives and divided by the sampled RoIs, as torchvision's
   Faster R-CNN loss.
 * Test: class scores above 0.05, the 2,000 best of an image, rotated NMS at IoU 0.1 per class
-  (:func:`~skysense.downstream.rotated_boxes.rotated_nms`), at most 2,000 per image (mmrotate's
+  (:func:`~skysense.downstream.rotated_boxes.batched_rotated_nms`), at most 2,000 per image (mmrotate's
   settings for DOTA).
 
 ``forward(batch)`` takes ``boxes`` as (N, 8) corners and returns the four losses in training
@@ -41,7 +41,7 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from skysense.downstream.boxes import horizontal_boxes
 from skysense.downstream.detection import ROI_LEVELS, DetectionModel
-from skysense.downstream.rotated_boxes import corners_to_rbox, rbox_to_corners, regularize, rotated_nms
+from skysense.downstream.rotated_boxes import batched_rotated_nms, corners_to_rbox, rbox_to_corners, regularize
 from skysense.downstream.tasks import TaskSpec
 from skysense.models import SkySense
 
@@ -154,11 +154,7 @@ class OrientedRoIHead(nn.Module):
             keep = torch.where((image_scores > SCORE_THRESHOLD) & (boxes[:, 2] > 1e-2) & (boxes[:, 3] > 1e-2))[0]
             keep = keep[image_scores[keep].argsort(descending=True)[:CANDIDATES]]
             boxes, image_scores, classes = boxes[keep], image_scores[keep], classes[keep]
-            # one NMS for every class: each class's boxes moved far from the others'
-            span = float((boxes[:, 0].abs() + boxes[:, 2] + boxes[:, 3]).max()) * 2 + 1 if boxes.numel() else 0.0
-            shifted = boxes.clone()
-            shifted[:, 0] += classes.to(boxes.dtype) * span
-            kept = rotated_nms(shifted, image_scores, NMS_THRESHOLD)[:DETECTIONS]
+            kept = batched_rotated_nms(boxes, image_scores, classes, NMS_THRESHOLD)[:DETECTIONS]
             results.append({"boxes": boxes[kept], "corners": rbox_to_corners(boxes[kept]), "scores": image_scores[kept],
                             "labels": classes[kept] + 1})
         return results
@@ -170,6 +166,16 @@ class OrientedDetectionModel(DetectionModel):
     def __init__(self, encoder: SkySense, spec: TaskSpec) -> None:
         super().__init__(encoder, spec)
         self.roi_heads = OrientedRoIHead(spec.decoder_channels, spec.num_classes)
+
+    @staticmethod
+    def moved(found: dict[str, torch.Tensor], x: int, y: int) -> dict[str, torch.Tensor]:
+        boxes, corners = found["boxes"].clone(), found["corners"]
+        boxes[:, :2] += boxes.new_tensor([x, y])
+        return {**found, "boxes": boxes, "corners": corners + corners.new_tensor([x, y] * 4)}
+
+    def merged(self, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keep = batched_rotated_nms(found["boxes"], found["scores"], found["labels"], NMS_THRESHOLD)[:DETECTIONS]
+        return {k: v[keep] for k, v in found.items()}
 
     def box_targets(self, batch: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
         """Per image the hulls (``boxes``, for the proposal network), the rectangles (``rboxes``)
