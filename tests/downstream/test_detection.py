@@ -23,6 +23,8 @@ from skysense.downstream.finetune import FinetuneConfig, finetune, load_finetune
 from skysense.downstream.tasks import TaskSpec, build_task_model
 from skysense.evaluation.box_ap import BoxAveragePrecision, average_precision, box_iou
 
+from downstream_helpers import learned_map50
+
 # -- average precision -----------------------------------------------------------------------
 
 
@@ -226,32 +228,7 @@ def test_detection_learns_squares():
             labels.append(k)
         return image, torch.tensor(boxes, dtype=torch.float32), torch.tensor(labels)
 
-    def score(model: torch.nn.Module) -> float:
-        metric, g = BoxAveragePrecision(2), torch.Generator().manual_seed(99)
-        model.eval()
-        with torch.inference_mode():
-            for _ in range(12):
-                image, boxes, labels = scene(g)
-                d = model({"hr": image[None]})["detections"][0]
-                metric.update(d["boxes"], d["scores"], d["labels"], boxes, labels)
-        return metric.compute()["map50"]
-
-    torch.manual_seed(0)
-    model = build_task_model(SkySense.from_preset("tiny"), TaskSpec("detection", 2, ("hr",), decoder_channels=64))
-    before = score(model)
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-    g = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(100):
-        items = [scene(g) for _ in range(4)]
-        batch = {"hr": torch.stack([i[0] for i in items]), "boxes": [i[1] for i in items],
-                 "labels": [i[2] for i in items]}
-        total, _ = model.loss(model(batch), batch)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-    after = score(model)
-    print(f"mAP50 untrained {before:.4f}, after 100 steps {after:.4f}")
+    before, after = learned_map50("detection", scene, 100)
     assert before < 0.05 and after > 0.6, (before, after)
 
 

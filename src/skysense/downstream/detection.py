@@ -85,23 +85,29 @@ class DetectionModel(DownstreamModel):
             fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
             bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
 
+    box_form = "horizontal (N, 4)"
+    box_width = 4
+
     def box_targets(self, batch: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
-        """Per image ``boxes`` (N, 4) and ``labels`` shifted past torchvision's background, difficult boxes left out."""
+        """Per image the targets of :meth:`image_targets`, difficult boxes left out."""
         boxes, labels = batch.get("boxes"), batch.get("labels")
         if not isinstance(boxes, list) or not isinstance(labels, list):
-            raise ValueError(f"detection model: targets 'boxes' and 'labels' (lists, one per image) missing from "
-                             f"the batch (keys {sorted(batch)})")
+            raise ValueError(f"{self.spec.task} model: targets 'boxes' and 'labels' (lists, one per image) missing "
+                             f"from the batch (keys {sorted(batch)})")
         difficult = batch.get("difficult") or [None] * len(boxes)
         targets = []
         for i, (b, k, hard) in enumerate(zip(boxes, labels, difficult)):
-            if b.ndim != 2 or b.shape[1] != 4:
-                raise ValueError(f"detection model: image {i}: boxes must be horizontal (N, 4), got shape "
-                                 f"{tuple(b.shape)} (oriented boxes go through skysense.downstream.boxes."
-                                 "horizontal_boxes)")
+            if b.ndim != 2 or b.shape[1] != self.box_width:
+                raise ValueError(f"{self.spec.task} model: image {i}: boxes must be {self.box_form}, got shape "
+                                 f"{tuple(b.shape)}")
             self.check_labels(k, i)
             keep = ~hard.bool() if hard is not None else torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
-            targets.append({"boxes": b[keep].float(), "labels": k[keep].long() + 1})
+            targets.append(self.image_targets(b[keep].float(), k[keep].long() + 1))
         return targets
+
+    def image_targets(self, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One image's ``boxes`` and its ``labels`` already shifted past torchvision's background."""
+        return {"boxes": boxes, "labels": labels}
 
     def check_labels(self, labels: torch.Tensor, image: int) -> None:
         """Class indices of one image's boxes must lie in ``0..num_classes - 1``."""

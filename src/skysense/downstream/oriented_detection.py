@@ -29,8 +29,6 @@ mode, and per image ``boxes`` (N, 5) cx, cy, w, h, angle, ``corners`` (N, 8), ``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -177,22 +175,9 @@ class OrientedDetectionModel(DetectionModel):
         keep = batched_rotated_nms(found["boxes"], found["scores"], found["labels"], NMS_THRESHOLD)[:DETECTIONS]
         return {k: v[keep] for k, v in found.items()}
 
-    def box_targets(self, batch: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
-        """Per image the hulls (``boxes``, for the proposal network), the rectangles (``rboxes``)
-        and ``labels`` shifted past the background, difficult boxes left out."""
-        boxes, labels = batch.get("boxes"), batch.get("labels")
-        if not isinstance(boxes, list) or not isinstance(labels, list):
-            raise ValueError(f"oriented detection model: targets 'boxes' and 'labels' (lists, one per image) missing "
-                             f"from the batch (keys {sorted(batch)})")
-        difficult = batch.get("difficult") or [None] * len(boxes)
-        targets = []
-        for i, (b, k, hard) in enumerate(zip(boxes, labels, difficult)):
-            if b.ndim != 2 or b.shape[1] != 8:
-                raise ValueError(f"oriented detection model: image {i}: boxes must be (N, 8) corners, got shape "
-                                 f"{tuple(b.shape)}")
-            self.check_labels(k, i)
-            keep = ~hard.bool() if hard is not None else torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
-            corners = b[keep].float()
-            targets.append({"boxes": horizontal_boxes(corners), "rboxes": corners_to_rbox(corners),
-                            "labels": k[keep].long() + 1})
-        return targets
+    box_form = "(N, 8) corners"
+    box_width = 8
+
+    def image_targets(self, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The corners' hulls (``boxes``, for the proposal network), rectangles (``rboxes``) and ``labels``."""
+        return {"boxes": horizontal_boxes(boxes), "rboxes": corners_to_rbox(boxes), "labels": labels}
