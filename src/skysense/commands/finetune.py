@@ -35,7 +35,7 @@ OVERRIDES = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("finetune", help="fine-tune with a task head (classification, segmentation, change, detection)")
+    parser = subparsers.add_parser("finetune", help=f"fine-tune with a task head ({', '.join(TASKS)})")
     parser.add_argument("--config", type=Path, default=None, help="YAML config, e.g. configs/finetune/aid-tiny.yaml")
     parser.add_argument("--task", choices=TASKS, default=None, help="required unless the config sets it")
     parser.add_argument("--dataset", default=None, help="dataset name (skysense datasets list); required unless in the config")

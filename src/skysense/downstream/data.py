@@ -108,6 +108,18 @@ def random_crop(sample: Mapping[str, Any], size: int, generator: torch.Generator
     return crop_boxes(crop(sample, top, left, size, size), top, left, size, size)
 
 
+def prepared(sample: Mapping[str, Any], config: SkySenseConfig, keys: Sequence[str], sentinel_size: int | None,
+             task: str | None) -> dict[str, Any]:
+    """A raw sample normalised, cut down to ``keys`` and the targets, its S2/S1 frames resized to
+    ``sentinel_size`` (when given) and, for ``task="detection"``, its boxes made horizontal."""
+    sample = select(normalize_sample(sample, config), keys)
+    if sentinel_size is not None:
+        sample = resize_series(sample, sentinel_size)
+    if task == "detection":
+        sample = with_horizontal_boxes(sample)
+    return sample
+
+
 def _check_sentinel_size(task: str, sentinel_size: int | None) -> None:
     if sentinel_size is not None and task != "classification":
         raise ValueError(f"sentinel_size: only for classification (resizing would distort {task} targets); "
@@ -136,11 +148,7 @@ class TrainingSamples(Dataset):
     def _sample(self, index: int) -> dict[str, Any]:
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        sample = select(normalize_sample(self.dataset[index], self.config), self.keys)
-        if self.sentinel_size is not None:
-            sample = resize_series(sample, self.sentinel_size)
-        if self.task == "detection":
-            sample = with_horizontal_boxes(sample)
+        sample = prepared(self.dataset[index], self.config, self.keys, self.sentinel_size, self.task)
         if self.cache is not None:
             self.cache[index] = sample
         return sample
@@ -176,12 +184,7 @@ class EvaluationSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = select(normalize_sample(self.dataset[index], self.config), self.keys)
-        if self.sentinel_size is not None:
-            sample = resize_series(sample, self.sentinel_size)
-        if self.task == "detection":
-            sample = with_horizontal_boxes(sample)
-        return sample
+        return prepared(self.dataset[index], self.config, self.keys, self.sentinel_size, self.task)
 
 
 def evenly_spaced(dataset: Dataset, count: int | None) -> Dataset:

@@ -67,14 +67,17 @@ class DetectionModel(DownstreamModel):
     """SkySense encoder + Faster R-CNN with FPN (module docstring)."""
 
     output_keys = ("boxes",)
+    # The boxes the targets hold: described in errors, and their number of coordinates.
+    box_form = "horizontal (N, 4)"
+    box_width = 4
 
     def __init__(self, encoder: SkySense, spec: TaskSpec) -> None:
         super().__init__(encoder, spec)
         width = spec.decoder_channels
         self.fpn = FeaturePyramidNetwork(list(pyramid_channels(encoder.config, spec)), width,
-                                            extra_blocks=LastLevelMaxPool())
+                                         extra_blocks=LastLevelMaxPool())
         anchors = AnchorGenerator(sizes=tuple((s,) for s in ANCHOR_SIZES),
-                                     aspect_ratios=(ASPECT_RATIOS,) * len(ANCHOR_SIZES))
+                                  aspect_ratios=(ASPECT_RATIOS,) * len(ANCHOR_SIZES))
         self.rpn = RegionProposalNetwork(
             anchors, RPNHead(width, len(ASPECT_RATIOS)), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
             batch_size_per_image=256, positive_fraction=0.5, pre_nms_top_n={"training": 2000, "testing": 1000},
@@ -84,9 +87,6 @@ class DetectionModel(DownstreamModel):
             pool, TwoMLPHead(width * 7 * 7, 1024), FastRCNNPredictor(1024, spec.num_classes + 1),
             fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
             bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
-
-    box_form = "horizontal (N, 4)"
-    box_width = 4
 
     def box_targets(self, batch: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
         """Per image the targets of :meth:`image_targets`, difficult boxes left out."""
@@ -112,7 +112,7 @@ class DetectionModel(DownstreamModel):
     def check_labels(self, labels: torch.Tensor, image: int) -> None:
         """Class indices of one image's boxes must lie in ``0..num_classes - 1``."""
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.spec.num_classes):
-            raise ValueError(f"detection model: image {image}: labels must lie in 0..{self.spec.num_classes - 1}, "
+            raise ValueError(f"{self.spec.task} model: image {image}: labels must lie in 0..{self.spec.num_classes - 1}, "
                              f"got {int(labels.min())}..{int(labels.max())}")
 
     def targets(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,7 +125,7 @@ class DetectionModel(DownstreamModel):
         pad_h, pad_w = -height % SIZE_DIVISOR, -width % SIZE_DIVISOR
         if pad_h or pad_w:
             if any(m in inputs for m in SENTINEL):
-                raise ValueError(f"detection model: with S2/S1 inputs, hr sides must be multiples of {SIZE_DIVISOR} "
+                raise ValueError(f"{self.spec.task} model: with S2/S1 inputs, hr sides must be multiples of {SIZE_DIVISOR} "
                                  f"(the grids must match), got {height} x {width}")
             inputs["hr"] = F.pad(hr, (0, pad_w, 0, pad_h))
         levels = feature_pyramid(self.encode(inputs), self.spec)
@@ -170,6 +170,6 @@ class DetectionModel(DownstreamModel):
     def loss(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The sum of the four Faster R-CNN losses, and each of them (training-mode outputs)."""
         if "detections" in outputs:
-            raise ValueError("detection model: losses come from a forward pass in training mode (model.train())")
+            raise ValueError(f"{self.spec.task} model: losses come from a forward pass in training mode (model.train())")
         terms = {k: v.float() for k, v in outputs.items()}
         return torch.stack(list(terms.values())).sum(), terms

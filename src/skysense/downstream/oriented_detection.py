@@ -161,6 +161,9 @@ class OrientedRoIHead(nn.Module):
 class OrientedDetectionModel(DetectionModel):
     """SkySense encoder + Rotated Faster R-CNN with FPN (module docstring)."""
 
+    box_form = "(N, 8) corners"
+    box_width = 8
+
     def __init__(self, encoder: SkySense, spec: TaskSpec) -> None:
         super().__init__(encoder, spec)
         self.roi_heads = OrientedRoIHead(spec.decoder_channels, spec.num_classes)
@@ -174,9 +177,6 @@ class OrientedDetectionModel(DetectionModel):
     def merged(self, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         keep = batched_rotated_nms(found["boxes"], found["scores"], found["labels"], NMS_THRESHOLD)[:DETECTIONS]
         return {k: v[keep] for k, v in found.items()}
-
-    box_form = "(N, 8) corners"
-    box_width = 8
 
     def image_targets(self, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The corners' hulls (``boxes``, for the proposal network), rectangles (``rboxes``) and ``labels``."""

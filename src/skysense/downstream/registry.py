@@ -2,8 +2,8 @@
 
 One entry per (dataset, task) pair the loaders in :mod:`skysense.data.datasets` support. The
 ``metric`` is the score the SkySense paper reports for that benchmark (``oa``, ``map``,
-``miou``, ``mf1``, ``f1`` of the change class, ``scs``, ``map50`` for both detection tasks). Class names are taken from the dataset
-object when it lists them (AID and RESISC-45 read them from their folders).
+``miou``, ``mf1``, ``f1`` of the change class, ``scs``, ``map50`` for both detection tasks).
+Class names are taken from the dataset object when it lists them (AID and RESISC-45 read them from their folders).
 
 ``excluded_classes`` names the classes the benchmark's protocol leaves out of its class means:
 ISPRS Potsdam's mF1 in the SkySense paper is over five classes, *clutter* excluded, and Vaihingen
@@ -90,19 +90,19 @@ REGISTRY: dict[tuple[str, str], DownstreamDataset] = {
     ("dsifn", "change"): DownstreamDataset("change", 2, "f1", CHANGE_CLASSES),
     ("oscd", "change"): DownstreamDataset("change", 2, "f1", CHANGE_CLASSES),
     # Horizontal detection: DIOR as the paper evaluates it (Faster R-CNN + FPN, mAP at IoU 0.5);
-    # DOTA with the horizontal hulls of its oriented boxes, its official horizontal-box task (run
-    # on patches split by DOTA_devkit's ImgSplit; its classes follow the dataset's version).
+    # DOTA with the horizontal hulls of its oriented boxes, its official horizontal-box task
+    # (trained on 1024-px crops, evaluated in 1024-px windows; classes follow the dataset's version).
     ("dior", "detection"): DownstreamDataset("detection", len(DIOR_CLASSES), "map50", DIOR_CLASSES, crop_size=800),
-    ("dota", "detection"): DownstreamDataset("detection", 15, "map50", DOTA_CLASSES["1.0"], eval_split="val",
-                                             crop_size=1024),
+    ("dota", "detection"): DownstreamDataset("detection", len(DOTA_CLASSES["1.0"]), "map50", DOTA_CLASSES["1.0"],
+                                             eval_split="val", crop_size=1024),
     # Oriented detection (Rotated Faster R-CNN): DIOR-R and FAIR1M v1.0 as in the paper, DOTA's
     # oriented task; mAP at IoU 0.5 of the quadrilaterals. FAIR1M's test labels are not public.
     ("dior_r", "oriented_detection"): DownstreamDataset("oriented_detection", len(DIOR_CLASSES), "map50", DIOR_CLASSES,
                                                         crop_size=800),
     ("fair1m", "oriented_detection"): DownstreamDataset("oriented_detection", len(FAIR1M_CLASSES), "map50",
                                                         FAIR1M_CLASSES, eval_split="validation", crop_size=1024),
-    ("dota", "oriented_detection"): DownstreamDataset("oriented_detection", 15, "map50", DOTA_CLASSES["1.0"],
-                                                      eval_split="val", crop_size=1024),
+    ("dota", "oriented_detection"): DownstreamDataset("oriented_detection", len(DOTA_CLASSES["1.0"]), "map50",
+                                                      DOTA_CLASSES["1.0"], eval_split="val", crop_size=1024),
     ("dynamic_earthnet", "change"): DownstreamDataset("change", 2, "scs", CHANGE_CLASSES,
                                                       semantic_classes=len(DYNAMIC_EARTHNET_CLASSES),
                                                       eval_split="val", options={"task": "change"}),
