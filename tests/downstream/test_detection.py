@@ -16,7 +16,7 @@ from skysense import SkySense
 from skysense.cli import main
 from skysense.data.datasets import DIOR, DOTA
 from skysense.data.datasets.detection import DIOR_CLASSES
-from skysense.downstream.boxes import crop_boxes, flip_boxes, horizontal_boxes
+from skysense.downstream.boxes import box_coverage, crop_boxes, cut_by_window, flip_boxes, horizontal_boxes
 from skysense.downstream.data import EvaluationSamples, TrainingSamples, model_keys
 from skysense.downstream.evaluate import evaluate_run
 from skysense.downstream.finetune import FinetuneConfig, finetune, load_finetuned
@@ -248,13 +248,15 @@ def test_finetune_evaluate_and_cli_on_a_dior_layout(dior_like, tmp_path, capsys)
     report = evaluate_run(tmp_path / "run", predictions=tmp_path / "pred", progress=False)
     assert report["split"] == "test" and report["samples"] == 2 and report["images"] == 2
     assert report["objects"] == 3 and report["classes_scored"] == 2 and 0.0 <= report["map50"] <= 1.0
-    assert report["predictions_written"] == 2
+    assert report["predictions_written"] == 2 and report["drop_fragments"] is True
     written = json.loads((tmp_path / "pred" / "00005.json").read_text())
     assert set(written) == {"boxes", "scores", "labels", "classes"}
     assert all(c in DIOR_CLASSES for c in written["classes"])
-    assert main(["evaluate", "detection", "--weights", str(tmp_path / "run"), "--no-progress", "--json"]) == 0
+    assert main(["evaluate", "detection", "--weights", str(tmp_path / "run"), "--no-progress", "--json",
+                 "--keep-fragments"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["map50"] == pytest.approx(report["map50"]) and printed["task"] == "detection"
+    assert printed["drop_fragments"] is False
     samples = EvaluationSamples(DIOR(dior_like, split="test"), model.config, model_keys(("hr",), False),
                                 task="detection")
     assert samples[0]["boxes"].shape == (1, 4)
@@ -320,3 +322,59 @@ def test_windows_move_detections_into_the_scene_and_merge_duplicates(tiny_model,
     windows.clear()
     model.detect({"hr": _coordinate_image(64, 64)}, window=64)
     assert windows == [(0, 0, 64, 64)]
+
+
+@pytest.mark.parametrize("task", ["detection", "oriented_detection"])
+def test_windows_drop_fragments_of_objects_another_window_sees_whole(tiny_model, task, monkeypatch):
+    """A fake detector reports what each window shows of two objects, a part outscoring the whole.
+    Object A (20..56 x 10..30) fits in the first window; the second shows its right end, which plain NMS
+    keeps (IoU 0.22) and the merge drops as a fragment. Object B (40..120 x 70..90) is wider than
+    the windows' overlap, so every window cuts it: its parts are all it has, and none is dropped."""
+    model = build_task_model(tiny_model, TaskSpec(task, 3, ("hr",), decoder_channels=32)).eval()
+    objects = torch.tensor([[20.0, 10, 56, 30], [40, 70, 120, 90]])
+
+    def fake_forward(batch):
+        x, y = int(batch["hr"][0, 0, 0, 0]), int(batch["hr"][0, 1, 0, 0])
+        h, w = batch["hr"].shape[-2:]
+        low = torch.maximum(objects[:, :2], torch.tensor([x, y]))
+        high = torch.minimum(objects[:, 2:], torch.tensor([x + w, y + h]))
+        seen = (high > low).all(1)
+        box = torch.cat([low, high], 1)[seen] - torch.tensor([x, y, x, y])
+        whole = (box[:, 2:] - box[:, :2] == objects[seen, 2:] - objects[seen, :2]).all(1)
+        found = {"boxes": box, "scores": torch.where(whole, 0.9, 0.95), "labels": torch.tensor([0, 1])[seen]}
+        if task == "oriented_detection":
+            found["corners"] = box[:, [0, 1, 2, 1, 2, 3, 0, 3]]
+            found["boxes"] = torch.cat([(box[:, :2] + box[:, 2:]) / 2, box[:, 2:] - box[:, :2],
+                                        torch.zeros(box.shape[0], 1)], 1)
+        return {"detections": [found]}
+
+    monkeypatch.setattr(model, "forward", fake_forward)
+    scene = {"hr": _coordinate_image(100, 160)}
+    key = "corners" if task == "oriented_detection" else "boxes"
+
+    def outlines(found, label):
+        return sorted(horizontal_boxes(found[key][found["labels"] == label]).tolist())
+
+    merged = model.detect(scene, window=64, stride=48)[0]
+    assert outlines(merged, 0) == [[20, 10, 56, 30]]
+    # B's parts: only NMS merges them (the oriented head's threshold, 0.1, takes the middle one)
+    parts = [[40, 70, 64, 90], [48, 70, 112, 90], [96, 70, 120, 90]]
+    assert outlines(merged, 1) == (parts if task == "detection" else parts[::2])
+    plain = model.detect(scene, window=64, stride=48, drop_fragments=False)[0]
+    # plain NMS keeps A's fragment beside it (IoU 0.22 < 0.5), or instead of it (> 0.1, and it scores higher)
+    assert outlines(plain, 0) == ([[20, 10, 56, 30], [48, 10, 56, 30]] if task == "detection" else [[48, 10, 56, 30]])
+    assert outlines(plain, 1) == outlines(merged, 1)
+
+
+def test_cut_by_window_and_box_coverage():
+    hulls = torch.tensor([[0.0, 10, 20, 20], [30, 30, 40, 62], [10, 10, 20, 20]])
+    # a window at (32, 0) of 64 x 64 in a 64-high scene: its left edge is inside, its bottom is the scene's
+    assert cut_by_window(hulls, (32, 0, 64, 64), (64, 200), 4.0).tolist() == [True, False, False]
+    # the same window in a taller scene: the bottom edge is inside too
+    assert cut_by_window(hulls, (32, 0, 64, 64), (128, 200), 4.0).tolist() == [True, True, False]
+    # the first window of the scene: only its right and bottom edges can cut
+    assert cut_by_window(hulls, (0, 0, 64, 64), (64, 64), 4.0).tolist() == [False, False, False]
+    part, whole = torch.tensor([[0.0, 0, 10, 10], [5, 5, 5, 9]]), torch.tensor([[5.0, 0, 20, 10], [0, 0, 1, 1]])
+    assert box_coverage(part, whole).tolist() == [[0.5, pytest.approx(0.01)], [0.0, 0.0]]
+    with pytest.raises(ValueError, match=r"box_coverage: whole: expected \(N, 4\) boxes, got shape \(2, 8\)"):
+        box_coverage(part, torch.zeros(2, 8))

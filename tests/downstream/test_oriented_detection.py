@@ -20,7 +20,8 @@ from skysense.downstream.data import TrainingSamples, model_keys
 from skysense.downstream.evaluate import evaluate_run
 from skysense.downstream.finetune import FinetuneConfig, finetune
 from skysense.downstream.oriented_detection import decode, encode
-from skysense.downstream.rotated_boxes import corners_to_rbox, quad_iou, rbox_to_corners, regularize, rotated_nms
+from skysense.downstream.rotated_boxes import (corners_to_rbox, quad_coverage, quad_iou, rbox_to_corners, regularize,
+                                               rotated_nms)
 from skysense.downstream.tasks import TaskSpec, build_task_model
 from skysense.evaluation.box_ap import BoxAveragePrecision
 
@@ -33,7 +34,7 @@ def _random_rboxes(n: int, seed: int, extent: float = 60.0) -> torch.Tensor:
                       (torch.rand(n, 1, generator=g) - 0.5) * 2 * math.pi], 1).double()
 
 
-def test_quad_iou_equals_shapely():
+def test_quad_iou_and_coverage_equal_shapely():
     shapely = pytest.importorskip("shapely.geometry")
     boxes = _random_rboxes(120, 0)
     boxes[:10] = boxes[10:20]  # identical pairs
@@ -51,6 +52,8 @@ def test_quad_iou_equals_shapely():
     found = quad_iou(everything, everything)
     assert (expected > 0).sum() > 2000  # many overlapping pairs, not just the diagonal
     assert torch.allclose(found, expected, atol=1e-9)
+    covered = torch.tensor([[p.intersection(q).area / p.area for q in polygons] for p in polygons], dtype=torch.float64)
+    assert torch.allclose(quad_coverage(everything, everything), covered, atol=1e-9)
     squares = torch.tensor([[0.0, 0, 10, 0, 10, 10, 0, 10], [10, 0, 20, 0, 20, 10, 10, 10],
                             [5, 0, 15, 0, 15, 10, 5, 10]])
     assert torch.allclose(quad_iou(squares, squares), torch.tensor([[1, 0, 1 / 3], [0, 1, 1 / 3], [1 / 3, 1 / 3, 1]]))

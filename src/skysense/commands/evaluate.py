@@ -104,6 +104,9 @@ def _register_task(sub: argparse._SubParsersAction, task: str) -> None:
     if task in ("detection", "oriented_detection"):
         parser.add_argument("--predictions", type=Path, default=None,
                             help="write each image's detections here as <id>.json (pixel boxes, scores, classes)")
+        parser.add_argument("--keep-fragments", action="store_true",
+                            help="merge windows by NMS alone (DOTA_devkit's merge); by default, detections of objects "
+                                 "a window edge cuts are dropped when another window sees the object whole")
     if task == "segmentation":
         parser.add_argument("--exclude-classes", type=_class_list, default=None, metavar="CLASSES",
                             help="comma-separated class indices or names left out of the extra means mf1_excluding "
@@ -138,7 +141,7 @@ def run_task(args: argparse.Namespace) -> int:
                           stride=getattr(args, "stride", None), batch_size=args.batch_size,
                           predictions=getattr(args, "predictions", None), num_workers=args.num_workers,
                           progress=not args.no_progress, excluded_classes=getattr(args, "exclude_classes", None),
-                          device=args.device)
+                          device=args.device, drop_fragments=not getattr(args, "keep_fragments", False))
     report["seconds"] = round(time.perf_counter() - start, 2)
     report["threads"] = torch.get_num_threads()
     print_report(report, args.json)

@@ -11,6 +11,10 @@ by the border is kept, as mmdetection's ``RandomCrop`` does); an oriented box is
 its centre lies in the window and dropped otherwise (as mmrotate's ``RRandomCrop`` does). Flips
 mirror every coordinate. Padding at the bottom/right
 (:func:`skysense.downstream.sliding_window.pad_to`) leaves boxes where they are.
+
+Detection over windows of a larger scene (:meth:`skysense.downstream.detection.DetectionModel.detect`)
+needs to know which detections a window edge cuts (:func:`cut_by_window`: the box reaches an edge
+that lies inside the scene) and how much of one box lies inside another (:func:`box_coverage`).
 """
 
 from __future__ import annotations
@@ -67,6 +71,38 @@ def crop_boxes(sample: Mapping[str, Any], top: int, left: int, height: int, widt
         if isinstance(sample.get(key), torch.Tensor):
             out[key] = sample[key][keep]
     return out
+
+
+def box_coverage(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """(N, M): the fraction of each horizontal box ``part`` (N, 4) inside each box ``whole`` (M, 4);
+    0 for a part of no area."""
+    for name, value in (("part", part), ("whole", whole)):
+        if value.ndim != 2 or value.shape[1] != 4:
+            raise ValueError(f"box_coverage: {name}: expected (N, 4) boxes, got shape {tuple(value.shape)}")
+    low = torch.maximum(part[:, None, :2], whole[None, :, :2])
+    high = torch.minimum(part[:, None, 2:], whole[None, :, 2:])
+    inter = (high - low).clamp_min(0).prod(-1)
+    area = ((part[:, 2:] - part[:, :2]).clamp_min(0).prod(-1))[:, None]
+    return torch.where(area > 0, inter / area.clamp_min(1e-12), torch.zeros_like(inter))
+
+
+def cut_by_window(hulls: torch.Tensor, window: tuple[int, int, int, int], scene: tuple[int, int],
+                  margin: float) -> torch.Tensor:
+    """(N,) bool: which horizontal ``hulls`` (N, 4), in the pixels of a window at (x, y) of size
+    (w, h) = ``window`` of a scene of (height, width) = ``scene``, come within ``margin`` pixels of
+    a window edge that lies inside the scene: objects the window may show only in part."""
+    x, y, w, h = window
+    height, width = scene
+    cut = torch.zeros(hulls.shape[0], dtype=torch.bool, device=hulls.device)
+    if x > 0:
+        cut |= hulls[:, 0] <= margin
+    if y > 0:
+        cut |= hulls[:, 1] <= margin
+    if x + w < width:
+        cut |= hulls[:, 2] >= w - margin
+    if y + h < height:
+        cut |= hulls[:, 3] >= h - margin
+    return cut
 
 
 def flip_boxes(boxes: torch.Tensor, height: int, width: int, horizontal: bool, vertical: bool) -> torch.Tensor:

@@ -26,9 +26,15 @@ image ``boxes`` (N, 4), ``scores``, ``labels``) in evaluation mode.
 
 :meth:`DetectionModel.detect` runs a scene larger than ``window`` pixels window by window
 (overlapping, the last one moved back to end at the border, as
-:func:`~skysense.downstream.sliding_window.sliding_window` places them), moves each window's
-detections into the scene's pixels and merges them with class-wise NMS at the head's threshold,
-keeping the head's number per image: what DOTA_devkit's split-and-merge does for large scenes.
+:func:`~skysense.downstream.sliding_window.sliding_window` places them) and moves each window's
+detections into the scene's pixels. Before merging them with class-wise NMS at the head's
+threshold (what DOTA_devkit's split-and-merge does), it drops **fragments**: a detection that
+comes within ``EDGE_MARGIN`` pixels of a window edge inside the scene may show only part of its
+object, and when at least ``FRAGMENT_COVERAGE`` of it lies inside an uncut detection of the same
+class (another window saw the object whole) it is that object's fragment. NMS alone keeps such a
+fragment whenever it outscores the whole box or overlaps it by less than the NMS threshold. An
+object that every window cuts (larger than the windows' overlap) keeps its fragments, and NMS
+merges them as before. ``drop_fragments=False`` gives plain NMS.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ except ImportError as error:  # pragma: no cover - installed with the extra
 
 from torchvision.ops import batched_nms
 
+from skysense.downstream.boxes import box_coverage, cut_by_window, horizontal_boxes
 from skysense.downstream.sliding_window import crop, grid_alignment, reference_size, window_starts
 from skysense.downstream.tasks import SENTINEL, DownstreamModel, TaskSpec, feature_pyramid, pyramid_channels
 from skysense.models import SkySense
@@ -61,6 +68,10 @@ SIZE_DIVISOR = 32
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 ROI_LEVELS = ("0", "1", "2", "3")
+EDGE_MARGIN = 4.0
+"""Pixels from a window edge inside the scene within which a detection counts as cut by that edge."""
+FRAGMENT_COVERAGE = 0.6
+"""A cut detection is a fragment when at least this fraction of it lies inside an uncut one of its class."""
 
 
 class DetectionModel(DownstreamModel):
@@ -70,6 +81,9 @@ class DetectionModel(DownstreamModel):
     # The boxes the targets hold: described in errors, and their number of coordinates.
     box_form = "horizontal (N, 4)"
     box_width = 4
+    # The detections' entry whose overlaps decide fragments, and the coverage function for it.
+    outline_key = "boxes"
+    coverage = staticmethod(box_coverage)
 
     def __init__(self, encoder: SkySense, spec: TaskSpec) -> None:
         super().__init__(encoder, spec)
@@ -138,10 +152,11 @@ class DetectionModel(DownstreamModel):
             return {**rpn_losses, **roi_losses}
         return {"detections": [{**d, "labels": d["labels"] - 1} for d in detections]}
 
-    def detect(self, batch: Mapping[str, Any], window: int | None = None,
-               stride: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """Detections per image (evaluation mode); with ``window``, a larger image goes through
-        overlapping windows every ``stride`` pixels (default ``window // 2``), merged by NMS."""
+    def detect(self, batch: Mapping[str, Any], window: int | None = None, stride: int | None = None,
+               drop_fragments: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Detections per image (evaluation mode). With ``window``, a larger image goes through
+        overlapping windows every ``stride`` pixels (default ``window // 2``); their detections are
+        merged by NMS, fragments of objects cut by a window edge dropped first (module docstring)."""
         height, width = reference_size(batch)
         if window is None or (height <= window and width <= window):
             return self(batch)["detections"]
@@ -152,9 +167,27 @@ class DetectionModel(DownstreamModel):
         pieces = []
         for y in window_starts(height, window, stride, align):
             for x in window_starts(width, window, stride, align):
-                found = self(crop(batch, y, x, min(window, height - y), min(window, width - x)))["detections"][0]
-                pieces.append(self.moved(found, x, y))
-        return [self.merged({k: torch.cat([p[k] for p in pieces]) for k in pieces[0]})]
+                h, w = min(window, height - y), min(window, width - x)
+                found = self(crop(batch, y, x, h, w))["detections"][0]
+                cut = cut_by_window(horizontal_boxes(found[self.outline_key]), (x, y, w, h), (height, width),
+                                    EDGE_MARGIN)
+                pieces.append({**self.moved(found, x, y), "cut": cut})
+        found = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+        cut = found.pop("cut")
+        if drop_fragments:
+            whole = ~self.fragments(found, cut)
+            found = {k: v[whole] for k, v in found.items()}
+        return [self.merged(found)]
+
+    def fragments(self, found: dict[str, torch.Tensor], cut: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: cut detections lying at least ``FRAGMENT_COVERAGE`` inside an uncut one of their class."""
+        fragment = torch.zeros_like(cut)
+        if cut.any() and not cut.all():
+            outlines, labels = found[self.outline_key].float(), found["labels"]
+            covered = self.coverage(outlines[cut], outlines[~cut]) >= FRAGMENT_COVERAGE
+            same_class = labels[cut][:, None] == labels[~cut][None]
+            fragment[cut] = (covered & same_class).any(1)
+        return fragment
 
     @staticmethod
     def moved(found: dict[str, torch.Tensor], x: int, y: int) -> dict[str, torch.Tensor]:

@@ -9,9 +9,10 @@
   :mod:`skysense.downstream.registry` (Potsdam, Vaihingen: clutter) unless told otherwise.
 * change: the same for the change map: F1, precision, recall, IoU of the change class, OA; with
   a semantic head also BC, SC and SCS (:class:`~skysense.evaluation.metrics.SemanticChangeScore`).
-* detection / oriented detection: one image at a time (a larger one window by window, merged by
-  NMS: :meth:`~skysense.downstream.detection.DetectionModel.detect`), VOC average precision at IoU 0.5
-  per class and its mean (``map50``, and the 11-point ``map50_11point``:
+* detection / oriented detection: one image at a time (a larger one window by window: fragments
+  of objects a window edge cuts are dropped and the rest merged by NMS, or plain NMS with
+  ``drop_fragments=False``; :meth:`~skysense.downstream.detection.DetectionModel.detect`), VOC
+  average precision at IoU 0.5 per class and its mean (``map50``, and the 11-point ``map50_11point``:
   :mod:`skysense.evaluation.box_ap`; oriented boxes by the IoU of their quadrilaterals).
 
 With ``predictions`` set, each tile's class map is written there as a GeoTIFF carrying the tile's
@@ -80,6 +81,7 @@ def evaluate_model(
     num_workers: int = 0,
     progress: bool = True,
     excluded_classes: Sequence[int | str] = (),
+    drop_fragments: bool = True,
 ) -> dict[str, Any]:
     """Scores of ``model`` on ``dataset`` (raw samples; normalised here). See the module docstring.
 
@@ -90,6 +92,8 @@ def evaluate_model(
         predictions: folder for GeoTIFF prediction maps (dense tasks), or None.
         excluded_classes: segmentation only: classes (indices or names) left out of the
             additional means ``mf1_excluding`` / ``miou_excluding``; empty: no such means.
+        drop_fragments: detection over windows: drop detections of objects cut by a window edge
+            that another window sees whole before NMS; False: plain NMS (DOTA_devkit's merge).
     """
     if len(dataset) == 0:
         raise ValueError("evaluate: the dataset split is empty")
@@ -107,7 +111,8 @@ def evaluate_model(
             if spec.task == "classification":
                 return _classification(model, samples, batch_size, num_workers, progress, device)
             if spec.task in DETECTION_TASKS:
-                return _detection(model, samples, window, stride, predictions, num_workers, progress, device)
+                return _detection(model, samples, window, stride, predictions, num_workers, progress, device,
+                                  drop_fragments)
             return _dense(model, samples, window, stride, predictions, num_workers, progress, device, excluded)
     finally:
         model.train(was_training)
@@ -133,7 +138,8 @@ def _classification(model: DownstreamModel, samples: Dataset, batch_size: int, n
 
 
 def _detection(model: DownstreamModel, samples: Dataset, window: int | None, stride: int | None,
-               predictions: str | Path | None, num_workers: int, progress: bool, device: torch.device) -> dict[str, Any]:
+               predictions: str | Path | None, num_workers: int, progress: bool, device: torch.device,
+               drop_fragments: bool) -> dict[str, Any]:
     spec = model.spec
     oriented = spec.task == "oriented_detection"
     metric = BoxAveragePrecision(spec.num_classes, class_names=spec.class_names or None, oriented=oriented)
@@ -141,7 +147,7 @@ def _detection(model: DownstreamModel, samples: Dataset, window: int | None, str
     loader = DataLoader(samples, batch_size=1, num_workers=num_workers, collate_fn=collate)
     written = 0
     for batch in tqdm(loader, desc="evaluate", unit="image", disable=not progress, leave=False):
-        found = model.detect(to_device(batch, device), window, stride)[0]
+        found = model.detect(to_device(batch, device), window, stride, drop_fragments=drop_fragments)[0]
         truth = model.targets(batch)
         if not isinstance(truth["boxes"], list) or not isinstance(truth["labels"], list):
             raise ValueError(f"evaluate: detection targets 'boxes' / 'labels' missing from sample "
@@ -154,7 +160,7 @@ def _detection(model: DownstreamModel, samples: Dataset, window: int | None, str
             write_detections(prediction_path(predictions, sample_id, extension=".json"), found, spec.class_names,
                              batch.get("crs", [None])[0], batch.get("transform", [None])[0])
             written += 1
-    report: dict[str, Any] = {"samples": len(samples), **metric.compute()}
+    report: dict[str, Any] = {"samples": len(samples), "drop_fragments": drop_fragments, **metric.compute()}
     if predictions is not None:
         report["predictions"] = str(predictions)
         report["predictions_written"] = written
@@ -221,6 +227,7 @@ def evaluate_run(
     progress: bool = True,
     excluded_classes: Sequence[int | str] | None = None,
     device: str | None = None,
+    drop_fragments: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a fine-tuned run folder; unset arguments come from its ``task.json``.
 
@@ -229,6 +236,7 @@ def evaluate_run(
         excluded_classes: segmentation: classes (indices or names) left out of the extra means
             ``mf1_excluding`` / ``miou_excluding``; None: the evaluated dataset's protocol
             (:mod:`skysense.downstream.registry`: clutter for Potsdam and Vaihingen); ``()``: none.
+        drop_fragments: detection over windows (:func:`evaluate_model`).
 
     Raises:
         ValueError: ``task`` differs from the run's task.
@@ -258,7 +266,7 @@ def evaluate_run(
     windowed = model.spec.task != "classification"
     report = evaluate_model(model, data, batch_size=batch_size, window=window if windowed else None,
                             stride=stride, predictions=predictions, num_workers=num_workers, progress=progress,
-                            excluded_classes=excluded_classes)
+                            excluded_classes=excluded_classes, drop_fragments=drop_fragments)
     return {"task": model.spec.task, "dataset": name, "split": split, "data_root": root_used, "run": str(run),
             "encoder_source": info.get("encoder_source"), "finetune_step": info.get("step"),
             "preset": model.config.preset, "window": window if windowed else None,

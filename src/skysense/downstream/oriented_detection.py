@@ -39,7 +39,8 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from skysense.downstream.boxes import horizontal_boxes
 from skysense.downstream.detection import ROI_LEVELS, DetectionModel
-from skysense.downstream.rotated_boxes import batched_rotated_nms, corners_to_rbox, rbox_to_corners, regularize
+from skysense.downstream.rotated_boxes import (batched_rotated_nms, corners_to_rbox, quad_coverage, rbox_to_corners,
+                                               regularize)
 from skysense.downstream.tasks import TaskSpec
 from skysense.models import SkySense
 
@@ -163,6 +164,8 @@ class OrientedDetectionModel(DetectionModel):
 
     box_form = "(N, 8) corners"
     box_width = 8
+    outline_key = "corners"
+    coverage = staticmethod(quad_coverage)
 
     def __init__(self, encoder: SkySense, spec: TaskSpec) -> None:
         super().__init__(encoder, spec)

@@ -16,8 +16,8 @@ lies along an edge of the quadrilateral, so the four edge directions are tried),
 
 :func:`quad_iou` intersects convex quadrilaterals exactly: the intersection polygon's vertices
 are each one's corners inside the other and the crossings of their edges; sorted by angle
-around their mean, the shoelace formula gives its area. :func:`rotated_nms` is greedy NMS on
-that IoU. Only pairs whose axis-aligned hulls overlap are intersected, in chunks, so memory
+around their mean, the shoelace formula gives its area. :func:`quad_coverage` is the fraction of one
+quadrilateral inside another, :func:`rotated_nms` greedy NMS on the IoU. Only pairs whose axis-aligned hulls overlap are intersected, in chunks, so memory
 stays bounded for thousands of boxes.
 """
 
@@ -118,15 +118,15 @@ def _intersection(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.where(count >= 3, _area(ordered), torch.zeros_like(count, dtype=points.dtype))
 
 
-def quad_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N, M) IoU of convex quadrilaterals given as (N, 8) and (M, 8) corners (module docstring).
+def _quads(name: str, value: torch.Tensor) -> torch.Tensor:
+    """(N, 8) corners as (N, 4, 2) float64 on the host; the error names ``name``."""
+    if value.ndim != 2 or value.shape[1] != 8:
+        raise ValueError(f"{name}: expected (N, 8) corners, got shape {tuple(value.shape)}")
+    return value.detach().cpu().double().reshape(-1, 4, 2)
 
-    Only pairs whose axis-aligned hulls overlap are intersected exactly; the others are 0.
-    """
-    for name, value in (("a", a), ("b", b)):
-        if value.ndim != 2 or value.shape[1] != 8:
-            raise ValueError(f"quad_iou: {name}: expected (N, 8) corners, got shape {tuple(value.shape)}")
-    qa, qb = a.detach().cpu().double().reshape(-1, 4, 2), b.detach().cpu().double().reshape(-1, 4, 2)
+
+def _pairwise_intersection(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+    """(N, M) intersection areas of (N, 4, 2) and (M, 4, 2) quadrilaterals, float64 (module docstring)."""
     low_a, high_a, low_b, high_b = qa.amin(1), qa.amax(1), qb.amin(1), qb.amax(1)
     touching = ((torch.minimum(high_a[:, None], high_b[None]) - torch.maximum(low_a[:, None], low_b[None])) > 0).all(-1)
     i, j = torch.nonzero(touching, as_tuple=True)
@@ -134,9 +134,31 @@ def quad_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for start in range(0, i.numel(), PAIRS):
         ii, jj = i[start:start + PAIRS], j[start:start + PAIRS]
         inter[ii, jj] = _intersection(qa[ii], qb[jj])
+    return inter
+
+
+def _like(values: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return values.to(device=a.device, dtype=a.dtype if a.is_floating_point() else torch.float32)
+
+
+def quad_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, M) IoU of convex quadrilaterals given as (N, 8) and (M, 8) corners (module docstring).
+
+    Only pairs whose axis-aligned hulls overlap are intersected exactly; the others are 0.
+    """
+    qa, qb = _quads("quad_iou: a", a), _quads("quad_iou: b", b)
+    inter = _pairwise_intersection(qa, qb)
     union = _area(qa)[:, None] + _area(qb)[None] - inter
-    iou = torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
-    return iou.to(device=a.device, dtype=a.dtype if a.is_floating_point() else torch.float32)
+    return _like(torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter)), a)
+
+
+def quad_coverage(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """(N, M): the fraction of each of the N quadrilaterals ``part`` (N, 8) that lies inside each of
+    the M quadrilaterals ``whole`` (M, 8); 0 for a part of no area."""
+    qa, qb = _quads("quad_coverage: part", part), _quads("quad_coverage: whole", whole)
+    inter = _pairwise_intersection(qa, qb)
+    area = _area(qa)[:, None]
+    return _like(torch.where(area > 0, inter / area.clamp_min(1e-12), torch.zeros_like(inter)), part)
 
 
 def rotated_nms(rbox: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
