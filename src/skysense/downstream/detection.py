@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 try:
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -96,9 +97,13 @@ class DetectionModel(DownstreamModel):
             anchors, RPNHead(width, len(ASPECT_RATIOS)), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
             batch_size_per_image=256, positive_fraction=0.5, pre_nms_top_n={"training": 2000, "testing": 1000},
             post_nms_top_n={"training": 1000, "testing": 1000}, nms_thresh=0.7)
+        self.roi_heads = self.box_head(width, spec.num_classes)
+
+    def box_head(self, channels: int, num_classes: int) -> nn.Module:
+        """The RoI head on the FPN's ``channels``: torchvision's ``RoIHeads`` (module docstring)."""
         pool = MultiScaleRoIAlign(list(ROI_LEVELS), output_size=7, sampling_ratio=2)
-        self.roi_heads = RoIHeads(
-            pool, TwoMLPHead(width * 7 * 7, 1024), FastRCNNPredictor(1024, spec.num_classes + 1),
+        return RoIHeads(
+            pool, TwoMLPHead(channels * 7 * 7, 1024), FastRCNNPredictor(1024, num_classes + 1),
             fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
             bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
 

@@ -41,8 +41,6 @@ from skysense.downstream.boxes import horizontal_boxes
 from skysense.downstream.detection import ROI_LEVELS, DetectionModel
 from skysense.downstream.rotated_boxes import (batched_rotated_nms, corners_to_rbox, quad_coverage, rbox_to_corners,
                                                regularize)
-from skysense.downstream.tasks import TaskSpec
-from skysense.models import SkySense
 
 DELTA_WEIGHTS = (10.0, 10.0, 5.0, 5.0, 10.0)
 ANGLE_SCALE = 2 * math.pi
@@ -167,9 +165,8 @@ class OrientedDetectionModel(DetectionModel):
     outline_key = "corners"
     coverage = staticmethod(quad_coverage)
 
-    def __init__(self, encoder: SkySense, spec: TaskSpec) -> None:
-        super().__init__(encoder, spec)
-        self.roi_heads = OrientedRoIHead(spec.decoder_channels, spec.num_classes)
+    def box_head(self, channels: int, num_classes: int) -> nn.Module:
+        return OrientedRoIHead(channels, num_classes)
 
     @staticmethod
     def moved(found: dict[str, torch.Tensor], x: int, y: int) -> dict[str, torch.Tensor]:
