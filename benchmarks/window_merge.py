@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -56,6 +57,31 @@ def scene(g: torch.Generator, size: int, objects: tuple[int, int], sides: tuple[
     return image, torch.stack(boxes).float(), torch.tensor(labels)
 
 
+Scene = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""A synthetic detection scene from a generator: image (3, H, W), boxes, labels (2 classes)."""
+
+
+def tiny_detector(task: str) -> torch.nn.Module:
+    """A ``tiny`` SkySense detector for 2 classes, FPN 64, random init from seed 0."""
+    torch.manual_seed(0)
+    return build_task_model(SkySense.from_preset("tiny"), TaskSpec(task, 2, ("hr",), decoder_channels=64))
+
+
+def train_detector(model: torch.nn.Module, scenes: Scene, steps: int, progress: bool = False) -> None:
+    """``steps`` AdamW steps (lr 1e-3) on batches of 4 fresh scenes drawn from seed 1."""
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(1)
+    model.train()
+    for _ in tqdm(range(steps), desc="training", disable=not progress):
+        items = [scenes(g) for _ in range(4)]
+        batch = {"hr": torch.stack([i[0] for i in items]), "boxes": [i[1] for i in items],
+                 "labels": [i[2] for i in items]}
+        total, _ = model.loss(model(batch), batch)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=("detection", "oriented_detection"), default="detection")
@@ -67,20 +93,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     oriented = args.task == "oriented_detection"
-    torch.manual_seed(0)
-    model = build_task_model(SkySense.from_preset("tiny"), TaskSpec(args.task, 2, ("hr",), decoder_channels=64))
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-    g = torch.Generator().manual_seed(1)
-    model.train()
+    model = tiny_detector(args.task)
     start = time.perf_counter()
-    for _ in tqdm(range(args.steps), desc="training"):
-        items = [scene(g, 96, (1, 2), (16, 48), oriented) for _ in range(4)]
-        batch = {"hr": torch.stack([i[0] for i in items]), "boxes": [i[1] for i in items],
-                 "labels": [i[2] for i in items]}
-        total, _ = model.loss(model(batch), batch)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
+    train_detector(model, lambda g: scene(g, 96, (1, 2), (16, 48), oriented), args.steps, progress=True)
     trained = time.perf_counter() - start
     model.eval()
     ways = {"whole scene": {}, "windows, plain NMS": {"window": args.window, "stride": args.stride,

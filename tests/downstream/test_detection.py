@@ -287,6 +287,16 @@ def _coordinate_image(height: int, width: int) -> torch.Tensor:
     return torch.stack([xs, ys, torch.zeros_like(xs)])[None]
 
 
+def _as_task_output(found: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    """A fake detector's horizontal ``boxes`` as ``task``'s model reports them (oriented: rectangles at angle 0
+    and their corners)."""
+    if task != "oriented_detection":
+        return found
+    box = found["boxes"]
+    return {**found, "corners": box[:, [0, 1, 2, 1, 2, 3, 0, 3]],
+            "boxes": torch.cat([(box[:, :2] + box[:, 2:]) / 2, box[:, 2:] - box[:, :2], torch.zeros(box.shape[0], 1)], 1)}
+
+
 @pytest.mark.parametrize("task", ["detection", "oriented_detection"])
 def test_windows_move_detections_into_the_scene_and_merge_duplicates(tiny_model, task, monkeypatch):
     """Every window that wholly holds the object (scene pixels 60..80 x 40..60) reports it in its
@@ -302,11 +312,7 @@ def test_windows_move_detections_into_the_scene_and_merge_duplicates(tiny_model,
         box = torch.tensor([[60.0 - x, 40 - y, 80 - x, 60 - y]])[:int(inside)]
         found = {"boxes": box, "scores": torch.full((box.shape[0],), 0.9 - 0.001 * len(windows)),
                  "labels": torch.full((box.shape[0],), 2)}
-        if task == "oriented_detection":
-            found["corners"] = box[:, [0, 1, 2, 1, 2, 3, 0, 3]]
-            found["boxes"] = torch.cat([(box[:, :2] + box[:, 2:]) / 2, box[:, 2:] - box[:, :2],
-                                        torch.zeros(box.shape[0], 1)], 1)
-        return {"detections": [found]}
+        return {"detections": [_as_task_output(found, task)]}
 
     monkeypatch.setattr(model, "forward", fake_forward)
     found = model.detect({"hr": _coordinate_image(100, 160)}, window=64, stride=48)[0]
@@ -342,11 +348,7 @@ def test_windows_drop_fragments_of_objects_another_window_sees_whole(tiny_model,
         box = torch.cat([low, high], 1)[seen] - torch.tensor([x, y, x, y])
         whole = (box[:, 2:] - box[:, :2] == objects[seen, 2:] - objects[seen, :2]).all(1)
         found = {"boxes": box, "scores": torch.where(whole, 0.9, 0.95), "labels": torch.tensor([0, 1])[seen]}
-        if task == "oriented_detection":
-            found["corners"] = box[:, [0, 1, 2, 1, 2, 3, 0, 3]]
-            found["boxes"] = torch.cat([(box[:, :2] + box[:, 2:]) / 2, box[:, 2:] - box[:, :2],
-                                        torch.zeros(box.shape[0], 1)], 1)
-        return {"detections": [found]}
+        return {"detections": [_as_task_output(found, task)]}
 
     monkeypatch.setattr(model, "forward", fake_forward)
     scene = {"hr": _coordinate_image(100, 160)}
@@ -378,3 +380,19 @@ def test_cut_by_window_and_box_coverage():
     assert box_coverage(part, whole).tolist() == [[0.5, pytest.approx(0.01)], [0.0, 0.0]]
     with pytest.raises(ValueError, match=r"box_coverage: whole: expected \(N, 4\) boxes, got shape \(2, 8\)"):
         box_coverage(part, torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("oriented", [False, True])
+def test_window_merge_benchmark_scenes_frame_their_objects(oriented):
+    """The scenes of benchmarks/window_merge.py: every object lies in the image, bright in its class's band."""
+    from window_merge import scene
+
+    g = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        image, boxes, labels = scene(g, 128, (3, 6), (16, 48), oriented)
+        assert image.shape == (3, 128, 128) and 3 <= labels.numel() <= 6
+        assert boxes.shape == (labels.numel(), 8 if oriented else 4)
+        hulls = horizontal_boxes(boxes)
+        assert hulls.min() >= 0 and hulls.max() <= 128
+        centres = ((hulls[:, :2] + hulls[:, 2:]) / 2).long()
+        assert (image[labels, centres[:, 1], centres[:, 0]] > 1.0).all()

@@ -16,9 +16,10 @@ lies along an edge of the quadrilateral, so the four edge directions are tried),
 
 :func:`quad_iou` intersects convex quadrilaterals exactly: the intersection polygon's vertices
 are each one's corners inside the other and the crossings of their edges; sorted by angle
-around their mean, the shoelace formula gives its area. :func:`quad_coverage` is the fraction of one
-quadrilateral inside another, :func:`rotated_nms` greedy NMS on the IoU. Only pairs whose axis-aligned hulls overlap are intersected, in chunks, so memory
-stays bounded for thousands of boxes.
+around their mean, the shoelace formula gives its area. :func:`quad_coverage` is the fraction
+of one quadrilateral inside another, :func:`rotated_nms` greedy NMS on the IoU. Only pairs whose
+axis-aligned hulls overlap are intersected, in chunks, so memory stays bounded for thousands of
+boxes.
 """
 
 from __future__ import annotations
