@@ -61,10 +61,11 @@ Scene = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tens
 """A synthetic detection scene from a generator: image (3, H, W), boxes, labels (2 classes)."""
 
 
-def tiny_detector(task: str) -> torch.nn.Module:
+def tiny_detector(task: str, detector: str | None = None) -> torch.nn.Module:
     """A ``tiny`` SkySense detector for 2 classes, FPN 64, random init from seed 0."""
     torch.manual_seed(0)
-    return build_task_model(SkySense.from_preset("tiny"), TaskSpec(task, 2, ("hr",), decoder_channels=64))
+    return build_task_model(SkySense.from_preset("tiny"), TaskSpec(task, 2, ("hr",), decoder_channels=64,
+                                                                   detector=detector))
 
 
 def train_detector(model: torch.nn.Module, scenes: Scene, steps: int, progress: bool = False) -> None:
@@ -85,6 +86,7 @@ def train_detector(model: torch.nn.Module, scenes: Scene, steps: int, progress: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=("detection", "oriented_detection"), default="detection")
+    parser.add_argument("--detector", default=None, help="oriented_detection: rotated_faster_rcnn or oriented_rcnn")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--scenes", type=int, default=24, help="evaluation scenes")
     parser.add_argument("--scene-size", type=int, default=256)
@@ -93,7 +95,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     oriented = args.task == "oriented_detection"
-    model = tiny_detector(args.task)
+    model = tiny_detector(args.task, args.detector)
     start = time.perf_counter()
     train_detector(model, lambda g: scene(g, 96, (1, 2), (16, 48), oriented), args.steps, progress=True)
     trained = time.perf_counter() - start
@@ -112,9 +114,9 @@ def main() -> None:
                 found = model.detect({"hr": image[None]}, **options)[0]
                 metrics[name].update(found[key], found["scores"], found["labels"], boxes, labels)
                 counts[name] += found["scores"].numel()
-    results = {"task": args.task, "steps": args.steps, "training_s": round(trained, 1), "scenes": args.scenes,
+    results = {"task": args.task, "detector": args.detector, "steps": args.steps, "training_s": round(trained, 1), "scenes": args.scenes,
                "scene_size": args.scene_size, "window": args.window, "stride": args.stride, "ways": {}}
-    print(f"{args.task}: {args.steps} training steps ({trained:.0f} s); {args.scenes} scenes of "
+    print(f"{args.task} ({args.detector or 'default detector'}): {args.steps} training steps ({trained:.0f} s); {args.scenes} scenes of "
           f"{args.scene_size} px, windows {args.window} every {args.stride}")
     print(f"{'':28s} {'mAP50':>7s} {'detections/scene':>17s}")
     for name in ways:

@@ -24,7 +24,7 @@ class Samples(torch.utils.data.Dataset):
         return dict(self.samples[index])
 
 
-def learned_map50(task: str, scene: Scene, steps: int) -> tuple[float, float]:
+def learned_map50(task: str, scene: Scene, steps: int, detector: str | None = None) -> tuple[float, float]:
     """mAP50 on 12 unseen scenes of a ``tiny`` detector (FPN 64, random init, seed 0) before
     and after ``steps`` AdamW steps (lr 1e-3) on batches of 4 fresh scenes."""
     from skysense.evaluation.box_ap import BoxAveragePrecision
@@ -42,9 +42,9 @@ def learned_map50(task: str, scene: Scene, steps: int) -> tuple[float, float]:
                               labels)
         return metric.compute()["map50"]
 
-    model = tiny_detector(task)
+    model = tiny_detector(task, detector)
     before = score(model)
     train_detector(model, scene, steps)
     after = score(model)
-    print(f"{task}: mAP50 untrained {before:.4f}, after {steps} steps {after:.4f}")
+    print(f"{task} ({detector or 'default'}): mAP50 untrained {before:.4f}, after {steps} steps {after:.4f}")
     return before, after

@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 from skysense import SkySense
+from skysense.cli import main
 from skysense.data.datasets import DIORR, DOTA
 from skysense.data.datasets.detection import DIOR_CLASSES
 from skysense.downstream.boxes import crop_boxes, flip_boxes
 from skysense.downstream.data import TrainingSamples, model_keys
 from skysense.downstream.evaluate import evaluate_run
-from skysense.downstream.finetune import FinetuneConfig, finetune
+from skysense.downstream.finetune import FinetuneConfig, finetune, load_finetuned
 from skysense.downstream.oriented_detection import decode, encode
 from skysense.downstream.rotated_boxes import (corners_to_rbox, quad_coverage, quad_iou, rbox_to_corners, regularize,
                                                rotated_nms)
@@ -116,9 +117,12 @@ def test_corners_through_crops_and_flips():
     assert both.tolist() == [[35, 35, 15, 33, 17, 23, 37, 25]]
 
 
-def test_oriented_model_trains_and_detects(tiny_model):
+@pytest.mark.parametrize("detector", [None, "oriented_rcnn"])
+def test_oriented_model_trains_and_detects(tiny_model, detector):
     torch.manual_seed(0)
-    model = build_task_model(tiny_model, TaskSpec("oriented_detection", 3, ("hr",), decoder_channels=32))
+    model = build_task_model(tiny_model, TaskSpec("oriented_detection", 3, ("hr",), decoder_channels=32,
+                                                  detector=detector))
+    assert type(model).__name__ == ("OrientedRCNNModel" if detector else "OrientedDetectionModel")
     corners = rbox_to_corners(torch.tensor([[40.0, 50, 40, 12, 0.5], [80, 30, 20, 20, -1.2]]))
     batch = {"hr": torch.randn(2, 3, 100, 120), "boxes": [corners, torch.zeros(0, 8)],
              "labels": [torch.tensor([0, 2]), torch.zeros(0, dtype=torch.long)],
@@ -132,6 +136,8 @@ def test_oriented_model_trains_and_detects(tiny_model):
     total.backward()
     assert model.encoder.hr_encoder.patch_embed.weight.grad.abs().sum() > 0
     assert model.roi_heads.bbox_pred.weight.grad.abs().sum() > 0
+    rpn_regression = model.rpn.deltas if detector else model.rpn.head.bbox_pred
+    assert rpn_regression.weight.grad.abs().sum() > 0
     model.eval()
     with torch.inference_mode():
         found = model(batch)["detections"]
@@ -228,6 +234,7 @@ def test_finetune_and_evaluate_on_a_dior_r_layout(dior_r_like, tmp_path):
                                            crop_size=64, decoder_channels=32, num_threads=1))
     rows = finetune(config, tmp_path / "run", progress=False)
     assert all(math.isfinite(r["loss/loss_box_reg"]) for r in rows)
+    assert type(load_finetuned(tmp_path / "run")).__name__ == "OrientedDetectionModel"
     report = evaluate_run(tmp_path / "run", predictions=tmp_path / "pred", progress=False)
     dataset = DIORR(dior_r_like, split="test")
     objects = sum(int(dataset[i]["boxes"].shape[0]) for i in range(len(dataset)))
@@ -252,3 +259,20 @@ def test_quick_oriented_detection_on_real_dota_images(data_root, tmp_path):
     objects = sum(int((~dataset[i]["difficult"]).sum()) for i in range(len(dataset)))
     assert report["images"] == 2 and report["objects"] == objects and 0.0 <= report["map50"] <= 1.0
     assert report["window"] == 512
+
+
+@pytest.mark.slow
+def test_oriented_rcnn_from_the_command_line(dior_r_like, tmp_path, capsys):
+    """``--detector oriented_rcnn`` trains Oriented R-CNN, saves the choice, and evaluation rebuilds it."""
+    out = tmp_path / "run"
+    assert main(["finetune", "--task", "oriented_detection", "--dataset", "dior_r", "--data-root", str(dior_r_like),
+                 "--detector", "oriented_rcnn", "--preset", "tiny", "--out", str(out), "--max-steps", "2",
+                 "--batch-size", "2", "--crop-size", "64", "--decoder-channels", "16", "--threads", "1",
+                 "--no-progress"]) == 0
+    assert json.loads((out / "task.json").read_text())["spec"]["detector"] == "oriented_rcnn"
+    assert type(load_finetuned(out)).__name__ == "OrientedRCNNModel"
+    capsys.readouterr()
+    assert main(["evaluate", "oriented_detection", "--weights", str(out), "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"] == "oriented_detection" and 0.0 <= report["map50"] <= 1.0
+

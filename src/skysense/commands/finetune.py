@@ -17,7 +17,7 @@ from pathlib import Path
 from skysense.commands import add_device_argument
 from skysense.config import PRESETS
 from skysense.downstream.finetune import FinetuneConfig, finetune
-from skysense.downstream.tasks import TASKS
+from skysense.downstream.tasks import DETECTORS, TASKS
 from skysense.weights import atomic_write
 
 EVAL_NAME = "eval.json"
@@ -31,6 +31,7 @@ OVERRIDES = {
     "checkpoint_every": "checkpoint_every", "threads": "num_threads", "num_workers": "num_workers",
     "sentinel_size": "sentinel_size", "device": "device", "compile": "compile",
     "eval_window": "eval_window", "eval_stride": "eval_stride", "decoder_channels": "decoder_channels",
+    "detector": "detector",
 }
 
 
@@ -60,7 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "batching; default: the dataset's (96 for fmow_sentinel, else none); 0: no resize")
     parser.add_argument("--eval-window", type=int, default=None, help="sliding-window side for evaluation")
     parser.add_argument("--eval-stride", type=int, default=None, help="sliding-window stride for evaluation")
-    parser.add_argument("--decoder-channels", type=int, default=None, help="UperNet width")
+    parser.add_argument("--decoder-channels", type=int, default=None, help="UperNet width (detection: FPN width)")
+    parser.add_argument("--detector", choices=sorted({d for ds in DETECTORS.values() for d in ds}), default=None,
+                        help="oriented_detection: rotated_faster_rcnn (default) or oriented_rcnn; detection: faster_rcnn")
     parser.add_argument("--train-split", default=None)
     parser.add_argument("--eval-split", default=None)
     parser.add_argument("--limit-train", type=int, default=None, help="train on N samples spread over the split")

@@ -75,6 +75,11 @@ FRAGMENT_COVERAGE = 0.6
 """A cut detection is a fragment when at least this fraction of it lies inside an uncut one of its class."""
 
 
+def anchor_generator() -> AnchorGenerator:
+    """Anchors of one size per pyramid level (``ANCHOR_SIZES``, P2 to P6) and three aspect ratios."""
+    return AnchorGenerator(sizes=tuple((s,) for s in ANCHOR_SIZES), aspect_ratios=(ASPECT_RATIOS,) * len(ANCHOR_SIZES))
+
+
 class DetectionModel(DownstreamModel):
     """SkySense encoder + Faster R-CNN with FPN (module docstring)."""
 
@@ -91,13 +96,15 @@ class DetectionModel(DownstreamModel):
         width = spec.decoder_channels
         self.fpn = FeaturePyramidNetwork(list(pyramid_channels(encoder.config, spec)), width,
                                          extra_blocks=LastLevelMaxPool())
-        anchors = AnchorGenerator(sizes=tuple((s,) for s in ANCHOR_SIZES),
-                                  aspect_ratios=(ASPECT_RATIOS,) * len(ANCHOR_SIZES))
-        self.rpn = RegionProposalNetwork(
-            anchors, RPNHead(width, len(ASPECT_RATIOS)), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+        self.rpn = self.proposal_network(width)
+        self.roi_heads = self.box_head(width, spec.num_classes)
+
+    def proposal_network(self, channels: int) -> nn.Module:
+        """The region proposal network on the FPN's ``channels`` (module docstring)."""
+        return RegionProposalNetwork(
+            anchor_generator(), RPNHead(channels, len(ASPECT_RATIOS)), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
             batch_size_per_image=256, positive_fraction=0.5, pre_nms_top_n={"training": 2000, "testing": 1000},
             post_nms_top_n={"training": 1000, "testing": 1000}, nms_thresh=0.7)
-        self.roi_heads = self.box_head(width, spec.num_classes)
 
     def box_head(self, channels: int, num_classes: int) -> nn.Module:
         """The RoI head on the FPN's ``channels``: torchvision's ``RoIHeads`` (module docstring)."""

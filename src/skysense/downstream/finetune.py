@@ -94,6 +94,8 @@ class FinetuneConfig:
     geo_context: bool = False
     freeze_encoder: bool = False
     decoder_channels: int = 128
+    # Detection: the detector (skysense.downstream.tasks.DETECTORS); None: the task's default.
+    detector: str | None = None
     # Classification: HR square side (multiple of 32); None: each side rounded up to 32.
     image_size: int | None = None
     # Classification: S2/S1 frames of each sample resized (bilinear) to this side before batching;
@@ -218,7 +220,7 @@ def task_spec(config: FinetuneConfig, dataset: Dataset) -> TaskSpec:
                     multilabel=entry.multilabel, geo_context=config.geo_context,
                     decoder_channels=config.decoder_channels, semantic_classes=entry.semantic_classes,
                     class_names=names, image_size=config.image_size, class_weights=config.class_weights,
-                    sentinel_size=sentinel_size or None)
+                    sentinel_size=sentinel_size or None, detector=config.detector)
 
 
 def load_encoder(weights: str | os.PathLike | None, preset: str, seed: int) -> SkySense:

@@ -1,7 +1,9 @@
 """Oriented object detection: a Rotated Faster R-CNN on the SkySense HR pyramid.
 
 The SkySense paper reports oriented detection on DIOR-R and FAIR1M without publishing its head.
-:class:`OrientedDetectionModel` is the Rotated Faster R-CNN baseline (as in mmrotate): the
+:class:`OrientedDetectionModel`, the default detector, is the Rotated Faster R-CNN baseline (as
+in mmrotate; Oriented R-CNN, ``detector="oriented_rcnn"``, is in
+:mod:`skysense.downstream.oriented_rcnn`): the
 encoder, FPN and horizontal region proposal network of
 :class:`~skysense.downstream.detection.DetectionModel` (trained on the horizontal hulls of the
 oriented boxes), RoI-align of the horizontal proposals, and a box head that classifies each RoI
@@ -144,17 +146,23 @@ class OrientedRoIHead(nn.Module):
         start = 0
         for p in proposals:
             n = p.shape[0]
-            image_scores = scores[start:start + n].reshape(-1)
             boxes = decode(deltas[start:start + n].reshape(-1, 5), p.float().repeat_interleave(self.num_classes, 0))
-            classes = torch.arange(self.num_classes, device=p.device).repeat(n)
+            results.append(select_detections(boxes, scores[start:start + n].reshape(-1), self.num_classes))
             start += n
-            keep = torch.where((image_scores > SCORE_THRESHOLD) & (boxes[:, 2] > 1e-2) & (boxes[:, 3] > 1e-2))[0]
-            keep = keep[image_scores[keep].argsort(descending=True)[:CANDIDATES]]
-            boxes, image_scores, classes = boxes[keep], image_scores[keep], classes[keep]
-            kept = batched_rotated_nms(boxes, image_scores, classes, NMS_THRESHOLD)[:DETECTIONS]
-            results.append({"boxes": boxes[kept], "corners": rbox_to_corners(boxes[kept]), "scores": image_scores[kept],
-                            "labels": classes[kept] + 1})
         return results
+
+
+def select_detections(boxes: torch.Tensor, scores: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """One image's detections from a rectangle ``boxes`` (R * C, 5) and ``scores`` (R * C,) per RoI
+    and class (class fastest): scores above 0.05, the 2,000 best, rotated NMS per class at 0.1, at
+    most 2,000; labels 1-based (0 is the background), as torchvision's heads return them."""
+    classes = torch.arange(num_classes, device=boxes.device).repeat(boxes.shape[0] // num_classes)
+    keep = torch.where((scores > SCORE_THRESHOLD) & (boxes[:, 2] > 1e-2) & (boxes[:, 3] > 1e-2))[0]
+    keep = keep[scores[keep].argsort(descending=True)[:CANDIDATES]]
+    boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+    kept = batched_rotated_nms(boxes, scores, classes, NMS_THRESHOLD)[:DETECTIONS]
+    return {"boxes": boxes[kept], "corners": rbox_to_corners(boxes[kept]), "scores": scores[kept],
+            "labels": classes[kept] + 1}
 
 
 class OrientedDetectionModel(DetectionModel):

@@ -64,6 +64,8 @@ from skysense.models import SkySense
 
 TASKS = ("classification", "segmentation", "change", "detection", "oriented_detection")
 DETECTION_TASKS = ("detection", "oriented_detection")
+DETECTORS = {"detection": ("faster_rcnn",), "oriented_detection": ("rotated_faster_rcnn", "oriented_rcnn")}
+"""The detectors each detection task offers, its default first."""
 SENTINEL = ("s2", "s1")
 PYRAMID_POOLS = (1, 2, 4, 8)
 """Pooling factors of the Sentinel-only pyramid levels."""
@@ -88,6 +90,8 @@ class TaskSpec:
     # Classification: S2/S1 square side each sample's frames are resized to (bilinear) before
     # batching (skysense.downstream.data.resize_series); None keeps them as read.
     sentinel_size: int | None = None
+    # Detection: which detector (DETECTORS); None: the task's default.
+    detector: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -109,6 +113,10 @@ class TaskSpec:
         if self.sentinel_size is not None and (self.task != "classification" or self.sentinel_size < 1):
             raise ValueError(f"sentinel_size: a positive side for classification only, got {self.sentinel_size} "
                              f"for {self.task}")
+        if self.detector is not None and self.detector not in DETECTORS.get(self.task, ()):
+            offered = DETECTORS.get(self.task)
+            raise ValueError(f"detector: {self.task} offers {offered}, got {self.detector!r}" if offered else
+                             f"detector: only for {' and '.join(DETECTORS)}, not {self.task}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names: {len(self.class_names)} names for {self.num_classes} classes")
         if self.class_weights is not None and len(self.class_weights) != self.num_classes:
@@ -357,6 +365,10 @@ def build_task_model(encoder: SkySense, spec: TaskSpec) -> DownstreamModel:
         from skysense.downstream.detection import DetectionModel  # torchvision, only when asked for
 
         return DetectionModel(encoder, spec)
+    if spec.task == "oriented_detection" and spec.detector == "oriented_rcnn":
+        from skysense.downstream.oriented_rcnn import OrientedRCNNModel
+
+        return OrientedRCNNModel(encoder, spec)
     if spec.task == "oriented_detection":
         from skysense.downstream.oriented_detection import OrientedDetectionModel
 
