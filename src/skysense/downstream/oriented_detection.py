@@ -78,15 +78,26 @@ def decode(deltas: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
 
 
 class OrientedRoIHead(nn.Module):
-    """RoI head of the Rotated Faster R-CNN (module docstring); called like torchvision's ``RoIHeads``."""
+    """RoI head of the Rotated Faster R-CNN (module docstring); called like torchvision's ``RoIHeads``.
 
-    def __init__(self, channels: int, num_classes: int) -> None:
+    Oriented R-CNN's head (:class:`skysense.downstream.oriented_rcnn.OrientedRCNNHead`) is the same
+    but for what it pools and regresses from: ``pool`` (called as torchvision's
+    ``MultiScaleRoIAlign``), ``class_specific`` boxes, ``target_key`` (the targets' entry that
+    proposals are matched with and appended from), :meth:`overlaps`, :meth:`encode_targets` and
+    :meth:`decode_deltas`.
+    """
+
+    target_key = "boxes"
+
+    def __init__(self, channels: int, num_classes: int, pool: nn.Module | None = None,
+                 class_specific: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.pool = MultiScaleRoIAlign(list(ROI_LEVELS), output_size=7, sampling_ratio=2)
+        self.class_specific = class_specific
+        self.pool = pool if pool is not None else MultiScaleRoIAlign(list(ROI_LEVELS), output_size=7, sampling_ratio=2)
         self.box_head = TwoMLPHead(channels * 7 * 7, 1024)
         self.cls_score = nn.Linear(1024, num_classes + 1)
-        self.bbox_pred = nn.Linear(1024, num_classes * 5)
+        self.bbox_pred = nn.Linear(1024, (num_classes if class_specific else 1) * 5)
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.cls_score.bias)
@@ -94,17 +105,29 @@ class OrientedRoIHead(nn.Module):
         self.matcher = Matcher(0.5, 0.5, allow_low_quality_matches=False)
         self.sampler = BalancedPositiveNegativeSampler(512, 0.25)
 
+    def overlaps(self, truth: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        """(G, P) IoU of the targets' ``target_key`` boxes and the proposals: horizontal here."""
+        return box_iou(truth, proposals)
+
+    def encode_targets(self, rboxes: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        return encode(rboxes.float(), proposals.float())
+
+    def decode_deltas(self, deltas: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        return decode(deltas, proposals)
+
     def sample(self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Sampled proposals per image, their labels (0: background) and regression targets."""
-        proposals = [torch.cat([p.detach().float(), t["boxes"].float()]) for p, t in zip(proposals, targets)]
+        """Sampled proposals per image (the targets' boxes added), their labels (0: background)
+        and regression targets."""
+        key = self.target_key
+        proposals = [torch.cat([p.detach().float(), t[key].float()]) for p, t in zip(proposals, targets)]
         labels, matches = [], []
         for p, t in zip(proposals, targets):
-            if t["boxes"].shape[0] == 0:
+            if t[key].shape[0] == 0:
                 labels.append(torch.zeros(p.shape[0], dtype=torch.long, device=p.device))
                 matches.append(None)
                 continue
-            matched = self.matcher(box_iou(t["boxes"], p))
+            matched = self.matcher(self.overlaps(t[key].float(), p))
             image_labels = t["labels"][matched.clamp_min(0)]
             labels.append(torch.where(matched >= 0, image_labels, torch.zeros_like(image_labels)))
             matches.append(matched.clamp_min(0))
@@ -117,7 +140,7 @@ class OrientedRoIHead(nn.Module):
             if matched is None:
                 kept_targets.append(p.new_zeros((keep.numel(), 5), dtype=torch.float32))
             else:
-                kept_targets.append(encode(t["rboxes"][matched[keep]].float(), p[keep].float()))
+                kept_targets.append(self.encode_targets(t["rboxes"][matched[keep]], p[keep]))
         return kept_proposals, torch.cat(kept_labels), torch.cat(kept_targets)
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
@@ -129,10 +152,10 @@ class OrientedRoIHead(nn.Module):
                 raise ValueError("oriented RoI head: training needs targets")
             proposals, labels, regression = self.sample(proposals, targets)
         x = self.box_head(self.pool(features, proposals, image_sizes))
-        logits, deltas = self.cls_score(x), self.bbox_pred(x)
+        logits, deltas = self.cls_score(x), self.bbox_pred(x).reshape(x.shape[0], -1, 5)
         if self.training:
             positive = torch.where(labels > 0)[0]
-            predicted = deltas.reshape(deltas.shape[0], -1, 5)[positive, labels[positive] - 1]
+            predicted = deltas[positive, labels[positive] - 1 if self.class_specific else 0]
             box_loss = F.smooth_l1_loss(predicted.float(), regression[positive], beta=1 / 9,
                                         reduction="sum") / max(labels.numel(), 1)
             return [], {"loss_classifier": F.cross_entropy(logits.float(), labels), "loss_box_reg": box_loss}
@@ -140,13 +163,17 @@ class OrientedRoIHead(nn.Module):
 
     def postprocess(self, logits: torch.Tensor, deltas: torch.Tensor, proposals: list[torch.Tensor]
                     ) -> list[dict[str, torch.Tensor]]:
+        """Per image the detections of :func:`select_detections` from (R, classes + 1) ``logits``
+        and (R, classes or 1, 5) ``deltas``."""
         scores = F.softmax(logits.float(), -1)[:, 1:]
-        deltas = deltas.reshape(deltas.shape[0], self.num_classes, 5)
+        per_roi = deltas.shape[1]
         results = []
         start = 0
         for p in proposals:
             n = p.shape[0]
-            boxes = decode(deltas[start:start + n].reshape(-1, 5), p.float().repeat_interleave(self.num_classes, 0))
+            boxes = self.decode_deltas(deltas[start:start + n].reshape(-1, 5), p.float().repeat_interleave(per_roi, 0))
+            if per_roi == 1:
+                boxes = boxes.repeat_interleave(self.num_classes, 0)
             results.append(select_detections(boxes, scores[start:start + n].reshape(-1), self.num_classes))
             start += n
         return results

@@ -43,13 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
-from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, box_iou
 
 from skysense.downstream.boxes import horizontal_boxes
 from skysense.downstream.detection import ASPECT_RATIOS, ROI_LEVELS, anchor_generator
-from skysense.downstream.oriented_detection import MAX_LOG_SCALE, OrientedDetectionModel, select_detections
+from skysense.downstream.oriented_detection import MAX_LOG_SCALE, OrientedDetectionModel, OrientedRoIHead
 from skysense.downstream.rotated_boxes import corners_to_rbox, quad_iou, rbox_to_corners, regularize
 
 PROPOSALS_PER_LEVEL = 2000
@@ -250,72 +249,32 @@ class OrientedRPN(nn.Module):
         return {"loss_objectness": objectness, "loss_rpn_box_reg": box_loss}
 
 
-class OrientedRCNNHead(nn.Module):
-    """RoI head of Oriented R-CNN (module docstring); called like torchvision's ``RoIHeads``."""
+class RotatedRoIAlign(nn.Module):
+    """:func:`rotated_roi_align` on P2..P5, called as torchvision's ``MultiScaleRoIAlign``."""
+
+    def forward(self, features: dict[str, torch.Tensor], rois: list[torch.Tensor],
+                image_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        levels = [features[k] for k in ROI_LEVELS]
+        return rotated_roi_align(levels, rois).to(levels[0].dtype)
+
+
+class OrientedRCNNHead(OrientedRoIHead):
+    """RoI head of Oriented R-CNN (module docstring): rotated RoI-align, one class-agnostic
+    rectangle per RoI regressed in the proposal's frame, proposals matched by rotated IoU."""
+
+    target_key = "rboxes"
 
     def __init__(self, channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.box_head = TwoMLPHead(channels * ROI_SIZE * ROI_SIZE, 1024)
-        self.cls_score = nn.Linear(1024, num_classes + 1)
-        self.bbox_pred = nn.Linear(1024, 5)
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
-        self.matcher = Matcher(0.5, 0.5, allow_low_quality_matches=False)
-        self.sampler = BalancedPositiveNegativeSampler(512, 0.25)
+        super().__init__(channels, num_classes, pool=RotatedRoIAlign(), class_specific=False)
 
-    def sample(self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
-               ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Sampled proposals per image, their labels (0: background) and regression targets."""
-        proposals = [torch.cat([p.detach().float(), t["rboxes"].float()]) for p, t in zip(proposals, targets)]
-        labels, matches = [], []
-        for p, t in zip(proposals, targets):
-            if t["rboxes"].shape[0] == 0:
-                labels.append(torch.zeros(p.shape[0], dtype=torch.long, device=p.device))
-                matches.append(None)
-                continue
-            matched = self.matcher(quad_iou(rbox_to_corners(t["rboxes"].float()), rbox_to_corners(p)))
-            image_labels = t["labels"][matched.clamp_min(0)]
-            labels.append(torch.where(matched >= 0, image_labels, torch.zeros_like(image_labels)))
-            matches.append(matched.clamp_min(0))
-        positive, negative = self.sampler(labels)
-        kept_proposals, kept_labels, kept_targets = [], [], []
-        for p, t, image_labels, matched, pos, neg in zip(proposals, targets, labels, matches, positive, negative):
-            keep = torch.where(pos | neg)[0]
-            kept_proposals.append(p[keep])
-            kept_labels.append(image_labels[keep])
-            if matched is None:
-                kept_targets.append(p.new_zeros((keep.numel(), 5)))
-            else:
-                kept_targets.append(rotated_encode(t["rboxes"][matched[keep]], p[keep]))
-        return kept_proposals, torch.cat(kept_labels), torch.cat(kept_targets)
+    def overlaps(self, truth: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        return quad_iou(rbox_to_corners(truth), rbox_to_corners(proposals))
 
-    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
-                image_sizes: list[tuple[int, int]], targets: list[dict[str, torch.Tensor]] | None = None
-                ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-        labels = regression = None
-        if self.training:
-            if targets is None:
-                raise ValueError("oriented R-CNN head: training needs targets")
-            proposals, labels, regression = self.sample(proposals, targets)
-        pooled = rotated_roi_align([features[k] for k in ROI_LEVELS], proposals)
-        x = self.box_head(pooled.to(self.cls_score.weight.dtype))
-        logits, deltas = self.cls_score(x), self.bbox_pred(x)
-        if self.training:
-            positive = torch.where(labels > 0)[0]
-            box_loss = F.smooth_l1_loss(deltas[positive].float(), regression[positive], beta=1 / 9,
-                                        reduction="sum") / max(labels.numel(), 1)
-            return [], {"loss_classifier": F.cross_entropy(logits.float(), labels), "loss_box_reg": box_loss}
-        scores = F.softmax(logits.float(), -1)[:, 1:]
-        results, start = [], 0
-        for p in proposals:
-            n = p.shape[0]
-            boxes = rotated_decode(deltas[start:start + n], p).repeat_interleave(self.num_classes, 0)
-            results.append(select_detections(boxes, scores[start:start + n].reshape(-1), self.num_classes))
-            start += n
-        return results, {}
+    def encode_targets(self, rboxes: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        return rotated_encode(rboxes, proposals)
+
+    def decode_deltas(self, deltas: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        return rotated_decode(deltas, proposals)
 
 
 class OrientedRCNNModel(OrientedDetectionModel):
