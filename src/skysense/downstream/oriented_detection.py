@@ -53,12 +53,17 @@ CANDIDATES = 2000
 DETECTIONS = 2000
 
 
+def box_frame(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centre x, y and width, height (at least 1e-3) of horizontal ``boxes`` (N, 4)."""
+    w = (boxes[:, 2] - boxes[:, 0]).clamp_min(1e-3)
+    h = (boxes[:, 3] - boxes[:, 1]).clamp_min(1e-3)
+    return boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h, w, h
+
+
 def encode(rbox: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
     """Regression targets (module docstring) of rectangles ``rbox`` (N, 5) from horizontal ``proposals`` (N, 4)."""
     rbox = regularize(rbox)
-    pw = (proposals[:, 2] - proposals[:, 0]).clamp_min(1e-3)
-    ph = (proposals[:, 3] - proposals[:, 1]).clamp_min(1e-3)
-    px, py = proposals[:, 0] + 0.5 * pw, proposals[:, 1] + 0.5 * ph
+    px, py, pw, ph = box_frame(proposals)
     wx, wy, ww, wh, wa = DELTA_WEIGHTS
     return torch.stack([wx * (rbox[:, 0] - px) / pw, wy * (rbox[:, 1] - py) / ph,
                         ww * torch.log(rbox[:, 2].clamp_min(1e-3) / pw), wh * torch.log(rbox[:, 3].clamp_min(1e-3) / ph),
@@ -67,9 +72,7 @@ def encode(rbox: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
 
 def decode(deltas: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
     """Rectangles (N, 5), regularized, from ``deltas`` (N, 5) and horizontal ``proposals`` (N, 4)."""
-    pw = (proposals[:, 2] - proposals[:, 0]).clamp_min(1e-3)
-    ph = (proposals[:, 3] - proposals[:, 1]).clamp_min(1e-3)
-    px, py = proposals[:, 0] + 0.5 * pw, proposals[:, 1] + 0.5 * ph
+    px, py, pw, ph = box_frame(proposals)
     wx, wy, ww, wh, wa = DELTA_WEIGHTS
     d = deltas.float()
     return regularize(torch.stack([px + d[:, 0] / wx * pw, py + d[:, 1] / wy * ph,

@@ -48,7 +48,7 @@ from torchvision.ops import batched_nms, box_iou
 
 from skysense.downstream.boxes import horizontal_boxes
 from skysense.downstream.detection import ASPECT_RATIOS, ROI_LEVELS, anchor_generator
-from skysense.downstream.oriented_detection import MAX_LOG_SCALE, OrientedDetectionModel, OrientedRoIHead
+from skysense.downstream.oriented_detection import MAX_LOG_SCALE, OrientedDetectionModel, OrientedRoIHead, box_frame
 from skysense.downstream.rotated_boxes import corners_to_rbox, quad_iou, rbox_to_corners, regularize
 
 PROPOSALS_PER_LEVEL = 2000
@@ -65,13 +65,6 @@ LEVEL_STRIDES = (4, 8, 16, 32)
 """Strides of P2 to P5 (the SkySense HR pyramid after padding to a multiple of 32)."""
 
 
-def _anchor_frame(anchors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Centre x, y and width, height of horizontal ``anchors`` (N, 4)."""
-    w = (anchors[:, 2] - anchors[:, 0]).clamp_min(1e-3)
-    h = (anchors[:, 3] - anchors[:, 1]).clamp_min(1e-3)
-    return anchors[:, 0] + 0.5 * w, anchors[:, 1] + 0.5 * h, w, h
-
-
 def midpoint_encode(rbox: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """(N, 6) midpoint-offset deltas (module docstring) of rectangles ``rbox`` (N, 5) from ``anchors`` (N, 4)."""
     corners = rbox_to_corners(rbox.float()).reshape(-1, 4, 2)
@@ -84,7 +77,7 @@ def midpoint_encode(rbox: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     first = ys.argmin(1, keepdim=True)
     top = xs.gather(1, first)[:, 0]
     right = ys.gather(1, (first + 1) % 4)[:, 0]
-    px, py, pw, ph = _anchor_frame(anchors.float())
+    px, py, pw, ph = box_frame(anchors.float())
     return torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph),
                         (top - gx) / gw / OFFSET_STD, (right - gy) / gh / OFFSET_STD], dim=1)
 
@@ -92,7 +85,7 @@ def midpoint_encode(rbox: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 def midpoint_decode(deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """Rectangles (N, 5), regularized, from midpoint-offset ``deltas`` (N, 6) and ``anchors`` (N, 4)."""
     d = deltas.float()
-    px, py, pw, ph = _anchor_frame(anchors.float())
+    px, py, pw, ph = box_frame(anchors.float())
     gx, gy = px + d[:, 0] * pw, py + d[:, 1] * ph
     gw = pw * torch.exp(d[:, 2].clamp(max=MAX_LOG_SCALE))
     gh = ph * torch.exp(d[:, 3].clamp(max=MAX_LOG_SCALE))
@@ -227,24 +220,29 @@ class OrientedRPN(nn.Module):
 
     def loss(self, scores: torch.Tensor, deltas: torch.Tensor, anchors: list[torch.Tensor],
              targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        labels, regression = [], []
+        labels, matches = [], []
         for image_anchors, t in zip(anchors, targets):
             if t["rboxes"].shape[0] == 0:
                 labels.append(torch.zeros(image_anchors.shape[0], device=image_anchors.device))
-                regression.append(image_anchors.new_zeros((image_anchors.shape[0], 6)))
+                matches.append(None)
                 continue
             hulls = horizontal_boxes(rbox_to_corners(t["rboxes"].float()))
             matched = self.matcher(box_iou(hulls, image_anchors))
             image_labels = (matched >= 0).float()
             image_labels[matched == Matcher.BETWEEN_THRESHOLDS] = -1.0
             labels.append(image_labels)
-            regression.append(midpoint_encode(t["rboxes"][matched.clamp_min(0)], image_anchors))
+            matches.append(matched)
         positive, negative = self.sampler(labels)
-        positive, negative = torch.cat(positive).bool(), torch.cat(negative).bool()
-        sampled = torch.where(positive | negative)[0]
-        positive = torch.where(positive)[0]
-        box_loss = F.smooth_l1_loss(deltas.reshape(-1, 6)[positive].float(), torch.cat(regression)[positive],
-                                    beta=1 / 9, reduction="sum") / max(sampled.numel(), 1)
+        # regression targets of the sampled positive anchors only (an image has up to ~10^5 anchors)
+        predicted, regression = [], []
+        for image_deltas, image_anchors, t, matched, pos in zip(deltas, anchors, targets, matches, positive):
+            index = torch.where(pos.bool())[0]
+            if matched is not None and index.numel():
+                predicted.append(image_deltas[index])
+                regression.append(midpoint_encode(t["rboxes"][matched[index]], image_anchors[index]))
+        sampled = torch.where(torch.cat(positive).bool() | torch.cat(negative).bool())[0]
+        box_loss = (F.smooth_l1_loss(torch.cat(predicted).float(), torch.cat(regression), beta=1 / 9, reduction="sum")
+                    if predicted else deltas.sum() * 0.0) / max(sampled.numel(), 1)
         objectness = F.binary_cross_entropy_with_logits(scores.reshape(-1)[sampled].float(), torch.cat(labels)[sampled])
         return {"loss_objectness": objectness, "loss_rpn_box_reg": box_loss}
 
