@@ -4,6 +4,7 @@ from skysense.models.fusion import FusionTransformer, PixelShuffleProjection
 from skysense.models.geo_context import GeoContextPrototypes, region_index
 from skysense.models.attention import ATTENTION_BACKENDS, SDPA_BACKENDS, set_attention_backends
 from skysense.models.gelu_bias import set_mlp_kernel
+from skysense.models.hr_bands import with_hr_bands
 from skysense.models.qkv_gradient import set_qkv_kernel
 from skysense.models.residual_norm import set_norm_kernel
 from skysense.models.layers import TransformerBlock
@@ -30,4 +31,5 @@ __all__ = [
     "set_mlp_kernel",
     "set_norm_kernel",
     "set_qkv_kernel",
+    "with_hr_bands",
 ]

@@ -2,7 +2,8 @@
 
 Inputs (any non-empty subset of modalities; band order from ``config.inputs``):
 
-* ``hr``: (B, 3, H, W) high-resolution optical image, R, G, B, normalised.
+* ``hr``: (B, 3, H, W) high-resolution optical image, R, G, B, normalised (other band lists,
+  e.g. R, G, B, NIR: :meth:`SkySense.with_hr_bands`).
 * ``s2``: (B, T, 10, h, w) Sentinel-2 frames, B2..B12, normalised; ``s2_dates`` (B, T) day of
   year 1..366; ``s2_mask`` (B, T) bool, True for valid frames (default: all valid).
 * ``s1``: (B, T', 2, h, w) Sentinel-1 frames, VV, VH, normalised; ``s1_dates``; ``s1_mask``.
@@ -78,6 +79,15 @@ class SkySense(nn.Module):
         from skysense.weights import save_pretrained
 
         save_pretrained(self, directory)
+
+    def with_hr_bands(self, bands: Sequence[str], init: Mapping[str, str] | None = None,
+                      mean: Mapping[str, float] | None = None, std: Mapping[str, float] | None = None) -> "SkySense":
+        """Take the HR bands ``bands`` (e.g. ``("R", "G", "B", "NIR")``), in place: new bands copy
+        a filter of the patch embedding (NIR: red's, as the authors do); see
+        :func:`skysense.models.hr_bands.with_hr_bands`. Returns the model."""
+        from skysense.models.hr_bands import with_hr_bands
+
+        return with_hr_bands(self, bands, init=init, mean=mean, std=std)
 
     # The networks whose attention kernels ``attention_backends`` settings name.
     ATTENTION_NETWORKS = NETWORKS
