@@ -99,6 +99,17 @@ def test_dynamic_earthnet_mediatum_segmentation(tmp_path):
     assert DynamicEarthNet(tmp_path, split="test").items[0].split == "test"
     snow = DynamicEarthNet(tmp_path, split="train", ignore_snow_and_ice=True)[1]["mask"]
     assert snow[0, 0].item() == -1 and (snow == 6).sum() == 0
+    # hr: the day-1 R, G, B (default) or any of R, G, B, NIR, scaled to 0-255 by planet_hr_max
+    assert s["hr"].shape == (3, 8, 8)
+    assert s["hr"][:, 0, 0].tolist() == pytest.approx([v * 255 / 3000 for v in (1600, 1000, 500)])
+    rgbnir = DynamicEarthNet(tmp_path, days="weekly", hr_bands=("R", "G", "B", "NIR"))
+    assert rgbnir.bands["hr"] == ("R", "G", "B", "NIR")
+    four = rgbnir[1]["hr"]
+    assert four.shape == (4, 8, 8) and torch.equal(four[:3], s["hr"])
+    assert four[3, 0, 0].item() == 255.0  # NIR 3001 clipped at planet_hr_max 3000
+    with pytest.raises(ValueError, match=r"dynamic_earthnet: hr_bands: Planet Fusion holds \['R', 'G', 'B', 'NIR'\]; "
+                                         r"got \['R', 'R'\]: a band listed twice"):
+        DynamicEarthNet(tmp_path, hr_bands=("R", "R"))
 
 
 def test_dynamic_earthnet_mediatum_change_s1_and_errors(tmp_path):
@@ -320,3 +331,47 @@ def test_vaihingen_tiles_full_and_eroded_labels(tmp_path):
     full_ds = Vaihingen(tmp_path, labels="full", tile_size=16, stride=16)
     assert torch.equal(full_ds[0]["mask"], torch.from_numpy(full_classes[:16, :16]))
     assert "mask" not in full_ds[4] and full_ds.items[4].split == "val"  # no full labels for the test areas
+
+
+def test_potsdam_four_band_tiles_for_hr_bands_with_nir(tmp_path):
+    truth = _potsdam(tmp_path)
+    rng = np.random.default_rng(2)
+    nir = {}
+    for tile, (image, _, _) in truth.items():
+        nir[tile] = rng.integers(0, 255, (1, 30, 40), dtype=np.uint8)
+        write_tif(tmp_path / "4_Ortho_RGBIR" / f"top_potsdam_{tile}_RGBIR.tif", np.concatenate([image, nir[tile]]),
+                  res=0.05)
+    ds = Potsdam(tmp_path, split="train", tile_size=16, stride=8, hr_bands=("R", "G", "B", "NIR"))
+    assert ds.bands == {"hr": ("R", "G", "B", "NIR")} and Potsdam.bands["hr"] == ("R", "G", "B")
+    index = [it.id for it in ds.items].index("2_10_8_14_24_30")
+    s = ds[index]
+    image, eroded, _ = truth["2_10"]
+    expected = np.concatenate([image, nir["2_10"]])[:, 14:30, 8:24].astype(np.float32)
+    assert torch.equal(s["hr"], torch.from_numpy(expected))
+    assert torch.equal(s["mask"], torch.from_numpy(eroded[14:30, 8:24]))  # the same labels
+    assert collate([ds[0], ds[1]])["hr"].shape == (2, 4, 16, 16)
+    reordered = Potsdam(tmp_path, split="train", tile_size=16, stride=8, hr_bands=("NIR", "R"))[index]
+    assert torch.equal(reordered["hr"], s["hr"][[3, 0]])
+    rgb_only = Potsdam(tmp_path, split="train", tile_size=16, stride=8, hr_bands=("B", "G", "R"))
+    assert rgb_only.tile_folder == "2_Ortho_RGB" and torch.equal(rgb_only[index]["hr"], s["hr"][[2, 1, 0]])
+    with pytest.raises(ValueError, match=r"potsdam: hr_bands: 4_Ortho_RGBIR/ holds \['R', 'G', 'B', 'NIR'\]; got "
+                                         r"\['R', 'SWIR'\]: \['SWIR'\] not among them"):
+        Potsdam(tmp_path, hr_bands=("R", "SWIR"))
+    (tmp_path / "4_Ortho_RGBIR" / "top_potsdam_2_10_RGBIR.tif").unlink()
+    write_tif(tmp_path / "4_Ortho_RGBIR" / "top_potsdam_2_10_RGBIR.tif", image, res=0.05)
+    with pytest.raises(RasterReadError, match=r"wrong band count: .*top_potsdam_2_10_RGBIR.tif \(image tile\) has 3 "
+                                              r"bands, expected 4"):
+        ds.load(0)
+
+
+def test_potsdam_patches_hold_rgb_only(tmp_path):
+    for split in ("train", "val"):
+        for folder in ("img_dir", "ann_dir"):
+            (tmp_path / folder / split).mkdir(parents=True)
+    from PIL import Image
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img_dir" / "train" / "a.png")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "ann_dir" / "train" / "a.png")
+    assert Potsdam(tmp_path, hr_bands=("G",))[0]["hr"].shape == (1, 8, 8)
+    with pytest.raises(ValueError, match=r"hr_bands \['R', 'G', 'B', 'NIR'\]: mmsegmentation's patches under .* hold "
+                                         r"\['R', 'G', 'B'\]; the other bands need the release's 4_Ortho_RGBIR/ tiles"):
+        Potsdam(tmp_path, hr_bands=("R", "G", "B", "NIR"))

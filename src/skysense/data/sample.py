@@ -6,7 +6,9 @@ A sample is a TorchGeo-style dict. Every key is optional except that at least on
 ==============  ==================  =========================================================
 key             shape / type        meaning
 ==============  ==================  =========================================================
-``hr``          (3, H, W) float     R, G, B on the 0-255 scale (or normalised)
+``hr``          (3, H, W) float     R, G, B on the 0-255 scale (or normalised); a dataset
+                                    that reads more bands (``hr_bands=("R", "G", "B", "NIR")``)
+                                    gives (C, H, W) in its ``bands["hr"]`` order
 ``s2``          (T, 10, h, w) float B2..B12 (``S2_BANDS``), L2A reflectance x 10000
 ``s2_dates``    (T,) int64          day of year 1..366 of each frame
 ``s2_mask``     (T,) bool           True for real frames, False for padding / missing
@@ -57,26 +59,29 @@ def _fail(key: str, what: str, expected: object, actual: object, where: str = ""
     raise ValueError(f"{prefix}sample key {key!r}: {what}: expected {expected}, got {actual}")
 
 
-def check_sample(sample: Mapping[str, Any], where: str = "") -> None:
+def check_sample(sample: Mapping[str, Any], where: str = "", channels: Mapping[str, int] | None = None) -> None:
     """Check a sample against the schema; errors name the key and expected vs actual.
 
     Args:
         where: prefix for error messages (e.g. the sample's file).
+        channels: band count per modality where it differs from :data:`CHANNELS` (a dataset
+            read with other HR bands).
     """
+    channels = {**CHANNELS, **(channels or {})}
     if not any(sample.get(m) is not None for m in CHANNELS):
         _fail("hr/s2/s1", "presence", "at least one modality", sorted(sample), where)
     hr = sample.get("hr")
     if hr is not None:
-        if not isinstance(hr, torch.Tensor) or hr.ndim != 3 or hr.shape[0] != CHANNELS["hr"]:
-            _fail("hr", "shape", "(3, H, W) tensor", getattr(hr, "shape", type(hr).__name__), where)
+        if not isinstance(hr, torch.Tensor) or hr.ndim != 3 or hr.shape[0] != channels["hr"]:
+            _fail("hr", "shape", f"({channels['hr']}, H, W) tensor", getattr(hr, "shape", type(hr).__name__), where)
         if not hr.is_floating_point():
             _fail("hr", "dtype", "floating point", hr.dtype, where)
     for m in SERIES:
         x = sample.get(m)
         if x is None:
             continue
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != CHANNELS[m]:
-            _fail(m, "shape", f"(T, {CHANNELS[m]}, h, w) tensor", getattr(x, "shape", type(x).__name__), where)
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != channels[m]:
+            _fail(m, "shape", f"(T, {channels[m]}, h, w) tensor", getattr(x, "shape", type(x).__name__), where)
         if not x.is_floating_point():
             _fail(m, "dtype", "floating point", x.dtype, where)
         frames = x.shape[0]

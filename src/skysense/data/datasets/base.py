@@ -42,6 +42,21 @@ def read_json(path: Path) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
 
+
+def hr_band_indexes(dataset: str, wanted: tuple[str, ...], available: tuple[str, ...], where: str) -> list[int]:
+    """Indexes into ``available`` (the bands ``where`` holds) of the HR bands ``wanted``, in order.
+
+    Raises:
+        ValueError: ``wanted`` is empty, repeats a band or asks for one ``where`` does not hold.
+    """
+    missing = [b for b in wanted if b not in available]
+    if not wanted or missing or len(set(wanted)) != len(wanted):
+        problem = (f"{missing} not among them" if missing else "an empty list" if not wanted
+                   else "a band listed twice")
+        raise ValueError(f"{dataset}: hr_bands: {where} holds {list(available)}; got {list(wanted)}: {problem}")
+    return [available.index(b) for b in wanted]
+
+
 @dataclass(frozen=True)
 class Item:
     """One sample on disk: an id, its split, its main path and loader-specific extras."""
@@ -98,7 +113,8 @@ class SampleDataset(Dataset):
         item = self.items[index]
         sample = self._load(item)
         sample.setdefault("id", item.id)
-        check_sample(sample, where=f"{self.name} {item.path}")
+        check_sample(sample, where=f"{self.name} {item.path}",
+                     channels={m: len(b) for m, b in self.bands.items()})
         return sample
 
     def __getitem__(self, index: int) -> dict[str, Any]:

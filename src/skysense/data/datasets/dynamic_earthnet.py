@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from skysense.config import S1_BANDS, S2_BANDS
+from skysense.config import HR_BANDS, S1_BANDS, S2_BANDS
 from skysense.data.dates import day_of_year
-from skysense.data.datasets.base import Item, SampleDataset, scalar
+from skysense.data.datasets.base import Item, SampleDataset, hr_band_indexes, scalar
 from skysense.data.rasters import RasterReadError, read_image, read_stacked
 from skysense.data.sample import IGNORE_INDEX
 from skysense.data.units import s1_linear_to_db, s2_to_model_units
@@ -25,6 +25,8 @@ log = logging.getLogger("skysense.data")
 CLASSES = ("impervious_surface", "agriculture", "forest_and_other_vegetation", "wetlands", "soil", "water",
            "snow_and_ice")
 PLANET_BANDS = ("B", "G", "R", "NIR")
+PLANET_HR_BANDS = ("R", "G", "B", "NIR")
+"""The Planet bands in ``planet``'s order, which ``hr_bands`` choose from."""
 """Band order of the Planet Fusion ``PF-SR`` files (blue first, as read by the authors' loader)."""
 S2_FILE_BANDS = ("B2", "B3", "B4", "B8", "B5", "B6", "B7", "B8A", "B11", "B12", "B1", "B9")
 """Inferred band order of the 12-band monthly Sentinel-2 composites (see the class docstring)."""
@@ -103,7 +105,8 @@ class DynamicEarthNet(SampleDataset):
     labelled day; ``"weekly"`` = ``WEEKLY_DAYS``; ``"daily"`` = every file of the month present),
     ``planet_dates``; ``hr`` (3, H, W) the day-1 R, G, B mapped to 0-255 by ``hr = 255 *
     reflectance / planet_hr_max`` clipped (Planet is not 8-bit imagery: a domain shift for the HR
-    encoder); ``s2`` (1, 10, h, w) / ``s1`` (1, 2, h, w) dated the 15th; ``mask`` (H, W) int64
+    encoder; ``hr_bands`` picks others of R, G, B, NIR, e.g. ``("R", "G", "B", "NIR")`` for a model
+    made with :meth:`SkySense.with_hr_bands`: ``hr`` (4, H, W)); ``s2`` (1, 10, h, w) / ``s1`` (1, 2, h, w) dated the 15th; ``mask`` (H, W) int64
     0..6, -1 where no class is set; ``lat``, ``lon``, ``crs``, ``transform`` of the Planet grid.
 
     ``task="change"`` (semantic change, one per pair of consecutive labelled months of an area in
@@ -118,13 +121,14 @@ class DynamicEarthNet(SampleDataset):
 
     name = "dynamic_earthnet"
     splits = ("train", "val", "test", "unlisted")
-    bands = {"s2": S2_BANDS, "s1": S1_BANDS}
+    bands = {"hr": HR_BANDS, "s2": S2_BANDS, "s1": S1_BANDS}
 
     def __init__(self, root: str | Path, split: str | None = None, task: str = "segmentation",
                  days: str = "monthly", modalities: Sequence[str] = ("s2",),
                  s1_band_indexes: tuple[int, int] | None = None, s1_in_db: bool | None = None,
                  s2_file_bands: Sequence[str] = S2_FILE_BANDS, ignore_snow_and_ice: bool = False,
-                 planet_hr_max: float = 3000.0, skip_corrupt: bool = False) -> None:
+                 planet_hr_max: float = 3000.0, hr_bands: Sequence[str] = HR_BANDS,
+                 skip_corrupt: bool = False) -> None:
         if task not in ("segmentation", "change"):
             raise ValueError(f"{self.name}: task: expected 'segmentation' or 'change', got {task!r}")
         if days not in ("monthly", "weekly", "daily"):
@@ -142,6 +146,8 @@ class DynamicEarthNet(SampleDataset):
         self.s1_band_indexes, self.s1_in_db, self.planet_hr_max = s1_band_indexes, s1_in_db, planet_hr_max
         self.s2_file_bands = tuple(s2_file_bands)
         self.ignore_snow_and_ice = ignore_snow_and_ice
+        self.hr_index = hr_band_indexes(self.name, tuple(hr_bands), PLANET_HR_BANDS, "Planet Fusion")
+        self.bands = {**self.bands, "hr": tuple(hr_bands)}
         self.layout = ""
         self.missing: dict[str, str] = {}
         super().__init__(root, split, skip_corrupt)
@@ -335,14 +341,14 @@ class DynamicEarthNet(SampleDataset):
             paths = self._day_files(self.root / row["planet_path"], month, first_only=k > 0)
             planet = []
             for path in paths:
-                stack = read_stacked(path, PLANET_BANDS, select=("R", "G", "B", "NIR"))
+                stack = read_stacked(path, PLANET_BANDS, select=PLANET_HR_BANDS)
                 if planet and stack.data.shape != planet[0].shape:
                     raise RasterReadError(f"{path}: size {stack.data.shape[-2:]} differs from the month's first "
                                           f"image {planet[0].shape[-2:]}")
                 if not planet:
                     first = stack
                 planet.append(stack.data)
-            hrs.append(np.clip(planet[0][:3] * (255.0 / self.planet_hr_max), 0.0, 255.0).astype(np.float32))
+            hrs.append(np.clip(planet[0][self.hr_index] * (255.0 / self.planet_hr_max), 0.0, 255.0).astype(np.float32))
             if k == 0:
                 sample["planet"] = torch.from_numpy(np.stack(planet))
                 sample["planet_dates"] = torch.tensor([day_of_year(dt.date.fromisoformat(p.stem)) for p in paths],

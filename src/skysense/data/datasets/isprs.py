@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,7 +14,7 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from skysense.data.datasets.base import Item
+from skysense.data.datasets.base import Item, hr_band_indexes
 from skysense.data.datasets.segmentation import MMSEG_SPLITS, MMSegDataset
 from skysense.data.rasters import RasterReadError
 from skysense.data.sample import IGNORE_INDEX
@@ -130,6 +131,8 @@ class ISPRSDataset(MMSegDataset):
             the last row and column of crops end at the tile edge.
         labels: ``"eroded"`` (the ``*_noBoundary`` labels, class boundaries black = -1, as
             mmsegmentation and the benchmark's evaluation use) or ``"full"``.
+        hr_bands: the HR bands to read, in this order (Potsdam: any of R, G, B and, from the
+            four-band ``4_Ortho_RGBIR`` tiles, NIR); None: the image tiles' three bands as they are.
         skip_corrupt: see :class:`SampleDataset`.
     """
 
@@ -139,9 +142,15 @@ class ISPRSDataset(MMSegDataset):
     tile_pattern: ClassVar[re.Pattern[str]] = re.compile("")
     file_names: ClassVar[dict[str, str]] = {}
     split_tiles: ClassVar[dict[str, tuple[str, ...]]] = {}
+    tile_bands: ClassVar[tuple[str, ...]] = ()
+    """The bands of the image tiles (and of mmsegmentation's patches made from them)."""
+    four_band_tiles: ClassVar[tuple[str, re.Pattern[str], str, tuple[str, ...]] | None] = None
+    """Folder, name pattern, name and bands of the release's four-band tiles, read when
+    ``hr_bands`` asks for a band that ``tile_bands`` lacks."""
 
     def __init__(self, root: str | Path, split: str | None = None, tile_size: int | None = 512,
-                 stride: int | None = 256, labels: str = "eroded", skip_corrupt: bool = False) -> None:
+                 stride: int | None = 256, labels: str = "eroded", hr_bands: Sequence[str] | None = None,
+                 skip_corrupt: bool = False) -> None:
         if tile_size is not None and tile_size < 1:
             raise ValueError(f"{self.name}: tile_size: expected a positive number of pixels or None, got {tile_size}")
         if stride is not None and stride < 1:
@@ -150,7 +159,21 @@ class ISPRSDataset(MMSegDataset):
             raise ValueError(f"{self.name}: labels: expected one of {LABEL_VARIANTS}, got {labels!r}")
         self.tile_size, self.stride, self.labels = tile_size, stride, labels
         self.layout = ""
+        self.file_bands = self.tile_bands
+        self.band_index: list[int] | None = None
+        if hr_bands is not None:
+            wanted = tuple(hr_bands)
+            if self.four_band_tiles is not None and not set(wanted) <= set(self.tile_bands):
+                folder, pattern, image_name, self.file_bands = self.four_band_tiles
+                self.tile_folder, self.tile_pattern = folder, pattern
+                self.file_names = {**self.file_names, "image": image_name}
+            self.band_index = hr_band_indexes(self.name, wanted, self.file_bands, f"{self.tile_folder}/")
+            self.bands = {"hr": wanted}
         super().__init__(root, split, skip_corrupt)
+        if self.layout == MMSEG and self.file_bands != self.tile_bands:
+            raise ValueError(f"{self.name}: hr_bands {list(wanted)}: mmsegmentation's patches under {self.root} "
+                             f"hold {list(self.tile_bands)}; the other bands need the release's "
+                             f"{self.four_band_tiles[0]}/ tiles")
 
     def _index(self) -> list[Item]:
         if (self.root / self.tile_folder).is_dir():
@@ -207,9 +230,14 @@ class ISPRSDataset(MMSegDataset):
 
     def _load(self, item: Item) -> dict[str, Any]:
         if self.layout != TILES:
-            return super()._load(item)
+            sample = super()._load(item)
+            if self.band_index is not None:
+                sample["hr"] = sample["hr"][self.band_index]
+            return sample
         window = item.extra["window"]
-        image, dtype, size = _read_window(item.path, window, 3, "image tile")
+        image, dtype, size = _read_window(item.path, window, len(self.file_bands), "image tile")
+        if self.band_index is not None:
+            image = image[self.band_index]
         sample: dict[str, Any] = {"hr": torch.from_numpy(hr_to_8bit(image, 8 if dtype == "uint8" else None))}
         label_path = item.extra["label"]
         if label_path is None:
@@ -237,6 +265,8 @@ class Potsdam(ISPRSDataset):
 
           <root>/2_Ortho_RGB/top_potsdam_<row>_<col>_RGB.tif          R, G, B 8-bit (also one
                                                                      folder deeper, as unzipped)
+          <root>/4_Ortho_RGBIR/top_potsdam_<row>_<col>_RGBIR.tif      R, G, B, IR 8-bit (read
+                                                                     for hr_bands with NIR)
           <root>/5_Labels_all/top_potsdam_<row>_<col>_label.tif       colour-coded labels
           <root>/5_Labels_all_noBoundary/top_potsdam_<row>_<col>_label_noBoundary.tif
 
@@ -254,7 +284,10 @@ class Potsdam(ISPRSDataset):
       (``reduce_zero_label``). The converter reads the labels as BGR, so its colour list, read
       in RGB, is exactly ``ISPRS_COLOURS`` in ``classes`` order.
 
-    Bands: R, G, B 8-bit (``hr``). Sample: ``hr`` (3, h, w), ``mask`` (h, w) int64 0..5, -1.
+    Bands: R, G, B 8-bit (``hr``). Sample: ``hr`` (3, h, w), ``mask`` (h, w) int64 0..5, -1. With
+    ``hr_bands=("R", "G", "B", "NIR")`` (a model made with :meth:`SkySense.with_hr_bands`) the
+    tiles are read from ``<root>/4_Ortho_RGBIR/top_potsdam_<row>_<col>_RGBIR.tif`` (R, G, B, IR
+    8-bit, the same grid as the RGB tiles): ``hr`` (4, h, w).
 
     Splits: mmsegmentation's tile lists ``train`` (24 tiles) and ``val`` (14 tiles: the
     benchmark's test tiles); other tiles are ``"unlisted"``; flat mmsegmentation folders are
@@ -264,6 +297,9 @@ class Potsdam(ISPRSDataset):
     name = "potsdam"
     tile_folder = "2_Ortho_RGB"
     tile_pattern = re.compile(r"top_potsdam_(\d+_\d+)_RGB\.tif")
+    tile_bands = ("R", "G", "B")
+    four_band_tiles = ("4_Ortho_RGBIR", re.compile(r"top_potsdam_(\d+_\d+)_RGBIR\.tif"),
+                       "top_potsdam_{tile}_RGBIR.tif", ("R", "G", "B", "NIR"))
     file_names = {"image": "top_potsdam_{tile}_RGB.tif", "full": "top_potsdam_{tile}_label.tif",
                    "eroded": "top_potsdam_{tile}_label_noBoundary.tif"}
     split_tiles = {
@@ -306,6 +342,7 @@ class Vaihingen(ISPRSDataset):
 
     name = "vaihingen"
     tile_folder = "top"
+    tile_bands = ("NIR", "R", "G")
     tile_pattern = re.compile(r"top_mosaic_09cm_(area\d+)\.tif")
     file_names = {"image": "top_mosaic_09cm_{tile}.tif", "full": "top_mosaic_09cm_{tile}.tif",
                    "eroded": "top_mosaic_09cm_{tile}_noBoundary.tif"}
