@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from skysense.commands import add_device_argument
+from skysense.commands import add_device_argument, add_hr_bands_argument
 from skysense.config import PRESETS
 from skysense.data.dates import parse_date
 from skysense.devices import resolve_device
@@ -25,12 +25,14 @@ from skysense.inference.embed import LEVELS, EmbedOptions, embed_scene
 from skysense.inference.scene import Scene, resolve_frames, s2_frame_offsets
 from skysense.inference.writers import DTYPES, FORMATS
 from skysense.models import SkySense
+from skysense.models.hr_bands import parse_bands
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("embed", help="embed a whole scene (HR, S2, S1 rasters) into a COG or Zarr")
     inputs = parser.add_argument_group("inputs (at least one)")
-    inputs.add_argument("--hr", type=Path, help="HR GeoTIFF, R, G, B as bands 1-3")
+    inputs.add_argument("--hr", type=Path, help="HR GeoTIFF, the model's bands (R, G, B) as its first bands")
+    inputs.add_argument("--hr-bands", help="band order of the HR file when it is not the model's, e.g. NIR,R,G,B")
     inputs.add_argument("--s2", type=Path, nargs="+", action="extend", default=[], metavar="PATH",
                         help="Sentinel-2 acquisitions: band folders, stacked GeoTIFFs, or a folder of them "
                              "(one per date); repeat for a time series")
@@ -50,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--weights", type=Path, help="a folder written by save_pretrained")
     model.add_argument("--preset", choices=sorted(PRESETS), help="a randomly initialised preset (torch.manual_seed(--seed))")
     parser.add_argument("--seed", type=int, default=0)
+    add_hr_bands_argument(parser)
     parser.add_argument("--out", type=Path, required=True, help="output .tif (cog) or folder (zarr)")
     parser.add_argument("--format", choices=FORMATS, default=None, help="default: zarr for a .zarr path, else cog")
     parser.add_argument("--level", choices=LEVELS, default="fused")
@@ -92,14 +95,18 @@ def build_scene(args: argparse.Namespace, model: SkySense) -> Scene:
                         _dates(args.s1_dates, "--s1-dates")) if args.s1 else []
     offsets = s2_frame_offsets(s2, args.s2_baseline, args.s2_offset) if s2 else None
     return Scene(cfg, hr=args.hr, s2=s2, s1=s1, hr_bit_depth=args.hr_bit_depth, s2_offsets=offsets,
-                 s2_level=args.s2_level, s1_units=args.s1_units)
+                 s2_level=args.s2_level, s1_units=args.s1_units, hr_file_bands=_bands(args.hr_bands))
 
 
 def load_model(args: argparse.Namespace) -> SkySense:
     if args.weights is not None:
-        return SkySense.from_pretrained(str(args.weights))
-    torch.manual_seed(args.seed)
-    return SkySense.from_preset(args.preset).eval()
+        model = SkySense.from_pretrained(str(args.weights))
+    else:
+        torch.manual_seed(args.seed)
+        model = SkySense.from_preset(args.preset).eval()
+    if args.with_hr_bands:
+        model.with_hr_bands(parse_bands(args.with_hr_bands))
+    return model
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,8 +2,10 @@
 
 Inputs (what ``skysense embed`` accepts):
 
-* ``hr``: one GeoTIFF with R, G, B as bands 1-3 (further bands, e.g. NIR or alpha, are ignored),
-  8- or 16-bit (``hr_bit_depth`` for 11/12-bit data stored in 16 bits).
+* ``hr``: one GeoTIFF holding the model's HR bands (``config.inputs["hr"].bands``: R, G, B, or
+  e.g. R, G, B, NIR for a model made with :meth:`SkySense.with_hr_bands`) as its first bands, in
+  that order (further bands, e.g. alpha, are ignored), or in any order that ``hr_file_bands``
+  names; 8- or 16-bit (``hr_bit_depth`` for 11/12-bit data stored in 16 bits).
 * ``s2`` / ``s1``: one path per acquisition, each either
 
   - a **folder with one file per band**: GeoTIFFs with the band at the end of the file name
@@ -394,7 +396,7 @@ def _grid_of(path: Path) -> Grid:
 class WindowData:
     """One window of every modality read, in model units, normalised, nodata set to 0.
 
-    ``inputs`` holds ``hr`` (3, 32h, 32w), ``s2`` (T, 10, h, w), ``s2_dates`` (T,), ``s2_mask``
+    ``inputs`` holds ``hr`` (C, 32h, 32w), ``s2`` (T, 10, h, w), ``s2_dates`` (T,), ``s2_mask``
     (T,) (frames with at least one valid pixel), the same for ``s1``; ``valid`` is (h, w) on the
     fusion grid: True where any frame of any modality read holds data.
     """
@@ -411,6 +413,9 @@ class Scene:
         hr: the HR GeoTIFF, or None.
         s2, s1: the frames of each time series (:func:`resolve_frames`), possibly empty.
         hr_bit_depth: bits of the HR data (default: 8 for uint8 files, 16 for uint16).
+        hr_file_bands: the names of the HR file's bands, in file order (e.g. ``("NIR", "R",
+            "G", "B")``); the model's HR bands are read by name. None: the file's first bands
+            are the model's, in its order.
         s2_offsets: the DN offset of each S2 frame (:func:`skysense.data.units.s2_offset`).
         s2_level: ``"L2A"`` or ``"L1C"``.
         s1_units: ``"db"`` or ``"linear"``.
@@ -430,6 +435,7 @@ class Scene:
         s2_offsets: Sequence[float] | None = None,
         s2_level: str = "L2A",
         s1_units: str = "db",
+        hr_file_bands: Sequence[str] | None = None,
     ) -> None:
         if hr is None and not s2 and not s1:
             raise ValueError("embed: nothing to read; give at least one of hr, s2, s1")
@@ -459,6 +465,8 @@ class Scene:
         else:
             self.grid = _grid_of(self.hr_path).coarsened(HR_SCALE)
         self.hr_bit_depth = hr_bit_depth
+        self.hr_file_bands = None if hr_file_bands is None else tuple(hr_file_bands)
+        self.hr_band_indexes: tuple[int, ...] = ()
         self._readers: dict[str, list[_FrameReader]] = {}
         try:
             if self.hr_path is not None:
@@ -473,14 +481,29 @@ class Scene:
         path = self.hr_path
         with open_raster(path) as src:
             count, dtype = src.count, src.dtypes[0]
-        if count < 3:
-            raise RasterReadError(f"hr: {path} has {count} bands, expected at least 3 (R, G, B as bands 1-3)")
+        bands = self.config.inputs["hr"].bands
+        if self.hr_file_bands is None:
+            if count < len(bands):
+                raise RasterReadError(f"hr: {path} has {count} bands, expected at least {len(bands)} (the model's "
+                                      f"{', '.join(bands)} as bands 1-{len(bands)}; name the file's bands with "
+                                      f"--hr-bands when they are in another order)")
+            indexes = tuple(range(1, len(bands) + 1))
+        else:
+            if len(self.hr_file_bands) != count:
+                raise RasterReadError(f"hr: {path} has {count} bands; the HR file bands name "
+                                      f"{len(self.hr_file_bands)}: {list(self.hr_file_bands)}")
+            missing = [b for b in bands if b not in self.hr_file_bands]
+            if missing:
+                raise RasterReadError(f"hr: {path} holds {list(self.hr_file_bands)}; the model takes "
+                                      f"{list(bands)}: {missing} missing")
+            indexes = tuple(self.hr_file_bands.index(b) + 1 for b in bands)
+        self.hr_band_indexes = indexes
         if self.hr_bit_depth is None:
             inferred = {"uint8": 8, "uint16": 16, "int16": 16}.get(dtype)
             if inferred is None:
                 raise ValueError(f"hr: {path} holds {dtype} values; give the bit depth of the data (--hr-bit-depth)")
             self.hr_bit_depth = inferred
-        frame = Frame((path,) * 3, (1, 2, 3), None, path)
+        frame = Frame((path,) * len(indexes), indexes, None, path)
         self._readers["hr"] = [_FrameReader(frame, self.grid.refined(HR_SCALE), Resampling.bilinear)]
 
     @property
@@ -541,6 +564,7 @@ class Scene:
         return {
             "files": [[str(p.resolve()), os.path.getsize(p)] for p in self.files()],
             "hr_bit_depth": self.hr_bit_depth,
+            "hr_band_indexes": list(self.hr_band_indexes),
             "s2_offsets": list(self.s2_offsets),
             "s2_level": self.s2_level,
             "s1_units": self.s1_units,
