@@ -14,10 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from skysense.commands import add_device_argument
+from skysense.commands import add_device_argument, add_hr_bands_argument
 from skysense.config import PRESETS
 from skysense.downstream.finetune import FinetuneConfig, finetune
 from skysense.downstream.tasks import DETECTORS, TASKS
+from skysense.models.hr_bands import parse_bands
 from skysense.weights import atomic_write
 
 EVAL_NAME = "eval.json"
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--weights", default=None, help="pretrained encoder: a folder written by save_pretrained")
     source.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="randomly initialised encoder of this preset (seeded by --seed; default tiny)")
+    add_hr_bands_argument(parser, "; the dataset then reads them (Potsdam's RGBIR tiles, DynamicEarthNet's Planet NIR)")
     parser.add_argument("--out", type=Path, default=Path("runs/finetune"), help="output folder")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -106,6 +108,8 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
         data.pop("preset", None)
     elif args.preset is not None:
         data["weights"] = None
+    if args.with_hr_bands is not None:
+        data["hr_bands"] = list(parse_bands(args.with_hr_bands))
     if args.modalities is not None:
         data["modalities"] = [m.strip() for m in args.modalities.split(",") if m.strip()]
     if args.geo_context:

@@ -18,6 +18,7 @@ Output folder:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from skysense.compilation import compile_blocks
-from skysense.config import PRESETS, build_dataclass, config_from_yaml
+from skysense.config import HR_BANDS, PRESETS, build_dataclass, config_from_yaml
 from skysense.data.datasets import DATASETS, dataset_root
 from skysense.data.sample import collate
 from skysense.downstream.data import TrainingSamples, evenly_spaced, model_keys
@@ -89,6 +90,10 @@ class FinetuneConfig:
     # Encoder: a folder written by save_pretrained (pretrained), else the preset randomly initialised.
     weights: str | None = None
     preset: str = "tiny"
+    # HR bands the encoder is made to take before training (SkySense.with_hr_bands: NIR starts
+    # from red's filter), e.g. [R, G, B, NIR]; the dataset reads the encoder's HR bands (its
+    # ``hr_bands`` option: Potsdam's RGBIR tiles, DynamicEarthNet's Planet NIR). None: as loaded.
+    hr_bands: tuple[str, ...] | None = None
     # Encoder inputs (default: every modality the samples carry).
     modalities: tuple[str, ...] | None = None
     geo_context: bool = False
@@ -160,6 +165,8 @@ class FinetuneConfig:
             raise ValueError(f"sentinel_size: expected >= 0 (0: no resize) or None, got {self.sentinel_size}")
         if self.modalities is not None:
             self.modalities = tuple(self.modalities)
+        if self.hr_bands is not None:
+            self.hr_bands = tuple(self.hr_bands)
         if self.compile not in FINETUNE_COMPILE:
             raise ValueError(f"compile: expected one of {list(FINETUNE_COMPILE)}, got {self.compile!r}")
 
@@ -195,6 +202,14 @@ def build_dataset(name: str, task: str, split: str | None, data_root: str | os.P
     for key, value in kwargs.items():
         if isinstance(value, list):
             kwargs[key] = tuple(value)
+    accepted = inspect.signature(DATASETS[name]).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        readers = "; the datasets that read other HR bands: " + ", ".join(
+            n for n, c in sorted(DATASETS.items()) if "hr_bands" in inspect.signature(c).parameters)
+        raise ValueError(f"{name}: dataset options {unknown} not taken; it takes "
+                         f"{[k for k in accepted if k not in ('root', 'split')]}"
+                         f"{readers if 'hr_bands' in unknown else ''}")
     dataset = DATASETS[name](dataset_root(name, data_root), split=split, **kwargs)
     if len(dataset) == 0:
         raise ValueError(f"{name}: split {split!r} under {dataset.root} is empty (splits found: "
@@ -223,12 +238,39 @@ def task_spec(config: FinetuneConfig, dataset: Dataset) -> TaskSpec:
                     sentinel_size=sentinel_size or None, detector=config.detector)
 
 
-def load_encoder(weights: str | os.PathLike | None, preset: str, seed: int) -> SkySense:
-    """Pretrained weights, or the preset randomly initialised with ``torch.manual_seed(seed)``."""
+def load_encoder(weights: str | os.PathLike | None, preset: str, seed: int,
+                 hr_bands: tuple[str, ...] | None = None) -> SkySense:
+    """Pretrained weights, or the preset randomly initialised with ``torch.manual_seed(seed)``;
+    made to take ``hr_bands`` (:meth:`SkySense.with_hr_bands`) when they are given and differ."""
     if weights is not None:
-        return SkySense.from_pretrained(str(weights))
-    torch.manual_seed(seed)
-    return SkySense.from_preset(preset)
+        encoder = SkySense.from_pretrained(str(weights))
+    else:
+        torch.manual_seed(seed)
+        encoder = SkySense.from_preset(preset)
+    if hr_bands is not None and tuple(hr_bands) != encoder.config.inputs["hr"].bands:
+        encoder.with_hr_bands(hr_bands)
+    return encoder
+
+
+def dataset_options(name: str, options: dict[str, Any] | None, encoder: SkySense) -> dict[str, Any]:
+    """The options of dataset ``name`` with ``hr_bands`` set to the encoder's HR bands when they
+    are not R, G, B and the options do not set them (and the dataset reads other bands)."""
+    options = dict(options or {})
+    bands = encoder.config.inputs["hr"].bands
+    takes = "hr_bands" in inspect.signature(DATASETS[name]).parameters
+    if bands != HR_BANDS and "hr_bands" not in options and takes:
+        options["hr_bands"] = list(bands)
+    return options
+
+
+def check_hr_bands(dataset: Dataset, spec: TaskSpec, encoder: SkySense) -> None:
+    """Raise when the task feeds HR images whose bands the encoder does not take."""
+    bands = getattr(dataset, "bands", {}).get("hr")
+    wanted = encoder.config.inputs["hr"].bands
+    if "hr" in spec.modalities and bands is not None and tuple(bands) != wanted:
+        raise ValueError(f"hr bands: {spec.task} on {getattr(dataset, 'name', type(dataset).__name__)} reads "
+                         f"{list(bands)}; the encoder takes {list(wanted)} (set hr_bands, --with-hr-bands, to "
+                         f"the same list, or the dataset option hr_bands where the dataset has those bands)")
 
 
 def save_finetuned(model: DownstreamModel, out: Path, extra: dict[str, Any], step: int) -> None:
@@ -308,9 +350,11 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
         torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device, "device")
     train_split, eval_split = config.splits()
-    dataset = build_dataset(config.dataset, config.task, train_split, config.data_root, config.dataset_options)
+    encoder = load_encoder(config.weights, config.preset, config.seed, config.hr_bands)
+    options = dataset_options(config.dataset, config.dataset_options, encoder)
+    dataset = build_dataset(config.dataset, config.task, train_split, config.data_root, options)
     spec = task_spec(config, dataset)
-    encoder = load_encoder(config.weights, config.preset, config.seed)
+    check_hr_bands(dataset, spec, encoder)
     torch.manual_seed(config.seed)  # the head's initialisation
     model = build_task_model(encoder, spec).to(device)
     model.encoder.check_values = False  # on the host batch instead (checked_on_host): no syncs
@@ -333,7 +377,7 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
     sampler = StepBatchSampler(len(samples), config.batch_size, config.seed, start, config.max_steps)
     loader = DataLoader(samples, batch_sampler=sampler, collate_fn=collate, num_workers=config.num_workers,
                         persistent_workers=config.num_workers > 0)
-    extra = {"dataset": config.dataset, "data_root": config.data_root, "dataset_options": config.dataset_options,
+    extra = {"dataset": config.dataset, "data_root": config.data_root, "dataset_options": options,
              "train_split": train_split, "eval_split": eval_split, "crop_size": config.crop_size,
              "eval_window": config.eval_window,
              "eval_stride": config.eval_stride, "encoder_source": config.weights or f"{config.preset} (random init, "
