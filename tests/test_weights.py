@@ -122,6 +122,14 @@ def test_convert_official_files_end_to_end(tmp_path: Path) -> None:
     inputs = {k: v for k, v in tiny_inputs().items() if k not in ("lat", "lon")}
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs), model(**inputs))
+    # four-band: the released R, G, B filters kept, NIR from red's, and saved so
+    hr = tmp_path / "hr.pth"
+    assert main(["convert-official", "--hr", str(hr), "--out", str(tmp_path / "rgbnir"), "--preset", "tiny",
+                 "--with-hr-bands", "R,G,B,NIR"]) == 0
+    four = SkySense.from_pretrained(str(tmp_path / "rgbnir"))
+    assert four.config.inputs["hr"].bands == ("R", "G", "B", "NIR")
+    released = model.hr_encoder.patch_embed.weight
+    torch.testing.assert_close(four.hr_encoder.patch_embed.weight, torch.cat([released, released[:, :1]], 1))
 
 
 def test_convert_refuses_pickled_code(tmp_path: Path) -> None:

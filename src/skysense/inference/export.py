@@ -1,7 +1,7 @@
 """Export of the SkySense encoders to ONNX and to a ``torch.export`` program, with dynamic shapes.
 
 :func:`export_encoders` wraps the chosen encoders (HR SwinV2, S2 ViT, S1 ViT) side by side in one
-module (:class:`EncoderBundle`: inputs ``hr`` (B, 3, H, W), ``s2`` (B, 10, h, w), ``s1`` (B, 2, h,
+module (:class:`EncoderBundle`: inputs ``hr`` (B, 3, H, W) (or the model's HR band count), ``s2`` (B, 10, h, w), ``s1`` (B, 2, h,
 w), each with its own batch and spatial size; outputs ``hr_features`` (B, C, H/32, W/32),
 ``s2_features`` and ``s1_features`` (B, D, h/4, w/4)), exports it once with ``torch.export``
 (saved as ``.pt2`` beside the ONNX file) and converts that program to ONNX.
@@ -166,7 +166,8 @@ def size_rules(model: SkySense, encoders: Sequence[str]) -> dict[str, str]:
     rules = {}
     for e in encoders:
         if e == "hr":
-            rules[e] = f"(B, 3, H, W): H, W multiples of {HR_MULTIPLE}, at least {HR_MIN}"
+            rules[e] = (f"(B, {model.config.hr.in_chans}, H, W): H, W multiples of {HR_MULTIPLE}, "
+                        f"at least {HR_MIN}")
         else:
             cfg = getattr(model.config, e)
             rules[e] = f"(B, {cfg.in_chans}, h, w): h, w multiples of {cfg.patch_size}"
