@@ -73,7 +73,7 @@ def test_an_rgbnir_encoder_refuses_datasets_without_nir(tmp_path: Path) -> None:
         check_hr_bands(loveda, spec, encoder)
     check_hr_bands(loveda, TaskSpec(task="segmentation", num_classes=7, modalities=("s2",)), encoder)  # no HR read
     with pytest.raises(ValueError, match=r"loveda: dataset options \['hr_bands'\] not taken; .*the datasets that "
-                                         r"read other HR bands: dynamic_earthnet, potsdam"):
+                                         r"read other HR bands: dynamic_earthnet, manifest, potsdam, vaihingen"):
         build_dataset("loveda", "segmentation", None, tmp_path, {"hr_bands": ["R", "G", "B", "NIR"]})
 
 

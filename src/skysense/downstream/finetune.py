@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from skysense.compilation import compile_blocks
-from skysense.config import HR_BANDS, PRESETS, build_dataclass, config_from_yaml
-from skysense.data.datasets import DATASETS, dataset_root
+from skysense.config import PRESETS, build_dataclass, config_from_yaml
+from skysense.data.datasets import DATASETS, dataset_root, reads_hr_bands, with_hr_bands
 from skysense.data.sample import collate
 from skysense.downstream.data import TrainingSamples, evenly_spaced, model_keys
 from skysense.downstream.lr_decay import parameter_groups
@@ -205,8 +205,8 @@ def build_dataset(name: str, task: str, split: str | None, data_root: str | os.P
     accepted = inspect.signature(DATASETS[name]).parameters
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        readers = "; the datasets that read other HR bands: " + ", ".join(
-            n for n, c in sorted(DATASETS.items()) if "hr_bands" in inspect.signature(c).parameters)
+        readers = "; the datasets that read other HR bands: " + ", ".join(n for n in sorted(DATASETS)
+                                                                          if reads_hr_bands(n))
         raise ValueError(f"{name}: dataset options {unknown} not taken; it takes "
                          f"{[k for k in accepted if k not in ('root', 'split')]}"
                          f"{readers if 'hr_bands' in unknown else ''}")
@@ -250,17 +250,6 @@ def load_encoder(weights: str | os.PathLike | None, preset: str, seed: int,
     if hr_bands is not None and tuple(hr_bands) != encoder.config.inputs["hr"].bands:
         encoder.with_hr_bands(hr_bands)
     return encoder
-
-
-def dataset_options(name: str, options: dict[str, Any] | None, encoder: SkySense) -> dict[str, Any]:
-    """The options of dataset ``name`` with ``hr_bands`` set to the encoder's HR bands when they
-    are not R, G, B and the options do not set them (and the dataset reads other bands)."""
-    options = dict(options or {})
-    bands = encoder.config.inputs["hr"].bands
-    takes = "hr_bands" in inspect.signature(DATASETS[name]).parameters
-    if bands != HR_BANDS and "hr_bands" not in options and takes:
-        options["hr_bands"] = list(bands)
-    return options
 
 
 def check_hr_bands(dataset: Dataset, spec: TaskSpec, encoder: SkySense) -> None:
@@ -351,7 +340,7 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
     device = resolve_device(config.device, "device")
     train_split, eval_split = config.splits()
     encoder = load_encoder(config.weights, config.preset, config.seed, config.hr_bands)
-    options = dataset_options(config.dataset, config.dataset_options, encoder)
+    options = with_hr_bands(config.dataset, config.dataset_options, encoder.config.inputs["hr"].bands)
     dataset = build_dataset(config.dataset, config.task, train_split, config.data_root, options)
     spec = task_spec(config, dataset)
     check_hr_bands(dataset, spec, encoder)

@@ -122,6 +122,10 @@ class PretrainConfig:
     """One pretraining run. ``batch_size`` is global: each of N processes takes 1/N of it."""
 
     preset: str = "tiny"
+    # HR bands of the model, e.g. [R, G, B, NIR] (SkySense.with_hr_bands: NIR's filter starts as
+    # red's, NIR normalised as red); the dataset reads them (its hr_bands option: the manifest's
+    # rasters). None: R, G, B.
+    hr_bands: tuple[str, ...] | None = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective: PretrainObjectiveConfig = field(default_factory=PretrainObjectiveConfig)
@@ -175,6 +179,8 @@ class PretrainConfig:
             raise ValueError(f"compile: expected one of {list(COMPILE_SCOPES)} (or true/false), got {self.compile!r}")
         check_checkpointing_setting(self.activation_checkpointing)
         SkySense.check_attention_backends(self.attention_backends)
+        if self.hr_bands is not None:
+            self.hr_bands = tuple(self.hr_bands)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from skysense.config import SkySenseConfig
-from skysense.data.datasets import DATASETS, dataset_root
+from skysense.config import HR_BANDS, SkySenseConfig
+from skysense.data.datasets import DATASETS, dataset_root, with_hr_bands
 from skysense.data.sample import collate
 from skysense.data.shards import ShardDataset, mix_seed
 from skysense.data.units import is_normalized, normalize
@@ -200,16 +200,21 @@ class ShardViewBatches(IterableDataset):
 
 
 def build_sample_dataset(config: PretrainConfig, data_root: str | None) -> Dataset:
-    """The dataset named by ``data.dataset`` (with ``data.dataset_options``), ``data.split`` only."""
+    """The dataset named by ``data.dataset`` (with ``data.dataset_options``; ``hr_bands`` from
+    the config's when they are not R, G, B), ``data.split`` only."""
     name = config.data.dataset
     if name not in DATASETS:
         raise ValueError(f"data.dataset: unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     root = dataset_root(name, data_root or config.data.root)
+    options = with_hr_bands(name, config.data.dataset_options, config.hr_bands or HR_BANDS)
     try:
-        return DATASETS[name](root, split=config.data.split, **config.data.dataset_options)
+        dataset = DATASETS[name](root, split=config.data.split, **options)
     except TypeError as error:
-        raise ValueError(f"data.dataset_options {config.data.dataset_options}: not accepted by {name}: "
-                         f"{error}") from None
+        raise ValueError(f"data.dataset_options {options}: not accepted by {name}: {error}") from None
+    bands = dataset.bands.get("hr")
+    if config.hr_bands is not None and bands is not None and tuple(bands) != config.hr_bands:
+        raise ValueError(f"hr_bands: the model takes {list(config.hr_bands)}; {name} reads {list(bands)}")
+    return dataset
 
 
 def build_view_loader(config: PretrainConfig, data_root: str | None, model_config: SkySenseConfig, start: int,

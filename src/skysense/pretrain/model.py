@@ -27,6 +27,8 @@ class PretrainingModel(nn.Module):
         super().__init__()
         model_config = preset_config(config.preset)
         self.student = SkySense(model_config)
+        if config.hr_bands is not None:
+            self.student.with_hr_bands(config.hr_bands)
         self.objective = SkySensePretrainingObjective(model_config, config.objective)
         self.teacher = build_teacher(self.student)
         self.batch_views = config.batch_views

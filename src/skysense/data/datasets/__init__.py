@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
+from skysense.config import HR_BANDS
 from skysense.data import DATA_ENV, data_root
 
 from skysense.data.datasets.aid import AID
@@ -48,6 +51,20 @@ DEFAULT_SUBDIRS: dict[str, str] = {
 """Where each dataset lies under ``$SKYSENSE_DATA`` (the project's real-data layout)."""
 
 
+def reads_hr_bands(name: str) -> bool:
+    """Whether dataset ``name`` takes an ``hr_bands`` option (reads HR bands other than R, G, B)."""
+    return "hr_bands" in inspect.signature(DATASETS[name]).parameters
+
+
+def with_hr_bands(name: str, options: dict[str, Any] | None, bands: tuple[str, ...]) -> dict[str, Any]:
+    """The options of dataset ``name`` with ``hr_bands`` set to a model's HR ``bands`` when they are
+    not R, G, B, the options do not set them and the dataset reads other bands."""
+    options = dict(options or {})
+    if tuple(bands) != HR_BANDS and "hr_bands" not in options and reads_hr_bands(name):
+        options["hr_bands"] = list(bands)
+    return options
+
+
 def dataset_root(name: str, given: str | Path | None = None) -> Path:
     """``given``, else ``$SKYSENSE_DATA/<DEFAULT_SUBDIRS[name]>``; an error says what to pass."""
     if given is not None:
@@ -57,7 +74,7 @@ def dataset_root(name: str, given: str | Path | None = None) -> Path:
         raise ValueError(f"{name}: no data root: pass --data-root (or set {DATA_ENV})")
     return base / DEFAULT_SUBDIRS[name]
 
-__all__ = ["DATASETS", "DEFAULT_SUBDIRS", "dataset_root", "Item", "SampleDataset", "AID", "OSCD", "BigEarthNetV1",
+__all__ = ["DATASETS", "DEFAULT_SUBDIRS", "dataset_root", "reads_hr_bands", "with_hr_bands", "Item", "SampleDataset", "AID", "OSCD", "BigEarthNetV1",
            "BigEarthNetV2", "BigEarthNetMM", "EuroSATMS", "LEVIRCD", "Sen1Floods11", "SSL4EOS12", "LoveDA",
            "Potsdam", "Vaihingen", "ISAID", "DOTA", "DIOR", "DIORR", "FAIR1M", "DSIFN", "RESISC45", "FMoWSentinel",
            "DynamicEarthNet", "ManifestDataset"]

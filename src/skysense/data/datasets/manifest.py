@@ -12,7 +12,7 @@ import torch
 
 from skysense.config import HR_BANDS, S1_BANDS, S2_BANDS
 from skysense.data.dates import day_of_year, parse_date
-from skysense.data.datasets.base import Item, SampleDataset, scalar
+from skysense.data.datasets.base import Item, SampleDataset, hr_band_indexes, scalar
 from skysense.data.rasters import RasterReadError, read_image, read_stacked
 from skysense.data.units import hr_to_8bit, s2_to_model_units
 
@@ -36,13 +36,16 @@ class ManifestDataset(SampleDataset):
     Only ``id`` and at least one of ``hr``/``s2``/``s1`` are required; every record must list
     the same modalities so that samples collate. ``split`` defaults to ``"train"``.
 
-    Bands: ``hr`` a 3-band R, G, B raster (``hr_bit_depth`` 8..16, default from the dtype);
+    Bands: ``hr`` a raster whose first bands are ``hr_bands`` (default R, G, B; e.g. R, G, B,
+    NIR for a model made with :meth:`SkySense.with_hr_bands`), or whose bands the record names
+    in file order (``"hr_bands": ["NIR", "R", "G", "B"]``) (``hr_bit_depth`` 8..16, default from
+    the dtype);
     ``s2`` frames stacked GeoTIFFs whose band order is ``s2_bands`` (default the model's 10
     ``S2_BANDS``; the 10 are selected), Sentinel-2 reflectance x 10000 with the DN offset
     ``s2_offset`` (default 0) removed, ``s2_level`` L2A (default) or L1C; ``s1`` frames 2-band
     VV, VH in dB. Frames of one series must have one size (error names the file).
 
-    Sample: ``hr`` (3, H, W), ``s2`` (T, 10, h, w), ``s2_dates``, ``s2_mask``, ``s1`` (T', 2, h', w'),
+    Sample: ``hr`` (len(hr_bands), H, W), ``s2`` (T, 10, h, w), ``s2_dates``, ``s2_mask``, ``s1`` (T', 2, h', w'),
     ``s1_dates``, ``s1_mask``, ``lat``/``lon`` (the record's, else the centre of the first
     georeferenced raster). ``modalities`` limits what is read.
 
@@ -54,10 +57,15 @@ class ManifestDataset(SampleDataset):
     bands = {"hr": HR_BANDS, "s2": S2_BANDS, "s1": S1_BANDS}
 
     def __init__(self, root: str | Path, split: str | None = None, manifest: str = MANIFEST_NAME,
-                 modalities: Sequence[str] = ("hr", "s2", "s1"), skip_corrupt: bool = False) -> None:
+                 modalities: Sequence[str] = ("hr", "s2", "s1"), hr_bands: Sequence[str] = HR_BANDS,
+                 skip_corrupt: bool = False) -> None:
         if not modalities or set(modalities) - {"hr", "s2", "s1"}:
             raise ValueError(f"{self.name}: modalities: expected a non-empty subset of ('hr', 's2', 's1'), "
                              f"got {modalities}")
+        self.hr_bands = tuple(hr_bands)
+        if not self.hr_bands or len(set(self.hr_bands)) != len(self.hr_bands):
+            raise ValueError(f"{self.name}: hr_bands: expected distinct band names, got {list(self.hr_bands)}")
+        self.bands = {**self.bands, "hr": self.hr_bands}
         self.manifest = manifest
         self.modalities = tuple(modalities)
         super().__init__(root, split, skip_corrupt)
@@ -116,12 +124,28 @@ class ManifestDataset(SampleDataset):
             dates.append(day_of_year(date))
         return np.stack(data), dates, first
 
+    def _hr_index(self, path: Path, file_bands: Sequence[str] | None, count: int, item: Item) -> list[int]:
+        """Which of the HR file's ``count`` bands are ``hr_bands``, in order."""
+        where = f"{item.path}: line {item.extra['line']}: hr {path}"
+        if file_bands is None:
+            if count < len(self.hr_bands):
+                raise RasterReadError(f"{where}: {count} bands, expected at least {len(self.hr_bands)} "
+                                      f"({', '.join(self.hr_bands)} as its first bands; or name its bands in the "
+                                      f"record's hr_bands)")
+            return list(range(len(self.hr_bands)))
+        if len(file_bands) != count:
+            raise RasterReadError(f"{where}: {count} bands; the record's hr_bands name {len(file_bands)}: "
+                                  f"{list(file_bands)}")
+        return hr_band_indexes(self.name, self.hr_bands, tuple(file_bands), where)
+
     def _load(self, item: Item) -> dict[str, Any]:
         record = item.extra["record"]
         sample: dict[str, Any] = {}
         georef = None
         if "hr" in self.modalities and record.get("hr"):
-            image, dtype = read_image(self._path(record["hr"]), expected_bands=3)
+            path = self._path(record["hr"])
+            image, dtype = read_image(path)
+            image = image[self._hr_index(path, record.get("hr_bands"), image.shape[0], item)]
             bit_depth = record.get("hr_bit_depth", 8 if dtype == "uint8" else None)
             sample["hr"] = torch.from_numpy(hr_to_8bit(image, bit_depth))
         if "s2" in self.modalities and record.get("s2"):
