@@ -87,3 +87,20 @@ def test_pretraining_an_rgbnir_model_trains_its_nir_filter(tmp_path: Path) -> No
     weight = model.hr_encoder.patch_embed.weight
     assert weight.shape[1] == 4
     assert not torch.equal(weight[:, 3], weight[:, 0])  # NIR started as red's copy and learnt on its own
+
+
+def test_shard_command_writes_the_four_bands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from skysense.cli import main
+    from skysense.data.shards import ShardDataset
+
+    root, images = write_rgbn_manifest(tmp_path / "data")
+    assert main(["shard", "--dataset", "manifest", "--data-root", str(root), "--out", str(tmp_path / "shards"),
+                 "--modalities", "hr", "--hr-bands", "R,G,B,NIR", "--no-progress"]) == 0
+    back = {s["id"]: s["hr"] for s in ShardDataset(tmp_path / "shards", shuffle=False)}
+    assert set(back) == set(images)
+    for name, hr in back.items():
+        assert torch.equal(hr.float(), torch.from_numpy(images[name].astype(np.float32)))
+    capsys.readouterr()
+    assert main(["shard", "--dataset", "aid", "--data-root", str(root), "--out", str(tmp_path / "x"),
+                 "--hr-bands", "R,G,B,NIR"]) == 2
+    assert "--hr-bands: aid reads R, G, B only" in capsys.readouterr().err

@@ -6,8 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from skysense.data.datasets import DATASETS, dataset_root
+from skysense.data.datasets import DATASETS, dataset_root, reads_hr_bands
 from skysense.data.shards import write_shards
+from skysense.models.hr_bands import parse_bands
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="samples per tar file (default 256); at least ranks x workers shards are needed")
     parser.add_argument("--modalities", nargs="+", choices=("hr", "s2", "s1"), default=None,
                         help="manifest only: the modalities to read")
+    parser.add_argument("--hr-bands", default=None, metavar="BANDS",
+                        help="the HR bands to write, e.g. R,G,B,NIR for a model with hr_bands (datasets that read "
+                             "other HR bands: " + ", ".join(n for n in sorted(DATASETS) if reads_hr_bands(n)) + ")")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -31,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
         if args.dataset != "manifest":
             raise ValueError(f"--modalities: only the manifest dataset takes it, not {args.dataset}")
         options["modalities"] = tuple(args.modalities)
+    if args.hr_bands is not None:
+        if not reads_hr_bands(args.dataset):
+            raise ValueError(f"--hr-bands: {args.dataset} reads R, G, B only")
+        options["hr_bands"] = parse_bands(args.hr_bands)
     dataset = DATASETS[args.dataset](dataset_root(args.dataset, args.data_root), split=args.split, **options)
     index = write_shards(dataset, args.out, args.samples_per_shard, dataset=args.dataset, split=args.split,
                          progress=not args.no_progress)
