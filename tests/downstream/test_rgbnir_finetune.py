@@ -3,42 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
-import rasterio
-from rasterio.transform import from_origin
 
-from skysense import SkySense
-from skysense.cli import main
-from skysense.data.datasets.isprs import ISPRS_COLOURS
-from skysense.downstream.finetune import build_dataset, check_hr_bands, load_finetuned
-from skysense.downstream.tasks import TaskSpec
-
-
-def _write(path: Path, data: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-                       dtype=data.dtype, crs="EPSG:32633", transform=from_origin(368000.0, 5808000.0, 0.05, 0.05)) as dst:
-        dst.write(data)
-
-
-def potsdam_rgbir(root: Path, size: int = 64) -> None:
-    """Two tiles (train 2_10, val 2_13), RGB and RGBIR as the release has them, whose NIR band
-    alone tells the classes apart."""
-    rng = np.random.default_rng(0)
-    colours = np.array(list(ISPRS_COLOURS), np.uint8)
-    for tile in ("2_10", "2_13"):
-        blocks = rng.integers(0, 6, (size // 8, size // 8))  # a class per 8 x 8 block: not tied to position
-        classes = blocks.repeat(8, 0).repeat(8, 1)
-        rgb = rng.integers(0, 256, (3, size, size), dtype=np.uint8)  # noise: no class information
-        nir = (classes * 40 + 20).astype(np.uint8)[None]
-        _write(root / "4_Ortho_RGBIR" / f"top_potsdam_{tile}_RGBIR.tif", np.concatenate([rgb, nir]))
-        _write(root / "2_Ortho_RGB" / f"top_potsdam_{tile}_RGB.tif", rgb)
-        _write(root / "5_Labels_all_noBoundary" / f"top_potsdam_{tile}_label_noBoundary.tif",
-               colours[classes].transpose(2, 0, 1).copy())
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from nir_band import potsdam_rgbir, train_and_score  # noqa: E402
+from skysense import SkySense  # noqa: E402
+from skysense.cli import main  # noqa: E402
+from skysense.downstream.finetune import build_dataset, check_hr_bands, load_finetuned  # noqa: E402
+from skysense.downstream.tasks import TaskSpec  # noqa: E402
 
 
 def test_finetune_and_evaluate_an_rgbnir_encoder_from_the_command_line(tmp_path: Path, capsys) -> None:
@@ -79,20 +55,11 @@ def test_an_rgbnir_encoder_refuses_datasets_without_nir(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_four_band_encoder_learns_from_nir_alone(tmp_path: Path) -> None:
-    """NIR holds the classes, R, G, B are noise: both encoders fit the training tile, but only
-    the four-band one carries over to the unseen tile (random init, 150 steps each)."""
-    from skysense.downstream.evaluate import evaluate_run
-    from skysense.downstream.finetune import FinetuneConfig, finetune
-
+    """NIR holds the classes, R, G, B are noise (benchmarks/nir_band.py): both encoders fit the
+    training tile, but only the four-band one carries over to the unseen tile (random init,
+    150 steps each)."""
     potsdam_rgbir(tmp_path / "potsdam")
-    scores = {}
-    for name, bands in (("rgb", None), ("rgbnir", ("R", "G", "B", "NIR"))):
-        config = FinetuneConfig(task="segmentation", dataset="potsdam", data_root=str(tmp_path / "potsdam"),
-                                preset="tiny", hr_bands=bands, max_steps=150, batch_size=1, crop_size=64,
-                                decoder_channels=16, train_split="train", eval_split="val", flips=False,
-                                checkpoint_every=1000)
-        config.optim.lr, config.optim.warmup_steps, config.optim.layer_decay = 2e-3, 2, 1.0
-        rows = finetune(config, tmp_path / name, progress=False)
-        assert np.mean([r["loss"] for r in rows[-10:]]) < 0.7  # the training tile is fitted
-        scores[name] = evaluate_run(tmp_path / name, progress=False)["miou"]
-    assert scores["rgbnir"] > max(0.15, 2 * scores["rgb"]), scores
+    scores = {name: train_and_score(tmp_path / "potsdam", tmp_path / name, bands, steps=150)
+              for name, bands in (("rgb", None), ("rgbnir", ("R", "G", "B", "NIR")))}
+    assert all(s["train_loss"] < 0.7 for s in scores.values()), scores  # the training tile is fitted
+    assert scores["rgbnir"]["miou"] > max(0.15, 2 * scores["rgb"]["miou"]), scores
