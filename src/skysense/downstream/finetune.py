@@ -224,7 +224,14 @@ def task_spec(config: FinetuneConfig, dataset: Dataset) -> TaskSpec:
     # A dataset that lists its classes (AID, RESISC-45: one folder per class) decides their number.
     names = tuple(getattr(dataset, "classes", ()) or entry.class_names) if config.task != "change" else entry.class_names
     num_classes = len(names) if names else entry.num_classes
+    if num_classes < 1:
+        raise ValueError(f"{config.dataset}: no class list; give the dataset option classes (dataset_options: "
+                         f"{{classes: [name, ...]}} in the config)")
     first = dataset[0]
+    target = {"classification": "label", "segmentation": "mask"}.get(config.task)
+    if target is not None and target not in first:
+        raise ValueError(f"{config.dataset}: {config.task} needs a {target!r} in every training sample; the first "
+                         f"({first.get('id')}) has none")
     carried = tuple(m for m in ("hr", "s2", "s1") if isinstance(first.get(m), torch.Tensor))
     modalities = config.modalities or carried
     missing = set(modalities) - set(carried)
@@ -232,7 +239,7 @@ def task_spec(config: FinetuneConfig, dataset: Dataset) -> TaskSpec:
         raise ValueError(f"modalities: {config.dataset} samples carry {list(carried)}, not {sorted(missing)}")
     sentinel_size = entry.sentinel_size if config.sentinel_size is None else config.sentinel_size
     return TaskSpec(task=config.task, num_classes=num_classes, modalities=modalities,
-                    multilabel=entry.multilabel, geo_context=config.geo_context,
+                    multilabel=getattr(dataset, "multilabel", entry.multilabel), geo_context=config.geo_context,
                     decoder_channels=config.decoder_channels, semantic_classes=entry.semantic_classes,
                     class_names=names, image_size=config.image_size, class_weights=config.class_weights,
                     sentinel_size=sentinel_size or None, detector=config.detector)

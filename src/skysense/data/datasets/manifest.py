@@ -13,7 +13,8 @@ import torch
 from skysense.config import HR_BANDS, S1_BANDS, S2_BANDS
 from skysense.data.dates import day_of_year, parse_date
 from skysense.data.datasets.base import Item, SampleDataset, hr_band_indexes, scalar
-from skysense.data.rasters import RasterReadError, read_image, read_stacked
+from skysense.data.rasters import RasterReadError, open_raster, read_image, read_stacked
+from skysense.data.sample import IGNORE_INDEX
 from skysense.data.units import hr_to_8bit, s2_to_model_units
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -49,6 +50,19 @@ class ManifestDataset(SampleDataset):
     ``s1_dates``, ``s1_mask``, ``lat``/``lon`` (the record's, else the centre of the first
     georeferenced raster). ``modalities`` limits what is read.
 
+    Targets (fine-tuning on your own places, ``skysense finetune --dataset manifest --task
+    classification|segmentation``), read when the dataset option ``classes`` lists the class
+    names:
+
+    * ``"label"``: the class, as a name of ``classes`` or its index (``label`` () int64); with
+      ``multilabel=True`` a list of them (``label`` (K,) float multi-hot);
+    * ``"mask"``: a one-band integer raster of class indices 0..K-1 on the grid of the first
+      modality (HR, else S2, else S1) or any grid that is a whole scaling of it; ``mask_ignore``
+      (default 255) marks unlabelled pixels (``mask`` (H, W) int64, -1 there).
+
+    Within a split every record has the same targets (a test split may have none), so samples
+    collate; a label outside ``classes`` or a mask value above K-1 is an error naming the record.
+
     Splits: the records' ``split`` among ``train``, ``val``, ``test``.
     """
 
@@ -58,6 +72,7 @@ class ManifestDataset(SampleDataset):
 
     def __init__(self, root: str | Path, split: str | None = None, manifest: str = MANIFEST_NAME,
                  modalities: Sequence[str] = ("hr", "s2", "s1"), hr_bands: Sequence[str] = HR_BANDS,
+                 classes: Sequence[str] | None = None, multilabel: bool = False, mask_ignore: int | None = 255,
                  skip_corrupt: bool = False) -> None:
         if not modalities or set(modalities) - {"hr", "s2", "s1"}:
             raise ValueError(f"{self.name}: modalities: expected a non-empty subset of ('hr', 's2', 's1'), "
@@ -68,7 +83,17 @@ class ManifestDataset(SampleDataset):
         self.bands = {**self.bands, "hr": self.hr_bands}
         self.manifest = manifest
         self.modalities = tuple(modalities)
+        if classes is not None:
+            self.classes = tuple(str(c) for c in classes)
+            if not self.classes or len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"{self.name}: classes: expected distinct class names, got {list(self.classes)}")
+        if multilabel and classes is None:
+            raise ValueError(f"{self.name}: multilabel: needs the class names (classes)")
+        self.multilabel = multilabel
+        self.mask_ignore = mask_ignore
         super().__init__(root, split, skip_corrupt)
+        if classes is not None:
+            self._check_targets()
 
     def _index(self) -> list[Item]:
         path = self.root / self.manifest
@@ -124,6 +149,53 @@ class ManifestDataset(SampleDataset):
             dates.append(day_of_year(date))
         return np.stack(data), dates, first
 
+    def _check_targets(self) -> None:
+        """Every record of a split has the same targets, and ``label`` names a class."""
+        first: dict[str, tuple[str, ...]] = {}
+        for item in self.items:
+            record = item.extra["record"]
+            targets = tuple(k for k in ("label", "mask") if record.get(k) is not None)
+            where = f"{item.path}: line {item.extra['line']}: record {item.id!r}"
+            if first.setdefault(item.split, targets) != targets:
+                raise ValueError(f"{where}: targets {list(targets)}; the first {item.split} record has "
+                                 f"{list(first[item.split])}: every record of a split needs the same")
+            if "label" in targets:
+                self._label(record["label"], where)
+
+    def _class_index(self, value: Any, where: str) -> int:
+        if isinstance(value, str) and value in self.classes:
+            return self.classes.index(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.classes):
+            return value
+        raise ValueError(f"{where}: label {value!r}: expected one of {list(self.classes)} or an index 0.."
+                         f"{len(self.classes) - 1}")
+
+    def _label(self, value: Any, where: str) -> torch.Tensor:
+        """A record's ``label``: () int64 class index, or (K,) float multi-hot with ``multilabel``."""
+        if not self.multilabel:
+            return torch.tensor(self._class_index(value, where), dtype=torch.int64)
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: label {value!r}: expected a list of classes (multilabel)")
+        hot = torch.zeros(len(self.classes))
+        for v in value:
+            hot[self._class_index(v, where)] = 1.0
+        return hot
+
+    def _mask(self, path: Path, where: str) -> torch.Tensor:
+        """A record's ``mask`` raster as (H, W) int64 class indices, -1 where ``mask_ignore``."""
+        data, _ = read_image(path, expected_bands=1)
+        values = data[0]
+        if not np.issubdtype(values.dtype, np.integer):
+            raise RasterReadError(f"{where}: mask {path}: {values.dtype} values; expected integer class indices")
+        mask = values.astype(np.int64)
+        if self.mask_ignore is not None:
+            mask[values == self.mask_ignore] = IGNORE_INDEX
+        bad = np.unique(mask[(mask != IGNORE_INDEX) & ((mask < 0) | (mask >= len(self.classes)))])
+        if bad.size:
+            raise ValueError(f"{where}: mask {path}: values {bad[:10].tolist()} outside 0..{len(self.classes) - 1} "
+                             f"(classes {list(self.classes)}; unlabelled: {self.mask_ignore})")
+        return torch.from_numpy(mask)
+
     def _hr_index(self, path: Path, file_bands: Sequence[str] | None, count: int, item: Item) -> list[int]:
         """Which of the HR file's ``count`` bands are ``hr_bands``, in order."""
         where = f"{item.path}: line {item.extra['line']}: hr {path}"
@@ -141,10 +213,12 @@ class ManifestDataset(SampleDataset):
     def _load(self, item: Item) -> dict[str, Any]:
         record = item.extra["record"]
         sample: dict[str, Any] = {}
-        georef = None
+        georef = hr_georef = None
         if "hr" in self.modalities and record.get("hr"):
             path = self._path(record["hr"])
             image, dtype = read_image(path)
+            with open_raster(path) as src:
+                hr_georef = (src.crs, src.transform) if src.crs is not None else None
             image = image[self._hr_index(path, record.get("hr_bands"), image.shape[0], item)]
             bit_depth = record.get("hr_bit_depth", 8 if dtype == "uint8" else None)
             sample["hr"] = torch.from_numpy(hr_to_8bit(image, bit_depth))
@@ -158,6 +232,16 @@ class ManifestDataset(SampleDataset):
             georef = georef or s1_first
             sample.update(s1=torch.from_numpy(data), s1_dates=torch.tensor(dates, dtype=torch.int64),
                           s1_mask=torch.ones(len(dates), dtype=torch.bool))
+        reference = hr_georef if sample.get("hr") is not None else (
+            (georef.crs, georef.transform) if georef is not None and georef.crs is not None else None)
+        if reference is not None:  # the grid of the first modality: predictions keep it
+            sample["crs"], sample["transform"] = reference
+        if getattr(self, "classes", None) is not None:
+            where = f"{item.path}: line {item.extra['line']}: record {item.id!r}"
+            if record.get("label") is not None:
+                sample["label"] = self._label(record["label"], where)
+            if record.get("mask") is not None:
+                sample["mask"] = self._mask(self._path(record["mask"]), where)
         if "lat" in record and "lon" in record:
             sample["lat"], sample["lon"] = scalar(record["lat"]), scalar(record["lon"])
         elif georef is not None and georef.crs is not None:

@@ -1,0 +1,166 @@
+"""Fine-tuning on your own places: a manifest with labels (classification) or masks (segmentation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import yaml
+from rasterio.transform import from_origin
+
+from skysense.cli import main
+from skysense.data.datasets import ManifestDataset
+from skysense.data.sample import collate
+
+CLASSES = ["cropland", "forest", "water"]
+ORIGIN = (690000.0, 5340000.0)
+
+
+def _tif(path: Path, data: np.ndarray, res: float) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                       dtype=data.dtype, crs="EPSG:32632", transform=from_origin(*ORIGIN, res, res)) as dst:
+        dst.write(data)
+    return str(path)
+
+
+def write_labelled_manifest(root: Path, modalities: tuple[str, ...] = ("hr", "s2", "s1"), side: int = 4,
+                            masks: bool = False) -> list[dict]:
+    """Six places (4 train, 2 val): HR of 32 * ``side`` px, 2-3 S2 and 1-2 S1 frames of ``side`` px;
+    a class per place whose S2 bands are brighter with the class index; with ``masks`` a mask of
+    class indices on the S2 grid (255 on the first row: unlabelled)."""
+    rng = np.random.default_rng(0)
+    records = []
+    for p in range(6):
+        label = p % 3
+        record = {"id": f"place-{p}", "split": "train" if p < 4 else "val", "lat": 46.0 + p, "lon": 8.0,
+                  "label": CLASSES[label] if p % 2 else label}
+        if "hr" in modalities:
+            hr = rng.integers(0, 256, (3, 32 * side, 32 * side), dtype=np.uint8)
+            record["hr"] = _tif(root / "hr" / f"{p}.tif", hr, 10.0 / 32)
+        if "s2" in modalities:
+            record["s2"] = []
+            for t in range(2 + p % 2):
+                s2 = (rng.integers(300, 600, (10, side, side)) + 1000 * label).astype(np.uint16)
+                record["s2"].append({"path": _tif(root / "s2" / f"{p}_{t}.tif", s2, 10.0),
+                                     "date": f"2021-0{t + 4}-1{p}"})
+        if "s1" in modalities:
+            record["s1"] = [{"path": _tif(root / "s1" / f"{p}_{t}.tif",
+                                          rng.uniform(-22, -4, (2, side, side)).astype(np.float32), 10.0),
+                             "date": f"2021-0{t + 5}-0{p + 1}"} for t in range(1 + p % 2)]
+        if masks:
+            mask = np.full((1, side, side), label, np.uint8)
+            mask[0, 0] = 255
+            record["mask"] = _tif(root / "masks" / f"{p}.tif", mask, 10.0)
+        records.append(record)
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def test_labels_masks_and_georeference(tmp_path: Path) -> None:
+    write_labelled_manifest(tmp_path, modalities=("s2",), side=8, masks=True)
+    ds = ManifestDataset(tmp_path, modalities=("s2",), classes=CLASSES)
+    samples = [ds[i] for i in range(len(ds))]
+    assert [int(s["label"]) for s in samples] == [0, 1, 2, 0, 1, 2]  # indices and names alike
+    mask = samples[1]["mask"]
+    assert mask.shape == (8, 8) and mask.dtype == torch.int64
+    assert (mask[0] == -1).all() and (mask[1:] == 1).all()
+    assert samples[0]["crs"].to_epsg() == 32632 and samples[0]["transform"].c == ORIGIN[0]
+    batch = collate(samples[:2])
+    assert batch["label"].tolist() == [0, 1] and batch["mask"].shape == (2, 8, 8)
+    assert "label" not in ManifestDataset(tmp_path, modalities=("s2",))[0]  # no classes: no targets read
+    hot = ManifestDataset.__new__(ManifestDataset)
+    hot.classes, hot.multilabel = tuple(CLASSES), True
+    assert hot._label(["water", 0], "x").tolist() == [1.0, 0.0, 1.0]
+
+
+def test_bad_labels_and_masks_name_the_record(tmp_path: Path) -> None:
+    records = write_labelled_manifest(tmp_path, modalities=("s2",), side=8, masks=True)
+    manifest = tmp_path / "manifest.jsonl"
+
+    def rewrite(index: int, **changes: object) -> None:
+        edited = [dict(r) for r in records]
+        edited[index].update(changes)
+        for key in [k for k, v in changes.items() if v is None]:
+            del edited[index][key]
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in edited))
+
+    rewrite(2, label="desert")
+    with pytest.raises(ValueError, match=r"line 3: record 'place-2': label 'desert': expected one of "
+                                         r"\['cropland', 'forest', 'water'\] or an index 0..2"):
+        ManifestDataset(tmp_path, classes=CLASSES)
+    rewrite(3, label=None)
+    with pytest.raises(ValueError, match=r"record 'place-3': targets \['mask'\]; the first train record has "
+                                         r"\['label', 'mask'\]"):
+        ManifestDataset(tmp_path, classes=CLASSES)
+    bad = np.full((1, 8, 8), 7, np.uint8)
+    rewrite(0, mask=_tif(tmp_path / "masks" / "bad.tif", bad, 10.0))
+    ds = ManifestDataset(tmp_path, modalities=("s2",), classes=CLASSES)
+    with pytest.raises(ValueError, match=r"record 'place-0': mask .*bad.tif: values \[7\] outside 0..2"):
+        ds.load(0)
+    with pytest.raises(ValueError, match="multilabel: needs the class names"):
+        ManifestDataset(tmp_path, multilabel=True)
+    with pytest.raises(ValueError, match=r"classes: expected distinct class names, got \['a', 'a'\]"):
+        ManifestDataset(tmp_path, classes=["a", "a"])
+
+
+def _config(tmp_path: Path, task: str, modalities: list[str], **extra: object) -> Path:
+    config = {"task": task, "dataset": "manifest", "data_root": str(tmp_path / "data"), "preset": "tiny",
+              "dataset_options": {"modalities": modalities, "classes": CLASSES}, "batch_size": 2, "max_steps": 2,
+              "num_threads": 1, "decoder_channels": 8, **extra}
+    path = tmp_path / f"{task}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_classification_on_hr_s2_s1_time_series(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_labelled_manifest(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["finetune", "--config", str(_config(tmp_path, "classification", ["hr", "s2", "s1"])),
+                 "--out", str(out), "--geo-context", "--evaluate", "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dataset"] == "manifest" and report["split"] == "val" and report["samples"] == 2
+    assert 0.0 <= report["oa"] <= 1.0
+    task = json.loads((out / "task.json").read_text())
+    assert task["spec"]["class_names"] == CLASSES and task["spec"]["num_classes"] == 3
+    assert task["spec"]["modalities"] == ["hr", "s2", "s1"] and task["spec"]["geo_context"]
+
+
+def test_segmentation_on_s2_with_georeferenced_predictions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_labelled_manifest(tmp_path / "data", modalities=("s2",), side=16, masks=True)
+    out, predictions = tmp_path / "run", tmp_path / "predictions"
+    assert main(["finetune", "--config", str(_config(tmp_path, "segmentation", ["s2"], crop_size=16)),
+                 "--out", str(out), "--evaluate", "--json", "--predictions", str(predictions), "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split"] == "val" and set(report["iou_per_class"]) == set(CLASSES)
+    written = sorted(predictions.rglob("*.tif"))
+    assert len(written) == 2
+    with rasterio.open(written[0]) as src:
+        assert src.crs.to_epsg() == 32632 and src.transform.c == ORIGIN[0] and src.shape == (16, 16)
+
+
+def test_a_manifest_without_classes_or_targets_is_refused(tmp_path: Path) -> None:
+    write_labelled_manifest(tmp_path / "data", modalities=("s2",), side=8)
+    config = _config(tmp_path, "segmentation", ["s2"], crop_size=8)
+    data = yaml.safe_load(config.read_text())
+    with pytest.raises(ValueError, match=r"manifest: segmentation needs a 'mask' in every training sample; the "
+                                         r"first \(place-0\) has none"):
+        from skysense.downstream.finetune import FinetuneConfig, finetune
+        finetune(FinetuneConfig.from_dict(data), tmp_path / "a", progress=False)
+    del data["dataset_options"]["classes"]
+    with pytest.raises(ValueError, match=r"manifest: no class list; give the dataset option classes"):
+        finetune(FinetuneConfig.from_dict(data), tmp_path / "b", progress=False)
+
+
+def test_the_example_config_reads(tmp_path: Path) -> None:
+    from skysense.downstream.finetune import FinetuneConfig
+
+    config = FinetuneConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs/finetune/manifest-example.yaml")
+    assert config.dataset == "manifest" and config.task == "classification"
+    write_labelled_manifest(tmp_path)
+    options = {**config.dataset_options, "classes": CLASSES}
+    assert int(ManifestDataset(tmp_path, **options)[1]["label"]) == 1
