@@ -164,3 +164,19 @@ def test_the_example_config_reads(tmp_path: Path) -> None:
     write_labelled_manifest(tmp_path)
     options = {**config.dataset_options, "classes": CLASSES}
     assert int(ManifestDataset(tmp_path, **options)[1]["label"]) == 1
+
+
+def test_multilabel_classification_is_scored_by_map(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    records = write_labelled_manifest(tmp_path / "data", modalities=("s2",))
+    for r in records:  # every place: its own class and water
+        r["label"] = sorted({CLASSES[int(r["id"][-1]) % 3], "water"})
+    (tmp_path / "data" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = _config(tmp_path, "classification", ["s2"])
+    data = yaml.safe_load(config.read_text())
+    data["dataset_options"]["multilabel"] = True
+    config.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    assert main(["finetune", "--config", str(config), "--out", str(out), "--evaluate", "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.0 <= report["map"] <= 1.0 and "oa" not in report
+    assert json.loads((out / "task.json").read_text())["spec"]["multilabel"] is True
