@@ -180,3 +180,56 @@ def test_multilabel_classification_is_scored_by_map(tmp_path: Path, capsys: pyte
     report = json.loads(capsys.readouterr().out)
     assert 0.0 <= report["map"] <= 1.0 and "oa" not in report
     assert json.loads((out / "task.json").read_text())["spec"]["multilabel"] is True
+
+
+def write_change_manifest(root: Path, side: int = 4) -> list[dict]:
+    """Six places (4 train, 2 val), each an HR pair of 32 * ``side`` px, two S2 frames of
+    ``side`` px and a change map on the HR grid: the after image is brighter where it changed."""
+    rng = np.random.default_rng(1)
+    records = []
+    for p in range(6):
+        before = rng.integers(0, 200, (3, 32 * side, 32 * side), dtype=np.uint8)
+        change = np.zeros((1, 32 * side, 32 * side), np.uint8)
+        change[0, : 16 * side] = 1
+        change[0, -1] = 255
+        after = before.copy()
+        after[:, change[0] == 1] += 50
+        records.append({
+            "id": f"pair-{p}", "split": "train" if p < 4 else "val",
+            "hr": _tif(root / "hr" / f"{p}_a.tif", before, 10.0 / 32),
+            "hr_post": _tif(root / "hr" / f"{p}_b.tif", after, 10.0 / 32),
+            "s2": [{"path": _tif(root / "s2" / f"{p}_{t}.tif",
+                                 rng.integers(300, 3000, (10, side, side)).astype(np.uint16), 10.0),
+                    "date": f"202{t}-06-01"} for t in range(2)],
+            "change": _tif(root / "change" / f"{p}.tif", change, 10.0 / 32),
+        })
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def test_change_detection_on_hr_pairs_and_two_s2_dates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    records = write_change_manifest(tmp_path / "data")
+    sample = ManifestDataset(tmp_path / "data")[0]
+    assert sample["hr_post"].shape == sample["hr"].shape == (3, 128, 128) and sample["s2"].shape[0] == 2
+    assert sample["change"].dtype == torch.int64 and set(sample["change"].unique().tolist()) == {-1, 0, 1}
+    config = {"task": "change", "dataset": "manifest", "data_root": str(tmp_path / "data"), "preset": "tiny",
+              "dataset_options": {"modalities": ["hr", "s2"]}, "batch_size": 2, "max_steps": 2, "crop_size": 128,
+              "num_threads": 1, "decoder_channels": 8}
+    path = tmp_path / "change.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["finetune", "--config", str(path), "--out", str(tmp_path / "run"), "--evaluate", "--json",
+                 "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split"] == "val" and report["samples"] == 2 and 0.0 <= report["f1"] <= 1.0
+    # errors name the record
+    records[3]["change"] = _tif(tmp_path / "data" / "change" / "bad.tif", np.full((1, 128, 128), 2, np.uint8), 10.0 / 32)
+    del records[4]["hr_post"]
+    manifest = tmp_path / "data" / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match=r"line 5: record 'pair-4': every record or none must have an hr_post"):
+        ManifestDataset(tmp_path / "data")
+    records[4]["hr_post"] = records[4]["hr"]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match=r"record 'pair-3': change .*bad.tif: values \[2\] outside 0..1 \(0 no_change, "
+                                         r"1 change; unlabelled: 255\)"):
+        ManifestDataset(tmp_path / "data").load(3)

@@ -229,6 +229,8 @@ def task_spec(config: FinetuneConfig, dataset: Dataset) -> TaskSpec:
                          f"{{classes: [name, ...]}} in the config)")
     first = dataset[0]
     target = {"classification": "label", "segmentation": "mask"}.get(config.task)
+    if config.task == "change" and not {"change", "mask"} & set(first):
+        target = "change"
     if target is not None and target not in first:
         raise ValueError(f"{config.dataset}: {config.task} needs a {target!r} in every training sample; the first "
                          f"({first.get('id')}) has none")

@@ -104,9 +104,11 @@ REGISTRY: dict[tuple[str, str], DownstreamDataset] = {
     ("dota", "oriented_detection"): DownstreamDataset("oriented_detection", len(DOTA_CLASSES["1.0"]), "map50",
                                                       DOTA_CLASSES["1.0"], eval_split="val", crop_size=1024),
     # Your own places (ManifestDataset with the option classes: [...]; multilabel: true for
-    # multi-hot labels): the classes and the number of them come from the dataset.
+    # multi-hot labels): the classes and the number of them come from the dataset; change maps
+    # need no classes.
     ("manifest", "classification"): DownstreamDataset("classification", 0, "oa", eval_split="val"),
     ("manifest", "segmentation"): DownstreamDataset("segmentation", 0, "miou", eval_split="val"),
+    ("manifest", "change"): DownstreamDataset("change", 2, "f1", CHANGE_CLASSES, eval_split="val"),
     ("dynamic_earthnet", "change"): DownstreamDataset("change", 2, "scs", CHANGE_CLASSES,
                                                       semantic_classes=len(DYNAMIC_EARTHNET_CLASSES),
                                                       eval_split="val", options={"task": "change"}),

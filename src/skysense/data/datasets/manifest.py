@@ -18,6 +18,8 @@ from skysense.data.sample import IGNORE_INDEX
 from skysense.data.units import hr_to_8bit, s2_to_model_units
 
 MANIFEST_NAME = "manifest.jsonl"
+CHANGE_VALUES = ("no_change", "change")
+"""What the values 0 and 1 of a record's ``change`` raster mean."""
 
 
 class ManifestDataset(SampleDataset):
@@ -60,6 +62,11 @@ class ManifestDataset(SampleDataset):
       modality (HR, else S2, else S1) or any grid that is a whole scaling of it; ``mask_ignore``
       (default 255) marks unlabelled pixels (``mask`` (H, W) int64, -1 there).
 
+    Change detection (``--task change``) needs no ``classes``: each record has two dates of one
+    place, as ``"hr"`` and ``"hr_post"`` (the HR image after, read like ``hr``, the same size)
+    and/or S2 / S1 series of exactly two frames (before, after), and ``"change"``: a one-band raster,
+    1 changed, 0 unchanged, ``mask_ignore`` unlabelled (``change`` (H, W) int64, -1 there).
+
     Within a split every record has the same targets (a test split may have none), so samples
     collate; a label outside ``classes`` or a mask value above K-1 is an error naming the record.
 
@@ -92,8 +99,7 @@ class ManifestDataset(SampleDataset):
         self.multilabel = multilabel
         self.mask_ignore = mask_ignore
         super().__init__(root, split, skip_corrupt)
-        if classes is not None:
-            self._check_targets()
+        self._check_targets()
 
     def _index(self) -> list[Item]:
         path = self.root / self.manifest
@@ -116,6 +122,12 @@ class ManifestDataset(SampleDataset):
                 raise ValueError(f"{path}: line {number}: record {record['id']!r} has modalities {has}, the first "
                                  f"record {present}; every record must list the same ones")
             present = has
+            if bool(record.get("hr_post")) != bool(items[0].extra["record"].get("hr_post") if items
+                                                     else record.get("hr_post")):
+                raise ValueError(f"{path}: line {number}: record {record['id']!r}: every record or none must "
+                                 "have an hr_post image (the HR image after, for change detection)")
+            if record.get("hr_post") and not record.get("hr"):
+                raise ValueError(f"{path}: line {number}: record {record['id']!r} has hr_post but no hr")
             split = record.get("split", "train")
             if split not in self.splits:
                 raise ValueError(f"{path}: line {number}: split {split!r}; expected one of {self.splits}")
@@ -152,9 +164,10 @@ class ManifestDataset(SampleDataset):
     def _check_targets(self) -> None:
         """Every record of a split has the same targets, and ``label`` names a class."""
         first: dict[str, tuple[str, ...]] = {}
+        read = ("label", "mask", "change") if getattr(self, "classes", None) is not None else ("change",)
         for item in self.items:
             record = item.extra["record"]
-            targets = tuple(k for k in ("label", "mask") if record.get(k) is not None)
+            targets = tuple(k for k in read if record.get(k) is not None)
             where = f"{item.path}: line {item.extra['line']}: record {item.id!r}"
             if first.setdefault(item.split, targets) != targets:
                 raise ValueError(f"{where}: targets {list(targets)}; the first {item.split} record has "
@@ -181,20 +194,31 @@ class ManifestDataset(SampleDataset):
             hot[self._class_index(v, where)] = 1.0
         return hot
 
-    def _mask(self, path: Path, where: str) -> torch.Tensor:
-        """A record's ``mask`` raster as (H, W) int64 class indices, -1 where ``mask_ignore``."""
+    def _mask(self, path: Path, where: str, classes: Sequence[str], key: str = "mask") -> torch.Tensor:
+        """A record's ``mask`` (or ``change``) raster as (H, W) int64 indices of ``classes``, -1
+        where ``mask_ignore``."""
         data, _ = read_image(path, expected_bands=1)
         values = data[0]
         if not np.issubdtype(values.dtype, np.integer):
-            raise RasterReadError(f"{where}: mask {path}: {values.dtype} values; expected integer class indices")
+            raise RasterReadError(f"{where}: {key} {path}: {values.dtype} values; expected integer class indices")
         mask = values.astype(np.int64)
         if self.mask_ignore is not None:
             mask[values == self.mask_ignore] = IGNORE_INDEX
-        bad = np.unique(mask[(mask != IGNORE_INDEX) & ((mask < 0) | (mask >= len(self.classes)))])
+        bad = np.unique(mask[(mask != IGNORE_INDEX) & ((mask < 0) | (mask >= len(classes)))])
         if bad.size:
-            raise ValueError(f"{where}: mask {path}: values {bad[:10].tolist()} outside 0..{len(self.classes) - 1} "
-                             f"(classes {list(self.classes)}; unlabelled: {self.mask_ignore})")
+            raise ValueError(f"{where}: {key} {path}: values {bad[:10].tolist()} outside 0..{len(classes) - 1} "
+                             f"({', '.join(f'{i} {c}' for i, c in enumerate(classes))}; unlabelled: "
+                             f"{self.mask_ignore})")
         return torch.from_numpy(mask)
+
+    def _hr(self, path: Path, record: dict[str, Any], item: Item) -> tuple[torch.Tensor, Any]:
+        """An HR raster of a record: (C, H, W) on the 0-255 scale, and its (crs, transform) or None."""
+        image, dtype = read_image(path)
+        with open_raster(path) as src:
+            georef = (src.crs, src.transform) if src.crs is not None else None
+        image = image[self._hr_index(path, record.get("hr_bands"), image.shape[0], item)]
+        bit_depth = record.get("hr_bit_depth", 8 if dtype == "uint8" else None)
+        return torch.from_numpy(hr_to_8bit(image, bit_depth)), georef
 
     def _hr_index(self, path: Path, file_bands: Sequence[str] | None, count: int, item: Item) -> list[int]:
         """Which of the HR file's ``count`` bands are ``hr_bands``, in order."""
@@ -215,13 +239,14 @@ class ManifestDataset(SampleDataset):
         sample: dict[str, Any] = {}
         georef = hr_georef = None
         if "hr" in self.modalities and record.get("hr"):
-            path = self._path(record["hr"])
-            image, dtype = read_image(path)
-            with open_raster(path) as src:
-                hr_georef = (src.crs, src.transform) if src.crs is not None else None
-            image = image[self._hr_index(path, record.get("hr_bands"), image.shape[0], item)]
-            bit_depth = record.get("hr_bit_depth", 8 if dtype == "uint8" else None)
-            sample["hr"] = torch.from_numpy(hr_to_8bit(image, bit_depth))
+            sample["hr"], hr_georef = self._hr(self._path(record["hr"]), record, item)
+            if record.get("hr_post"):
+                post = self._path(record["hr_post"])
+                sample["hr_post"], _ = self._hr(post, record, item)
+                if sample["hr_post"].shape != sample["hr"].shape:
+                    raise RasterReadError(f"{item.path}: line {item.extra['line']}: hr_post {post}: size "
+                                          f"{tuple(sample['hr_post'].shape[-2:])} differs from hr "
+                                          f"{tuple(sample['hr'].shape[-2:])}")
         if "s2" in self.modalities and record.get("s2"):
             data, dates, georef = self._series(item, "s2", record.get("s2_bands", S2_BANDS), S2_BANDS)
             data = s2_to_model_units(data, record.get("s2_level", "L2A"), offset=float(record.get("s2_offset", 0.0)))
@@ -236,12 +261,14 @@ class ManifestDataset(SampleDataset):
             (georef.crs, georef.transform) if georef is not None and georef.crs is not None else None)
         if reference is not None:  # the grid of the first modality: predictions keep it
             sample["crs"], sample["transform"] = reference
+        where = f"{item.path}: line {item.extra['line']}: record {item.id!r}"
         if getattr(self, "classes", None) is not None:
-            where = f"{item.path}: line {item.extra['line']}: record {item.id!r}"
             if record.get("label") is not None:
                 sample["label"] = self._label(record["label"], where)
             if record.get("mask") is not None:
-                sample["mask"] = self._mask(self._path(record["mask"]), where)
+                sample["mask"] = self._mask(self._path(record["mask"]), where, self.classes)
+        if record.get("change") is not None:
+            sample["change"] = self._mask(self._path(record["change"]), where, CHANGE_VALUES, "change")
         if "lat" in record and "lon" in record:
             sample["lat"], sample["lon"] = scalar(record["lat"]), scalar(record["lon"])
         elif georef is not None and georef.crs is not None:
