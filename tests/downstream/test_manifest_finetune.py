@@ -233,3 +233,19 @@ def test_change_detection_on_hr_pairs_and_two_s2_dates(tmp_path: Path, capsys: p
     with pytest.raises(ValueError, match=r"record 'pair-3': change .*bad.tif: values \[2\] outside 0..1 \(0 no_change, "
                                          r"1 change; unlabelled: 255\)"):
         ManifestDataset(tmp_path / "data").load(3)
+
+
+def test_dataset_options_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_labelled_manifest(tmp_path / "data", modalities=("s2",))
+    assert main(["datasets", "check", "manifest", "--data-root", str(tmp_path / "data"), "--json",
+                 "--option", "classes=[cropland, forest, water]", "--option", "modalities=[s2]"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["labels"] == {"train": {"cropland": 2, "forest": 1, "water": 1}, "val": {"forest": 1, "water": 1}}
+    assert not report["errors"]
+    assert main(["finetune", "--task", "classification", "--dataset", "manifest", "--data-root",
+                 str(tmp_path / "data"), "--option", "classes=[cropland, forest, water]", "--preset", "tiny",
+                 "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--threads", "1",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "task.json").read_text())["dataset_options"]["classes"] == CLASSES
+    assert main(["datasets", "check", "manifest", "--data-root", str(tmp_path / "data"), "--option", "classes"]) == 2
+    assert "--option 'classes': expected KEY=VALUE" in capsys.readouterr().err

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+import yaml
 
 
 def add_device_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
@@ -17,3 +20,24 @@ def add_hr_bands_argument(parser: argparse.ArgumentParser, note: str = "") -> No
     parser.add_argument("--with-hr-bands", default=None, metavar="BANDS",
                         help="make the HR encoder take these bands, e.g. R,G,B,NIR: a new band starts from a "
                              "copy of a filter (NIR: red's, as the authors do) and red's normalisation" + note)
+
+
+def add_dataset_option_argument(parser: argparse.ArgumentParser) -> None:
+    """``--option KEY=VALUE`` (repeatable): a keyword argument of the dataset class, the value
+    read as YAML (``--option classes=[cropland,forest]``, ``--option multilabel=true``)."""
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="dataset_option",
+                        help="a dataset option, the value in YAML, e.g. classes=[cropland,forest] (repeatable)")
+
+
+def parse_dataset_options(items: list[str]) -> dict[str, Any]:
+    """``["classes=[a,b]", "multilabel=true"]`` -> ``{"classes": ["a", "b"], "multilabel": True}``."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE, e.g. classes=[cropland,forest]")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--option {item!r}: the value is not YAML ({error})") from None
+    return options

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from skysense.commands import add_dataset_option_argument, parse_dataset_options
 from skysense.data.datasets import DATASETS, dataset_root
 
 
@@ -24,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--data-root", type=Path, default=None,
                        help="the dataset folder (default: $SKYSENSE_DATA/<usual sub-folder>)")
     check.add_argument("--limit", type=int, default=None, help="read at most this many samples")
+    add_dataset_option_argument(check)
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(run=run_check)
 
@@ -43,9 +45,13 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_dataset(name: str, root: Path, limit: int | None = None) -> dict[str, Any]:
-    """Read every sample of a dataset; a report of counts per split, shapes, dates and errors by file."""
-    dataset = DATASETS[name](root)
+def check_dataset(name: str, root: Path, limit: int | None = None,
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read every sample of a dataset (built with ``options``); a report of counts per split,
+    shapes, dates, class counts of single labels and errors by file."""
+    dataset = DATASETS[name](root, **(options or {}))
+    classes = tuple(getattr(dataset, "classes", ()) or ())
+    labels: dict[str, Counter] = defaultdict(Counter)
     sizes: dict[str, Counter] = defaultdict(Counter)
     dates: dict[str, set[int]] = defaultdict(set)
     read: Counter = Counter()
@@ -59,6 +65,10 @@ def check_dataset(name: str, root: Path, limit: int | None = None) -> dict[str, 
             errors.append({"id": item.id, "path": str(item.path), "error": str(error)})
             continue
         read[item.split] += 1
+        label = sample.get("label")
+        if isinstance(label, torch.Tensor) and label.ndim == 0:
+            index = int(label)
+            labels[item.split][classes[index] if index < len(classes) else str(index)] += 1
         for key, value in sample.items():
             if isinstance(value, torch.Tensor) and value.ndim >= 1 and not key.endswith(("_dates", "_mask")):
                 sizes[key][str(tuple(value.shape))] += 1
@@ -73,13 +83,14 @@ def check_dataset(name: str, root: Path, limit: int | None = None) -> dict[str, 
         "bands": {m: list(b) for m, b in dataset.bands.items()},
         "sizes": {k: dict(v) for k, v in sorted(sizes.items())},
         "days_of_year": {k: sorted(v) for k, v in sorted(dates.items())},
+        "labels": {split: dict(sorted(counts.items())) for split, counts in sorted(labels.items())},
         "errors": errors,
     }
 
 
 def run_check(args: argparse.Namespace) -> int:
     root = dataset_root(args.name, args.data_root)
-    report = check_dataset(args.name, root, args.limit)
+    report = check_dataset(args.name, root, args.limit, parse_dataset_options(args.dataset_option))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -91,6 +102,8 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"  {key} shapes: " + ", ".join(f"{s} x{n}" for s, n in shapes.items()))
         for key, days in report["days_of_year"].items():
             print(f"  {key} days of year seen: {days}")
+        for split, counts in report["labels"].items():
+            print(f"  {split} labels: " + ", ".join(f"{c} x{n}" for c, n in counts.items()))
         print(f"  errors: {len(report['errors'])}")
         for error in report["errors"]:
             print(f"    {error['path']}: {error['error']}")

@@ -14,7 +14,8 @@ import json
 import time
 from pathlib import Path
 
-from skysense.commands import add_device_argument, add_hr_bands_argument
+from skysense.commands import (add_dataset_option_argument, add_device_argument, add_hr_bands_argument,
+                               parse_dataset_options)
 from skysense.config import PRESETS
 from skysense.downstream.finetune import FinetuneConfig, finetune
 from skysense.downstream.tasks import DETECTORS, TASKS
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--task", choices=TASKS, default=None, help="required unless the config sets it")
     parser.add_argument("--dataset", default=None, help="dataset name (skysense datasets list); required unless in the config")
     parser.add_argument("--data-root", default=None, help="dataset folder (default: $SKYSENSE_DATA/<usual sub-folder>)")
+    add_dataset_option_argument(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", default=None, help="pretrained encoder: a folder written by save_pretrained")
     source.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -108,6 +110,8 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
         data.pop("preset", None)
     elif args.preset is not None:
         data["weights"] = None
+    if args.dataset_option:
+        data["dataset_options"] = {**data.get("dataset_options", {}), **parse_dataset_options(args.dataset_option)}
     if args.with_hr_bands is not None:
         data["hr_bands"] = list(parse_bands(args.with_hr_bands))
     if args.modalities is not None:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from skysense.commands import add_dataset_option_argument, parse_dataset_options
 from skysense.data.datasets import DATASETS, dataset_root, reads_hr_bands
 from skysense.data.shards import write_shards
 from skysense.models.hr_bands import parse_bands
@@ -25,12 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--hr-bands", default=None, metavar="BANDS",
                         help="the HR bands to write, e.g. R,G,B,NIR for a model with hr_bands (datasets that read "
                              "other HR bands: " + ", ".join(n for n in sorted(DATASETS) if reads_hr_bands(n)) + ")")
+    add_dataset_option_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    options = {}
+    options = parse_dataset_options(args.dataset_option)
     if args.modalities is not None:
         if args.dataset != "manifest":
             raise ValueError(f"--modalities: only the manifest dataset takes it, not {args.dataset}")
