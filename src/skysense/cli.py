@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "skysense.commands.evaluate",
     "skysense.commands.finetune",
     "skysense.commands.embed",
+    "skysense.commands.predict",
     "skysense.commands.export",
 )
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from skysense.commands import add_device_argument, add_hr_bands_argument
-from skysense.config import PRESETS
+from skysense.config import PRESETS, SkySenseConfig
 from skysense.data.dates import parse_date
 from skysense.devices import resolve_device
 from skysense.inference.embed import LEVELS, EmbedOptions, embed_scene
@@ -30,6 +30,37 @@ from skysense.models.hr_bands import parse_bands
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("embed", help="embed a whole scene (HR, S2, S1 rasters) into a COG or Zarr")
+    add_scene_arguments(parser)
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--weights", type=Path, help="a folder written by save_pretrained")
+    model.add_argument("--preset", choices=sorted(PRESETS), help="a randomly initialised preset (torch.manual_seed(--seed))")
+    parser.add_argument("--seed", type=int, default=0)
+    add_hr_bands_argument(parser)
+    parser.add_argument("--level", choices=LEVELS, default="fused")
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how a scene-wide run writes (:class:`EmbedOptions` and the device), for
+    ``embed`` and ``predict``."""
+    parser.add_argument("--out", type=Path, required=True, help="output .tif (cog) or folder (zarr)")
+    parser.add_argument("--format", choices=FORMATS, default=None, help="default: zarr for a .zarr path, else cog")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--window", type=int, default=64, help="window side in fusion-grid pixels (default 64)")
+    parser.add_argument("--overlap", type=int, default=16, help="overlap of windows in fusion-grid pixels (default 16)")
+    parser.add_argument("--block", type=int, default=256, help="output block side in output pixels (default 256)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    add_device_argument(parser)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-preview", action="store_true", help="do not write <out>.preview.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output left by a finished run")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the run's report as JSON")
+
+
+def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scene's inputs (``--hr``, ``--s2``, ``--s1`` and how to read them), as :func:`build_scene` takes them."""
     inputs = parser.add_argument_group("inputs (at least one)")
     inputs.add_argument("--hr", type=Path, help="HR GeoTIFF, the model's bands (R, G, B) as its first bands")
     inputs.add_argument("--hr-bands", help="band order of the HR file when it is not the model's, e.g. NIR,R,G,B")
@@ -48,26 +79,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inputs.add_argument("--s2-level", choices=("L2A", "L1C"), default="L2A")
     inputs.add_argument("--s1-units", choices=("db", "linear"), default="db")
     inputs.add_argument("--hr-bit-depth", type=int, default=None, help="bits of HR data stored in 16-bit files")
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--weights", type=Path, help="a folder written by save_pretrained")
-    model.add_argument("--preset", choices=sorted(PRESETS), help="a randomly initialised preset (torch.manual_seed(--seed))")
-    parser.add_argument("--seed", type=int, default=0)
-    add_hr_bands_argument(parser)
-    parser.add_argument("--out", type=Path, required=True, help="output .tif (cog) or folder (zarr)")
-    parser.add_argument("--format", choices=FORMATS, default=None, help="default: zarr for a .zarr path, else cog")
-    parser.add_argument("--level", choices=LEVELS, default="fused")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--window", type=int, default=64, help="window side in fusion-grid pixels (default 64)")
-    parser.add_argument("--overlap", type=int, default=16, help="overlap of windows in fusion-grid pixels (default 16)")
-    parser.add_argument("--block", type=int, default=256, help="output block side in output pixels (default 256)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    add_device_argument(parser)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-preview", action="store_true", help="do not write <out>.preview.png")
-    parser.add_argument("--overwrite", action="store_true", help="replace an output left by a finished run")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print the run's report as JSON")
-    parser.set_defaults(run=run)
 
 
 def _dates(text: str | None, flag: str) -> list[dt.date] | None:
@@ -86,9 +97,8 @@ def _bands(text: str | None) -> list[str] | None:
     return None if text is None else [b.strip() for b in text.split(",") if b.strip()]
 
 
-def build_scene(args: argparse.Namespace, model: SkySense) -> Scene:
-    """The :class:`Scene` described by the command-line arguments."""
-    cfg = model.config
+def build_scene(args: argparse.Namespace, cfg: SkySenseConfig) -> Scene:
+    """The :class:`Scene` of the command-line arguments, read for a model of configuration ``cfg``."""
     s2 = resolve_frames("s2", args.s2, cfg.inputs["s2"].bands, _bands(args.s2_bands),
                         _dates(args.s2_dates, "--s2-dates")) if args.s2 else []
     s1 = resolve_frames("s1", args.s1, cfg.inputs["s1"].bands, _bands(args.s1_bands),
@@ -109,17 +119,20 @@ def load_model(args: argparse.Namespace) -> SkySense:
     return model
 
 
+def output_options(args: argparse.Namespace, level: str = "fused") -> EmbedOptions:
+    """The :class:`EmbedOptions` of :func:`add_output_arguments`' flags."""
+    fmt = args.format or ("zarr" if args.out.suffix == ".zarr" else "cog")
+    return EmbedOptions(level=level, window=args.window, overlap=args.overlap, block=args.block,
+                        batch_size=args.batch_size, dtype=args.dtype, format=fmt, preview=not args.no_preview,
+                        progress=not args.no_progress, overwrite=args.overwrite)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    fmt = args.format or ("zarr" if args.out.suffix == ".zarr" else "cog")
     model = load_model(args).to(resolve_device(args.device)).eval()
-    options = EmbedOptions(
-        level=args.level, window=args.window, overlap=args.overlap, block=args.block, batch_size=args.batch_size,
-        dtype=args.dtype, format=fmt, preview=not args.no_preview, progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
-    with build_scene(args, model) as scene:
+    options = output_options(args, level=args.level)
+    with build_scene(args, model.config) as scene:
         report = embed_scene(model, scene, args.out, options)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -3,12 +3,14 @@
 Modules: :mod:`~skysense.inference.scene` (inputs of every modality read window by window onto one
 grid), :mod:`~skysense.inference.windows` (window lattice, output blocks, blending weights),
 :mod:`~skysense.inference.embed` (the streaming embedder), :mod:`~skysense.inference.writers`
-(COG / Zarr block writers with a progress sidecar), :mod:`~skysense.inference.preview` (PCA
+(COG / Zarr block writers with a progress sidecar), :mod:`~skysense.inference.predict` (class
+maps of a fine-tuned segmentation model, the same way), :mod:`~skysense.inference.preview` (PCA
 false-colour PNG), :mod:`~skysense.inference.export` (ONNX and ``torch.export`` programs of the
 encoders).
 """
 
 from skysense.inference.embed import EmbedOptions, EmbedReport, embed_scene
+from skysense.inference.predict import predict_scene
 from skysense.inference.scene import Frame, Grid, Scene, resolve_frames, s2_frame_offsets
 from skysense.inference.windows import WindowPlan
 
@@ -20,6 +22,7 @@ __all__ = [
     "Scene",
     "WindowPlan",
     "embed_scene",
+    "predict_scene",
     "resolve_frames",
     "s2_frame_offsets",
 ]

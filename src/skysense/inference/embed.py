@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.warp
 import torch
 from affine import Affine
 from rasterio.windows import Window
@@ -46,7 +47,8 @@ from tqdm.auto import tqdm
 
 from skysense.data.rasters import RasterReadError
 from skysense.inference.preview import pca_preview
-from skysense.inference.scene import Scene, normalized_batch
+from skysense.config import SkySenseConfig
+from skysense.inference.scene import HR_SCALE, Scene, WindowData, normalized_batch
 from skysense.inference.windows import OWNER_ORDER, Group, WindowPlan
 from skysense.inference.writers import DTYPES, FORMATS, BlockWriter, OutputSpec, close_progress, open_writer
 from skysense.models import SkySense
@@ -179,26 +181,68 @@ class _BlockSum:
         return out
 
 
-class _Embedder:
-    """Runs the model on groups of windows for one level."""
+class WindowRunner:
+    """Reads groups of windows from a scene and runs ``forward`` on them (embedding or prediction).
 
-    def __init__(self, model: SkySense, scene: Scene, plan: WindowPlan, level: str, stride: int) -> None:
-        self.model = model
+    ``stride`` is how many fusion-grid pixels one output pixel spans (coarser output), ``upscale``
+    how many output pixels one fusion-grid pixel spans (finer output: 32 for maps on the HR
+    grid); one of them is 1. ``forward`` takes a normalised batch and returns (B, C, h, w) on the
+    output grid of the windows.
+    """
+
+    def __init__(self, scene: Scene, plan: WindowPlan, modalities: tuple[str, ...], config: SkySenseConfig,
+                 forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], device: torch.device,
+                 stride: int = 1, upscale: int = 1, locate: bool = False, require_all: bool = False) -> None:
+        if require_all and (stride > 1 or ("hr" in modalities and upscale != HR_SCALE)):
+            raise ValueError("require_all: only for outputs on the fusion grid, or on the HR grid when HR is read")
+        self.locate = locate
+        self.require_all = require_all
         self.scene = scene
         self.plan = plan
-        self.level = level
+        self.modalities = modalities
+        self.config = config
+        self.forward = forward
+        self.device = device
         self.stride = stride
-        self.modalities = level_modalities(level, scene.modalities)
-        self.device = next(model.parameters()).device
+        self.upscale = upscale
         self.computed = 0
 
     def _fusion_window(self, row: int, col: int) -> Window:
         y0, _, x0, _ = self.plan.window_bounds(row, col)
-        size = self.plan.window * self.stride
-        return Window(x0 * self.stride, y0 * self.stride, size, size)
+        size = self.plan.window * self.stride // self.upscale
+        return Window(x0 * self.stride // self.upscale, y0 * self.stride // self.upscale, size, size)
+
+    def _centres(self, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latitude and longitude (degrees, float32) of each window's centre (geo-context)."""
+        grid = self.scene.grid
+        if grid.crs is None:
+            raise ValueError("geo-context: the scene has no CRS, so windows have no latitude / longitude")
+        xs, ys = zip(*(grid.transform * (w.col_off + w.width / 2, w.row_off + w.height / 2) for w in windows))
+        lon, lat = rasterio.warp.transform(grid.crs, "EPSG:4326", list(xs), list(ys))
+        return torch.tensor(lat, dtype=torch.float32), torch.tensor(lon, dtype=torch.float32)
+
+    def _valid(self, data: WindowData) -> np.ndarray:
+        """Validity on the output grid of a window: where any modality holds data, or with
+        ``require_all`` where every one does (a prediction needs all its inputs)."""
+        if self.require_all:
+            valid = None
+            for m in self.modalities:
+                v = data.inputs[f"{m}_valid"]
+                if m != "hr":  # (T, h, w) per frame on the fusion grid; HR's is on the HR grid already
+                    v = v.any(axis=0).repeat(self.upscale, 0).repeat(self.upscale, 1)
+                valid = v if valid is None else valid & v
+            return valid
+        if self.upscale > 1:
+            if self.upscale == HR_SCALE and "hr_valid" in data.inputs:
+                return data.inputs["hr_valid"]
+            return data.valid.repeat(self.upscale, 0).repeat(self.upscale, 1)
+        size = self.plan.window
+        if self.stride > 1:
+            return data.valid.reshape(size, self.stride, size, self.stride).any(axis=(1, 3))
+        return data.valid
 
     def run(self, group: Group) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Features (C, w, w) and validity (w, w) on the output grid of each window with data.
+        """Output (C, w, w) and validity (w, w) on the output grid of each window with data.
 
         Raises:
             RasterReadError: a read failed (names the window and the file).
@@ -219,32 +263,35 @@ class _Embedder:
                 reads.append((col, data))
         if not reads:
             return {}
-        batch = normalized_batch([d for _, d in reads], self.model.config, self.modalities)
+        batch = normalized_batch([d for _, d in reads], self.config, self.modalities)
+        if self.locate:
+            batch["lat"], batch["lon"] = self._centres([self._fusion_window(group.row, c) for c, _ in reads])
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
-            features = self._forward(batch)
+            features = self.forward(batch)
         features = features.float().cpu().numpy()
         size = self.plan.window
         out = {}
         for i, (col, data) in enumerate(reads):
-            valid = data.valid
-            if self.stride > 1:
-                valid = valid.reshape(size, self.stride, size, self.stride).any(axis=(1, 3))
-            out[col] = (features[i, :, :size, :size], valid)
+            out[col] = (features[i, :, :size, :size], self._valid(data))
         self.computed += len(reads)
         return out
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        model = self.model
-        if self.level == "fused":
+
+def level_forward(model: SkySense, level: str) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The features of ``level`` (module docstring) from a normalised batch."""
+
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if level == "fused":
             return model.forward_features(**batch)["fused"]
-        if self.level == "hr":
+        if level == "hr":
             return model.hr_encoder.forward_features(batch["hr"])
-        m = self.level
-        valid = batch[f"{m}_mask"]
-        frames = model.encode_frames(m, batch[m], valid)
+        valid = batch[f"{level}_mask"]
+        frames = model.encode_frames(level, batch[level], valid)
         weights = valid.to(frames.dtype)[:, :, None, None, None]
         return (frames * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    return forward
 
 
 def _check_sizes(options: EmbedOptions, stride: int, modalities: tuple[str, ...], model: SkySense) -> None:
@@ -282,30 +329,50 @@ def embed_scene(model: SkySense, scene: Scene, out: str | Path, options: EmbedOp
             so far stay on disk and a rerun resumes after them.
     """
     options = options or EmbedOptions()
-    out = Path(out)
-    start = time.perf_counter()
     stride = level_stride(model, options.level)
     modalities = level_modalities(options.level, scene.modalities)
     _check_sizes(options, stride, modalities, model)
+    report = write_scene(scene, out, options, level_forward(model, options.level), modalities,
+                         level_channels(model, options.level), model.config,
+                         {"skysense_level": options.level, "skysense_stride": str(stride),
+                          "skysense_modalities": ",".join(modalities), "skysense_preset": model.config.preset},
+                         model_id or model_signature(model), stride=stride, device=next(model.parameters()).device)
+    report.extra["level"] = options.level
+    return report
+
+
+def write_scene(scene: Scene, out: str | Path, options: EmbedOptions,
+                forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], modalities: tuple[str, ...],
+                channels: int, config: SkySenseConfig, tags: dict[str, str], model_id: str, stride: int = 1,
+                upscale: int = 1, device: torch.device | None = None, locate: bool = False, require_all: bool = False,
+                finish: Callable[[Callable, list, int, int], Any] | None = None) -> EmbedReport:
+    """Run ``forward`` over ``scene`` window by window and write its ``channels`` blended outputs
+    to ``out`` block by block, resumably (the machinery of :func:`embed_scene`, which
+    :func:`skysense.inference.predict.predict_scene` shares). ``stride`` / ``upscale``: see
+    :class:`WindowRunner`; ``options.window`` and ``options.overlap`` are fusion-grid pixels,
+    ``options.block`` output pixels; ``locate`` adds each window's ``lat`` / ``lon`` to the batch,
+    ``require_all`` counts a pixel valid only where every modality holds data;
+    ``finish(read_block, blocks, height, width)`` runs on the written output before it is
+    finalised (its result goes in ``extra["finish"]``)."""
+    out = Path(out)
+    start = time.perf_counter()
     grid = scene.grid
-    height, width = -(-grid.height // stride), -(-grid.width // stride)
-    plan = WindowPlan.create(height, width, options.window // stride, options.overlap // stride,
+    height, width = -(-grid.height * upscale // stride), -(-grid.width * upscale // stride)
+    plan = WindowPlan.create(height, width, options.window * upscale // stride, options.overlap * upscale // stride,
                              options.block, options.batch_size)
-    channels = level_channels(model, options.level)
-    transform = grid.transform @ Affine.scale(stride)
-    tags = {"skysense_level": options.level, "skysense_stride": str(stride),
-            "skysense_modalities": ",".join(modalities), "skysense_preset": model.config.preset}
+    transform = grid.transform @ Affine.scale(stride / upscale)
     spec = OutputSpec(grid.crs, transform, width, height, channels, options.dtype, options.block, tags)
     signature = {
         "scene": scene.signature(),
-        "model": model_id or model_signature(model),
+        "model": model_id,
         "options": {k: v for k, v in asdict(options).items() if k not in ("progress", "overwrite")},
     }
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         writer, progress = open_writer(options.format, out, spec, signature, overwrite=options.overwrite)
         skipped = len(progress.done)
-        embedder = _Embedder(model, scene, plan, options.level, stride)
-        bar = tqdm(total=plan.num_blocks, initial=skipped, unit="block", desc=f"embed {out.name}",
+        runner = WindowRunner(scene, plan, modalities, config, forward, device or torch.device("cpu"), stride, upscale,
+                              locate, require_all)
+        bar = tqdm(total=plan.num_blocks, initial=skipped, unit="block", desc=f"{out.name}",
                    disable=not options.progress, dynamic_ncols=True)
         with bar:
             carry: _BlockSum | None = None
@@ -313,27 +380,29 @@ def embed_scene(model: SkySense, scene: Scene, out: str | Path, options: EmbedOp
                 if index in progress.done:
                     carry = None
                     continue
-                carry = _finish_block(plan, embedder, index, carry, progress.done, channels, writer)
+                carry = _finish_block(plan, runner, index, carry, progress.done, channels, writer)
                 progress.mark(index)
-                bar.set_postfix(windows=embedder.computed, refresh=False)
+                bar.set_postfix(windows=runner.computed, refresh=False)
                 bar.update(1)
         blocks = [plan.block_bounds(i) for i in range(plan.num_blocks)]
         preview = None
         if options.preview:
             preview = preview_path(out)
             pca_preview(writer.read_block, blocks, height, width, preview)
+        finished = None if finish is None else finish(writer.read_block, blocks, height, width)
         writer.finish()
         close_progress(writer, progress)
     return EmbedReport(
         out=out, preview=preview, height=height, width=width, channels=channels, stride=stride,
-        blocks=plan.num_blocks, blocks_skipped=skipped, windows_computed=embedder.computed,
+        blocks=plan.num_blocks, blocks_skipped=skipped, windows_computed=runner.computed,
         seconds=round(time.perf_counter() - start, 3), crs=None if grid.crs is None else grid.crs.to_string(),
         transform=tuple(transform)[:6],
-        extra={"windows_in_plan": plan.num_windows, "level": options.level, "modalities": list(modalities)},
+        extra={"windows_in_plan": plan.num_windows, "modalities": list(modalities), "upscale": upscale,
+               **({} if finished is None else {"finish": finished})},
     )
 
 
-def _finish_block(plan: WindowPlan, embedder: _Embedder, index: int, carry: _BlockSum | None,
+def _finish_block(plan: WindowPlan, embedder: WindowRunner, index: int, carry: _BlockSum | None,
                   done: set[int], channels: int, writer: BlockWriter) -> _BlockSum | None:
     """Blend every window reaching block ``index``, write it; returns the partial sums of the next
     block to the right (the windows owned here and above that reach it), or None."""

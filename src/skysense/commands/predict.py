@@ -1,0 +1,46 @@
+"""``skysense predict``: a fine-tuned segmentation model over a whole scene -> georeferenced class map.
+
+    skysense predict --weights RUN [--hr HR.tif] [--s2 S2 ...] [--s1 S1 ...] --out OUT.tif
+
+Writes the class probabilities to ``OUT`` and the most probable class to ``OUT.classes.tif``
+(:mod:`skysense.inference.predict`); the inputs are read as ``skysense embed`` reads them, and a
+rerun after an interruption resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from skysense.commands.embed import add_output_arguments, add_scene_arguments, build_scene, output_options
+from skysense.devices import resolve_device
+from skysense.downstream.finetune import load_finetuned
+from skysense.inference.predict import predict_scene
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("predict", help="a fine-tuned segmentation model over a whole scene: class map")
+    add_scene_arguments(parser)
+    parser.add_argument("--weights", type=Path, required=True, help="a run folder written by skysense finetune")
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_finetuned(args.weights).to(resolve_device(args.device)).eval()
+    with build_scene(args, model.encoder.config) as scene:
+        report = predict_scene(model, scene, args.out, output_options(args))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        resumed = f", {report.blocks_skipped} already done" if report.blocks_skipped else ""
+        print(f"wrote {report.out}: {report.channels} class probabilities x {report.height} x {report.width} "
+              f"({report.crs}); {report.blocks} blocks{resumed}, {report.windows_computed} windows in "
+              f"{report.seconds:.1f} s")
+        print(f"classes: {report.extra['finish']['classes_path']}")
+    return 0

@@ -1,0 +1,138 @@
+"""Class maps of whole scenes from a fine-tuned segmentation model: streaming, resumable, georeferenced.
+
+:func:`predict_scene` runs a model made by ``skysense finetune --task segmentation`` over a
+:class:`~skysense.inference.scene.Scene` window by window, with the machinery of
+:func:`~skysense.inference.embed.embed_scene` (bounded memory, cosine-blended overlaps, blocks
+written as they finish, a killed run resumed by the same command):
+
+* the inputs are the model's modalities (``spec.modalities``), each of which the scene must give;
+  with ``spec.geo_context`` each window gets the latitude / longitude of its centre;
+* the output grid is the model's target grid: the HR grid when HR is an input (the fusion grid
+  refined 32 times), else the Sentinel grid (the fusion grid itself);
+* ``out`` holds the class probabilities (softmax, one band per class, blended across
+  overlapping windows), NaN where any input lacks data;
+* ``<out stem>.classes.tif`` holds the most probable class per pixel (uint8 tiled GeoTIFF,
+  255 = nodata), tagged with the class names.
+
+Both keep the scene's CRS; the transform is the fusion grid's divided by the refinement.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import rasterio
+import torch
+from affine import Affine
+
+from skysense.downstream.tasks import DownstreamModel
+from skysense.inference.embed import EmbedOptions, EmbedReport, model_signature, write_scene
+from skysense.inference.scene import HR_SCALE, Scene
+from skysense.weights import atomic_write
+
+CLASS_NODATA = 255
+"""Value of the class map where there is no prediction."""
+
+
+def classes_path(out: Path) -> Path:
+    """``out.tif`` -> ``out.classes.tif`` (``out.zarr`` -> ``out.classes.tif``)."""
+    return out.with_name(out.stem + ".classes.tif")
+
+
+def _completed(batch: dict[str, torch.Tensor], modalities: tuple[str, ...], window: int,
+               config: Any) -> dict[str, torch.Tensor]:
+    """The batch with every modality present: one that no window of the batch has data for gets
+    zeros (the normalised mean) and, for a series, one frame marked missing. Those pixels are
+    nodata in the output anyway (``require_all``)."""
+    size = next(v.shape[0] for k, v in batch.items() if k in modalities)
+    device = next(iter(batch.values())).device
+    for m in modalities:
+        if m in batch:
+            continue
+        if m == "hr":
+            batch[m] = torch.zeros(size, config.hr.in_chans, window * HR_SCALE, window * HR_SCALE, device=device)
+        else:
+            channels = getattr(config, m).in_chans
+            batch[m] = torch.zeros(size, 1, channels, window, window, device=device)
+            batch[f"{m}_mask"] = torch.zeros(size, 1, dtype=torch.bool, device=device)
+            batch[f"{m}_dates"] = torch.ones(size, 1, dtype=torch.int64, device=device)
+    return batch
+
+
+def _class_map_writer(out: Path, classes: tuple[str, ...], crs: Any, transform: Any, block: int
+                      ) -> Callable[[Callable, list, int, int], dict[str, Any]]:
+    """``finish`` hook of :func:`write_scene`: writes the arg-max class map beside ``out``."""
+
+    def finish(read_block: Callable, blocks: list, height: int, width: int) -> dict[str, Any]:
+        path = classes_path(out)
+        counts = np.zeros(len(classes), dtype=np.int64)
+        profile = dict(driver="GTiff", height=height, width=width, count=1, dtype="uint8", nodata=CLASS_NODATA,
+                       crs=crs, transform=transform, tiled=True, blockxsize=block, blockysize=block,
+                       compress="deflate")
+
+        def write(tmp: Path) -> None:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                for r0, r1, c0, c1 in blocks:
+                    probabilities = read_block((r0, r1, c0, c1))
+                    valid = np.isfinite(probabilities).all(axis=0)
+                    labels = np.full(valid.shape, CLASS_NODATA, dtype=np.uint8)
+                    labels[valid] = np.nan_to_num(probabilities).argmax(axis=0)[valid]
+                    counts[:] += np.bincount(labels[valid], minlength=len(classes))[:len(classes)]
+                    dst.write(labels[None], window=rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0))
+                dst.update_tags(skysense_classes=json.dumps(list(classes)))
+
+        atomic_write(path, write)
+        return {"classes_path": str(path), "pixels_per_class": dict(zip(classes, counts.tolist()))}
+
+    return finish
+
+
+def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options: EmbedOptions | None = None,
+                  model_id: str | None = None) -> EmbedReport:
+    """Predict the classes of ``scene`` (module docstring); resumes a partial run of the same command.
+
+    Args:
+        model: a fine-tuned segmentation model (:func:`skysense.downstream.finetune.load_finetuned`),
+            in eval mode, on the device to run on.
+        scene: the opened inputs (read with the encoder's configuration).
+        out: the probabilities' path (``.tif`` or ``.zarr``); the class map goes beside it.
+        options: window, overlap (fusion-grid pixels), block (output pixels), batch size, dtype,
+            format, preview (a PCA of the probabilities), progress, overwrite (``level`` is unused).
+        model_id: identifies the weights in the resume signature (default: a hash of them).
+
+    Raises:
+        ValueError: the model is not a segmentation model, or the scene lacks one of its inputs.
+    """
+    spec = model.spec
+    if spec.task != "segmentation":
+        raise ValueError(f"predict: expected a segmentation model, got a {spec.task} model")
+    missing = [m for m in spec.modalities if m not in scene.modalities]
+    if missing:
+        raise ValueError(f"predict: the model reads {list(spec.modalities)}; the scene lacks {missing} "
+                         f"(given: {list(scene.modalities)})")
+    options = options or EmbedOptions()
+    modalities = tuple(m for m in ("hr", "s2", "s1") if m in spec.modalities)
+    upscale = HR_SCALE if "hr" in modalities else 1
+    patch = model.encoder.config.s2.patch_size
+    if any(m != "hr" for m in modalities) and options.window % patch:
+        raise ValueError(f"window: expected a multiple of the ViT patch ({patch} pixels), got {options.window}")
+    config = model.encoder.config
+    classes = tuple(spec.class_names) or tuple(str(i) for i in range(spec.num_classes))
+
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(_completed(batch, modalities, options.window, config))["mask"]
+        return torch.softmax(logits.float(), dim=1)
+
+    grid = scene.grid
+    transform = grid.transform @ Affine.scale(1 / upscale)
+    tags = {"skysense_task": "segmentation", "skysense_classes": json.dumps(list(classes)),
+            "skysense_modalities": ",".join(modalities), "skysense_preset": config.preset}
+    report = write_scene(scene, out, options, forward, modalities, len(classes), config, tags,
+                         model_id or model_signature(model), upscale=upscale,
+                         device=next(model.parameters()).device, locate=spec.geo_context, require_all=True,
+                         finish=_class_map_writer(Path(out), classes, grid.crs, transform, options.block))
+    report.extra["classes"] = list(classes)
+    return report

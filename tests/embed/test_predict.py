@@ -1,0 +1,124 @@
+"""``skysense predict``: a fine-tuned segmentation model over a whole scene, streamed into class maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from embed_helpers import ORIGIN, write_raster, write_s2_series
+from skysense import SkySense
+from skysense.config import S2_BANDS
+from skysense.downstream.finetune import save_finetuned
+from skysense.downstream.tasks import TaskSpec, build_task_model
+from skysense.inference import EmbedOptions, Scene, resolve_frames
+from skysense.inference.predict import CLASS_NODATA, classes_path, predict_scene
+from skysense.inference.scene import normalized_batch
+
+CLASSES = ("built", "field", "water")
+
+
+def segmentation_model(modalities: tuple[str, ...], geo_context: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    spec = TaskSpec(task="segmentation", num_classes=3, modalities=modalities, class_names=CLASSES,
+                    decoder_channels=8, geo_context=geo_context)
+    return build_task_model(SkySense.from_preset("tiny"), spec).eval()
+
+
+def s2_scene(model: torch.nn.Module, folder: Path, height: int = 16, width: int = 24, **kwargs: object) -> Scene:
+    frames = resolve_frames("s2", write_s2_series(folder, height, width, **kwargs), S2_BANDS)
+    return Scene(model.encoder.config, s2=frames, s2_offsets=[0.0] * len(frames))
+
+
+def _read(path: Path) -> tuple[np.ndarray, dict, dict]:
+    with rasterio.open(path) as src:
+        return src.read(), src.profile, src.tags()
+
+
+def test_one_window_equals_the_model_on_the_whole_scene(tmp_path: Path) -> None:
+    model = segmentation_model(("s2",))
+    with s2_scene(model, tmp_path / "s2") as scene:
+        report = predict_scene(model, scene, tmp_path / "map.tif",
+                               EmbedOptions(window=32, overlap=0, block=32, progress=False, preview=False))
+        window = scene.read(Window(0, 0, 32, 32), ["s2"])
+        batch = normalized_batch([window], model.encoder.config, ["s2"])
+    with torch.no_grad():
+        expected = torch.softmax(model(batch)["mask"], 1)[0, :, :16, :24].numpy()
+    probabilities, profile, tags = _read(report.out)
+    assert probabilities.shape == (3, 16, 24) and report.extra["upscale"] == 1
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-5)
+    assert profile["crs"] == rasterio.crs.CRS.from_string("EPSG:32631")
+    assert profile["transform"] == from_origin(*ORIGIN, 10.0, 10.0)  # the S2 grid
+    labels, class_profile, class_tags = _read(classes_path(report.out))
+    assert class_profile["dtype"] == "uint8" and class_profile["nodata"] == CLASS_NODATA
+    assert class_profile["transform"] == profile["transform"] and json.loads(class_tags["skysense_classes"]) == list(CLASSES)
+    np.testing.assert_array_equal(labels[0], expected.argmax(0))
+    counts = report.extra["finish"]["pixels_per_class"]
+    assert sum(counts.values()) == 16 * 24 and counts == {c: int((expected.argmax(0) == i).sum())
+                                                          for i, c in enumerate(CLASSES)}
+
+
+def test_windows_blend_and_nodata_stays_nodata(tmp_path: Path) -> None:
+    model = segmentation_model(("s2",))
+    with s2_scene(model, tmp_path / "s2", height=40, width=44, nodata_box=(0, 8, 0, 12)) as scene:
+        report = predict_scene(model, scene, tmp_path / "map.tif",
+                               EmbedOptions(window=16, overlap=4, block=16, batch_size=2, progress=False))
+    probabilities, _, _ = _read(report.out)
+    labels, _, _ = _read(classes_path(report.out))
+    assert report.windows_computed > 4 and report.preview is not None and report.preview.is_file()
+    assert np.isnan(probabilities[:, :8, :12]).all() and (labels[0, :8, :12] == CLASS_NODATA).all()
+    rest = np.ones((40, 44), bool)
+    rest[:8, :12] = False
+    np.testing.assert_allclose(probabilities[:, rest].sum(0), 1.0, atol=1e-5)
+    assert (labels[0, rest] < 3).all()
+
+
+def test_hr_models_map_on_the_hr_grid_with_geo_context(tmp_path: Path) -> None:
+    model = segmentation_model(("hr",), geo_context=True)
+    transform = from_origin(*ORIGIN, 0.3125, 0.3125)
+    rng = np.random.default_rng(0)
+    hr = write_raster(tmp_path / "hr.tif", rng.integers(0, 256, (3, 64, 96), dtype=np.uint8), transform)
+    with Scene(model.encoder.config, hr=hr) as scene:
+        report = predict_scene(model, scene, tmp_path / "hr_map.tif",
+                               EmbedOptions(window=2, overlap=0, block=64, progress=False, preview=False))
+    probabilities, profile, _ = _read(report.out)
+    assert probabilities.shape == (3, 64, 96) and report.extra["upscale"] == 32
+    assert profile["transform"] == transform and np.isfinite(probabilities).all()
+
+
+def test_wrong_models_and_missing_inputs_are_refused(tmp_path: Path) -> None:
+    classifier = build_task_model(SkySense.from_preset("tiny"), TaskSpec(task="classification", num_classes=3,
+                                                                          modalities=("s2",))).eval()
+    with s2_scene(classifier, tmp_path / "s2") as scene:
+        with pytest.raises(ValueError, match="predict: expected a segmentation model, got a classification model"):
+            predict_scene(classifier, scene, tmp_path / "a.tif")
+        with pytest.raises(ValueError, match=r"predict: the model reads \['hr', 's2'\]; the scene lacks \['hr'\]"):
+            predict_scene(segmentation_model(("hr", "s2")), scene, tmp_path / "b.tif")
+
+
+def test_predict_command_on_a_finetuned_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from skysense.cli import main
+
+    model = segmentation_model(("s2",))
+    save_finetuned(model, tmp_path / "run", {"dataset": "manifest"}, step=1)
+    s2 = write_s2_series(tmp_path / "s2", 16, 24)
+    out = tmp_path / "map.tif"
+    args = ["predict", "--weights", str(tmp_path / "run"), "--s2", *map(str, s2), "--s2-offset", "0",
+            "--window", "16", "--overlap", "4", "--block", "16", "--no-progress", "--json"]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["extra"]["classes"] == list(CLASSES)
+    assert classes_path(out).is_file() and out.is_file()
+    with s2_scene(model, tmp_path / "again") as scene:
+        library = predict_scene(model, scene, tmp_path / "library.tif",
+                                EmbedOptions(window=16, overlap=4, block=16, progress=False, preview=False))
+    np.testing.assert_allclose(_read(out)[0], _read(library.out)[0], atol=1e-5)
+    assert main([*args, "--out", str(out)]) == 2  # a finished output is not overwritten
+    assert "exists" in capsys.readouterr().err
