@@ -122,3 +122,28 @@ def test_predict_command_on_a_finetuned_run(tmp_path: Path, capsys: pytest.Captu
     np.testing.assert_allclose(_read(out)[0], _read(library.out)[0], atol=1e-5)
     assert main([*args, "--out", str(out)]) == 2  # a finished output is not overwritten
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_a_model_finetuned_on_loveda_maps_a_real_naip_quad(data_root: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from skysense.cli import main
+
+    monkeypatch.setenv("SKYSENSE_DATA", str(data_root))
+    run = tmp_path / "run"
+    assert main(["finetune", "--task", "segmentation", "--dataset", "loveda", "--preset", "tiny", "--out", str(run),
+                 "--max-steps", "2", "--batch-size", "1", "--crop-size", "64", "--train-split", "all",
+                 "--decoder-channels", "8", "--threads", "1", "--no-progress"]) == 0
+    naip = data_root / "samples/naip_series/m_4709963_se_14_1_20180716.tif"  # R, G, B, NIR: the first three read
+    out = tmp_path / "naip_classes.tif"
+    assert main(["predict", "--weights", str(run), "--hr", str(naip), "--out", str(out), "--window", "8",
+                 "--overlap", "2", "--block", "256", "--no-progress", "--no-preview"]) == 0
+    with rasterio.open(naip) as src:
+        crs, transform, (height, width) = src.crs, src.transform, src.shape
+    labels, profile, tags = _read(classes_path(out))
+    assert profile["crs"] == crs and profile["transform"] == transform
+    # the HR grid padded to whole fusion-grid pixels (32 px): the padding is nodata
+    assert labels.shape == (1, -(-height // 32) * 32, -(-width // 32) * 32)
+    assert (labels[0, :height, :width] < 7).all() and (labels[0, height:] == CLASS_NODATA).all()
+    assert len(json.loads(tags["skysense_classes"])) == 7

@@ -41,15 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+def add_output_arguments(parser: argparse.ArgumentParser, block_help: str = "(default 256)") -> None:
     """Where and how a scene-wide run writes (:class:`EmbedOptions` and the device), for
-    ``embed`` and ``predict``."""
+    ``embed`` and ``predict`` (whose ``--block`` default, None, is chosen by the command)."""
     parser.add_argument("--out", type=Path, required=True, help="output .tif (cog) or folder (zarr)")
     parser.add_argument("--format", choices=FORMATS, default=None, help="default: zarr for a .zarr path, else cog")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--window", type=int, default=64, help="window side in fusion-grid pixels (default 64)")
     parser.add_argument("--overlap", type=int, default=16, help="overlap of windows in fusion-grid pixels (default 16)")
-    parser.add_argument("--block", type=int, default=256, help="output block side in output pixels (default 256)")
+    parser.add_argument("--block", type=int, default=None, help=f"output block side in output pixels {block_help}")
     parser.add_argument("--batch-size", type=int, default=4)
     add_device_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -122,7 +122,7 @@ def load_model(args: argparse.Namespace) -> SkySense:
 def output_options(args: argparse.Namespace, level: str = "fused") -> EmbedOptions:
     """The :class:`EmbedOptions` of :func:`add_output_arguments`' flags."""
     fmt = args.format or ("zarr" if args.out.suffix == ".zarr" else "cog")
-    return EmbedOptions(level=level, window=args.window, overlap=args.overlap, block=args.block,
+    return EmbedOptions(level=level, window=args.window, overlap=args.overlap, block=args.block or 256,
                         batch_size=args.batch_size, dtype=args.dtype, format=fmt, preview=not args.no_preview,
                         progress=not args.no_progress, overwrite=args.overwrite)
 

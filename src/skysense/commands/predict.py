@@ -19,13 +19,15 @@ from skysense.commands.embed import add_output_arguments, add_scene_arguments, b
 from skysense.devices import resolve_device
 from skysense.downstream.finetune import load_finetuned
 from skysense.inference.predict import predict_scene
+from skysense.inference.scene import HR_SCALE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="a fine-tuned segmentation model over a whole scene: class map")
     add_scene_arguments(parser)
     parser.add_argument("--weights", type=Path, required=True, help="a run folder written by skysense finetune")
-    add_output_arguments(parser)
+    add_output_arguments(parser, "(default: 256, or one window when that is larger: 2048 HR pixels for the default "
+                                 "window of 64 with HR input)")
     parser.set_defaults(run=run)
 
 
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_finetuned(args.weights).to(resolve_device(args.device)).eval()
+    if args.block is None:  # one output block holds at least one window
+        args.block = max(256, args.window * (HR_SCALE if "hr" in model.spec.modalities else 1))
     with build_scene(args, model.encoder.config) as scene:
         report = predict_scene(model, scene, args.out, output_options(args))
     if args.json:
