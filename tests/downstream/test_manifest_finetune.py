@@ -249,3 +249,23 @@ def test_dataset_options_from_the_command_line(tmp_path: Path, capsys: pytest.Ca
     assert json.loads((tmp_path / "run" / "task.json").read_text())["dataset_options"]["classes"] == CLASSES
     assert main(["datasets", "check", "manifest", "--data-root", str(tmp_path / "data"), "--option", "classes"]) == 2
     assert "--option 'classes': expected KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_own_data_benchmark_on_the_real_sen1floods11_chip(data_root: Path, tmp_path: Path) -> None:
+    """benchmarks/own_data.py for 2 steps: the manifest of real quadrants trains, scores and maps."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from own_data import CHIP, run
+
+    result = run(data_root / CHIP, tmp_path, steps=2, lr=1e-3, batch_size=2, crop=32, window=64, overlap=0,
+                 progress=False)
+    assert 0.0 <= result["evaluate_val"]["miou"] <= 1.0 and 0.0 <= result["predict_val"]["miou"] <= 1.0
+    assert result["predict_val"]["pixels_scored"] > 0.9 * 256 * 256
+    assert 0.1 < result["water_fraction_val"] < 0.3
+    records = [json.loads(line) for line in (tmp_path / "data" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in records] == ["train", "train", "train", "val"]
+    with rasterio.open(records[3]["mask"]) as src:  # the quadrants keep their place on the ground
+        assert src.crs.to_epsg() == 4326 and src.shape == (256, 256)
