@@ -97,7 +97,7 @@ def test_wrong_models_and_missing_inputs_are_refused(tmp_path: Path) -> None:
     classifier = build_task_model(SkySense.from_preset("tiny"), TaskSpec(task="classification", num_classes=3,
                                                                           modalities=("s2",))).eval()
     with s2_scene(classifier, tmp_path / "s2") as scene:
-        with pytest.raises(ValueError, match="predict: expected a segmentation model, got a classification model"):
+        with pytest.raises(ValueError, match="predict: expected a segmentation or change model, got a classification model"):
             predict_scene(classifier, scene, tmp_path / "a.tif")
         with pytest.raises(ValueError, match=r"predict: the model reads \['hr', 's2'\]; the scene lacks \['hr'\]"):
             predict_scene(segmentation_model(("hr", "s2")), scene, tmp_path / "b.tif")
@@ -147,3 +147,79 @@ def test_a_model_finetuned_on_loveda_maps_a_real_naip_quad(data_root: Path, tmp_
     assert labels.shape == (1, -(-height // 32) * 32, -(-width // 32) * 32)
     assert (labels[0, :height, :width] < 7).all() and (labels[0, height:] == CLASS_NODATA).all()
     assert len(json.loads(tags["skysense_classes"])) == 7
+
+
+def change_model(modalities: tuple[str, ...]) -> torch.nn.Module:
+    torch.manual_seed(1)
+    spec = TaskSpec(task="change", num_classes=2, modalities=modalities, class_names=("no_change", "change"),
+                    decoder_channels=8)
+    return build_task_model(SkySense.from_preset("tiny"), spec).eval()
+
+
+def test_change_maps_from_two_s2_dates_equal_the_model_on_the_whole_scene(tmp_path: Path) -> None:
+    model = change_model(("s2",))
+    with s2_scene(model, tmp_path / "s2") as scene:
+        report = predict_scene(model, scene, tmp_path / "change.tif",
+                               EmbedOptions(window=32, overlap=0, block=32, progress=False, preview=False))
+        batch = normalized_batch([scene.read(Window(0, 0, 32, 32), ["s2"])], model.encoder.config, ["s2"])
+    with torch.no_grad():
+        expected = torch.softmax(model(batch)["change"], 1)[0, :, :16, :24].numpy()
+    probabilities, _, tags = _read(report.out)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert tags["skysense_task"] == "change" and report.extra["classes"] == ["no_change", "change"]
+    np.testing.assert_array_equal(_read(classes_path(report.out))[0][0], expected.argmax(0))
+    one_date = resolve_frames("s2", write_s2_series(tmp_path / "one", 16, 24)[:1], S2_BANDS)
+    with Scene(model.encoder.config, s2=one_date, s2_offsets=[0.0]) as scene:
+        with pytest.raises(ValueError, match="the change model reads s2 at two dates .*; the scene has 1 s2 frames"):
+            predict_scene(model, scene, tmp_path / "x.tif")
+
+
+def test_hr_change_reads_the_image_after(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from skysense.cli import main
+
+    model = change_model(("hr",))
+    save_finetuned(model, tmp_path / "run", {"dataset": "manifest"}, step=1)
+    transform = from_origin(*ORIGIN, 0.3125, 0.3125)
+    rng = np.random.default_rng(2)
+    before = rng.integers(0, 200, (3, 64, 64), dtype=np.uint8)
+    after = before.copy()
+    after[:, :, 32:] = 255 - after[:, :, 32:]
+    hr, hr_post = (write_raster(tmp_path / f"{n}.tif", a, transform) for n, a in (("a", before), ("b", after)))
+    out = tmp_path / "change.tif"
+    args = ["predict", "--weights", str(tmp_path / "run"), "--hr", str(hr), "--window", "2", "--overlap", "0",
+            "--no-progress", "--no-preview"]
+    assert main([*args, "--hr-post", str(hr_post), "--out", str(out)]) == 0
+    with Scene(model.encoder.config, hr=hr, hr_post=hr_post) as scene:
+        window = scene.read(Window(0, 0, 2, 2), ["hr"])
+        batch = normalized_batch([window], model.encoder.config, ["hr"])
+    np.testing.assert_array_equal(window.inputs["hr_post"], after.astype(np.float32))
+    with torch.no_grad():
+        expected = torch.softmax(model(batch)["change"], 1)[0].numpy()
+    np.testing.assert_allclose(_read(out)[0], expected, atol=1e-5)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "missing.tif")]) == 2
+    assert "give the image after (--hr-post)" in capsys.readouterr().err
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_an_oscd_change_model_maps_a_real_city_from_its_two_dates(data_root: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from skysense.cli import main
+
+    monkeypatch.setenv("SKYSENSE_DATA", str(data_root))
+    run = tmp_path / "run"
+    assert main(["finetune", "--task", "change", "--dataset", "oscd", "--preset", "tiny", "--out", str(run),
+                 "--max-steps", "2", "--batch-size", "2", "--crop-size", "32", "--limit-train", "2",
+                 "--decoder-channels", "8", "--threads", "1", "--no-progress"]) == 0
+    city = data_root / "oscd/images/paris"
+    out = tmp_path / "paris_change.tif"
+    assert main(["predict", "--weights", str(run), "--s2", str(city / "imgs_1"), str(city / "imgs_2"),
+                 "--s2-offset", "0", "--s2-level", "L1C", "--out", str(out), "--window", "32", "--overlap", "8",
+                 "--no-progress", "--no-preview"]) == 0
+    (b02,) = sorted((city / "imgs_1").glob("*_B02.tif"))
+    with rasterio.open(b02) as src:
+        crs, transform, shape = src.crs, src.transform, src.shape
+    labels, profile, tags = _read(classes_path(out))
+    assert profile["crs"] == crs and profile["transform"] == transform and labels.shape[1:] == shape
+    assert json.loads(tags["skysense_classes"]) == ["no_change", "change"] and (labels < 2).all()

@@ -97,15 +97,16 @@ def _bands(text: str | None) -> list[str] | None:
     return None if text is None else [b.strip() for b in text.split(",") if b.strip()]
 
 
-def build_scene(args: argparse.Namespace, cfg: SkySenseConfig) -> Scene:
-    """The :class:`Scene` of the command-line arguments, read for a model of configuration ``cfg``."""
+def build_scene(args: argparse.Namespace, cfg: SkySenseConfig, hr_post: Path | None = None) -> Scene:
+    """The :class:`Scene` of the command-line arguments, read for a model of configuration ``cfg``
+    (``hr_post``: the HR image after a change)."""
     s2 = resolve_frames("s2", args.s2, cfg.inputs["s2"].bands, _bands(args.s2_bands),
                         _dates(args.s2_dates, "--s2-dates")) if args.s2 else []
     s1 = resolve_frames("s1", args.s1, cfg.inputs["s1"].bands, _bands(args.s1_bands),
                         _dates(args.s1_dates, "--s1-dates")) if args.s1 else []
     offsets = s2_frame_offsets(s2, args.s2_baseline, args.s2_offset) if s2 else None
     return Scene(cfg, hr=args.hr, s2=s2, s1=s1, hr_bit_depth=args.hr_bit_depth, s2_offsets=offsets,
-                 s2_level=args.s2_level, s1_units=args.s1_units, hr_file_bands=_bands(args.hr_bands))
+                 s2_level=args.s2_level, s1_units=args.s1_units, hr_file_bands=_bands(args.hr_bands), hr_post=hr_post)
 
 
 def load_model(args: argparse.Namespace) -> SkySense:

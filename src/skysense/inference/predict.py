@@ -1,6 +1,7 @@
-"""Class maps of whole scenes from a fine-tuned segmentation model: streaming, resumable, georeferenced.
+"""Class and change maps of whole scenes from a fine-tuned model: streaming, resumable, georeferenced.
 
-:func:`predict_scene` runs a model made by ``skysense finetune --task segmentation`` over a
+:func:`predict_scene` runs a model made by ``skysense finetune --task segmentation`` (or
+``--task change``: two dates, as ``hr`` + ``hr_post`` and / or S2 / S1 series of two frames) over a
 :class:`~skysense.inference.scene.Scene` window by window, with the machinery of
 :func:`~skysense.inference.embed.embed_scene` (bounded memory, cosine-blended overlaps, blocks
 written as they finish, a killed run resumed by the same command):
@@ -42,11 +43,21 @@ def classes_path(out: Path) -> Path:
     return out.with_name(out.stem + ".classes.tif")
 
 
+def _check_two_dates(modalities: tuple[str, ...], scene: Scene) -> None:
+    """A change model compares two dates: HR needs ``hr_post``, a series exactly two frames."""
+    for m in modalities:
+        if m == "hr" and scene.hr_post_path is None:
+            raise ValueError("predict: the change model reads HR before and after; give the image after (--hr-post)")
+        if m != "hr" and len(scene.frames[m]) != 2:
+            raise ValueError(f"predict: the change model reads {m} at two dates (before, after); the scene has "
+                             f"{len(scene.frames[m])} {m} frames")
+
+
 def _completed(batch: dict[str, torch.Tensor], modalities: tuple[str, ...], window: int,
-               config: Any) -> dict[str, torch.Tensor]:
+               config: Any, frames: int = 1) -> dict[str, torch.Tensor]:
     """The batch with every modality present: one that no window of the batch has data for gets
-    zeros (the normalised mean) and, for a series, one frame marked missing. Those pixels are
-    nodata in the output anyway (``require_all``)."""
+    zeros (the normalised mean; ``hr_post`` too for a change model's HR) and, for a series,
+    ``frames`` frames marked missing. Those pixels are nodata in the output anyway (``require_all``)."""
     size = next(v.shape[0] for k, v in batch.items() if k in modalities)
     device = next(iter(batch.values())).device
     for m in modalities:
@@ -54,11 +65,13 @@ def _completed(batch: dict[str, torch.Tensor], modalities: tuple[str, ...], wind
             continue
         if m == "hr":
             batch[m] = torch.zeros(size, config.hr.in_chans, window * HR_SCALE, window * HR_SCALE, device=device)
+            if frames == 2:
+                batch["hr_post"] = torch.zeros_like(batch[m])
         else:
             channels = getattr(config, m).in_chans
-            batch[m] = torch.zeros(size, 1, channels, window, window, device=device)
-            batch[f"{m}_mask"] = torch.zeros(size, 1, dtype=torch.bool, device=device)
-            batch[f"{m}_dates"] = torch.ones(size, 1, dtype=torch.int64, device=device)
+            batch[m] = torch.zeros(size, frames, channels, window, window, device=device)
+            batch[f"{m}_mask"] = torch.zeros(size, frames, dtype=torch.bool, device=device)
+            batch[f"{m}_dates"] = torch.ones(size, frames, dtype=torch.int64, device=device)
     return batch
 
 
@@ -95,7 +108,7 @@ def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options
     """Predict the classes of ``scene`` (module docstring); resumes a partial run of the same command.
 
     Args:
-        model: a fine-tuned segmentation model (:func:`skysense.downstream.finetune.load_finetuned`),
+        model: a fine-tuned segmentation or change model (:func:`skysense.downstream.finetune.load_finetuned`),
             in eval mode, on the device to run on.
         scene: the opened inputs (read with the encoder's configuration).
         out: the probabilities' path (``.tif`` or ``.zarr``); the class map goes beside it.
@@ -104,15 +117,18 @@ def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options
         model_id: identifies the weights in the resume signature (default: a hash of them).
 
     Raises:
-        ValueError: the model is not a segmentation model, or the scene lacks one of its inputs.
+        ValueError: the model is not a segmentation or change model, or the scene lacks one of its
+            inputs (a change model: the HR image after, or a series' second date).
     """
     spec = model.spec
-    if spec.task != "segmentation":
-        raise ValueError(f"predict: expected a segmentation model, got a {spec.task} model")
+    if spec.task not in ("segmentation", "change"):
+        raise ValueError(f"predict: expected a segmentation or change model, got a {spec.task} model")
     missing = [m for m in spec.modalities if m not in scene.modalities]
     if missing:
         raise ValueError(f"predict: the model reads {list(spec.modalities)}; the scene lacks {missing} "
                          f"(given: {list(scene.modalities)})")
+    if spec.task == "change":
+        _check_two_dates(spec.modalities, scene)
     options = options or EmbedOptions()
     modalities = tuple(m for m in ("hr", "s2", "s1") if m in spec.modalities)
     upscale = HR_SCALE if "hr" in modalities else 1
@@ -122,13 +138,15 @@ def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options
     config = model.encoder.config
     classes = tuple(spec.class_names) or tuple(str(i) for i in range(spec.num_classes))
 
+    output = "mask" if spec.task == "segmentation" else "change"
+
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(_completed(batch, modalities, options.window, config))["mask"]
-        return torch.softmax(logits.float(), dim=1)
+        logits = model(_completed(batch, modalities, options.window, config, frames=1 if output == "mask" else 2))
+        return torch.softmax(logits[output].float(), dim=1)
 
     grid = scene.grid
     transform = grid.transform @ Affine.scale(1 / upscale)
-    tags = {"skysense_task": "segmentation", "skysense_classes": json.dumps(list(classes)),
+    tags = {"skysense_task": spec.task, "skysense_classes": json.dumps(list(classes)),
             "skysense_modalities": ",".join(modalities), "skysense_preset": config.preset}
     report = write_scene(scene, out, options, forward, modalities, len(classes), config, tags,
                          model_id or model_signature(model), upscale=upscale,

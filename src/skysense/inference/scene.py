@@ -413,6 +413,8 @@ class Scene:
         hr: the HR GeoTIFF, or None.
         s2, s1: the frames of each time series (:func:`resolve_frames`), possibly empty.
         hr_bit_depth: bits of the HR data (default: 8 for uint8 files, 16 for uint16).
+        hr_post: the HR image after a change (``skysense predict`` with a change model): read
+            like ``hr`` onto the same grid, as ``hr_post``; HR pixels are valid where both are.
         hr_file_bands: the names of the HR file's bands, in file order (e.g. ``("NIR", "R",
             "G", "B")``); the model's HR bands are read by name. None: the file's first bands
             are the model's, in its order.
@@ -436,13 +438,17 @@ class Scene:
         s2_level: str = "L2A",
         s1_units: str = "db",
         hr_file_bands: Sequence[str] | None = None,
+        hr_post: str | Path | None = None,
     ) -> None:
         if hr is None and not s2 and not s1:
             raise ValueError("embed: nothing to read; give at least one of hr, s2, s1")
+        if hr_post is not None and hr is None:
+            raise ValueError("hr_post: the HR image after a change needs the one before (hr)")
         if s1_units not in ("db", "linear"):
             raise ValueError(f"s1 units: expected 'db' or 'linear', got {s1_units!r}")
         self.config = config
         self.hr_path = None if hr is None else Path(hr)
+        self.hr_post_path = None if hr_post is None else Path(hr_post)
         self.frames: dict[str, list[Frame]] = {"s2": list(s2), "s1": list(s1)}
         for modality, frames in self.frames.items():
             if modality in config.fusion.date_encoded:
@@ -479,6 +485,18 @@ class Scene:
 
     def _open_hr(self) -> None:
         path = self.hr_path
+        indexes = self._hr_indexes(path)
+        frame = Frame((path,) * len(indexes), indexes, None, path)
+        self._readers["hr"] = [_FrameReader(frame, self.grid.refined(HR_SCALE), Resampling.bilinear)]
+        if self.hr_post_path is not None:
+            post = self.hr_post_path
+            if self._hr_indexes(post) != indexes:
+                raise RasterReadError(f"hr_post: {post} holds its bands in another order than {path}")
+            self._readers["hr"].append(_FrameReader(Frame((post,) * len(indexes), indexes, None, post),
+                                                    self.grid.refined(HR_SCALE), Resampling.bilinear))
+
+    def _hr_indexes(self, path: Path) -> tuple[int, ...]:
+        """The file band of each of the model's HR bands in ``path``; infers the bit depth once."""
         with open_raster(path) as src:
             count, dtype = src.count, src.dtypes[0]
         bands = self.config.inputs["hr"].bands
@@ -503,8 +521,7 @@ class Scene:
             if inferred is None:
                 raise ValueError(f"hr: {path} holds {dtype} values; give the bit depth of the data (--hr-bit-depth)")
             self.hr_bit_depth = inferred
-        frame = Frame((path,) * len(indexes), indexes, None, path)
-        self._readers["hr"] = [_FrameReader(frame, self.grid.refined(HR_SCALE), Resampling.bilinear)]
+        return indexes
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -531,6 +548,10 @@ class Scene:
                 hr_window = Window(window.col_off * HR_SCALE, window.row_off * HR_SCALE, w * HR_SCALE, h * HR_SCALE)
                 data, ok = self._readers["hr"][0].read(hr_window)
                 inputs["hr"] = hr_to_8bit(data, bit_depth=self.hr_bit_depth)
+                if len(self._readers["hr"]) > 1:  # the image after a change: valid where both are
+                    post, post_ok = self._readers["hr"][1].read(hr_window)
+                    inputs["hr_post"] = hr_to_8bit(post, bit_depth=self.hr_bit_depth)
+                    ok = ok & post_ok
                 inputs["hr_valid"] = ok
                 valid |= ok.reshape(h, HR_SCALE, w, HR_SCALE).any(axis=(1, 3))
                 continue
@@ -553,7 +574,7 @@ class Scene:
 
     def files(self) -> list[Path]:
         """Every file read, once each."""
-        paths = [] if self.hr_path is None else [self.hr_path]
+        paths = [p for p in (self.hr_path, self.hr_post_path) if p is not None]
         for frames in self.frames.values():
             for frame in frames:
                 paths.extend(frame.files)
@@ -625,6 +646,9 @@ def normalized_batch(windows: Sequence[WindowData], config: SkySenseConfig, moda
             continue
         batch[modality] = torch.from_numpy(np.stack([w.inputs[modality] for w in windows]))
         batch[f"{modality}_valid"] = torch.from_numpy(np.stack([w.inputs[f"{modality}_valid"] for w in windows]))
+        if modality == "hr" and "hr_post" in windows[0].inputs:
+            post = torch.from_numpy(np.stack([w.inputs["hr_post"] for w in windows]))
+            batch["hr_post"] = normalize({"hr": post}, config)["hr"]
         if modality != "hr":
             batch[f"{modality}_mask"] = torch.from_numpy(np.stack([w.inputs[f"{modality}_mask"] for w in windows]))
             if f"{modality}_dates" in windows[0].inputs:
@@ -636,5 +660,7 @@ def normalized_batch(windows: Sequence[WindowData], config: SkySenseConfig, moda
             x = batch[modality]
             keep = valid[:, None] if modality == "hr" else valid[:, :, None]
             batch[modality] = torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+            if modality == "hr" and "hr_post" in batch:
+                batch["hr_post"] = torch.where(keep, batch["hr_post"], torch.zeros((), dtype=x.dtype))
     batch.pop("normalized", None)
     return batch
