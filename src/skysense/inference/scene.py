@@ -62,12 +62,12 @@ from skysense.data.dates import acquisition_date, day_of_year, read_dates_txt
 from skysense.data.rasters import RASTER_SUFFIXES, RasterReadError, canonical_band, find_band_files, open_raster
 from skysense.data.units import (
     hr_to_8bit,
-    normalize,
     processing_baseline_from_name,
     s1_linear_to_db,
     s2_offset,
     s2_to_model_units,
 )
+from skysense.downstream.data import normalize_sample
 
 HR_SCALE = 32
 """HR pixels per fusion-grid pixel along each axis (the stride of the HR encoder's last level)."""
@@ -647,13 +647,12 @@ def normalized_batch(windows: Sequence[WindowData], config: SkySenseConfig, moda
         batch[modality] = torch.from_numpy(np.stack([w.inputs[modality] for w in windows]))
         batch[f"{modality}_valid"] = torch.from_numpy(np.stack([w.inputs[f"{modality}_valid"] for w in windows]))
         if modality == "hr" and "hr_post" in windows[0].inputs:
-            post = torch.from_numpy(np.stack([w.inputs["hr_post"] for w in windows]))
-            batch["hr_post"] = normalize({"hr": post}, config)["hr"]
+            batch["hr_post"] = torch.from_numpy(np.stack([w.inputs["hr_post"] for w in windows]))
         if modality != "hr":
             batch[f"{modality}_mask"] = torch.from_numpy(np.stack([w.inputs[f"{modality}_mask"] for w in windows]))
             if f"{modality}_dates" in windows[0].inputs:
                 batch[f"{modality}_dates"] = torch.from_numpy(np.stack([w.inputs[f"{modality}_dates"] for w in windows]))
-    normalize(batch, config)
+    batch = normalize_sample(batch, config)  # hr_post with the HR statistics too
     for modality in modalities:
         if modality in batch:
             valid = batch.pop(f"{modality}_valid")
