@@ -195,6 +195,8 @@ class WindowRunner:
                  stride: int = 1, upscale: int = 1, locate: bool = False, require_all: bool = False) -> None:
         if require_all and (stride > 1 or ("hr" in modalities and upscale != HR_SCALE)):
             raise ValueError("require_all: only for outputs on the fusion grid, or on the HR grid when HR is read")
+        if upscale > 1 and not require_all:
+            raise ValueError("upscale: outputs finer than the fusion grid are predictions (require_all)")
         self.locate = locate
         self.require_all = require_all
         self.scene = scene
@@ -232,10 +234,6 @@ class WindowRunner:
                     v = v.any(axis=0).repeat(self.upscale, 0).repeat(self.upscale, 1)
                 valid = v if valid is None else valid & v
             return valid
-        if self.upscale > 1:
-            if self.upscale == HR_SCALE and "hr_valid" in data.inputs:
-                return data.inputs["hr_valid"]
-            return data.valid.repeat(self.upscale, 0).repeat(self.upscale, 1)
         size = self.plan.window
         if self.stride > 1:
             return data.valid.reshape(size, self.stride, size, self.stride).any(axis=(1, 3))
