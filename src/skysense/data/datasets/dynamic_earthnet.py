@@ -25,9 +25,9 @@ log = logging.getLogger("skysense.data")
 CLASSES = ("impervious_surface", "agriculture", "forest_and_other_vegetation", "wetlands", "soil", "water",
            "snow_and_ice")
 PLANET_BANDS = ("B", "G", "R", "NIR")
+"""Band order of the Planet Fusion ``PF-SR`` files (blue first, as read by the authors' loader)."""
 PLANET_HR_BANDS = ("R", "G", "B", "NIR")
 """The Planet bands in ``planet``'s order, which ``hr_bands`` choose from."""
-"""Band order of the Planet Fusion ``PF-SR`` files (blue first, as read by the authors' loader)."""
 S2_FILE_BANDS = ("B2", "B3", "B4", "B8", "B5", "B6", "B7", "B8A", "B11", "B12", "B1", "B9")
 """Inferred band order of the 12-band monthly Sentinel-2 composites (see the class docstring)."""
 WEEKLY_DAYS = (1, 5, 10, 15, 20, 25)

@@ -122,8 +122,7 @@ class ManifestDataset(SampleDataset):
                 raise ValueError(f"{path}: line {number}: record {record['id']!r} has modalities {has}, the first "
                                  f"record {present}; every record must list the same ones")
             present = has
-            if bool(record.get("hr_post")) != bool(items[0].extra["record"].get("hr_post") if items
-                                                     else record.get("hr_post")):
+            if items and bool(record.get("hr_post")) != bool(items[0].extra["record"].get("hr_post")):
                 raise ValueError(f"{path}: line {number}: record {record['id']!r}: every record or none must "
                                  "have an hr_post image (the HR image after, for change detection)")
             if record.get("hr_post") and not record.get("hr"):
