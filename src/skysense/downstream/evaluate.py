@@ -242,7 +242,7 @@ def evaluate_run(
         ValueError: ``task`` differs from the run's task.
     """
     from skysense.downstream.data import evenly_spaced
-    from skysense.data.datasets import with_hr_bands
+    from skysense.data.datasets import options_with_hr_bands
     from skysense.downstream.finetune import build_dataset, check_hr_bands, load_finetuned, read_task
     from skysense.downstream.registry import downstream_dataset
 
@@ -254,7 +254,7 @@ def evaluate_run(
     same_dataset = name == info["dataset"]
     root = data_root if data_root is not None else (info.get("data_root") if same_dataset else None)
     split = split or info.get("eval_split")
-    options = with_hr_bands(name, info.get("dataset_options") if same_dataset else None,
+    options = options_with_hr_bands(name, info.get("dataset_options") if same_dataset else None,
                             model.encoder.config.inputs["hr"].bands)
     data = build_dataset(name, model.spec.task, split, root, options)
     check_hr_bands(data, model.spec, model.encoder)

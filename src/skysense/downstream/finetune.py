@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from skysense.compilation import compile_blocks
 from skysense.config import PRESETS, build_dataclass, config_from_yaml
-from skysense.data.datasets import DATASETS, dataset_root, reads_hr_bands, with_hr_bands
+from skysense.data.datasets import DATASETS, dataset_root, reads_hr_bands, options_with_hr_bands
 from skysense.data.sample import collate
 from skysense.downstream.data import TrainingSamples, evenly_spaced, model_keys
 from skysense.downstream.lr_decay import parameter_groups
@@ -349,7 +349,7 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, resume: bool = Fals
     device = resolve_device(config.device, "device")
     train_split, eval_split = config.splits()
     encoder = load_encoder(config.weights, config.preset, config.seed, config.hr_bands)
-    options = with_hr_bands(config.dataset, config.dataset_options, encoder.config.inputs["hr"].bands)
+    options = options_with_hr_bands(config.dataset, config.dataset_options, encoder.config.inputs["hr"].bands)
     dataset = build_dataset(config.dataset, config.task, train_split, config.data_root, options)
     spec = task_spec(config, dataset)
     check_hr_bands(dataset, spec, encoder)

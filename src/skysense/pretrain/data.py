@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from skysense.config import HR_BANDS, SkySenseConfig
-from skysense.data.datasets import DATASETS, dataset_root, with_hr_bands
+from skysense.data.datasets import DATASETS, dataset_root, options_with_hr_bands
 from skysense.data.sample import collate
 from skysense.data.shards import ShardDataset, mix_seed
 from skysense.data.units import is_normalized, normalize
@@ -206,7 +206,7 @@ def build_sample_dataset(config: PretrainConfig, data_root: str | None) -> Datas
     if name not in DATASETS:
         raise ValueError(f"data.dataset: unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     root = dataset_root(name, data_root or config.data.root)
-    options = with_hr_bands(name, config.data.dataset_options, config.hr_bands or HR_BANDS)
+    options = options_with_hr_bands(name, config.data.dataset_options, config.hr_bands or HR_BANDS)
     try:
         dataset = DATASETS[name](root, split=config.data.split, **options)
     except TypeError as error:

@@ -56,7 +56,7 @@ def reads_hr_bands(name: str) -> bool:
     return "hr_bands" in inspect.signature(DATASETS[name]).parameters
 
 
-def with_hr_bands(name: str, options: dict[str, Any] | None, bands: tuple[str, ...]) -> dict[str, Any]:
+def options_with_hr_bands(name: str, options: dict[str, Any] | None, bands: tuple[str, ...]) -> dict[str, Any]:
     """The options of dataset ``name`` with ``hr_bands`` set to a model's HR ``bands`` when they are
     not R, G, B, the options do not set them and the dataset reads other bands."""
     options = dict(options or {})
@@ -74,7 +74,8 @@ def dataset_root(name: str, given: str | Path | None = None) -> Path:
         raise ValueError(f"{name}: no data root: pass --data-root (or set {DATA_ENV})")
     return base / DEFAULT_SUBDIRS[name]
 
-__all__ = ["DATASETS", "DEFAULT_SUBDIRS", "dataset_root", "reads_hr_bands", "with_hr_bands", "Item", "SampleDataset", "AID", "OSCD", "BigEarthNetV1",
+__all__ = ["DATASETS", "DEFAULT_SUBDIRS", "dataset_root", "reads_hr_bands", "options_with_hr_bands", "Item",
+           "SampleDataset", "AID", "OSCD", "BigEarthNetV1",
            "BigEarthNetV2", "BigEarthNetMM", "EuroSATMS", "LEVIRCD", "Sen1Floods11", "SSL4EOS12", "LoveDA",
            "Potsdam", "Vaihingen", "ISAID", "DOTA", "DIOR", "DIORR", "FAIR1M", "DSIFN", "RESISC45", "FMoWSentinel",
            "DynamicEarthNet", "ManifestDataset"]
