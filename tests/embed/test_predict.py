@@ -124,17 +124,26 @@ def test_predict_command_on_a_finetuned_run(tmp_path: Path, capsys: pytest.Captu
     assert "exists" in capsys.readouterr().err
 
 
+def finetuned_run(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str, dataset: str,
+                  *options: str) -> Path:
+    """A ``tiny`` model fine-tuned for 2 steps on a real dataset under ``data_root``: its run folder."""
+    from skysense.cli import main
+
+    monkeypatch.setenv("SKYSENSE_DATA", str(data_root))
+    run = tmp_path / "run"
+    assert main(["finetune", "--task", task, "--dataset", dataset, "--preset", "tiny", "--out", str(run),
+                 "--max-steps", "2", *options, "--decoder-channels", "8", "--threads", "1", "--no-progress"]) == 0
+    return run
+
+
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_a_model_finetuned_on_loveda_maps_a_real_naip_quad(data_root: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from skysense.cli import main
 
-    monkeypatch.setenv("SKYSENSE_DATA", str(data_root))
-    run = tmp_path / "run"
-    assert main(["finetune", "--task", "segmentation", "--dataset", "loveda", "--preset", "tiny", "--out", str(run),
-                 "--max-steps", "2", "--batch-size", "1", "--crop-size", "64", "--train-split", "all",
-                 "--decoder-channels", "8", "--threads", "1", "--no-progress"]) == 0
+    run = finetuned_run(data_root, tmp_path, monkeypatch, "segmentation", "loveda", "--batch-size", "1",
+                        "--crop-size", "64", "--train-split", "all")
     naip = data_root / "samples/naip_series/m_4709963_se_14_1_20180716.tif"  # R, G, B, NIR: the first three read
     out = tmp_path / "naip_classes.tif"
     assert main(["predict", "--weights", str(run), "--hr", str(naip), "--out", str(out), "--window", "8",
@@ -207,11 +216,8 @@ def test_an_oscd_change_model_maps_a_real_city_from_its_two_dates(data_root: Pat
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from skysense.cli import main
 
-    monkeypatch.setenv("SKYSENSE_DATA", str(data_root))
-    run = tmp_path / "run"
-    assert main(["finetune", "--task", "change", "--dataset", "oscd", "--preset", "tiny", "--out", str(run),
-                 "--max-steps", "2", "--batch-size", "2", "--crop-size", "32", "--limit-train", "2",
-                 "--decoder-channels", "8", "--threads", "1", "--no-progress"]) == 0
+    run = finetuned_run(data_root, tmp_path, monkeypatch, "change", "oscd", "--batch-size", "2", "--crop-size", "32",
+                        "--limit-train", "2")
     city = data_root / "oscd/images/paris"
     out = tmp_path / "paris_change.tif"
     assert main(["predict", "--weights", str(run), "--s2", str(city / "imgs_1"), str(city / "imgs_2"),

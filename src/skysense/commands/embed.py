@@ -21,7 +21,7 @@ from skysense.commands import add_device_argument, add_hr_bands_argument
 from skysense.config import PRESETS, SkySenseConfig
 from skysense.data.dates import parse_date
 from skysense.devices import resolve_device
-from skysense.inference.embed import LEVELS, EmbedOptions, embed_scene
+from skysense.inference.embed import LEVELS, EmbedOptions, EmbedReport, embed_scene
 from skysense.inference.scene import Scene, resolve_frames, s2_frame_offsets
 from skysense.inference.writers import DTYPES, FORMATS
 from skysense.models import SkySense
@@ -135,13 +135,20 @@ def run(args: argparse.Namespace) -> int:
     options = output_options(args, level=args.level)
     with build_scene(args, model.config) as scene:
         report = embed_scene(model, scene, args.out, options)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        resumed = f", {report.blocks_skipped} already done" if report.blocks_skipped else ""
-        print(f"wrote {report.out}: {report.channels} x {report.height} x {report.width} {args.dtype} "
-              f"({report.extra['level']}, stride {report.stride}, {report.crs}); {report.blocks} blocks{resumed}, "
-              f"{report.windows_computed} windows in {report.seconds:.1f} s")
-        if report.preview is not None:
-            print(f"preview: {report.preview}")
+    print_report(report, args.json, f"{report.channels} x {report.height} x {report.width} {args.dtype} "
+                                     f"({report.extra['level']}, stride {report.stride}, {report.crs})")
     return 0
+
+
+def print_report(report: EmbedReport, as_json: bool, written: str, *lines: str) -> None:
+    """The run's report as JSON, or a line saying what was ``written`` and how, then ``lines``."""
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    resumed = f", {report.blocks_skipped} already done" if report.blocks_skipped else ""
+    print(f"wrote {report.out}: {written}; {report.blocks} blocks{resumed}, {report.windows_computed} windows in "
+          f"{report.seconds:.1f} s")
+    for line in lines:
+        print(line)
+    if report.preview is not None:
+        print(f"preview: {report.preview}")

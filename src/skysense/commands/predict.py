@@ -10,12 +10,12 @@ rerun after an interruption resumes.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from skysense.commands.embed import add_output_arguments, add_scene_arguments, build_scene, output_options
+from skysense.commands.embed import (add_output_arguments, add_scene_arguments, build_scene, output_options,
+                                     print_report)
 from skysense.devices import resolve_device
 from skysense.downstream.finetune import load_finetuned
 from skysense.inference.predict import predict_scene
@@ -43,12 +43,6 @@ def run(args: argparse.Namespace) -> int:
         args.block = max(256, args.window * (HR_SCALE if "hr" in model.spec.modalities else 1))
     with build_scene(args, model.encoder.config, hr_post=args.hr_post) as scene:
         report = predict_scene(model, scene, args.out, output_options(args))
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        resumed = f", {report.blocks_skipped} already done" if report.blocks_skipped else ""
-        print(f"wrote {report.out}: {report.channels} class probabilities x {report.height} x {report.width} "
-              f"({report.crs}); {report.blocks} blocks{resumed}, {report.windows_computed} windows in "
-              f"{report.seconds:.1f} s")
-        print(f"classes: {report.extra['finish']['classes_path']}")
+    print_report(report, args.json, f"{report.channels} class probabilities x {report.height} x {report.width} "
+                                    f"({report.crs})", f"classes: {report.extra['finish']['classes_path']}")
     return 0
