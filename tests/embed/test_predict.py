@@ -93,6 +93,27 @@ def test_hr_models_map_on_the_hr_grid_with_geo_context(tmp_path: Path) -> None:
     assert profile["transform"] == transform and np.isfinite(probabilities).all()
 
 
+def test_hr_maps_end_where_the_hr_image_does(tmp_path: Path) -> None:
+    """An HR image of 70 x 100 pixels (not multiples of 32) gets a 70 x 100 map on its own grid, with
+    windows still starting on fusion-grid pixels: the top-left one equals the model on that window."""
+    model = segmentation_model(("hr",))
+    transform = from_origin(*ORIGIN, 0.3125, 0.3125)
+    rng = np.random.default_rng(1)
+    hr = write_raster(tmp_path / "hr.tif", rng.integers(0, 256, (3, 70, 100), dtype=np.uint8), transform)
+    with Scene(model.encoder.config, hr=hr) as scene:
+        report = predict_scene(model, scene, tmp_path / "hr_map.tif",
+                               EmbedOptions(window=2, overlap=0, block=64, progress=False, preview=False))
+        batch = normalized_batch([scene.read(Window(0, 0, 2, 2), ["hr"])], model.encoder.config, ["hr"])
+    with torch.no_grad():
+        expected = torch.softmax(model(batch)["mask"], 1)[0].numpy()
+    probabilities, profile, _ = _read(report.out)
+    labels, class_profile, _ = _read(classes_path(report.out))
+    assert probabilities.shape == (3, 70, 100) and labels.shape == (1, 70, 100)
+    assert profile["transform"] == transform and class_profile["transform"] == transform
+    assert np.isfinite(probabilities).all() and (labels < 3).all()
+    np.testing.assert_allclose(probabilities[:, :32, :64], expected[:, :32, :64], atol=1e-5)
+
+
 def test_wrong_models_and_missing_inputs_are_refused(tmp_path: Path) -> None:
     classifier = build_task_model(SkySense.from_preset("tiny"), TaskSpec(task="classification", num_classes=3,
                                                                           modalities=("s2",))).eval()

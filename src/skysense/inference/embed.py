@@ -343,7 +343,8 @@ def write_scene(scene: Scene, out: str | Path, options: EmbedOptions,
                 forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], modalities: tuple[str, ...],
                 channels: int, config: SkySenseConfig, tags: dict[str, str], model_id: str, stride: int = 1,
                 upscale: int = 1, device: torch.device | None = None, locate: bool = False, require_all: bool = False,
-                finish: Callable[[Callable, list, int, int], Any] | None = None) -> EmbedReport:
+                finish: Callable[[Callable, list, int, int], Any] | None = None,
+                extent: tuple[int, int] | None = None) -> EmbedReport:
     """Run ``forward`` over ``scene`` window by window and write its ``channels`` blended outputs
     to ``out`` block by block, resumably (the machinery of :func:`embed_scene`, which
     :func:`skysense.inference.predict.predict_scene` shares). ``stride`` / ``upscale``: see
@@ -351,13 +352,17 @@ def write_scene(scene: Scene, out: str | Path, options: EmbedOptions,
     ``options.block`` output pixels; ``locate`` adds each window's ``lat`` / ``lon`` to the batch,
     ``require_all`` counts a pixel valid only where every modality holds data;
     ``finish(read_block, blocks, height, width)`` runs on the written output before it is
-    finalised (its result goes in ``extra["finish"]``)."""
+    finalised (its result goes in ``extra["finish"]``); ``extent`` (height, width) cuts the output
+    grid (a map on the HR grid of a scene without S2 / S1 ends where the HR image does, not at the
+    fusion grid's next multiple of 32 pixels)."""
     out = Path(out)
     start = time.perf_counter()
     grid = scene.grid
     height, width = -(-grid.height * upscale // stride), -(-grid.width * upscale // stride)
+    if extent is not None:
+        height, width = min(height, extent[0]), min(width, extent[1])
     plan = WindowPlan.create(height, width, options.window * upscale // stride, options.overlap * upscale // stride,
-                             options.block, options.batch_size)
+                             options.block, options.batch_size, align=upscale)
     transform = grid.transform @ Affine.scale(stride / upscale)
     spec = OutputSpec(grid.crs, transform, width, height, channels, options.dtype, options.block, tags)
     signature = {

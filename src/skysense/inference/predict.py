@@ -9,7 +9,8 @@ written as they finish, a killed run resumed by the same command):
 * the inputs are the model's modalities (``spec.modalities``), each of which the scene must give;
   with ``spec.geo_context`` each window gets the latitude / longitude of its centre;
 * the output grid is the model's target grid: the HR grid when HR is an input (the fusion grid
-  refined 32 times), else the Sentinel grid (the fusion grid itself);
+  refined 32 times; the HR image's own grid, pixel for pixel, when the scene has no S2 / S1), else
+  the Sentinel grid (the fusion grid itself);
 * ``out`` holds the class probabilities (softmax, one band per class, blended across
   overlapping windows), NaN where any input lacks data;
 * ``<out stem>.classes.tif`` holds the most probable class per pixel (uint8 tiled GeoTIFF,
@@ -146,11 +147,13 @@ def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options
 
     grid = scene.grid
     transform = grid.transform @ Affine.scale(1 / upscale)
+    extent = None if upscale == 1 or scene.hr_grid is None else (scene.hr_grid.height, scene.hr_grid.width)
     tags = {"skysense_task": spec.task, "skysense_classes": json.dumps(list(classes)),
             "skysense_modalities": ",".join(modalities), "skysense_preset": config.preset}
     report = write_scene(scene, out, options, forward, modalities, len(classes), config, tags,
                          model_id or model_signature(model), upscale=upscale,
                          device=next(model.parameters()).device, locate=spec.geo_context, require_all=True,
-                         finish=_class_map_writer(Path(out), classes, grid.crs, transform, options.block))
+                         finish=_class_map_writer(Path(out), classes, grid.crs, transform, options.block),
+                         extent=extent)
     report.extra["classes"] = list(classes)
     return report

@@ -464,12 +464,16 @@ class Scene:
         self.s2_offsets = tuple(s2_offsets or (0.0,) * len(self.frames["s2"]))
         self.s2_level = s2_level
         self.s1_units = s1_units
+        # The HR image's own grid when it sets the fusion grid (no S2 / S1): maps on the HR grid end
+        # where it does, not at the fusion grid's next multiple of HR_SCALE pixels.
+        self.hr_grid: Grid | None = None
         if self.frames["s2"]:
             self.grid = _grid_of(_finest_file(self.frames["s2"][0].files))
         elif self.frames["s1"]:
             self.grid = _grid_of(_finest_file(self.frames["s1"][0].files))
         else:
-            self.grid = _grid_of(self.hr_path).coarsened(HR_SCALE)
+            self.hr_grid = _grid_of(self.hr_path)
+            self.grid = self.hr_grid.coarsened(HR_SCALE)
         self.hr_bit_depth = hr_bit_depth
         self.hr_file_bands = None if hr_file_bands is None else tuple(hr_file_bands)
         self.hr_band_indexes: tuple[int, ...] = ()

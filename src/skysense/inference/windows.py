@@ -4,7 +4,10 @@ Everything here is in pixels of the **output grid** (one embedding per pixel). R
 of windows form a fixed lattice over the whole scene: windows of ``window`` pixels every
 ``window - overlap`` pixels, the last one of each row or column moved back to end on the scene
 edge (a scene smaller than one window gets one window reaching past its edge; the pixels
-outside the scene are read as nodata and never written). The output is written in square
+outside the scene are read as nodata and never written). With ``align`` > 1 every window starts on
+a multiple of ``align`` (a map on the HR grid, whose windows must start on a fusion-grid pixel):
+the lattice is laid over the grid rounded up to a multiple of ``align``, so the last window may
+reach past the edge by less than ``align`` pixels. The output is written in square
 **blocks** of ``block`` pixels, row-major; a block is finished once every window that overlaps
 it has been added.
 
@@ -86,6 +89,7 @@ class WindowPlan:
         overlap: pixels shared by neighbouring windows (before the last one is moved back).
         block: side of the square output blocks.
         batch_size: windows per group.
+        align: every window starts on a multiple of it (module docstring).
     """
 
     height: int
@@ -94,14 +98,17 @@ class WindowPlan:
     overlap: int
     block: int
     batch_size: int
+    align: int = 1
 
     @classmethod
-    def create(cls, height: int, width: int, window: int, overlap: int, block: int, batch_size: int) -> "WindowPlan":
+    def create(cls, height: int, width: int, window: int, overlap: int, block: int, batch_size: int,
+               align: int = 1) -> "WindowPlan":
         """Plan a ``height`` x ``width`` output grid.
 
         Raises:
-            ValueError: non-positive sizes, ``overlap`` not in ``[0, window)``, or ``block``
-                smaller than the window (naming the values).
+            ValueError: non-positive sizes, ``overlap`` not in ``[0, window)``, ``block``
+                smaller than the window, or a window or step not a multiple of ``align`` (naming
+                the values).
         """
         if height < 1 or width < 1:
             raise ValueError(f"output grid: expected at least 1 x 1 pixels, got {height} x {width}")
@@ -113,17 +120,20 @@ class WindowPlan:
             raise ValueError(f"batch size: expected at least 1, got {batch_size}")
         if block < window:
             raise ValueError(f"block: expected at least the window size ({window} output pixels), got {block}")
-        return cls(height, width, window, overlap, block, batch_size)
+        if align < 1 or window % align or overlap % align:
+            raise ValueError(f"window ({window}) and overlap ({overlap}): expected multiples of the alignment "
+                             f"({align} output pixels)")
+        return cls(height, width, window, overlap, block, batch_size, align)
 
     @cached_property
     def rows(self) -> tuple[int, ...]:
         """Start row of each lattice row of windows."""
-        return window_starts(self.height, self.window, self.window - self.overlap)
+        return window_starts(-(-self.height // self.align) * self.align, self.window, self.window - self.overlap)
 
     @cached_property
     def cols(self) -> tuple[int, ...]:
         """Start column of each lattice column of windows."""
-        return window_starts(self.width, self.window, self.window - self.overlap)
+        return window_starts(-(-self.width // self.align) * self.align, self.window, self.window - self.overlap)
 
     @property
     def block_rows(self) -> int:
