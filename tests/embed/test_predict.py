@@ -114,12 +114,64 @@ def test_hr_maps_end_where_the_hr_image_does(tmp_path: Path) -> None:
     np.testing.assert_allclose(probabilities[:, :32, :64], expected[:, :32, :64], atol=1e-5)
 
 
+def classifier_model(modalities: tuple[str, ...], **spec: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_task_model(SkySense.from_preset("tiny"), TaskSpec(task="classification", num_classes=3,
+                                                                   modalities=modalities, class_names=CLASSES,
+                                                                   **spec)).eval()
+
+
+def test_a_classifier_labels_each_tile_as_it_labels_that_window(tmp_path: Path) -> None:
+    model = classifier_model(("s2",), sentinel_size=12)
+    with s2_scene(model, tmp_path / "s2", height=16, width=24, nodata_box=(8, 16, 20, 24)) as scene:
+        report = predict_scene(model, scene, tmp_path / "tiles.tif",
+                               EmbedOptions(window=8, overlap=0, block=16, progress=False, preview=False))
+        windows = [scene.read(Window(8 * c, 8 * r, 8, 8), ["s2"]) for r in range(2) for c in range(3)]
+        batch = normalized_batch(windows, model.encoder.config, ["s2"])
+    batch["s2"] = torch.nn.functional.interpolate(batch["s2"].flatten(0, 1), size=(12, 12), mode="bilinear",
+                                                  antialias=True).unflatten(0, batch["s2"].shape[:2])
+    with torch.no_grad():
+        expected = torch.softmax(model(batch)["label"], 1).numpy().T.reshape(3, 2, 3)
+    probabilities, profile, tags = _read(report.out)
+    labels, _, _ = _read(classes_path(report.out))
+    assert probabilities.shape == (3, 2, 3) and tags["skysense_tile"] == "8"
+    assert profile["transform"] == from_origin(*ORIGIN, 80.0, 80.0)  # one pixel per 8 x 8 S2 pixels
+    assert np.isnan(probabilities[:, 1, 2]).all() and labels[0, 1, 2] == CLASS_NODATA  # a nodata corner
+    valid = np.ones((2, 3), bool)
+    valid[1, 2] = False
+    np.testing.assert_allclose(probabilities[:, valid], expected[:, valid], atol=1e-5)
+    np.testing.assert_array_equal(labels[0][valid], expected.argmax(0)[valid])
+    assert sum(report.extra["finish"]["pixels_per_class"].values()) == 5
+
+
+def test_hr_and_multilabel_classifiers_tile_the_hr_image(tmp_path: Path) -> None:
+    model = classifier_model(("hr",), multilabel=True, image_size=32)
+    rng = np.random.default_rng(2)
+    hr = write_raster(tmp_path / "hr.tif", rng.integers(0, 256, (3, 70, 100), dtype=np.uint8),
+                      from_origin(*ORIGIN, 0.3125, 0.3125))
+    with Scene(model.encoder.config, hr=hr) as scene:
+        report = predict_scene(model, scene, tmp_path / "tiles.tif",
+                               EmbedOptions(window=2, overlap=0, block=16, progress=False, preview=False))
+        batch = normalized_batch([scene.read(Window(0, 0, 2, 2), ["hr"])], model.encoder.config, ["hr"])
+    with torch.no_grad():
+        expected = torch.sigmoid(model(batch)["label"])[0].numpy()
+    probabilities, profile, _ = _read(report.out)
+    assert probabilities.shape == (3, 2, 2) and profile["transform"] == from_origin(*ORIGIN, 20.0, 20.0)
+    np.testing.assert_allclose(probabilities[:, 0, 0], expected, atol=1e-5)  # sigmoids: they need not sum to 1
+    assert np.isnan(probabilities[:, 1, :]).all() and np.isnan(probabilities[:, :, 1]).all()  # tiles past the edge
+    assert not classes_path(report.out).exists() and report.extra["finish"]["classes_path"] is None
+    assert report.extra["finish"]["pixels_per_class"] == {c: int(p >= 0.5) for c, p in zip(CLASSES, expected)}
+
+
 def test_wrong_models_and_missing_inputs_are_refused(tmp_path: Path) -> None:
-    classifier = build_task_model(SkySense.from_preset("tiny"), TaskSpec(task="classification", num_classes=3,
-                                                                          modalities=("s2",))).eval()
-    with s2_scene(classifier, tmp_path / "s2") as scene:
-        with pytest.raises(ValueError, match="predict: expected a segmentation or change model, got a classification model"):
-            predict_scene(classifier, scene, tmp_path / "a.tif")
+    detector = build_task_model(SkySense.from_preset("tiny"), TaskSpec(task="detection", num_classes=3,
+                                                                        modalities=("hr",))).eval()
+    with s2_scene(detector, tmp_path / "s2") as scene:
+        with pytest.raises(ValueError, match="predict: expected a segmentation, change, classification model, "
+                                             "got a detection model"):
+            predict_scene(detector, scene, tmp_path / "a.tif")
+        with pytest.raises(ValueError, match="a classifier labels side-by-side tiles .* overlap must be 0, got 16"):
+            predict_scene(classifier_model(("s2",)), scene, tmp_path / "c.tif", EmbedOptions(window=8))
         with pytest.raises(ValueError, match=r"predict: the model reads \['hr', 's2'\]; the scene lacks \['hr'\]"):
             predict_scene(segmentation_model(("hr", "s2")), scene, tmp_path / "b.tif")
 
@@ -143,6 +195,25 @@ def test_predict_command_on_a_finetuned_run(tmp_path: Path, capsys: pytest.Captu
     np.testing.assert_allclose(_read(out)[0], _read(library.out)[0], atol=1e-5)
     assert main([*args, "--out", str(out)]) == 2  # a finished output is not overwritten
     assert "exists" in capsys.readouterr().err
+
+
+def test_predict_command_tiles_with_the_classifiers_training_size(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from skysense.cli import main
+
+    model = classifier_model(("s2",), sentinel_size=10)  # tiles of 12 S2 pixels: 10 rounded up to the patch
+    save_finetuned(model, tmp_path / "run", {"dataset": "manifest"}, step=1)
+    s2 = write_s2_series(tmp_path / "s2", 24, 36)
+    out = tmp_path / "tiles.tif"
+    assert main(["predict", "--weights", str(tmp_path / "run"), "--s2", *map(str, s2), "--s2-offset", "0",
+                 "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 tiles of 12 x 12 fusion-grid pixels x 2 x 3" in printed and "classes:" in printed
+    with s2_scene(model, tmp_path / "again", height=24, width=36) as scene:
+        library = predict_scene(model, scene, tmp_path / "library.tif",
+                                EmbedOptions(window=12, overlap=0, progress=False, preview=False))
+    np.testing.assert_allclose(_read(out)[0], _read(library.out)[0], atol=1e-5)
+    assert np.isfinite(_read(out)[0]).all()
 
 
 def finetuned_run(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str, dataset: str,

@@ -41,14 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def add_output_arguments(parser: argparse.ArgumentParser, block_help: str = "(default 256)") -> None:
+def add_output_arguments(parser: argparse.ArgumentParser, block_help: str = "(default 256)",
+                         window_help: str = "(default 64)", overlap_help: str = "(default 16)") -> None:
     """Where and how a scene-wide run writes (:class:`EmbedOptions` and the device), for
-    ``embed`` and ``predict`` (whose ``--block`` default, None, is chosen by the command)."""
+    ``embed`` and ``predict`` (whose ``--window``, ``--overlap`` and ``--block`` defaults, None,
+    are chosen by the command)."""
     parser.add_argument("--out", type=Path, required=True, help="output .tif (cog) or folder (zarr)")
     parser.add_argument("--format", choices=FORMATS, default=None, help="default: zarr for a .zarr path, else cog")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--window", type=int, default=64, help="window side in fusion-grid pixels (default 64)")
-    parser.add_argument("--overlap", type=int, default=16, help="overlap of windows in fusion-grid pixels (default 16)")
+    parser.add_argument("--window", type=int, default=None, help=f"window side in fusion-grid pixels {window_help}")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help=f"overlap of windows in fusion-grid pixels {overlap_help}")
     parser.add_argument("--block", type=int, default=None, help=f"output block side in output pixels {block_help}")
     parser.add_argument("--batch-size", type=int, default=4)
     add_device_argument(parser)
@@ -123,7 +126,9 @@ def load_model(args: argparse.Namespace) -> SkySense:
 def output_options(args: argparse.Namespace, level: str = "fused") -> EmbedOptions:
     """The :class:`EmbedOptions` of :func:`add_output_arguments`' flags."""
     fmt = args.format or ("zarr" if args.out.suffix == ".zarr" else "cog")
-    return EmbedOptions(level=level, window=args.window, overlap=args.overlap, block=args.block or 256,
+    window = 64 if args.window is None else args.window
+    overlap = 16 if args.overlap is None else args.overlap
+    return EmbedOptions(level=level, window=window, overlap=overlap, block=args.block or 256,
                         batch_size=args.batch_size, dtype=args.dtype, format=fmt, preview=not args.no_preview,
                         progress=not args.no_progress, overwrite=args.overwrite)
 

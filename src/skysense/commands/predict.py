@@ -1,10 +1,10 @@
-"""``skysense predict``: a fine-tuned segmentation or change model over a whole scene -> georeferenced class map.
+"""``skysense predict``: a fine-tuned model over a whole scene -> georeferenced class map or labelled tiles.
 
     skysense predict --weights RUN [--hr HR.tif [--hr-post HR_AFTER.tif]] [--s2 S2 ...] [--s1 S1 ...] --out OUT.tif
 
 Writes the class probabilities to ``OUT`` and the most probable class to ``OUT.classes.tif``
-(:mod:`skysense.inference.predict`); the inputs are read as ``skysense embed`` reads them, and a
-rerun after an interruption resumes.
+(:mod:`skysense.inference.predict`: segmentation and change maps, a classifier's tiles); the
+inputs are read as ``skysense embed`` reads them, and a rerun after an interruption resumes.
 """
 
 from __future__ import annotations
@@ -18,31 +18,57 @@ from skysense.commands.embed import (add_output_arguments, add_scene_arguments, 
                                      print_report)
 from skysense.devices import resolve_device
 from skysense.downstream.finetune import load_finetuned
+from skysense.downstream.tasks import TaskSpec
 from skysense.inference.predict import predict_scene
 from skysense.inference.scene import HR_SCALE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("predict", help="a fine-tuned segmentation or change model over a whole scene: "
-                                                   "class map")
+    parser = subparsers.add_parser("predict", help="a fine-tuned model over a whole scene: class map (segmentation, "
+                                                   "change), labelled tiles (classification)")
     add_scene_arguments(parser)
     parser.add_argument("--hr-post", type=Path, default=None,
                         help="change models: the HR GeoTIFF after (--hr is the one before); S2 / S1 change "
                              "models take two acquisitions per series")
     parser.add_argument("--weights", type=Path, required=True, help="a run folder written by skysense finetune")
     add_output_arguments(parser, "(default: 256, or one window when that is larger: 2048 HR pixels for the default "
-                                 "window of 64 with HR input)")
+                                 "window of 64 with HR input)",
+                         window_help="(default 64; a classifier's tile: its HR image size / 32, else its "
+                                     "S2/S1 size, else 64)",
+                         overlap_help="(default 16; 0 for a classifier, whose tiles do not overlap)")
     parser.set_defaults(run=run)
+
+
+def default_window(spec: TaskSpec, patch: int) -> int:
+    """The ``--window`` of a model: 64 fusion-grid pixels; a classifier's tile is the input it was
+    trained on, its HR ``image_size`` / 32 or its S2 / S1 ``sentinel_size`` (rounded up to the ViT
+    patch), when it has one."""
+    if spec.task == "classification":
+        if "hr" in spec.modalities and spec.image_size:
+            return max(1, spec.image_size // HR_SCALE)
+        if "hr" not in spec.modalities and spec.sentinel_size:
+            return -(-spec.sentinel_size // patch) * patch
+    return 64
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_finetuned(args.weights).to(resolve_device(args.device)).eval()
+    spec = model.spec
+    tiles = spec.task == "classification"
+    if args.window is None:
+        args.window = default_window(spec, model.encoder.config.s2.patch_size)
+    if args.overlap is None:
+        args.overlap = 0 if tiles else 16
     if args.block is None:  # one output block holds at least one window
-        args.block = max(256, args.window * (HR_SCALE if "hr" in model.spec.modalities else 1))
+        args.block = 256 if tiles else max(256, args.window * (HR_SCALE if "hr" in spec.modalities else 1))
     with build_scene(args, model.encoder.config, hr_post=args.hr_post) as scene:
         report = predict_scene(model, scene, args.out, output_options(args))
-    print_report(report, args.json, f"{report.channels} class probabilities x {report.height} x {report.width} "
-                                    f"({report.crs})", f"classes: {report.extra['finish']['classes_path']}")
+    what = (f"tiles of {args.window} x {args.window} fusion-grid pixels" if tiles else "class probabilities")
+    finished = report.extra["finish"]
+    classes = (f"classes: {finished['classes_path']}" if finished["classes_path"] else
+               f"tiles per class (probability >= {finished['threshold']}): {finished['pixels_per_class']}")
+    print_report(report, args.json, f"{report.channels} {what} x {report.height} x {report.width} ({report.crs})",
+                 classes)
     return 0

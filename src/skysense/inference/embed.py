@@ -193,10 +193,11 @@ class WindowRunner:
     def __init__(self, scene: Scene, plan: WindowPlan, modalities: tuple[str, ...], config: SkySenseConfig,
                  forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], device: torch.device,
                  stride: int = 1, upscale: int = 1, locate: bool = False, require_all: bool = False) -> None:
-        if require_all and (stride > 1 or ("hr" in modalities and upscale != HR_SCALE)):
-            raise ValueError("require_all: only for outputs on the fusion grid, or on the HR grid when HR is read")
-        if upscale > 1 and not require_all:
-            raise ValueError("upscale: outputs finer than the fusion grid are predictions (require_all)")
+        if stride > 1 and upscale > 1:
+            raise ValueError(f"stride ({stride}) and upscale ({upscale}): one of them must be 1")
+        if upscale > 1 and not (require_all and upscale == HR_SCALE and "hr" in modalities):
+            raise ValueError(f"upscale: outputs finer than the fusion grid are predictions on the HR grid "
+                             f"(require_all, upscale {HR_SCALE}, HR read); got upscale {upscale}")
         self.locate = locate
         self.require_all = require_all
         self.scene = scene
@@ -224,20 +225,26 @@ class WindowRunner:
         return torch.tensor(lat, dtype=torch.float32), torch.tensor(lon, dtype=torch.float32)
 
     def _valid(self, data: WindowData) -> np.ndarray:
-        """Validity on the output grid of a window: where any modality holds data, or with
-        ``require_all`` where every one does (a prediction needs all its inputs)."""
-        if self.require_all:
-            valid = None
-            for m in self.modalities:
-                v = data.inputs[f"{m}_valid"]
-                if m != "hr":  # (T, h, w) per frame on the fusion grid; HR's is on the HR grid already
-                    v = v.any(axis=0).repeat(self.upscale, 0).repeat(self.upscale, 1)
-                valid = v if valid is None else valid & v
-            return valid
+        """Validity on the output grid of a window: where any modality holds data; with
+        ``require_all`` where every one does (a prediction needs all its inputs), and an output
+        pixel coarser than the fusion grid (a classified tile) only when they do over all of it."""
         size = self.plan.window
+        if not self.require_all:
+            if self.stride > 1:
+                return data.valid.reshape(size, self.stride, size, self.stride).any(axis=(1, 3))
+            return data.valid
+        valid = None
+        for m in self.modalities:
+            v = data.inputs[f"{m}_valid"]
+            if m != "hr":  # (T, h, w) per frame on the fusion grid
+                v = v.any(axis=0).repeat(self.upscale, 0).repeat(self.upscale, 1)
+            elif self.upscale == 1:  # HR grid -> fusion grid: a fusion pixel needs all its HR pixels
+                n = v.shape[0] // HR_SCALE
+                v = v.reshape(n, HR_SCALE, n, HR_SCALE).all(axis=(1, 3))
+            valid = v if valid is None else valid & v
         if self.stride > 1:
-            return data.valid.reshape(size, self.stride, size, self.stride).any(axis=(1, 3))
-        return data.valid
+            valid = valid.reshape(size, self.stride, size, self.stride).all(axis=(1, 3))
+        return valid
 
     def run(self, group: Group) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Output (C, w, w) and validity (w, w) on the output grid of each window with data.

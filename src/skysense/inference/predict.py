@@ -1,22 +1,31 @@
 """Class and change maps of whole scenes from a fine-tuned model: streaming, resumable, georeferenced.
 
 :func:`predict_scene` runs a model made by ``skysense finetune --task segmentation`` (or
-``--task change``: two dates, as ``hr`` + ``hr_post`` and / or S2 / S1 series of two frames) over a
-:class:`~skysense.inference.scene.Scene` window by window, with the machinery of
-:func:`~skysense.inference.embed.embed_scene` (bounded memory, cosine-blended overlaps, blocks
-written as they finish, a killed run resumed by the same command):
+``--task change``: two dates, as ``hr`` + ``hr_post`` and / or S2 / S1 series of two frames; or
+``--task classification``: tiles) over a :class:`~skysense.inference.scene.Scene` window by
+window, with the machinery of :func:`~skysense.inference.embed.embed_scene` (bounded memory,
+cosine-blended overlaps, blocks written as they finish, a killed run resumed by the same command):
 
 * the inputs are the model's modalities (``spec.modalities``), each of which the scene must give;
   with ``spec.geo_context`` each window gets the latitude / longitude of its centre;
-* the output grid is the model's target grid: the HR grid when HR is an input (the fusion grid
-  refined 32 times; the HR image's own grid, pixel for pixel, when the scene has no S2 / S1), else
-  the Sentinel grid (the fusion grid itself);
+* segmentation and change: the output grid is the model's target grid: the HR grid when HR is an
+  input (the fusion grid refined 32 times; the HR image's own grid, pixel for pixel, when the
+  scene has no S2 / S1), else the Sentinel grid (the fusion grid itself); a pixel is nodata where
+  any input lacks data;
+* classification: the scene is cut into side-by-side **tiles** of ``window`` x ``window``
+  fusion-grid pixels (``overlap`` 0), one output pixel each (the fusion grid coarsened ``window``
+  times), from the grid's top-left corner. Each tile is classified as the model was trained: HR
+  resized to its ``image_size``, S2 / S1 frames to its ``sentinel_size`` when it has one. A tile is
+  nodata unless every input holds data over all of it (a partial tile at the scene's right or
+  bottom edge is nodata);
 * ``out`` holds the class probabilities (softmax, one band per class, blended across
-  overlapping windows), NaN where any input lacks data;
+  overlapping windows; a multi-label classifier's sigmoid per class), NaN where nodata;
 * ``<out stem>.classes.tif`` holds the most probable class per pixel (uint8 tiled GeoTIFF,
-  255 = nodata), tagged with the class names.
+  255 = nodata), tagged with the class names; a multi-label classifier has none (a tile may hold
+  several classes), and the report counts the tiles at or above 0.5 per class instead.
 
-Both keep the scene's CRS; the transform is the fusion grid's divided by the refinement.
+Both keep the scene's CRS; the transform is the fusion grid's scaled by the tile (classification)
+or divided by the refinement (maps on the HR grid).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import rasterio
 import torch
 from affine import Affine
 
+from skysense.downstream.data import resize_series
 from skysense.downstream.tasks import DownstreamModel
 from skysense.inference.embed import EmbedOptions, EmbedReport, model_signature, write_scene
 from skysense.inference.scene import HR_SCALE, Scene
@@ -104,26 +114,57 @@ def _class_map_writer(out: Path, classes: tuple[str, ...], crs: Any, transform: 
     return finish
 
 
+def _tile_counter(classes: tuple[str, ...], threshold: float = 0.5) -> Callable[[Callable, list, int, int], dict[str, Any]]:
+    """``finish`` hook of a multi-label classifier: no class map (a tile may hold several classes);
+    counts the tiles whose probability of each class reaches ``threshold``."""
+
+    def finish(read_block: Callable, blocks: list, height: int, width: int) -> dict[str, Any]:
+        counts = np.zeros(len(classes), dtype=np.int64)
+        for bounds in blocks:
+            probabilities = read_block(bounds)
+            valid = np.isfinite(probabilities).all(axis=0)
+            counts += (probabilities[:, valid] >= threshold).sum(axis=1)
+        return {"classes_path": None, "threshold": threshold, "pixels_per_class": dict(zip(classes, counts.tolist()))}
+
+    return finish
+
+
+PREDICTED_TASKS = ("segmentation", "change", "classification")
+"""Tasks :func:`predict_scene` maps (detections: :func:`skysense.inference.detect.detect_scene`)."""
+
+
+def _resized_series(batch: dict[str, torch.Tensor], size: int | None) -> dict[str, torch.Tensor]:
+    """S2 / S1 frames (B, T, C, h, w) resized to ``size`` as the classifier was trained on them
+    (:func:`~skysense.downstream.data.resize_series`); the batch itself when ``size`` is None."""
+    if size is None:
+        return batch
+    flat = {m: batch[m].flatten(0, 1) for m in ("s2", "s1") if m in batch}
+    resized = resize_series(flat, size)
+    return {**batch, **{m: resized[m].unflatten(0, batch[m].shape[:2]) for m in flat}}
+
+
 def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options: EmbedOptions | None = None,
                   model_id: str | None = None) -> EmbedReport:
     """Predict the classes of ``scene`` (module docstring); resumes a partial run of the same command.
 
     Args:
-        model: a fine-tuned segmentation or change model (:func:`skysense.downstream.finetune.load_finetuned`),
-            in eval mode, on the device to run on.
+        model: a fine-tuned segmentation, change or classification model
+            (:func:`skysense.downstream.finetune.load_finetuned`), in eval mode, on the device to run on.
         scene: the opened inputs (read with the encoder's configuration).
         out: the probabilities' path (``.tif`` or ``.zarr``); the class map goes beside it.
-        options: window, overlap (fusion-grid pixels), block (output pixels), batch size, dtype,
-            format, preview (a PCA of the probabilities), progress, overwrite (``level`` is unused).
+        options: window (a classifier's tile), overlap (fusion-grid pixels; 0 for a classifier),
+            block (output pixels), batch size, dtype, format, preview (a PCA of the probabilities),
+            progress, overwrite (``level`` is unused).
         model_id: identifies the weights in the resume signature (default: a hash of them).
 
     Raises:
-        ValueError: the model is not a segmentation or change model, or the scene lacks one of its
-            inputs (a change model: the HR image after, or a series' second date).
+        ValueError: the model is not a segmentation, change or classification model, the scene
+            lacks one of its inputs (a change model: the HR image after, or a series' second
+            date), or a classifier's tiles would overlap.
     """
     spec = model.spec
-    if spec.task not in ("segmentation", "change"):
-        raise ValueError(f"predict: expected a segmentation or change model, got a {spec.task} model")
+    if spec.task not in PREDICTED_TASKS:
+        raise ValueError(f"predict: expected a {', '.join(PREDICTED_TASKS)} model, got a {spec.task} model")
     missing = [m for m in spec.modalities if m not in scene.modalities]
     if missing:
         raise ValueError(f"predict: the model reads {list(spec.modalities)}; the scene lacks {missing} "
@@ -132,28 +173,41 @@ def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options
         _check_two_dates(spec.modalities, scene)
     options = options or EmbedOptions()
     modalities = tuple(m for m in ("hr", "s2", "s1") if m in spec.modalities)
-    upscale = HR_SCALE if "hr" in modalities else 1
     patch = model.encoder.config.s2.patch_size
     if any(m != "hr" for m in modalities) and options.window % patch:
         raise ValueError(f"window: expected a multiple of the ViT patch ({patch} pixels), got {options.window}")
     config = model.encoder.config
     classes = tuple(spec.class_names) or tuple(str(i) for i in range(spec.num_classes))
-
-    output = "mask" if spec.task == "segmentation" else "change"
+    tiles = spec.task == "classification"
+    if tiles and options.overlap:
+        raise ValueError(f"predict: a classifier labels side-by-side tiles of window x window fusion-grid pixels; "
+                         f"overlap must be 0, got {options.overlap}")
+    upscale = HR_SCALE if "hr" in modalities and not tiles else 1
+    stride = options.window if tiles else 1
+    output = {"segmentation": "mask", "change": "change", "classification": "label"}[spec.task]
+    frames = 2 if spec.task == "change" else 1
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(_completed(batch, modalities, options.window, config, frames=1 if output == "mask" else 2))
-        return torch.softmax(logits[output].float(), dim=1)
+        batch = _completed(batch, modalities, options.window, config, frames=frames)
+        if tiles:
+            logits = model(_resized_series(batch, spec.sentinel_size))[output].float()[:, :, None, None]
+        else:
+            logits = model(batch)[output].float()
+        return torch.sigmoid(logits) if spec.multilabel else torch.softmax(logits, dim=1)
 
     grid = scene.grid
-    transform = grid.transform @ Affine.scale(1 / upscale)
+    transform = grid.transform @ Affine.scale(stride / upscale)
     extent = None if upscale == 1 or scene.hr_grid is None else (scene.hr_grid.height, scene.hr_grid.width)
     tags = {"skysense_task": spec.task, "skysense_classes": json.dumps(list(classes)),
             "skysense_modalities": ",".join(modalities), "skysense_preset": config.preset}
+    if tiles:
+        tags["skysense_tile"] = str(options.window)
+    finish = (_tile_counter(classes) if spec.multilabel else
+              _class_map_writer(Path(out), classes, grid.crs, transform, options.block))
     report = write_scene(scene, out, options, forward, modalities, len(classes), config, tags,
-                         model_id or model_signature(model), upscale=upscale,
+                         model_id or model_signature(model), stride=stride, upscale=upscale,
                          device=next(model.parameters()).device, locate=spec.geo_context, require_all=True,
-                         finish=_class_map_writer(Path(out), classes, grid.crs, transform, options.block),
-                         extent=extent)
+                         finish=finish, extent=extent)
     report.extra["classes"] = list(classes)
+    report.extra["task"] = spec.task
     return report
