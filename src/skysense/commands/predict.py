@@ -3,29 +3,37 @@
     skysense predict --weights RUN [--hr HR.tif [--hr-post HR_AFTER.tif]] [--s2 S2 ...] [--s1 S1 ...] --out OUT.tif
 
 Writes the class probabilities to ``OUT`` and the most probable class to ``OUT.classes.tif``
-(:mod:`skysense.inference.predict`: segmentation and change maps, a classifier's tiles); the
-inputs are read as ``skysense embed`` reads them, and a rerun after an interruption resumes.
+(:mod:`skysense.inference.predict`: segmentation and change maps, a classifier's tiles), or a
+detector's boxes to the GeoJSON ``OUT`` (:mod:`skysense.inference.detect`); the inputs are read as
+``skysense embed`` reads them, and a rerun after an interruption resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from skysense.commands.embed import (add_output_arguments, add_scene_arguments, build_scene, output_options,
                                      print_report)
 from skysense.devices import resolve_device
-from skysense.downstream.finetune import load_finetuned
-from skysense.downstream.tasks import TaskSpec
+from skysense.downstream.finetune import load_finetuned, read_task
+from skysense.downstream.tasks import DETECTION_TASKS, TaskSpec
+from skysense.inference.detect import DetectOptions, detect_scene
 from skysense.inference.predict import predict_scene
 from skysense.inference.scene import HR_SCALE
+
+if TYPE_CHECKING:
+    from skysense.downstream.detection import DetectionModel
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="a fine-tuned model over a whole scene: class map (segmentation, "
-                                                   "change), labelled tiles (classification)")
+                                                   "change), labelled tiles (classification), GeoJSON boxes "
+                                                   "(detection)")
     add_scene_arguments(parser)
     parser.add_argument("--hr-post", type=Path, default=None,
                         help="change models: the HR GeoTIFF after (--hr is the one before); S2 / S1 change "
@@ -35,7 +43,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                  "window of 64 with HR input)",
                          window_help="(default 64; a classifier's tile: its HR image size / 32, else its "
                                      "S2/S1 size, else 64)",
-                         overlap_help="(default 16; 0 for a classifier, whose tiles do not overlap)")
+                         overlap_help="(default 16; 0 for a classifier, whose tiles do not overlap; a "
+                                      "detector's window / 4)")
+    detection = parser.add_argument_group("detectors (the output is a GeoJSON of boxes; --window defaults to the "
+                                          "run's training crop / 32)")
+    detection.add_argument("--min-score", type=float, default=0.0,
+                           help="leave out detections scoring less (the head keeps those of at least 0.05)")
+    detection.add_argument("--wgs84", action="store_true",
+                           help="longitude / latitude (RFC 7946) instead of the scene's CRS")
+    detection.add_argument("--keep-fragments", action="store_true",
+                           help="merge windows by NMS alone (by default, parts of objects a window edge cuts are "
+                                "dropped when another window sees the object whole)")
     parser.set_defaults(run=run)
 
 
@@ -56,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = load_finetuned(args.weights).to(resolve_device(args.device)).eval()
     spec = model.spec
+    if spec.task in DETECTION_TASKS:
+        return run_detection(args, model)
     tiles = spec.task == "classification"
     if args.window is None:
         args.window = default_window(spec, model.encoder.config.s2.patch_size)
@@ -71,4 +91,29 @@ def run(args: argparse.Namespace) -> int:
                f"tiles per class (probability >= {finished['threshold']}): {finished['pixels_per_class']}")
     print_report(report, args.json, f"{report.channels} {what} x {report.height} x {report.width} ({report.crs})",
                  classes)
+    return 0
+
+
+def run_detection(args: argparse.Namespace, model: DetectionModel) -> int:
+    """``predict`` with a detector: the objects of the scene as GeoJSON (:mod:`skysense.inference.detect`)."""
+    unused = [flag for flag, value in (("--format", args.format), ("--block", args.block)) if value is not None]
+    if unused:
+        raise ValueError(f"predict: a detector writes a GeoJSON of boxes; {', '.join(unused)} do not apply")
+    if args.window is None:
+        crop = read_task(args.weights).get("crop_size")
+        args.window = max(1, crop // HR_SCALE) if crop else 32
+    if args.overlap is None:
+        args.overlap = args.window // 4
+    options = DetectOptions(window=args.window, overlap=args.overlap, batch_size=args.batch_size,
+                            min_score=args.min_score, drop_fragments=not args.keep_fragments, wgs84=args.wgs84,
+                            progress=not args.no_progress, overwrite=args.overwrite)
+    with build_scene(args, model.encoder.config, hr_post=args.hr_post) as scene:
+        report = detect_scene(model, scene, args.out, options)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    resumed = f", {report.rows_skipped} rows of windows already done" if report.rows_skipped else ""
+    print(f"wrote {report.out}: {report.detections} detections ({report.coordinates}) from {report.windows} windows "
+          f"of {args.window * HR_SCALE} px{resumed}, {report.windows_computed} computed in {report.seconds:.1f} s")
+    print(f"per class: {report.per_class}")
     return 0

@@ -58,7 +58,7 @@ try:
 except ImportError as error:  # pragma: no cover - installed with the extra
     raise ImportError(f"detection needs torchvision: pip install 'skysense[detection]' ({error})") from error
 
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, box_iou
 
 from skysense.downstream.boxes import box_coverage, cut_by_window, horizontal_boxes
 from skysense.downstream.sliding_window import crop, grid_alignment, reference_size, window_starts
@@ -90,6 +90,8 @@ class DetectionModel(DownstreamModel):
     # The detections' entry whose overlaps decide fragments, and the coverage function for it.
     outline_key = "boxes"
     coverage = staticmethod(box_coverage)
+    # The IoU of two sets of outlines (N, M), as the merging NMS measures it.
+    iou = staticmethod(box_iou)
 
     def __init__(self, encoder: SkySense, spec: TaskSpec) -> None:
         super().__init__(encoder, spec)
@@ -206,10 +208,17 @@ class DetectionModel(DownstreamModel):
         """One window's detections in the pixels of the scene whose window starts at (x, y)."""
         return {**found, "boxes": found["boxes"] + found["boxes"].new_tensor([x, y, x, y])}
 
-    def merged(self, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Detections of overlapping windows after class-wise NMS, the head's number at most."""
-        keep = batched_nms(found["boxes"].float(), found["scores"].float(), found["labels"],
-                           self.roi_heads.nms_thresh)[:self.roi_heads.detections_per_img]
+    @property
+    def nms_threshold(self) -> float:
+        """IoU above which the merging NMS keeps only the higher-scoring of two detections of a class."""
+        return self.roi_heads.nms_thresh
+
+    def merged(self, found: dict[str, torch.Tensor], cap: bool = True) -> dict[str, torch.Tensor]:
+        """Detections of overlapping windows after class-wise NMS, the head's number at most
+        (``cap=False``: all of them, for a scene's worth of windows)."""
+        keep = batched_nms(found["boxes"].float(), found["scores"].float(), found["labels"], self.nms_threshold)
+        if cap:
+            keep = keep[:self.roi_heads.detections_per_img]
         return {k: v[keep] for k, v in found.items()}
 
     def loss(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

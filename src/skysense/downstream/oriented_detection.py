@@ -41,8 +41,8 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from skysense.downstream.boxes import horizontal_boxes
 from skysense.downstream.detection import ROI_LEVELS, DetectionModel
-from skysense.downstream.rotated_boxes import (batched_rotated_nms, corners_to_rbox, quad_coverage, rbox_to_corners,
-                                               regularize)
+from skysense.downstream.rotated_boxes import (batched_rotated_nms, corners_to_rbox, quad_coverage, quad_iou,
+                                               rbox_to_corners, regularize)
 
 DELTA_WEIGHTS = (10.0, 10.0, 5.0, 5.0, 10.0)
 ANGLE_SCALE = 2 * math.pi
@@ -202,6 +202,8 @@ class OrientedDetectionModel(DetectionModel):
     box_width = 8
     outline_key = "corners"
     coverage = staticmethod(quad_coverage)
+    iou = staticmethod(quad_iou)
+    nms_threshold = NMS_THRESHOLD
 
     def box_head(self, channels: int, num_classes: int) -> nn.Module:
         return OrientedRoIHead(channels, num_classes)
@@ -212,9 +214,9 @@ class OrientedDetectionModel(DetectionModel):
         boxes[:, :2] += boxes.new_tensor([x, y])
         return {**found, "boxes": boxes, "corners": corners + corners.new_tensor([x, y] * 4)}
 
-    def merged(self, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        keep = batched_rotated_nms(found["boxes"], found["scores"], found["labels"], NMS_THRESHOLD)[:DETECTIONS]
-        return {k: v[keep] for k, v in found.items()}
+    def merged(self, found: dict[str, torch.Tensor], cap: bool = True) -> dict[str, torch.Tensor]:
+        keep = batched_rotated_nms(found["boxes"], found["scores"], found["labels"], self.nms_threshold)
+        return {k: v[keep[:DETECTIONS] if cap else keep] for k, v in found.items()}
 
     def image_targets(self, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The corners' hulls (``boxes``, for the proposal network), rectangles (``rboxes``) and ``labels``."""

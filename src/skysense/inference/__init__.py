@@ -4,23 +4,29 @@ Modules: :mod:`~skysense.inference.scene` (inputs of every modality read window 
 grid), :mod:`~skysense.inference.windows` (window lattice, output blocks, blending weights),
 :mod:`~skysense.inference.embed` (the streaming embedder), :mod:`~skysense.inference.writers`
 (COG / Zarr block writers with a progress sidecar), :mod:`~skysense.inference.predict` (class
-maps of a fine-tuned segmentation model, the same way), :mod:`~skysense.inference.preview` (PCA
+maps of a fine-tuned segmentation or change model and a classifier's labelled tiles, the same
+way), :mod:`~skysense.inference.detect` (a fine-tuned detector's objects as GeoJSON, window by
+window, resumable), :mod:`~skysense.inference.preview` (PCA
 false-colour PNG), :mod:`~skysense.inference.export` (ONNX and ``torch.export`` programs of the
 encoders).
 """
 
+from skysense.inference.detect import DetectOptions, DetectReport, detect_scene
 from skysense.inference.embed import EmbedOptions, EmbedReport, embed_scene
 from skysense.inference.predict import predict_scene
 from skysense.inference.scene import Frame, Grid, Scene, resolve_frames, s2_frame_offsets
 from skysense.inference.windows import WindowPlan
 
 __all__ = [
+    "DetectOptions",
+    "DetectReport",
     "EmbedOptions",
     "EmbedReport",
     "Frame",
     "Grid",
     "Scene",
     "WindowPlan",
+    "detect_scene",
     "embed_scene",
     "predict_scene",
     "resolve_frames",

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from skysense.data.rasters import RasterReadError
 from skysense.inference.preview import pca_preview
 from skysense.config import SkySenseConfig
-from skysense.inference.scene import HR_SCALE, Scene, WindowData, normalized_batch
+from skysense.inference.scene import HR_SCALE, Grid, Scene, WindowData, normalized_batch
 from skysense.inference.windows import OWNER_ORDER, Group, WindowPlan
 from skysense.inference.writers import DTYPES, FORMATS, BlockWriter, OutputSpec, close_progress, open_writer
 from skysense.models import SkySense
@@ -148,6 +148,19 @@ def model_signature(model: SkySense) -> str:
     return digest.hexdigest()
 
 
+def window_centres(grid: Grid, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latitude and longitude (degrees, float32) of the centre of each window of ``grid`` (geo-context).
+
+    Raises:
+        ValueError: the grid has no CRS.
+    """
+    if grid.crs is None:
+        raise ValueError("geo-context: the scene has no CRS, so windows have no latitude / longitude")
+    xs, ys = zip(*(grid.transform * (w.col_off + w.width / 2, w.row_off + w.height / 2) for w in windows))
+    lon, lat = rasterio.warp.transform(grid.crs, "EPSG:4326", list(xs), list(ys))
+    return torch.tensor(lat, dtype=torch.float32), torch.tensor(lon, dtype=torch.float32)
+
+
 class _BlockSum:
     """Weighted sum, weight and validity of one output block."""
 
@@ -215,15 +228,6 @@ class WindowRunner:
         size = self.plan.window * self.stride // self.upscale
         return Window(x0 * self.stride // self.upscale, y0 * self.stride // self.upscale, size, size)
 
-    def _centres(self, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latitude and longitude (degrees, float32) of each window's centre (geo-context)."""
-        grid = self.scene.grid
-        if grid.crs is None:
-            raise ValueError("geo-context: the scene has no CRS, so windows have no latitude / longitude")
-        xs, ys = zip(*(grid.transform * (w.col_off + w.width / 2, w.row_off + w.height / 2) for w in windows))
-        lon, lat = rasterio.warp.transform(grid.crs, "EPSG:4326", list(xs), list(ys))
-        return torch.tensor(lat, dtype=torch.float32), torch.tensor(lon, dtype=torch.float32)
-
     def _valid(self, data: WindowData) -> np.ndarray:
         """Validity on the output grid of a window: where any modality holds data; with
         ``require_all`` where every one does (a prediction needs all its inputs), and an output
@@ -270,7 +274,8 @@ class WindowRunner:
             return {}
         batch = normalized_batch([d for _, d in reads], self.config, self.modalities)
         if self.locate:
-            batch["lat"], batch["lon"] = self._centres([self._fusion_window(group.row, c) for c, _ in reads])
+            batch["lat"], batch["lon"] = window_centres(self.scene.grid,
+                                                          [self._fusion_window(group.row, c) for c, _ in reads])
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
             features = self.forward(batch)

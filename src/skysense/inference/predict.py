@@ -64,7 +64,7 @@ def _check_two_dates(modalities: tuple[str, ...], scene: Scene) -> None:
                              f"{len(scene.frames[m])} {m} frames")
 
 
-def _completed(batch: dict[str, torch.Tensor], modalities: tuple[str, ...], window: int,
+def completed_batch(batch: dict[str, torch.Tensor], modalities: tuple[str, ...], window: int,
                config: Any, frames: int = 1) -> dict[str, torch.Tensor]:
     """The batch with every modality present: one that no window of the batch has data for gets
     zeros (the normalised mean; ``hr_post`` too for a change model's HR) and, for a series,
@@ -188,7 +188,7 @@ def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options
     frames = 2 if spec.task == "change" else 1
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = _completed(batch, modalities, options.window, config, frames=frames)
+        batch = completed_batch(batch, modalities, options.window, config, frames=frames)
         if tiles:
             logits = model(_resized_series(batch, spec.sentinel_size))[output].float()[:, :, None, None]
         else:
