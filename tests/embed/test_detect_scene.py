@@ -203,3 +203,34 @@ def test_the_command_line_and_inference_import_without_torchvision() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert printed.strip() == "[]"
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_a_detector_finetuned_on_dota_finds_objects_in_a_real_naip_quad(data_root: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    from skysense.cli import main
+
+    run = tmp_path / "run"
+    assert main(["finetune", "--task", "detection", "--dataset", "dota", "--data-root", str(data_root / "samples/dota"),
+                 "--preset", "tiny", "--out", str(run), "--max-steps", "2", "--batch-size", "2", "--crop-size", "256",
+                 "--train-split", "all", "--eval-split", "all", "--decoder-channels", "32", "--threads", "1",
+                 "--no-progress"]) == 0
+    naip = data_root / "samples/naip_series/m_4709963_se_14_1_20180716.tif"  # 724 x 934 px, R, G, B, NIR
+    out = tmp_path / "naip_objects.geojson"
+    assert main(["predict", "--weights", str(run), "--hr", str(naip), "--out", str(out), "--no-progress",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    collection = json.loads(out.read_text())
+    with rasterio.open(naip) as src:
+        left, bottom, right, top = src.bounds
+        crs = src.crs
+    # windows of the 256 px training crop every 192 px: 4 rows x 5 columns over 736 x 960 px
+    assert collection["skysense"]["window_pixels"] == 256 and report["windows"] == 20
+    assert report["coordinates"] == f"EPSG:{crs.to_epsg()}" == "EPSG:26914"
+    assert report["detections"] == len(collection["features"]) and report["extra"]["before_merge"] >= report["detections"]
+    for feature in collection["features"]:
+        ring = np.array(feature["geometry"]["coordinates"][0])
+        centre = ring[:4].mean(0)
+        assert left <= centre[0] <= right and bottom <= centre[1] <= top
+        assert feature["properties"]["class"] in collection["skysense"]["classes"]

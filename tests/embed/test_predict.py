@@ -244,10 +244,33 @@ def test_a_model_finetuned_on_loveda_maps_a_real_naip_quad(data_root: Path, tmp_
         crs, transform, (height, width) = src.crs, src.transform, src.shape
     labels, profile, tags = _read(classes_path(out))
     assert profile["crs"] == crs and profile["transform"] == transform
-    # the HR grid padded to whole fusion-grid pixels (32 px): the padding is nodata
-    assert labels.shape == (1, -(-height // 32) * 32, -(-width // 32) * 32)
-    assert (labels[0, :height, :width] < 7).all() and (labels[0, height:] == CLASS_NODATA).all()
+    assert labels.shape == (1, height, width) and (labels < 7).all()  # the quad's own grid, every pixel mapped
     assert len(json.loads(tags["skysense_classes"])) == 7
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_a_classifier_finetuned_on_aid_labels_tiles_of_a_real_naip_quad(data_root: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from skysense.cli import main
+
+    run = finetuned_run(data_root, tmp_path, monkeypatch, "classification", "aid", "--batch-size", "2",
+                        "--image-size", "64", "--limit-train", "4")
+    naip = data_root / "samples/naip_series/m_4709963_se_14_1_20180716.tif"
+    out = tmp_path / "naip_tiles.tif"
+    assert main(["predict", "--weights", str(run), "--hr", str(naip), "--out", str(out), "--no-progress",
+                 "--no-preview"]) == 0
+    with rasterio.open(naip) as src:
+        crs, transform, (height, width) = src.crs, src.transform, src.shape
+    labels, profile, _ = _read(classes_path(out))
+    probabilities, _, tags = _read(out)
+    # tiles of the classifier's 64 px (2 fusion-grid pixels): whole ones labelled, the partial last row nodata
+    assert tags["skysense_tile"] == "2" and profile["crs"] == crs and profile["transform"] == transform @ transform.scale(64)
+    assert labels.shape == (1, -(-height // 64), -(-width // 64))
+    whole = (slice(0, height // 64), slice(0, width // 64))
+    assert (labels[0][whole] < 30).all() and np.isfinite(probabilities[(slice(None), *whole)]).all()
+    assert (labels[0, height // 64:] == CLASS_NODATA).all()  # 724 px = 11 tiles and 20 px
+    np.testing.assert_allclose(probabilities[(slice(None), *whole)].sum(0), 1.0, atol=1e-5)
 
 
 def change_model(modalities: tuple[str, ...]) -> torch.nn.Module:
