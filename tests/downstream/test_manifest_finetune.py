@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.warp
 import torch
 import yaml
 from rasterio.transform import from_origin
@@ -249,6 +250,96 @@ def test_dataset_options_from_the_command_line(tmp_path: Path, capsys: pytest.Ca
     assert json.loads((tmp_path / "run" / "task.json").read_text())["dataset_options"]["classes"] == CLASSES
     assert main(["datasets", "check", "manifest", "--data-root", str(tmp_path / "data"), "--option", "classes"]) == 2
     assert "--option 'classes': expected KEY=VALUE" in capsys.readouterr().err
+
+
+OBJECT_CLASSES = ["hut", "pond"]
+
+
+def write_object_manifest(root: Path, side: int = 128) -> list[dict]:
+    """Four places (3 train, 1 val): HR of ``side`` px on 0.5 m pixels with bright huts and dark ponds,
+    outlined in a GeoJSON per place: UTM with a crs member, or longitude / latitude (the last place)."""
+    rng = np.random.default_rng(1)
+    transform = from_origin(*ORIGIN, 0.5, 0.5)
+    records = []
+    for p in range(4):
+        hr = rng.integers(90, 130, (3, side, side), dtype=np.uint8)
+        features = []
+        for k in range(3):
+            x, y = int(rng.integers(4, side - 36)), int(rng.integers(4, side - 36))
+            w, h = int(rng.integers(16, 32)), int(rng.integers(16, 32))
+            label = k % 2
+            hr[:, y:y + h, x:x + w] = 240 if label == 0 else 10
+            corners = [transform * c for c in ((x, y), (x + w, y), (x + w, y + h), (x, y + h))]
+            if p == 3:
+                xs, ys = rasterio.warp.transform("EPSG:32632", "EPSG:4326", *zip(*corners))
+                corners = list(zip(xs, ys))
+            features.append({"type": "Feature", "properties": {"class": OBJECT_CLASSES[label]},
+                             "geometry": {"type": "Polygon", "coordinates": [[list(c) for c in corners + corners[:1]]]}})
+        collection = {"type": "FeatureCollection", "features": features}
+        if p < 3:
+            collection["crs"] = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32632"}}
+        path = root / "objects" / f"{p}.geojson"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(collection))
+        hr_path = root / "hr" / f"{p}.tif"
+        hr_path.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(hr_path, "w", driver="GTiff", width=side, height=side, count=3, dtype="uint8",
+                           crs="EPSG:32632", transform=transform) as dst:
+            dst.write(hr)
+        records.append({"id": f"place-{p}", "split": "train" if p < 3 else "val", "hr": f"hr/{p}.tif",
+                        "objects": f"objects/{p}.geojson"})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def test_objects_drawn_in_a_gis_are_boxes_of_the_hr_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data"
+    records = write_object_manifest(data)
+    assert main(["datasets", "check", "manifest", "--data-root", str(data), "--json", "--option",
+                 "classes=[hut, pond]"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["labels"] == {"train": {"hut": 6, "pond": 3}, "val": {"hut": 2, "pond": 1}} and not report["errors"]
+    dataset = ManifestDataset(data, classes=OBJECT_CLASSES)
+    for sample in (dataset[0], dataset[3]):  # outlined in UTM, and in longitude / latitude
+        assert sample["boxes"].shape == (3, 8) and sample["labels"].tolist() == [0, 1, 0]
+        assert (sample["boxes"] - sample["boxes"].round()).abs().max() < 1e-3  # on whole pixels
+        assert not sample["difficult"].any()
+    records[0].pop("hr")
+    records[0]["s2"] = [{"path": "x.tif", "date": "2021-01-01"}]
+    (data / "bad").mkdir()
+    (data / "bad" / "manifest.jsonl").write_text(json.dumps(records[0]) + "\n")
+    with pytest.raises(ValueError, match="record 'place-0': objects lie on the HR image, and the record has no hr"):
+        ManifestDataset(data / "bad", classes=OBJECT_CLASSES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["detection", "oriented_detection"])
+def test_detectors_train_on_objects_drawn_in_a_gis_and_find_them_in_a_scene(tmp_path: Path, task: str,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    from skysense.data.geojson_objects import read_objects
+
+    data = tmp_path / "data"
+    write_object_manifest(data)
+    classes = "classes=[hut, pond]"
+    run = tmp_path / "run"
+    assert main(["finetune", "--task", task, "--dataset", "manifest", "--data-root", str(data), "--option", classes,
+                 "--preset", "tiny", "--out", str(run), "--max-steps", "2", "--batch-size", "2", "--crop-size", "128",
+                 "--decoder-channels", "32", "--threads", "1", "--evaluate", "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "val" and result["objects"] == 3 and 0.0 <= result["map50"] <= 1.0
+    out = tmp_path / "found.geojson"
+    assert main(["predict", "--weights", str(run), "--hr", str(data / "hr/3.tif"), "--out", str(out),
+                 "--no-progress"]) == 0
+    collection = json.loads(out.read_text())
+    assert collection["skysense"]["classes"] == OBJECT_CLASSES and collection["crs"]["properties"]["name"].endswith("32632")
+    # what predict writes reads back as objects of the image (the property class names them)
+    with rasterio.open(data / "hr/3.tif") as src:
+        back = read_objects(out, OBJECT_CLASSES, src.crs, src.transform, src.shape)
+    assert len(back["labels"]) == len(collection["features"])
+    hulls = torch.tensor([f["properties"]["pixel_box"] for f in collection["features"]]).reshape(-1, 4)
+    if len(hulls):
+        from skysense.downstream.boxes import horizontal_boxes
+        torch.testing.assert_close(horizontal_boxes(back["boxes"]), hulls, atol=0.02, rtol=0)
 
 
 @pytest.mark.real_data

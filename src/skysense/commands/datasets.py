@@ -48,7 +48,7 @@ def run_list(args: argparse.Namespace) -> int:
 def check_dataset(name: str, root: Path, limit: int | None = None,
                   options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read every sample of a dataset (built with ``options``); a report of counts per split,
-    shapes, dates, class counts of single labels and errors by file."""
+    shapes, dates, class counts of single labels (detection: of objects) and errors by file."""
     dataset = DATASETS[name](root, **(options or {}))
     classes = tuple(getattr(dataset, "classes", ()) or ())
     labels: dict[str, Counter] = defaultdict(Counter)
@@ -69,6 +69,10 @@ def check_dataset(name: str, root: Path, limit: int | None = None,
         if isinstance(label, torch.Tensor) and label.ndim == 0:
             index = int(label)
             labels[item.split][classes[index] if index < len(classes) else str(index)] += 1
+        objects = sample.get("labels")  # detection: one label per object
+        if isinstance(objects, torch.Tensor) and objects.ndim == 1 and "boxes" in sample:
+            for index in objects.tolist():
+                labels[item.split][classes[index] if index < len(classes) else str(index)] += 1
         for key, value in sample.items():
             if isinstance(value, torch.Tensor) and value.ndim >= 1 and not key.endswith(("_dates", "_mask")):
                 sizes[key][str(tuple(value.shape))] += 1

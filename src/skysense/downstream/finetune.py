@@ -228,7 +228,8 @@ def task_spec(config: FinetuneConfig, dataset: Dataset) -> TaskSpec:
         raise ValueError(f"{config.dataset}: no class list; give the dataset option classes (dataset_options: "
                          f"{{classes: [name, ...]}} in the config)")
     first = dataset[0]
-    target = {"classification": "label", "segmentation": "mask"}.get(config.task)
+    target = {"classification": "label", "segmentation": "mask", "detection": "boxes",
+              "oriented_detection": "boxes"}.get(config.task)
     if config.task == "change" and not {"change", "mask"} & set(first):
         target = "change"
     if target is not None and target not in first:

@@ -109,6 +109,10 @@ REGISTRY: dict[tuple[str, str], DownstreamDataset] = {
     ("manifest", "classification"): DownstreamDataset("classification", 0, "oa", eval_split="val"),
     ("manifest", "segmentation"): DownstreamDataset("segmentation", 0, "miou", eval_split="val"),
     ("manifest", "change"): DownstreamDataset("change", 2, "f1", CHANGE_CLASSES, eval_split="val"),
+    # objects: GeoJSON polygons on the HR images; crops of 512 px unless --crop-size says otherwise
+    ("manifest", "detection"): DownstreamDataset("detection", 0, "map50", eval_split="val", crop_size=512),
+    ("manifest", "oriented_detection"): DownstreamDataset("oriented_detection", 0, "map50", eval_split="val",
+                                                          crop_size=512),
     ("dynamic_earthnet", "change"): DownstreamDataset("change", 2, "scs", CHANGE_CLASSES,
                                                       semantic_classes=len(DYNAMIC_EARTHNET_CLASSES),
                                                       eval_split="val", options={"task": "change"}),

@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from affine import Affine
 
 from skysense.config import HR_BANDS, S1_BANDS, S2_BANDS
 from skysense.data.dates import day_of_year, parse_date
 from skysense.data.datasets.base import Item, SampleDataset, hr_band_indexes, scalar
+from skysense.data.geojson_objects import read_objects
 from skysense.data.rasters import RasterReadError, open_raster, read_image, read_stacked
 from skysense.data.sample import IGNORE_INDEX
 from skysense.data.units import hr_to_8bit, s2_to_model_units
@@ -53,14 +55,22 @@ class ManifestDataset(SampleDataset):
     georeferenced raster). ``modalities`` limits what is read.
 
     Targets (fine-tuning on your own places, ``skysense finetune --dataset manifest --task
-    classification|segmentation``), read when the dataset option ``classes`` lists the class
-    names:
+    classification|segmentation|detection|oriented_detection``), read when the dataset option
+    ``classes`` lists the class names:
 
     * ``"label"``: the class, as a name of ``classes`` or its index (``label`` () int64); with
       ``multilabel=True`` a list of them (``label`` (K,) float multi-hot);
     * ``"mask"``: a one-band integer raster of class indices 0..K-1 on the grid of the first
       modality (HR, else S2, else S1) or any grid that is a whole scaling of it; ``mask_ignore``
       (default 255) marks unlabelled pixels (``mask`` (H, W) int64, -1 there).
+
+    * ``"objects"``: a GeoJSON file of the objects in the HR image, one Polygon each (a rectangle
+      drawn in QGIS, or any outline: its minimum-area rectangle) with its class in the property
+      ``object_class_key`` (default ``class``) and optionally ``difficult``; coordinates in the
+      collection's ``crs`` (else longitude / latitude), reprojected onto the HR image
+      (:func:`~skysense.data.geojson_objects.read_objects`): ``boxes`` (N, 8) corners in HR
+      pixels, ``labels`` (N,), ``difficult`` (N,), for ``--task detection`` (their hulls) or
+      ``oriented_detection``.
 
     Change detection (``--task change``) needs no ``classes``: each record has two dates of one
     place, as ``"hr"`` and ``"hr_post"`` (the HR image after, read like ``hr``, the same size)
@@ -80,7 +90,7 @@ class ManifestDataset(SampleDataset):
     def __init__(self, root: str | Path, split: str | None = None, manifest: str = MANIFEST_NAME,
                  modalities: Sequence[str] = ("hr", "s2", "s1"), hr_bands: Sequence[str] = HR_BANDS,
                  classes: Sequence[str] | None = None, multilabel: bool = False, mask_ignore: int | None = 255,
-                 skip_corrupt: bool = False) -> None:
+                 object_class_key: str = "class", skip_corrupt: bool = False) -> None:
         if not modalities or set(modalities) - {"hr", "s2", "s1"}:
             raise ValueError(f"{self.name}: modalities: expected a non-empty subset of ('hr', 's2', 's1'), "
                              f"got {modalities}")
@@ -98,6 +108,7 @@ class ManifestDataset(SampleDataset):
             raise ValueError(f"{self.name}: multilabel: needs the class names (classes)")
         self.multilabel = multilabel
         self.mask_ignore = mask_ignore
+        self.object_class_key = object_class_key
         super().__init__(root, split, skip_corrupt)
         self._check_targets()
 
@@ -163,7 +174,7 @@ class ManifestDataset(SampleDataset):
     def _check_targets(self) -> None:
         """Every record of a split has the same targets, and ``label`` names a class."""
         first: dict[str, tuple[str, ...]] = {}
-        read = ("label", "mask", "change") if getattr(self, "classes", None) is not None else ("change",)
+        read = ("label", "mask", "objects", "change") if getattr(self, "classes", None) is not None else ("change",)
         for item in self.items:
             record = item.extra["record"]
             targets = tuple(k for k in read if record.get(k) is not None)
@@ -173,6 +184,8 @@ class ManifestDataset(SampleDataset):
                                  f"{list(first[item.split])}: every record of a split needs the same")
             if "label" in targets:
                 self._label(record["label"], where)
+            if "objects" in targets and not record.get("hr"):
+                raise ValueError(f"{where}: objects lie on the HR image, and the record has no hr")
 
     def _class_index(self, value: Any, where: str) -> int:
         if isinstance(value, str) and value in self.classes:
@@ -266,6 +279,12 @@ class ManifestDataset(SampleDataset):
                 sample["label"] = self._label(record["label"], where)
             if record.get("mask") is not None:
                 sample["mask"] = self._mask(self._path(record["mask"]), where, self.classes)
+            if record.get("objects") is not None:
+                if sample.get("hr") is None:
+                    raise ValueError(f"{where}: objects lie on the HR image; read it (modalities include 'hr')")
+                crs, transform = hr_georef if hr_georef is not None else (None, Affine.identity())
+                sample.update(read_objects(self._path(record["objects"]), self.classes, crs, transform,
+                                           tuple(sample["hr"].shape[-2:]), self.object_class_key))
         if record.get("change") is not None:
             sample["change"] = self._mask(self._path(record["change"]), where, CHANGE_VALUES, "change")
         if "lat" in record and "lon" in record:
