@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from skysense.downstream.boxes import cut_by_window, horizontal_boxes
 from skysense.downstream.tasks import DETECTION_TASKS
 from skysense.inference.embed import model_signature, window_centres
-from skysense.inference.predict import completed_batch
+from skysense.inference.predict import completed_batch, model_inputs
 from skysense.inference.scene import HR_SCALE, Scene, normalized_batch
 from skysense.inference.windows import window_starts
 from skysense.inference.writers import ProgressLog, progress_path
@@ -326,17 +326,11 @@ def detect_scene(model: DetectionModel, scene: Scene, out: str | Path, options: 
             output without ``overwrite``, or a partial run with other settings.
     """
     spec = model.spec
-    if spec.task not in DETECTION_TASKS:
-        raise ValueError(f"detect: expected a {' or '.join(DETECTION_TASKS)} model, got a {spec.task} model")
-    missing = [m for m in spec.modalities if m not in scene.modalities]
-    if missing:
-        raise ValueError(f"detect: the model reads {list(spec.modalities)}; the scene lacks {missing} "
-                         f"(given: {list(scene.modalities)})")
+    modalities = model_inputs(spec, scene, DETECTION_TASKS, "detect")
     options = options or DetectOptions()
     if not 0 <= options.overlap < options.window:
         raise ValueError(f"overlap: expected 0 <= overlap < window ({options.window}), got {options.overlap}")
     patch = model.encoder.config.s2.patch_size
-    modalities = tuple(m for m in ("hr", "s2", "s1") if m in spec.modalities)
     if any(m != "hr" for m in modalities) and (options.window % patch or options.overlap % patch):
         raise ValueError(f"window ({options.window}) and overlap ({options.overlap}): expected multiples of the ViT "
                          f"patch ({patch} pixels) with S2 / S1 inputs")

@@ -40,7 +40,7 @@ import torch
 from affine import Affine
 
 from skysense.downstream.data import resize_series
-from skysense.downstream.tasks import DownstreamModel
+from skysense.downstream.tasks import DownstreamModel, TaskSpec
 from skysense.inference.embed import EmbedOptions, EmbedReport, model_signature, write_scene
 from skysense.inference.scene import HR_SCALE, Scene
 from skysense.weights import atomic_write
@@ -133,6 +133,18 @@ PREDICTED_TASKS = ("segmentation", "change", "classification")
 """Tasks :func:`predict_scene` maps (detections: :func:`skysense.inference.detect.detect_scene`)."""
 
 
+def model_inputs(spec: TaskSpec, scene: Scene, tasks: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """The modalities a fine-tuned model reads, in fusion order, after checking that it does one of
+    ``tasks`` and that ``scene`` gives each of them (errors start with ``what``)."""
+    if spec.task not in tasks:
+        raise ValueError(f"{what}: expected a {', '.join(tasks)} model, got a {spec.task} model")
+    missing = [m for m in spec.modalities if m not in scene.modalities]
+    if missing:
+        raise ValueError(f"{what}: the model reads {list(spec.modalities)}; the scene lacks {missing} "
+                         f"(given: {list(scene.modalities)})")
+    return tuple(m for m in ("hr", "s2", "s1") if m in spec.modalities)
+
+
 def _resized_series(batch: dict[str, torch.Tensor], size: int | None) -> dict[str, torch.Tensor]:
     """S2 / S1 frames (B, T, C, h, w) resized to ``size`` as the classifier was trained on them
     (:func:`~skysense.downstream.data.resize_series`); the batch itself when ``size`` is None."""
@@ -163,16 +175,10 @@ def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options
             date), or a classifier's tiles would overlap.
     """
     spec = model.spec
-    if spec.task not in PREDICTED_TASKS:
-        raise ValueError(f"predict: expected a {', '.join(PREDICTED_TASKS)} model, got a {spec.task} model")
-    missing = [m for m in spec.modalities if m not in scene.modalities]
-    if missing:
-        raise ValueError(f"predict: the model reads {list(spec.modalities)}; the scene lacks {missing} "
-                         f"(given: {list(scene.modalities)})")
+    modalities = model_inputs(spec, scene, PREDICTED_TASKS, "predict")
     if spec.task == "change":
         _check_two_dates(spec.modalities, scene)
     options = options or EmbedOptions()
-    modalities = tuple(m for m in ("hr", "s2", "s1") if m in spec.modalities)
     patch = model.encoder.config.s2.patch_size
     if any(m != "hr" for m in modalities) and options.window % patch:
         raise ValueError(f"window: expected a multiple of the ViT patch ({patch} pixels), got {options.window}")
