@@ -42,7 +42,7 @@ from rasterio.windows import Window, transform as window_transform
 
 QUAD = "samples/naip_series/m_4709963_se_14_1_20180716.tif"
 CLASSES = ("roof", "pond")
-OBJECTS = 60
+OBJECTS = 50
 """Objects painted on the quad (about half of each class)."""
 
 
@@ -55,13 +55,14 @@ def paint(image: np.ndarray, rng: np.random.Generator, count: int) -> list[tuple
     centres: list[np.ndarray] = []
     while len(objects) < count:
         label = int(rng.integers(0, 2))
-        centre = rng.uniform(30, [width - 30, height - 30])
-        if any(np.hypot(*(centre - c)) < 40 for c in centres):
+        centre = rng.uniform(40, [width - 40, height - 40])
+        if any(np.hypot(*(centre - c)) < 60 for c in centres):
             continue
+        # sizes from the smallest anchor (32 px) up: Faster R-CNN's RPN matches little else
         if label == 0:  # a roof: a bright rectangle at any angle
-            w, h, angle = rng.uniform(14, 28), rng.uniform(9, 16), rng.uniform(0, math.pi)
+            w, h, angle = rng.uniform(28, 48), rng.uniform(18, 30), rng.uniform(0, math.pi)
         else:  # a pond: a dark square along the grid
-            w = h = rng.uniform(10, 20)
+            w = h = rng.uniform(22, 36)
             angle = 0.0
         u = np.array([math.cos(angle), math.sin(angle)])
         v = np.array([-u[1], u[0]])
@@ -177,7 +178,7 @@ def run(quad: Path, work: Path, steps: int, lr: float, batch_size: int, crop: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--out", type=Path, default=None)

@@ -360,3 +360,21 @@ def test_own_data_benchmark_on_the_real_sen1floods11_chip(data_root: Path, tmp_p
     assert [r["split"] for r in records] == ["train", "train", "train", "val"]
     with rasterio.open(records[3]["mask"]) as src:  # the quadrants keep their place on the ground
         assert src.crs.to_epsg() == 4326 and src.shape == (256, 256)
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_own_objects_benchmark_on_the_real_naip_quad(data_root: Path, tmp_path: Path) -> None:
+    """benchmarks/own_objects.py for 2 steps: objects painted on the NAIP quad and outlined in longitude /
+    latitude train a detector, are scored, and are searched for over the whole quad."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import own_objects
+
+    result = own_objects.run(data_root / own_objects.QUAD, tmp_path, steps=2, lr=5e-4, batch_size=2, crop=256,
+                             progress=False)
+    assert result["objects_painted"] == own_objects.OBJECTS and 0 < result["objects_val"] < own_objects.OBJECTS
+    assert 0.0 <= result["evaluate_val"]["map50"] <= 1.0 and 0.0 <= result["predict_val"]["map50"] <= 1.0
+    assert result["predict"]["windows"] == 20 and result["predict"]["coordinates"] == "EPSG:26914"
+    assert result["predict"]["before_merge"] >= result["predict"]["detections"]
