@@ -121,23 +121,26 @@ def run(chip: Path, work: Path, steps: int, lr: float, batch_size: int, crop: in
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--crop", type=int, default=64)
+def benchmark_main(doc: str, source: str, run_fn, steps: int, lr: float, batch_size: int, crop: int) -> None:
+    """The command line of an own-data benchmark: ``--steps``, ``--lr``, ``--batch-size``, ``--crop``
+    (these defaults) and ``--out``; runs ``run_fn(SKYSENSE_DATA / source, a temporary folder, ...)``
+    and prints its result as JSON (also written to ``--out``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--crop", type=int, default=crop)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     data = os.environ.get("SKYSENSE_DATA")
     if not data:
         raise SystemExit("set SKYSENSE_DATA to the shared data folder")
     with tempfile.TemporaryDirectory() as folder:
-        result = run(Path(data) / CHIP, Path(folder), args.steps, args.lr, args.batch_size, args.crop)
+        result = run_fn(Path(data) / source, Path(folder), args.steps, args.lr, args.batch_size, args.crop)
     print(json.dumps(result, indent=2))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    benchmark_main(__doc__, CHIP, run, steps=150, lr=1e-3, batch_size=4, crop=64)

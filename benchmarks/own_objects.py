@@ -22,16 +22,13 @@ coordinates to pixels and back, not how well SkySense finds real roofs.
 
 Prints the numbers and writes them as JSON with ``--out``.
 
-    SKYSENSE_DATA=../shared/data python benchmarks/own_objects.py --steps 300
+    SKYSENSE_DATA=../shared/data python benchmarks/own_objects.py --steps 150
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -175,23 +172,7 @@ def run(quad: Path, work: Path, steps: int, lr: float, batch_size: int, crop: in
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--crop", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    data = os.environ.get("SKYSENSE_DATA")
-    if not data:
-        raise SystemExit("set SKYSENSE_DATA to the shared data folder")
-    with tempfile.TemporaryDirectory() as folder:
-        result = run(Path(data) / QUAD, Path(folder), args.steps, args.lr, args.batch_size, args.crop)
-    print(json.dumps(result, indent=2))
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    from own_data import benchmark_main
+
+    benchmark_main(__doc__, QUAD, run, steps=150, lr=5e-4, batch_size=4, crop=256)
