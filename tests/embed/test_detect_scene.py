@@ -234,3 +234,32 @@ def test_a_detector_finetuned_on_dota_finds_objects_in_a_real_naip_quad(data_roo
         centre = ring[:4].mean(0)
         assert left <= centre[0] <= right and bottom <= centre[1] <= top
         assert feature["properties"]["class"] in collection["skysense"]["classes"]
+
+
+def test_a_detector_fusing_s2_reads_both_over_the_same_windows(tmp_path: Path) -> None:
+    """HR (128 x 192 px) with an S2 series on the fusion grid (4 x 6 px): the scene gives what the
+    detector finds over the same windows of the whole image, both modalities cut together."""
+    from embed_helpers import write_s2_series
+
+    from skysense.config import S2_BANDS
+    from skysense.inference import resolve_frames
+
+    torch.manual_seed(0)
+    spec = TaskSpec(task="detection", num_classes=3, modalities=("hr", "s2"), class_names=CLASSES,
+                    decoder_channels=32)
+    model = build_task_model(SkySense.from_preset("tiny"), spec).eval()
+    hr = write_raster(tmp_path / "hr.tif", np.random.default_rng(4).integers(1, 256, (3, 128, 192), dtype=np.uint8),
+                      from_origin(*ORIGIN, 10 / 32, 10 / 32))
+    frames = resolve_frames("s2", write_s2_series(tmp_path / "s2", 4, 6), S2_BANDS)
+    with Scene(model.encoder.config, hr=hr, s2=frames, s2_offsets=[0.0] * len(frames)) as scene:
+        report = detect_scene(model, scene, tmp_path / "objects.geojson",
+                              DetectOptions(window=4, overlap=2, progress=False))
+        batch = normalized_batch([scene.read(Window(0, 0, 6, 4), ["hr", "s2"])], model.encoder.config, ["hr", "s2"])
+    with torch.no_grad():
+        expected = model.detect(batch, window=128, stride=64)[0]
+    _, boxes, scores, labels = _features(report.out)
+    n = len(expected["scores"])
+    assert report.windows == report.windows_computed == 2 and len(scores) >= n > 0
+    torch.testing.assert_close(boxes[:n], expected["boxes"].float(), atol=0.006, rtol=0)
+    torch.testing.assert_close(scores[:n], expected["scores"].float(), atol=6e-6, rtol=0)
+    assert labels[:n] == expected["labels"].tolist()

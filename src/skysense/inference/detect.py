@@ -331,9 +331,9 @@ def detect_scene(model: DetectionModel, scene: Scene, out: str | Path, options: 
     if not 0 <= options.overlap < options.window:
         raise ValueError(f"overlap: expected 0 <= overlap < window ({options.window}), got {options.overlap}")
     patch = model.encoder.config.s2.patch_size
-    if any(m != "hr" for m in modalities) and (options.window % patch or options.overlap % patch):
-        raise ValueError(f"window ({options.window}) and overlap ({options.overlap}): expected multiples of the ViT "
-                         f"patch ({patch} pixels) with S2 / S1 inputs")
+    if any(m != "hr" for m in modalities) and options.window % patch:
+        raise ValueError(f"window: expected a multiple of the ViT patch ({patch} pixels) with S2 / S1 inputs, "
+                         f"got {options.window}")
     if options.batch_size < 1:
         raise ValueError(f"batch size: expected at least 1, got {options.batch_size}")
     out = Path(out)
