@@ -42,11 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, block_help: str = "(default 256)",
-                         window_help: str = "(default 64)", overlap_help: str = "(default 16)") -> None:
+                         window_help: str = "(default 64)", overlap_help: str = "(default 16)",
+                         out_help: str = "output .tif (cog) or folder (zarr)") -> None:
     """Where and how a scene-wide run writes (:class:`EmbedOptions` and the device), for
     ``embed`` and ``predict`` (whose ``--window``, ``--overlap`` and ``--block`` defaults, None,
     are chosen by the command)."""
-    parser.add_argument("--out", type=Path, required=True, help="output .tif (cog) or folder (zarr)")
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
     parser.add_argument("--format", choices=FORMATS, default=None, help="default: zarr for a .zarr path, else cog")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--window", type=int, default=None, help=f"window side in fusion-grid pixels {window_help}")

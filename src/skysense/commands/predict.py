@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          window_help="(default 64; a classifier's tile: its HR image size / 32, else its "
                                      "S2/S1 size, else 64)",
                          overlap_help="(default 16; 0 for a classifier, whose tiles do not overlap; a "
-                                      "detector's window / 4)")
+                                      "detector's window / 4)",
+                         out_help="output .tif (cog) or folder (zarr); a detector's .geojson")
     detection = parser.add_argument_group("detectors (the output is a GeoJSON of boxes; --window defaults to the "
                                           "run's training crop / 32)")
     detection.add_argument("--min-score", type=float, default=0.0,
