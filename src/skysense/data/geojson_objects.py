@@ -34,6 +34,8 @@ import torch
 from affine import Affine
 from rasterio.crs import CRS
 
+from skysense.data.sample import class_index
+
 PIXELS = "pixels"
 """The ``crs`` name of a collection whose coordinates are image pixels."""
 
@@ -92,15 +94,6 @@ def _collection_crs(collection: dict[str, Any], path: Path) -> CRS | str:
                          f"{PIXELS!r}") from None
 
 
-def _class_index(value: Any, classes: Sequence[str], where: str, class_key: str) -> int:
-    if isinstance(value, str) and value in classes:
-        return classes.index(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(classes):
-        return value
-    raise ValueError(f"{where}: {class_key} {value!r}: expected one of {list(classes)} or an index "
-                     f"0..{len(classes) - 1}")
-
-
 def read_objects(path: str | Path, classes: Sequence[str], image_crs: CRS | None, image_transform: Affine,
                  image_size: tuple[int, int], class_key: str = "class") -> dict[str, torch.Tensor]:
     """The objects of the GeoJSON ``path`` in pixels of an image (module docstring).
@@ -140,7 +133,7 @@ def read_objects(path: str | Path, classes: Sequence[str], image_crs: CRS | None
         properties = feature.get("properties") or {}
         if class_key not in properties:
             raise ValueError(f"{where}: no {class_key!r} property (the object's class); it has {sorted(properties)}")
-        label = _class_index(properties[class_key], classes, where, class_key)
+        label = class_index(properties[class_key], classes, where, class_key)
         ring = np.asarray(geometry["coordinates"][0], dtype=np.float64)[:, :2]
         if len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
             ring = ring[:-1]

@@ -54,6 +54,17 @@ PAD_DAY_OF_YEAR = 1
 """Day of year given to padding frames (they are masked out, but the value must be valid)."""
 
 
+
+def class_index(value: Any, classes: Sequence[str], where: str, key: str = "label") -> int:
+    """The index of a class given by name (one of ``classes``) or by index; the error names
+    ``where``, the ``key`` that held it and the classes."""
+    if isinstance(value, str) and value in classes:
+        return list(classes).index(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(classes):
+        return value
+    raise ValueError(f"{where}: {key} {value!r}: expected one of {list(classes)} or an index 0..{len(classes) - 1}")
+
+
 def _fail(key: str, what: str, expected: object, actual: object, where: str = "") -> None:
     prefix = f"{where}: " if where else ""
     raise ValueError(f"{prefix}sample key {key!r}: {what}: expected {expected}, got {actual}")

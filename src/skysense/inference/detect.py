@@ -58,7 +58,7 @@ from skysense.downstream.tasks import DETECTION_TASKS
 from skysense.inference.embed import model_signature, window_centres
 from skysense.inference.predict import completed_batch, model_inputs
 from skysense.inference.scene import HR_SCALE, Scene, normalized_batch
-from skysense.inference.windows import window_starts
+from skysense.inference.windows import aligned_starts
 from skysense.inference.writers import ProgressLog, progress_path
 from skysense.weights import atomic_write
 
@@ -115,18 +115,6 @@ class DetectReport:
 def parts_path(out: Path) -> Path:
     """``out.geojson`` -> ``out.geojson.parts``: the finished rows of windows of a partial run."""
     return out.with_name(out.name + ".parts")
-
-
-def _hr_extent(scene: Scene) -> tuple[int, int]:
-    """(height, width) of the HR grid the boxes live on."""
-    if scene.hr_grid is not None:
-        return scene.hr_grid.height, scene.hr_grid.width
-    return scene.grid.height * HR_SCALE, scene.grid.width * HR_SCALE
-
-
-def _starts(length: int, window: int, step: int) -> tuple[int, ...]:
-    """Window starts (HR pixels) on fusion-grid pixels over ``length`` rounded up to 32."""
-    return window_starts(-(-length // HR_SCALE) * HR_SCALE, window, step)
 
 
 class _RowDetector:
@@ -231,13 +219,18 @@ def merge_scene_detections(model: DetectionModel, found: dict[str, torch.Tensor]
 
     n = len(found["scores"])
     outlines, labels, cut = found[model.outline_key].float(), found["labels"], found["cut"]
-    members = {w: torch.nonzero(found["window"] == w).flatten() for w in torch.unique(found["window"]).tolist()}
-    ids = sorted(members)
+    order = torch.argsort(found["window"], stable=True)
+    ids, counts = torch.unique_consecutive(found["window"][order], return_counts=True)
+    members = dict(zip(ids.tolist(), torch.split(order, counts.tolist())))
+    by_left = sorted(members, key=lambda w: windows[w][0])
     pairs = []
-    for i, wa in enumerate(ids):
-        for wb in ids[i:]:
-            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = windows[wa], windows[wb]
-            if ax0 >= bx1 or bx0 >= ax1 or ay0 >= by1 or by0 >= ay1:
+    for i, wa in enumerate(by_left):  # each pair of overlapping windows once (itself included), sweeping along x
+        ax0, ay0, ax1, ay1 = windows[wa]
+        for wb in by_left[i:]:
+            bx0, by0, bx1, by1 = windows[wb]
+            if bx0 >= ax1:
+                break
+            if ay0 >= by1 or by0 >= ay1:
                 continue
             a, b = members[wa], members[wb]
             linked = model.iou(outlines[a], outlines[b]) > model.nms_threshold
@@ -338,9 +331,9 @@ def detect_scene(model: DetectionModel, scene: Scene, out: str | Path, options: 
         raise ValueError(f"batch size: expected at least 1, got {options.batch_size}")
     out = Path(out)
     start = time.perf_counter()
-    extent = _hr_extent(scene)
+    extent = scene.hr_size
     size, step = options.window * HR_SCALE, (options.window - options.overlap) * HR_SCALE
-    rows, cols = _starts(extent[0], size, step), _starts(extent[1], size, step)
+    rows, cols = aligned_starts(extent[0], size, step, HR_SCALE), aligned_starts(extent[1], size, step, HR_SCALE)
     signature = {"scene": scene.signature(), "model": model_id or model_signature(model),
                  "options": {"window": options.window, "overlap": options.overlap, "batch_size": options.batch_size}}
     progress, parts = _open_progress(out, signature, options.overwrite)

@@ -203,7 +203,7 @@ def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options
 
     grid = scene.grid
     transform = grid.transform @ Affine.scale(stride / upscale)
-    extent = None if upscale == 1 or scene.hr_grid is None else (scene.hr_grid.height, scene.hr_grid.width)
+    extent = scene.hr_size if upscale > 1 else None
     tags = {"skysense_task": spec.task, "skysense_classes": json.dumps(list(classes)),
             "skysense_modalities": ",".join(modalities), "skysense_preset": config.preset}
     if tiles:

@@ -528,6 +528,13 @@ class Scene:
         return indexes
 
     @property
+    def hr_size(self) -> tuple[int, int]:
+        """(height, width) of the HR grid the scene reads: the HR image's own when it sets the fusion
+        grid, else the fusion grid refined ``HR_SCALE`` times."""
+        grid = self.hr_grid or self.grid.refined(HR_SCALE)
+        return grid.height, grid.width
+
+    @property
     def modalities(self) -> tuple[str, ...]:
         """The modalities present, in fusion order."""
         return tuple(m for m in ("hr", "s2", "s1") if self._readers.get(m))

@@ -51,6 +51,13 @@ def window_starts(length: int, window: int, step: int) -> tuple[int, ...]:
     return tuple(starts)
 
 
+def aligned_starts(length: int, window: int, step: int, align: int = 1) -> tuple[int, ...]:
+    """:func:`window_starts` over ``length`` rounded up to a multiple of ``align``: with ``window``
+    and ``step`` multiples of it, every start is one (the last window may pass the edge by less
+    than ``align``)."""
+    return window_starts(-(-length // align) * align, window, step)
+
+
 def cosine_ramp(length: int) -> np.ndarray:
     """Weights rising from near 0 to near 1 over ``length`` pixels: ``(1 - cos(pi (i + 0.5) / length)) / 2``."""
     i = np.arange(length, dtype=np.float64)
@@ -128,12 +135,12 @@ class WindowPlan:
     @cached_property
     def rows(self) -> tuple[int, ...]:
         """Start row of each lattice row of windows."""
-        return window_starts(-(-self.height // self.align) * self.align, self.window, self.window - self.overlap)
+        return aligned_starts(self.height, self.window, self.window - self.overlap, self.align)
 
     @cached_property
     def cols(self) -> tuple[int, ...]:
         """Start column of each lattice column of windows."""
-        return window_starts(-(-self.width // self.align) * self.align, self.window, self.window - self.overlap)
+        return aligned_starts(self.width, self.window, self.window - self.overlap, self.align)
 
     @property
     def block_rows(self) -> int:

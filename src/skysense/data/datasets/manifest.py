@@ -16,7 +16,7 @@ from skysense.data.dates import day_of_year, parse_date
 from skysense.data.datasets.base import Item, SampleDataset, hr_band_indexes, scalar
 from skysense.data.geojson_objects import read_objects
 from skysense.data.rasters import RasterReadError, open_raster, read_image, read_stacked
-from skysense.data.sample import IGNORE_INDEX
+from skysense.data.sample import IGNORE_INDEX, class_index
 from skysense.data.units import hr_to_8bit, s2_to_model_units
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -187,23 +187,15 @@ class ManifestDataset(SampleDataset):
             if "objects" in targets and not record.get("hr"):
                 raise ValueError(f"{where}: objects lie on the HR image, and the record has no hr")
 
-    def _class_index(self, value: Any, where: str) -> int:
-        if isinstance(value, str) and value in self.classes:
-            return self.classes.index(value)
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.classes):
-            return value
-        raise ValueError(f"{where}: label {value!r}: expected one of {list(self.classes)} or an index 0.."
-                         f"{len(self.classes) - 1}")
-
     def _label(self, value: Any, where: str) -> torch.Tensor:
         """A record's ``label``: () int64 class index, or (K,) float multi-hot with ``multilabel``."""
         if not self.multilabel:
-            return torch.tensor(self._class_index(value, where), dtype=torch.int64)
+            return torch.tensor(class_index(value, self.classes, where), dtype=torch.int64)
         if not isinstance(value, list):
             raise ValueError(f"{where}: label {value!r}: expected a list of classes (multilabel)")
         hot = torch.zeros(len(self.classes))
         for v in value:
-            hot[self._class_index(v, where)] = 1.0
+            hot[class_index(v, self.classes, where)] = 1.0
         return hot
 
     def _mask(self, path: Path, where: str, classes: Sequence[str], key: str = "mask") -> torch.Tensor:
