@@ -192,6 +192,8 @@ def test_predict_command_writes_geojson_with_the_runs_crop(tmp_path: Path, capsy
     assert labels == library_labels
     assert main([*args, "--overwrite", "--format", "cog"]) == 2
     assert "a detector writes a GeoJSON of boxes; --format do not apply" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--hr-post", str(hr)]) == 2
+    assert "--hr-post (the HR image after) is for change models; this is a detection model" in capsys.readouterr().err
 
 
 def test_the_command_line_and_inference_import_without_torchvision() -> None:

@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = load_finetuned(args.weights).to(resolve_device(args.device)).eval()
     spec = model.spec
+    if args.hr_post is not None and spec.task != "change":
+        raise ValueError(f"predict: --hr-post (the HR image after) is for change models; this is a {spec.task} model")
     if spec.task in DETECTION_TASKS:
         return run_detection(args, model)
     tiles = spec.task == "classification"
@@ -108,7 +110,7 @@ def run_detection(args: argparse.Namespace, model: DetectionModel) -> int:
     options = DetectOptions(window=args.window, overlap=args.overlap, batch_size=args.batch_size,
                             min_score=args.min_score, drop_fragments=not args.keep_fragments, wgs84=args.wgs84,
                             progress=not args.no_progress, overwrite=args.overwrite)
-    with build_scene(args, model.encoder.config, hr_post=args.hr_post) as scene:
+    with build_scene(args, model.encoder.config) as scene:
         report = detect_scene(model, scene, args.out, options)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
