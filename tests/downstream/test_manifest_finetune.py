@@ -109,6 +109,51 @@ def test_bad_labels_and_masks_name_the_record(tmp_path: Path) -> None:
         ManifestDataset(tmp_path, classes=["a", "a"])
 
 
+def _region(corners: list[tuple[float, float]], **properties: object) -> dict:
+    ring = [list(c) for c in corners + corners[:1]]
+    return {"type": "Feature", "properties": properties, "geometry": {"type": "Polygon", "coordinates": [ring]}}
+
+
+def test_masks_drawn_as_regions_in_a_gis(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One GeoJSON in longitude / latitude for every record, burnt onto each record's HR grid."""
+    data = tmp_path / "data"
+    records = write_labelled_manifest(data, modalities=("hr", "s2"), masks=True)
+    hr_transform = from_origin(*ORIGIN, 10.0 / 32, 10.0 / 32)
+    # a forest rectangle over HR pixels x 0..64, y 0..32, and a water one over x 96..128, y 96..128
+    utm = [[hr_transform * c for c in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))]
+           for x0, y0, x1, y1 in ((0, 0, 64, 32), (96, 96, 128, 128))]
+    lonlat = [list(zip(*rasterio.warp.transform("EPSG:32632", "EPSG:4326", *zip(*ring)))) for ring in utm]
+    regions = {"type": "FeatureCollection", "features": [_region(lonlat[0], **{"class": "forest"}),
+                                                         _region(lonlat[1], **{"class": 2})]}
+    (data / "regions.geojson").write_text(json.dumps(regions))
+    for record in records:
+        record["mask"] = "regions.geojson"
+    (data / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    sample = ManifestDataset(data, classes=CLASSES, mask_background="cropland")[0]
+    expected = torch.zeros(128, 128, dtype=torch.int64)
+    expected[0:32, 0:64], expected[96:, 96:] = 1, 2
+    torch.testing.assert_close(sample["mask"], expected)
+    unlabelled = ManifestDataset(data, classes=CLASSES)[0]["mask"]  # no background: outside the regions
+    assert (unlabelled == -1).sum() == 128 * 128 - 32 * 64 - 32 * 32
+    assert main(["datasets", "check", "manifest", "--data-root", str(data), "--json", "--option",
+                 "classes=[cropland, forest, water]", "--option", "mask_background=0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pixels"]["train mask"] == {"cropland": 4 * (128 * 128 - 3072), "forest": 4 * 2048,
+                                              "water": 4 * 1024}
+    assert report["pixels"]["val mask"]["water"] == 2 * 1024 and not report["errors"]
+    with pytest.raises(ValueError, match=r"mask_background 'desert': expected one of \['cropland'"):
+        ManifestDataset(data, classes=CLASSES, mask_background="desert")
+    # the model trains on the burnt masks
+    config = _config(tmp_path, "segmentation", ["hr", "s2"], crop_size=128)
+    options = yaml.safe_load(config.read_text())
+    options["dataset_options"]["mask_background"] = "cropland"
+    config.write_text(yaml.safe_dump(options))
+    assert main(["finetune", "--config", str(config), "--out", str(tmp_path / "run"), "--evaluate", "--json",
+                 "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "val" and 0.0 <= result["miou"] <= 1.0
+
+
 def _config(tmp_path: Path, task: str, modalities: list[str], **extra: object) -> Path:
     config = {"task": task, "dataset": "manifest", "data_root": str(tmp_path / "data"), "preset": "tiny",
               "dataset_options": {"modalities": modalities, "classes": CLASSES}, "batch_size": 2, "max_steps": 2,
@@ -234,6 +279,16 @@ def test_change_detection_on_hr_pairs_and_two_s2_dates(tmp_path: Path, capsys: p
     with pytest.raises(ValueError, match=r"record 'pair-3': change .*bad.tif: values \[2\] outside 0..1 \(0 no_change, "
                                          r"1 change; unlabelled: 255\)"):
         ManifestDataset(tmp_path / "data").load(3)
+    # the changed areas drawn in a GIS: changed inside, unchanged everywhere else
+    transform = from_origin(*ORIGIN, 10.0 / 32, 10.0 / 32)
+    outline = [transform * c for c in ((8, 8), (40, 8), (40, 24), (8, 24))]
+    changes = {"type": "FeatureCollection", "features": [_region(outline)],
+               "crs": {"type": "name", "properties": {"name": "EPSG:32632"}}}
+    (tmp_path / "data" / "changes.geojson").write_text(json.dumps(changes))
+    records[3]["change"] = "changes.geojson"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    change = ManifestDataset(tmp_path / "data").load(3)["change"]
+    assert change.shape == (128, 128) and change.sum() == 32 * 16 and change[8:24, 8:40].all()
 
 
 def test_dataset_options_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

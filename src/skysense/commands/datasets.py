@@ -12,6 +12,7 @@ import torch
 
 from skysense.commands import add_dataset_option_argument, parse_dataset_options
 from skysense.data.datasets import DATASETS, dataset_root
+from skysense.data.sample import CHANGE_CLASSES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,10 +49,12 @@ def run_list(args: argparse.Namespace) -> int:
 def check_dataset(name: str, root: Path, limit: int | None = None,
                   options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read every sample of a dataset (built with ``options``); a report of counts per split,
-    shapes, dates, class counts of single labels (detection: of objects) and errors by file."""
+    shapes, dates, class counts of single labels (detection: of objects), pixel counts per class of
+    masks (``mask``, ``change``; ``unlabelled`` for -1) and errors by file."""
     dataset = DATASETS[name](root, **(options or {}))
     classes = tuple(getattr(dataset, "classes", ()) or ())
     labels: dict[str, Counter] = defaultdict(Counter)
+    pixels: dict[str, Counter] = defaultdict(Counter)
     sizes: dict[str, Counter] = defaultdict(Counter)
     dates: dict[str, set[int]] = defaultdict(set)
     read: Counter = Counter()
@@ -73,6 +76,14 @@ def check_dataset(name: str, root: Path, limit: int | None = None,
         if isinstance(objects, torch.Tensor) and objects.ndim == 1 and "boxes" in sample:
             for index in objects.tolist():
                 labels[item.split][classes[index] if index < len(classes) else str(index)] += 1
+        for key in ("mask", "change"):
+            mask = sample.get(key)
+            if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+                names = classes if key == "mask" else CHANGE_CLASSES
+                values, counts = torch.unique(mask, return_counts=True)
+                for value, n in zip(values.tolist(), counts.tolist()):
+                    name = "unlabelled" if value < 0 else names[value] if value < len(names) else str(value)
+                    pixels[f"{item.split} {key}"][name] += n
         for key, value in sample.items():
             if isinstance(value, torch.Tensor) and value.ndim >= 1 and not key.endswith(("_dates", "_mask")):
                 sizes[key][str(tuple(value.shape))] += 1
@@ -88,6 +99,7 @@ def check_dataset(name: str, root: Path, limit: int | None = None,
         "sizes": {k: dict(v) for k, v in sorted(sizes.items())},
         "days_of_year": {k: sorted(v) for k, v in sorted(dates.items())},
         "labels": {split: dict(sorted(counts.items())) for split, counts in sorted(labels.items())},
+        "pixels": {key: dict(sorted(counts.items())) for key, counts in sorted(pixels.items())},
         "errors": errors,
     }
 
@@ -108,6 +120,8 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"  {key} days of year seen: {days}")
         for split, counts in report["labels"].items():
             print(f"  {split} labels: " + ", ".join(f"{c} x{n}" for c, n in counts.items()))
+        for key, counts in report["pixels"].items():
+            print(f"  {key} pixels: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
         print(f"  errors: {len(report['errors'])}")
         for error in report["errors"]:
             print(f"    {error['path']}: {error['error']}")

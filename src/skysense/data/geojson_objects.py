@@ -23,7 +23,6 @@ unknown class, a degenerate polygon, or an object wholly outside the image (usua
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,8 @@ import torch
 from affine import Affine
 from rasterio.crs import CRS
 
+from skysense.data.geojson import PIXELS, collection_crs, describe_crs, read_collection
 from skysense.data.sample import class_index
-
-PIXELS = "pixels"
-"""The ``crs`` name of a collection whose coordinates are image pixels."""
-
 
 def min_area_rectangle(points: np.ndarray) -> np.ndarray:
     """(4, 2) corners of the smallest-area rectangle enclosing (N, 2) ``points`` (one side along an
@@ -80,20 +76,6 @@ def _convex_hull(points: np.ndarray) -> np.ndarray:
     return np.array(lower[:-1] + upper[:-1])
 
 
-def _collection_crs(collection: dict[str, Any], path: Path) -> CRS | str:
-    member = collection.get("crs")
-    if member is None:
-        return CRS.from_epsg(4326)
-    name = (member.get("properties") or {}).get("name") if isinstance(member, dict) else None
-    if name == PIXELS:
-        return PIXELS
-    try:
-        return CRS.from_user_input(name)
-    except Exception:  # noqa: BLE001 - rasterio raises CRSError or ValueError for unreadable names
-        raise ValueError(f"{path}: crs {member!r}: expected a name such as urn:ogc:def:crs:EPSG::32631 or "
-                         f"{PIXELS!r}") from None
-
-
 def read_objects(path: str | Path, classes: Sequence[str], image_crs: CRS | None, image_transform: Affine,
                  image_size: tuple[int, int], class_key: str = "class") -> dict[str, torch.Tensor]:
     """The objects of the GeoJSON ``path`` in pixels of an image (module docstring).
@@ -114,13 +96,8 @@ def read_objects(path: str | Path, classes: Sequence[str], image_crs: CRS | None
             unknown class, a degenerate polygon or one wholly outside the image (names the feature).
     """
     path = Path(path)
-    try:
-        collection = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a readable GeoJSON file ({error})") from None
-    if not isinstance(collection, dict) or collection.get("type") != "FeatureCollection":
-        raise ValueError(f"{path}: expected a GeoJSON FeatureCollection, got {str(collection)[:80]!r}")
-    source = _collection_crs(collection, path)
+    collection = read_collection(path)
+    source = collection_crs(collection, path)
     pixels = source == PIXELS or image_crs is None
     inverse = ~image_transform
     height, width = image_size
@@ -150,7 +127,7 @@ def read_objects(path: str | Path, classes: Sequence[str], image_crs: CRS | None
         if x.max() <= 0 or y.max() <= 0 or x.min() >= width or y.min() >= height:
             raise ValueError(f"{where}: the object lies wholly outside the {width} x {height} px image (pixels "
                              f"x {x.min():.1f}..{x.max():.1f}, y {y.min():.1f}..{y.max():.1f}); is the collection's "
-                             f"crs right? ({'none: longitude / latitude' if collection.get('crs') is None else collection['crs']})")
+                             f"crs right? ({describe_crs(collection)})")
         boxes.append(corners.reshape(-1).tolist())
         labels.append(label)
         difficult.append(bool(properties.get("difficult", False)))

@@ -50,6 +50,9 @@ DETECTION_KEYS = ("boxes", "labels", "difficult")
 IGNORE_INDEX = -1
 """Value of ``mask`` pixels without a label (nodata, unlabelled, boundary)."""
 
+CHANGE_CLASSES = ("no_change", "change")
+"""What the values 0 and 1 of a ``change`` mask mean."""
+
 PAD_DAY_OF_YEAR = 1
 """Day of year given to padding frames (they are masked out, but the value must be valid)."""
 

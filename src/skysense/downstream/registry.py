@@ -24,8 +24,8 @@ from skysense.data.datasets.detection import DIOR_CLASSES, DOTA_CLASSES, FAIR1M_
 from skysense.data.datasets.dynamic_earthnet import CLASSES as DYNAMIC_EARTHNET_CLASSES
 from skysense.data.datasets.eurosat import CLASSES as EUROSAT_CLASSES
 from skysense.data.datasets.fmow import CATEGORIES as FMOW_CATEGORIES
+from skysense.data.sample import CHANGE_CLASSES
 
-CHANGE_CLASSES = ("no_change", "change")
 DEFAULT_CROP_SIZE = 128
 """Training crop side of segmentation, change and detection runs whose dataset names none."""
 

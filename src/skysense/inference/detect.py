@@ -53,6 +53,7 @@ from rasterio.windows import Window
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from skysense.data.geojson import WGS84, closed_ring, output_coordinates
 from skysense.downstream.boxes import cut_by_window, horizontal_boxes
 from skysense.downstream.tasks import DETECTION_TASKS
 from skysense.inference.embed import model_signature, window_centres
@@ -64,8 +65,6 @@ from skysense.weights import atomic_write
 
 if TYPE_CHECKING:  # the detectors need torchvision (the detection extra): imported where they run
     from skysense.downstream.detection import DetectionModel
-
-WGS84 = "EPSG:4326"
 
 
 @dataclass
@@ -260,14 +259,6 @@ def merge_scene_detections(model: DetectionModel, found: dict[str, torch.Tensor]
     return {k: v[order] for k, v in result.items()}
 
 
-def _ring(points: list[tuple[float, float]]) -> list[list[float]]:
-    """A closed, counter-clockwise (right-hand rule) linear ring."""
-    area = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]))
-    if area < 0:
-        points = points[::-1]
-    return [[round(x, 9), round(y, 9)] for x, y in points + points[:1]]
-
-
 def detections_geojson(found: dict[str, torch.Tensor], classes: tuple[str, ...], transform: Affine,
                        crs: Any, wgs84: bool = False) -> tuple[dict[str, Any], str]:
     """A GeoJSON FeatureCollection of detections on an HR grid of ``transform`` / ``crs`` (module
@@ -276,8 +267,8 @@ def detections_geojson(found: dict[str, torch.Tensor], classes: tuple[str, ...],
     outlines = found["corners"] if oriented else found["boxes"]
     quads = outlines.double().tolist() if oriented else [
         [x0, y0, x1, y0, x1, y1, x0, y1] for x0, y0, x1, y1 in found["boxes"].double().tolist()]
-    epsg = None if crs is None else crs.to_epsg()
-    to_wgs84 = crs is not None and (wgs84 or epsg is None)
+    coordinates, member = output_coordinates(crs, wgs84)
+    to_wgs84 = coordinates == WGS84
     points = [[transform * (q[2 * k], q[2 * k + 1]) for k in range(4)] for q in quads]
     if to_wgs84 and points:
         xs, ys = rasterio.warp.transform(crs, WGS84, [x for p in points for x, _ in p], [y for p in points for _, y in p])
@@ -290,15 +281,12 @@ def detections_geojson(found: dict[str, torch.Tensor], classes: tuple[str, ...],
                       "score": round(score, 5), "pixel_box": [round(v, 2) for v in hulls[i]]}
         if oriented:
             properties["pixel_rbox"] = [round(v, 4) for v in found["boxes"][i].tolist()]
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_ring(points[i])]},
+        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [closed_ring(points[i])]},
                          "properties": properties})
     collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
-    if crs is None:
-        return collection, "pixels"
-    if to_wgs84:
-        return collection, WGS84
-    collection["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}"}}
-    return collection, f"EPSG:{epsg}"
+    if member is not None:
+        collection["crs"] = member
+    return collection, coordinates
 
 
 def detect_scene(model: DetectionModel, scene: Scene, out: str | Path, options: DetectOptions | None = None,

@@ -15,13 +15,14 @@ from skysense.config import HR_BANDS, S1_BANDS, S2_BANDS
 from skysense.data.dates import day_of_year, parse_date
 from skysense.data.datasets.base import Item, SampleDataset, hr_band_indexes, scalar
 from skysense.data.geojson_objects import read_objects
+from skysense.data.geojson_regions import read_regions
 from skysense.data.rasters import RasterReadError, open_raster, read_image, read_stacked
-from skysense.data.sample import IGNORE_INDEX, class_index
+from skysense.data.sample import CHANGE_CLASSES, IGNORE_INDEX, class_index
 from skysense.data.units import hr_to_8bit, s2_to_model_units
 
 MANIFEST_NAME = "manifest.jsonl"
-CHANGE_VALUES = ("no_change", "change")
-"""What the values 0 and 1 of a record's ``change`` raster mean."""
+GEOJSON_SUFFIXES = (".geojson", ".json")
+"""A record's ``mask`` or ``change`` with one of these suffixes is a GeoJSON of regions, burnt onto the grid."""
 
 
 class ManifestDataset(SampleDataset):
@@ -62,8 +63,13 @@ class ManifestDataset(SampleDataset):
       ``multilabel=True`` a list of them (``label`` (K,) float multi-hot);
     * ``"mask"``: a one-band integer raster of class indices 0..K-1 on the grid of the first
       modality (HR, else S2, else S1) or any grid that is a whole scaling of it; ``mask_ignore``
-      (default 255) marks unlabelled pixels (``mask`` (H, W) int64, -1 there).
-
+      (default 255) marks unlabelled pixels (``mask`` (H, W) int64, -1 there). Or a GeoJSON file
+      (``.geojson`` / ``.json``) of the regions drawn in a GIS, Polygon / MultiPolygon features
+      with their class in the property ``mask_class_key`` (default ``class``), burnt onto the grid
+      of the first modality read (:func:`~skysense.data.geojson_regions.read_regions`: a pixel
+      whose centre is inside; a feature with ``"ignore": true`` marks unlabelled pixels); pixels
+      outside every region are the class ``mask_background`` (a name or index), or unlabelled
+      when it is not given. One file may hold the regions of many records.
     * ``"objects"``: a GeoJSON file of the objects in the HR image, one Polygon each (a rectangle
       drawn in QGIS, or any outline: its minimum-area rectangle) with its class in the property
       ``object_class_key`` (default ``class``) and optionally ``difficult``; coordinates in the
@@ -75,7 +81,9 @@ class ManifestDataset(SampleDataset):
     Change detection (``--task change``) needs no ``classes``: each record has two dates of one
     place, as ``"hr"`` and ``"hr_post"`` (the HR image after, read like ``hr``, the same size)
     and/or S2 / S1 series of exactly two frames (before, after), and ``"change"``: a one-band raster,
-    1 changed, 0 unchanged, ``mask_ignore`` unlabelled (``change`` (H, W) int64, -1 there).
+    1 changed, 0 unchanged, ``mask_ignore`` unlabelled (``change`` (H, W) int64, -1 there); or a
+    GeoJSON of the changed areas (every pixel outside them unchanged; a feature's ``mask_class_key``
+    property, when it has one, may say ``no_change`` / ``change`` or 0 / 1).
 
     Within a split every record has the same targets (a test split may have none), so samples
     collate; a label outside ``classes`` or a mask value above K-1 is an error naming the record.
@@ -90,7 +98,8 @@ class ManifestDataset(SampleDataset):
     def __init__(self, root: str | Path, split: str | None = None, manifest: str = MANIFEST_NAME,
                  modalities: Sequence[str] = ("hr", "s2", "s1"), hr_bands: Sequence[str] = HR_BANDS,
                  classes: Sequence[str] | None = None, multilabel: bool = False, mask_ignore: int | None = 255,
-                 object_class_key: str = "class", skip_corrupt: bool = False) -> None:
+                 object_class_key: str = "class", mask_class_key: str = "class",
+                 mask_background: str | int | None = None, skip_corrupt: bool = False) -> None:
         if not modalities or set(modalities) - {"hr", "s2", "s1"}:
             raise ValueError(f"{self.name}: modalities: expected a non-empty subset of ('hr', 's2', 's1'), "
                              f"got {modalities}")
@@ -109,6 +118,11 @@ class ManifestDataset(SampleDataset):
         self.multilabel = multilabel
         self.mask_ignore = mask_ignore
         self.object_class_key = object_class_key
+        self.mask_class_key = mask_class_key
+        if mask_background is not None and classes is None:
+            raise ValueError(f"{self.name}: mask_background: needs the class names (classes)")
+        self.mask_background = (None if mask_background is None else
+                                class_index(mask_background, self.classes, self.name, "mask_background"))
         super().__init__(root, split, skip_corrupt)
         self._check_targets()
 
@@ -215,6 +229,22 @@ class ManifestDataset(SampleDataset):
                              f"{self.mask_ignore})")
         return torch.from_numpy(mask)
 
+    def _target_mask(self, value: str, where: str, grid: tuple[Any, Affine, tuple[int, int]] | None,
+                     key: str) -> torch.Tensor:
+        """A record's ``mask`` / ``change``: a raster (:meth:`_mask`) or a GeoJSON of regions burnt
+        onto ``grid``, the (crs, transform, size) of the first modality read."""
+        path = self._path(value)
+        classes = self.classes if key == "mask" else CHANGE_CLASSES
+        if path.suffix.lower() not in GEOJSON_SUFFIXES:
+            return self._mask(path, where, classes, key)
+        if grid is None:
+            raise ValueError(f"{where}: {key} {path}: regions are burnt onto the grid of the first modality read, "
+                             f"and none of the record's is read (modalities {list(self.modalities)})")
+        crs, transform, size = grid
+        if key == "mask":
+            return read_regions(path, classes, crs, transform, size, self.mask_class_key, self.mask_background)
+        return read_regions(path, classes, crs, transform, size, self.mask_class_key, background=0, default_class=1)
+
     def _hr(self, path: Path, record: dict[str, Any], item: Item) -> tuple[torch.Tensor, Any]:
         """An HR raster of a record: (C, H, W) on the 0-255 scale, and its (crs, transform) or None."""
         image, dtype = read_image(path)
@@ -266,11 +296,13 @@ class ManifestDataset(SampleDataset):
         if reference is not None:  # the grid of the first modality: predictions keep it
             sample["crs"], sample["transform"] = reference
         where = f"{item.path}: line {item.extra['line']}: record {item.id!r}"
+        first = next((sample[m] for m in ("hr", "s2", "s1") if sample.get(m) is not None), None)
+        grid = None if first is None else (*(reference or (None, Affine.identity())), tuple(first.shape[-2:]))
         if getattr(self, "classes", None) is not None:
             if record.get("label") is not None:
                 sample["label"] = self._label(record["label"], where)
             if record.get("mask") is not None:
-                sample["mask"] = self._mask(self._path(record["mask"]), where, self.classes)
+                sample["mask"] = self._target_mask(record["mask"], where, grid, "mask")
             if record.get("objects") is not None:
                 if sample.get("hr") is None:
                     raise ValueError(f"{where}: objects lie on the HR image; read it (modalities include 'hr')")
@@ -278,7 +310,7 @@ class ManifestDataset(SampleDataset):
                 sample.update(read_objects(self._path(record["objects"]), self.classes, crs, transform,
                                            tuple(sample["hr"].shape[-2:]), self.object_class_key))
         if record.get("change") is not None:
-            sample["change"] = self._mask(self._path(record["change"]), where, CHANGE_VALUES, "change")
+            sample["change"] = self._target_mask(record["change"], where, grid, "change")
         if "lat" in record and "lon" in record:
             sample["lat"], sample["lon"] = scalar(record["lat"]), scalar(record["lon"])
         elif georef is not None and georef.crs is not None:

@@ -1,0 +1,172 @@
+"""Labelled regions drawn in a GIS, burnt from GeoJSON into a class mask on an image's grid.
+
+:func:`read_regions` turns a GeoJSON ``FeatureCollection`` of ``Polygon`` / ``MultiPolygon``
+features (land-cover parcels, building footprints, flooded areas drawn in QGIS, or the polygons
+``skysense predict --polygons`` writes) into the (H, W) class mask of a segmentation or change
+sample:
+
+* **Coordinates.** As :mod:`skysense.data.geojson` reads them: the collection's ``crs`` member,
+  else longitude / latitude, reprojected to the image's CRS; ``"pixels"`` (or an image without a
+  CRS) takes them as the image's pixels.
+* **Pixels.** A pixel takes a region's class when its centre lies inside the polygon (holes
+  excluded); where regions overlap, the later feature in the file wins. Pixels no region covers
+  are ``background`` (a class index), or unlabelled (-1) when it is None.
+* **Classes.** The property ``class_key`` (default ``class``) holds a class name or index; a
+  feature without it takes ``default_class`` when one is given (change polygons: changed). A
+  feature with the property ``"ignore": true`` marks its pixels unlabelled (clouds, unsure areas).
+* **One file for many images.** A collection may cover a whole region and be named by every
+  record whose image lies in it: features that miss the image are skipped, and the parsed file is
+  cached while it is unchanged. A mask with no region on it is an error when it would be wholly
+  unlabelled (``background`` None: usually a wrong CRS).
+
+Errors name the file, the feature and what was expected.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio.features
+import rasterio.warp
+import torch
+from affine import Affine
+from rasterio.crs import CRS
+
+from skysense.data.geojson import PIXELS, collection_crs, describe_crs, read_collection
+from skysense.data.sample import IGNORE_INDEX, class_index
+
+
+@dataclass(frozen=True)
+class _Region:
+    """One feature of a collection: its polygons (each a list of (n, 2) rings, the exterior first)
+    in the collection's coordinates, their bounds, and its properties."""
+
+    number: int
+    polygons: tuple[tuple[np.ndarray, ...], ...]
+    bounds: tuple[float, float, float, float]
+    properties: dict[str, Any]
+
+
+def _polygons(geometry: dict[str, Any], where: str) -> tuple[tuple[np.ndarray, ...], ...]:
+    kind, coordinates = geometry.get("type"), geometry.get("coordinates")
+    if kind == "Polygon" and coordinates:
+        parts = [coordinates]
+    elif kind == "MultiPolygon" and coordinates:
+        parts = coordinates
+    else:
+        raise ValueError(f"{where}: geometry {kind!r}: expected a Polygon or MultiPolygon around the region")
+    polygons = []
+    for rings in parts:
+        arrays = []
+        for ring in rings:
+            array = np.asarray(ring, dtype=np.float64)
+            if array.ndim != 2 or array.shape[1] < 2 or len(array) < 3:
+                raise ValueError(f"{where}: a ring of {len(array)} points; expected at least 3 (x, y) positions")
+            arrays.append(array[:, :2])
+        polygons.append(tuple(arrays))
+    return tuple(polygons)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(path: str, stamp: tuple[int, int]) -> tuple[Any, tuple[_Region, ...], str]:
+    """The collection in ``path`` (``stamp``: its modification time and size, so that an edited
+    file is read again): its CRS, regions and a description of its CRS."""
+    collection = read_collection(path)
+    source = collection_crs(collection, path)
+    regions = []
+    for number, feature in enumerate(collection.get("features") or []):
+        where = f"{path}: feature {number}"
+        polygons = _polygons((feature or {}).get("geometry") or {}, where)
+        points = np.concatenate([ring for polygon in polygons for ring in polygon])
+        bounds = (*points.min(axis=0).tolist(), *points.max(axis=0).tolist())
+        regions.append(_Region(number, polygons, bounds, dict(feature.get("properties") or {})))
+    return source, tuple(regions), describe_crs(collection)
+
+
+def _image_bounds(source: CRS, image_crs: CRS, transform: Affine, size: tuple[int, int]) -> tuple[float, ...]:
+    """The image's bounds in the collection's CRS (densified edges, so a reprojected box holds them)."""
+    height, width = size
+    corners = [transform * (x, y) for x, y in ((0, 0), (width, 0), (width, height), (0, height))]
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    if source == image_crs:
+        return min(xs), min(ys), max(xs), max(ys)
+    return rasterio.warp.transform_bounds(image_crs, source, min(xs), min(ys), max(xs), max(ys), densify_pts=21)
+
+
+def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+
+def read_regions(path: str | Path, classes: Sequence[str], image_crs: CRS | None, image_transform: Affine,
+                 image_size: tuple[int, int], class_key: str = "class", background: int | None = None,
+                 default_class: int | None = None) -> torch.Tensor:
+    """The regions of the GeoJSON ``path`` as a class mask on an image's grid (module docstring).
+
+    Args:
+        path: a GeoJSON FeatureCollection of Polygon / MultiPolygon features.
+        classes: the class names; a feature's ``class_key`` property is one of them or an index.
+        image_crs: the image's CRS (None: the coordinates are its pixels).
+        image_transform: the image's pixel -> CRS transform.
+        image_size: (height, width) of the image in pixels.
+        class_key: the property that holds the class.
+        background: the class of pixels no region covers (None: unlabelled, -1).
+        default_class: the class of a feature without ``class_key`` (None: such a feature is an error).
+
+    Returns:
+        (H, W) int64 class indices, -1 where unlabelled.
+
+    Raises:
+        ValueError: unreadable JSON, not a FeatureCollection, a geometry that is not a polygon, a
+            missing or unknown class, or (``background`` None) no region on the image.
+    """
+    path = Path(path)
+    stat = os.stat(path) if path.is_file() else None
+    if stat is None:
+        raise ValueError(f"{path}: not a readable GeoJSON file (no such file)")
+    source, regions, described = _parsed(str(path), (stat.st_mtime_ns, stat.st_size))
+    height, width = image_size
+    pixels = source == PIXELS or image_crs is None
+    window = (0.0, 0.0, float(width), float(height)) if pixels else _image_bounds(source, image_crs, image_transform,
+                                                                                   image_size)
+    inverse = ~image_transform
+    shapes = []
+    for region in regions:
+        where = f"{path}: feature {region.number}"
+        if region.properties.get("ignore") is True:
+            value = IGNORE_INDEX
+        elif class_key in region.properties:
+            value = class_index(region.properties[class_key], classes, where, class_key)
+        elif default_class is not None:
+            value = default_class
+        else:
+            raise ValueError(f"{where}: no {class_key!r} property (the region's class); it has "
+                             f"{sorted(region.properties)}")
+        if not _overlaps(region.bounds, window):
+            continue
+        polygons = []
+        for polygon in region.polygons:
+            rings = []
+            for ring in polygon:
+                if not pixels:
+                    if source != image_crs:
+                        xs, ys = rasterio.warp.transform(source, image_crs, ring[:, 0].tolist(), ring[:, 1].tolist())
+                        ring = np.column_stack([xs, ys])
+                    ring = np.column_stack(inverse * (ring[:, 0], ring[:, 1]))
+                rings.append(ring.tolist())
+            polygons.append(rings)
+        shapes.append(({"type": "MultiPolygon", "coordinates": polygons}, value))
+    if not shapes and background is None:
+        raise ValueError(f"{path}: no region lies on the {width} x {height} px image, and pixels outside the regions "
+                         f"are unlabelled, so the mask would be empty; is the collection's crs right? ({described}) "
+                         "Or name a background class for the pixels outside the regions")
+    fill = IGNORE_INDEX if background is None else background
+    if not shapes:
+        return torch.full((height, width), fill, dtype=torch.int64)
+    mask = rasterio.features.rasterize(shapes, out_shape=(height, width), fill=fill, dtype="int32")
+    return torch.from_numpy(mask.astype(np.int64))
