@@ -197,6 +197,31 @@ def test_predict_command_on_a_finetuned_run(tmp_path: Path, capsys: pytest.Captu
     assert "exists" in capsys.readouterr().err
 
 
+def test_predict_writes_the_class_maps_regions_as_polygons(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from skysense.cli import main
+    from skysense.data.geojson_regions import read_regions
+
+    save_finetuned(segmentation_model(("s2",)), tmp_path / "run", {"dataset": "manifest"}, step=1)
+    s2 = write_s2_series(tmp_path / "s2", 16, 24)
+    out = tmp_path / "map.tif"
+    args = ["predict", "--weights", str(tmp_path / "run"), "--s2", *map(str, s2), "--s2-offset", "0",
+            "--window", "16", "--overlap", "4", "--no-progress", "--out", str(out)]
+    assert main([*args, "--min-pixels", "3"]) == 2
+    assert "--min-pixels applies to --polygons" in capsys.readouterr().err
+    assert main([*args, "--polygons", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    polygons = tmp_path / "map.classes.geojson"
+    assert report["extra"]["polygons"]["out"] == str(polygons) and report["extra"]["polygons"]["polygons"] >= 1
+    labels, profile, _ = _read(classes_path(out))
+    back = read_regions(polygons, CLASSES, profile["crs"], profile["transform"], labels.shape[1:])
+    np.testing.assert_array_equal(back.numpy(), labels[0].astype(np.int64))  # every pixel, exactly
+    # a multi-label classifier has no class map to vectorise
+    save_finetuned(classifier_model(("s2",), multilabel=True), tmp_path / "multi", {"dataset": "manifest"}, step=1)
+    assert main(["predict", "--weights", str(tmp_path / "multi"), "--s2", *map(str, s2), "--s2-offset", "0",
+                 "--no-progress", "--out", str(tmp_path / "tiles.tif"), "--polygons"]) == 2
+    assert "a multi-label classifier writes none" in capsys.readouterr().err
+
+
 def test_predict_command_tiles_with_the_classifiers_training_size(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     from skysense.cli import main
@@ -239,13 +264,19 @@ def test_a_model_finetuned_on_loveda_maps_a_real_naip_quad(data_root: Path, tmp_
     naip = data_root / "samples/naip_series/m_4709963_se_14_1_20180716.tif"  # R, G, B, NIR: the first three read
     out = tmp_path / "naip_classes.tif"
     assert main(["predict", "--weights", str(run), "--hr", str(naip), "--out", str(out), "--window", "8",
-                 "--overlap", "2", "--block", "256", "--no-progress", "--no-preview"]) == 0
+                 "--overlap", "2", "--block", "256", "--no-progress", "--no-preview", "--polygons",
+                 "--min-pixels", "16"]) == 0
     with rasterio.open(naip) as src:
         crs, transform, (height, width) = src.crs, src.transform, src.shape
     labels, profile, tags = _read(classes_path(out))
     assert profile["crs"] == crs and profile["transform"] == transform
     assert labels.shape == (1, height, width) and (labels < 7).all()  # the quad's own grid, every pixel mapped
     assert len(json.loads(tags["skysense_classes"])) == 7
+    # its regions of at least 16 pixels, in the quad's CRS, cover the quad
+    regions = json.loads(out.with_name("naip_classes.classes.geojson").read_text())
+    assert regions["crs"]["properties"]["name"] == f"urn:ogc:def:crs:EPSG::{crs.to_epsg()}"
+    pixels = [f["properties"]["pixels"] for f in regions["features"]]
+    assert min(pixels) >= 16 and sum(pixels) == height * width and regions["skysense"]["dropped"] == 0
 
 
 @pytest.mark.real_data

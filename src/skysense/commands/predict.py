@@ -1,11 +1,14 @@
 """``skysense predict``: a fine-tuned model over a whole scene -> georeferenced class map or labelled tiles.
 
     skysense predict --weights RUN [--hr HR.tif [--hr-post HR_AFTER.tif]] [--s2 S2 ...] [--s1 S1 ...] --out OUT.tif
+    skysense polygons OUT.classes.tif --out REGIONS.geojson [--min-pixels N] [--wgs84]
 
 Writes the class probabilities to ``OUT`` and the most probable class to ``OUT.classes.tif``
-(:mod:`skysense.inference.predict`: segmentation and change maps, a classifier's tiles), or a
-detector's boxes to the GeoJSON ``OUT`` (:mod:`skysense.inference.detect`); the inputs are read as
-``skysense embed`` reads them, and a rerun after an interruption resumes.
+(:mod:`skysense.inference.predict`: segmentation and change maps, a classifier's tiles), with
+``--polygons`` also its regions as the GeoJSON ``OUT.classes.geojson``
+(:mod:`skysense.inference.polygons`), or a detector's boxes to the GeoJSON ``OUT``
+(:mod:`skysense.inference.detect`); the inputs are read as ``skysense embed`` reads them, and a
+rerun after an interruption resumes. ``skysense polygons`` vectorises a class map already written.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from skysense.devices import resolve_device
 from skysense.downstream.finetune import load_finetuned, read_task
 from skysense.downstream.tasks import DETECTION_TASKS, TaskSpec
 from skysense.inference.detect import DetectOptions, detect_scene
-from skysense.inference.predict import predict_scene
+from skysense.inference.polygons import PolygonReport, class_map_polygons
+from skysense.inference.predict import classes_path, predict_scene
 from skysense.inference.scene import HR_SCALE
 
 if TYPE_CHECKING:
@@ -46,16 +50,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          overlap_help="(default 16; 0 for a classifier, whose tiles do not overlap; a "
                                       "detector's window / 4)",
                          out_help="output .tif (cog) or folder (zarr); a detector's .geojson")
+    parser.add_argument("--wgs84", action="store_true",
+                        help="GeoJSON outputs (--polygons, a detector's boxes) in longitude / latitude (RFC 7946) "
+                             "instead of the scene's CRS")
+    maps = parser.add_argument_group("class maps (segmentation, change, a single-label classifier's tiles)")
+    maps.add_argument("--polygons", action="store_true",
+                      help="also write the class map's regions as polygons, OUT.classes.geojson (skysense polygons)")
+    add_min_pixels_argument(maps)
     detection = parser.add_argument_group("detectors (the output is a GeoJSON of boxes; --window defaults to the "
                                           "run's training crop / 32)")
     detection.add_argument("--min-score", type=float, default=0.0,
                            help="leave out detections scoring less (the head keeps those of at least 0.05)")
-    detection.add_argument("--wgs84", action="store_true",
-                           help="longitude / latitude (RFC 7946) instead of the scene's CRS")
     detection.add_argument("--keep-fragments", action="store_true",
                            help="merge windows by NMS alone (by default, parts of objects a window edge cuts are "
                                 "dropped when another window sees the object whole)")
     parser.set_defaults(run=run)
+
+    polygons = subparsers.add_parser("polygons", help="a class map (predict's OUT.classes.tif, or any classified "
+                                                      "GeoTIFF) as GeoJSON polygons, one per region of a class")
+    polygons.add_argument("class_map", type=Path, help="a one-band integer GeoTIFF of class values")
+    polygons.add_argument("--out", type=Path, default=None, help="the GeoJSON (default: CLASS_MAP with .geojson)")
+    polygons.add_argument("--classes", default=None,
+                          help="class names by value, comma-separated, for a map without skysense's class tag")
+    add_min_pixels_argument(polygons)
+    polygons.add_argument("--wgs84", action="store_true",
+                          help="longitude / latitude (RFC 7946) instead of the map's CRS")
+    polygons.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    polygons.add_argument("--json", action="store_true", help="print the report as JSON")
+    polygons.add_argument("--no-progress", action="store_true", help="no progress bar")
+    polygons.set_defaults(run=run_polygons)
+
+
+def add_min_pixels_argument(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument("--min-pixels", type=int, default=1,
+                        help="merge regions of fewer pixels into their largest neighbour before vectorising "
+                             "(default 1: keep every region)")
+
+
+def print_polygons(report: PolygonReport, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    dropped = f"; {report.dropped} regions under --min-pixels with no labelled neighbour left out" if report.dropped else ""
+    print(f"wrote {report.out}: {report.polygons} polygons ({report.coordinates}) in {report.seconds:.1f} s{dropped}")
+    print(f"polygons per class: {report.per_class}")
+
+
+def run_polygons(args: argparse.Namespace) -> int:
+    out = args.out or args.class_map.with_suffix(".geojson")
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    report = class_map_polygons(args.class_map, out, classes, args.min_pixels, args.wgs84, args.overwrite,
+                                progress=not args.no_progress)
+    print_polygons(report, args.json)
+    return 0
 
 
 def default_window(spec: TaskSpec, patch: int) -> int:
@@ -78,7 +125,20 @@ def run(args: argparse.Namespace) -> int:
     if args.hr_post is not None and spec.task != "change":
         raise ValueError(f"predict: --hr-post (the HR image after) is for change models; this is a {spec.task} model")
     if spec.task in DETECTION_TASKS:
+        if args.polygons or args.min_pixels != 1:
+            raise ValueError("predict: a detector writes its boxes as GeoJSON polygons already; --polygons and "
+                             "--min-pixels are for class maps")
         return run_detection(args, model)
+    if args.polygons and spec.multilabel:
+        raise ValueError("predict: --polygons vectorises the class map, and a multi-label classifier writes none "
+                         "(a tile may hold several classes)")
+    if args.min_pixels != 1 and not args.polygons:
+        raise ValueError("predict: --min-pixels applies to --polygons")
+    if args.wgs84 and not args.polygons:
+        raise ValueError("predict: --wgs84 applies to GeoJSON outputs: --polygons, or a detector's boxes")
+    polygons_path = classes_path(Path(args.out)).with_suffix(".geojson")
+    if args.polygons and polygons_path.exists() and not args.overwrite:
+        raise ValueError(f"{polygons_path} exists; pass --overwrite to replace it")
     tiles = spec.task == "classification"
     if args.window is None:
         args.window = default_window(spec, model.encoder.config.s2.patch_size)
@@ -92,8 +152,14 @@ def run(args: argparse.Namespace) -> int:
     finished = report.extra["finish"]
     classes = (f"classes: {finished['classes_path']}" if finished["classes_path"] else
                f"tiles per class (probability >= {finished['threshold']}): {finished['pixels_per_class']}")
+    if args.polygons:
+        vectors = class_map_polygons(finished["classes_path"], polygons_path, min_pixels=args.min_pixels,
+                                     wgs84=args.wgs84, overwrite=True, progress=not args.no_progress)
+        report.extra["polygons"] = vectors.to_dict()
     print_report(report, args.json, f"{report.channels} {what} x {report.height} x {report.width} ({report.crs})",
                  classes)
+    if args.polygons and not args.json:
+        print_polygons(vectors, False)
     return 0
 
 

@@ -6,13 +6,15 @@ grid), :mod:`~skysense.inference.windows` (window lattice, output blocks, blendi
 (COG / Zarr block writers with a progress sidecar), :mod:`~skysense.inference.predict` (class
 maps of a fine-tuned segmentation or change model and a classifier's labelled tiles, the same
 way), :mod:`~skysense.inference.detect` (a fine-tuned detector's objects as GeoJSON, window by
-window, resumable), :mod:`~skysense.inference.preview` (PCA
+window, resumable), :mod:`~skysense.inference.polygons` (a class map's regions as GeoJSON
+polygons), :mod:`~skysense.inference.preview` (PCA
 false-colour PNG), :mod:`~skysense.inference.export` (ONNX and ``torch.export`` programs of the
 encoders).
 """
 
 from skysense.inference.detect import DetectOptions, DetectReport, detect_scene
 from skysense.inference.embed import EmbedOptions, EmbedReport, embed_scene
+from skysense.inference.polygons import PolygonReport, class_map_polygons
 from skysense.inference.predict import predict_scene
 from skysense.inference.scene import Frame, Grid, Scene, resolve_frames, s2_frame_offsets
 from skysense.inference.windows import WindowPlan
@@ -25,7 +27,9 @@ __all__ = [
     "Frame",
     "Grid",
     "Scene",
+    "PolygonReport",
     "WindowPlan",
+    "class_map_polygons",
     "detect_scene",
     "embed_scene",
     "predict_scene",
