@@ -13,15 +13,22 @@ water; -1 = no label) and does what a user with their own rasters does:
 4. maps the whole original chip with ``skysense predict`` (window by window, blended), and scores
    the map's ``val`` quadrant against the hand labels.
 
+With ``--labels regions`` the labels are what a user drew in a GIS instead of a raster: the hand
+labels vectorised once (``skysense polygons --nodata -1``) into one GeoJSON of water and dry-land
+polygons in longitude / latitude that every record names as its ``mask``; the run checks that the
+burnt masks equal the label raster pixel for pixel, trains on them, and also writes the predicted
+map as polygons (``predict --polygons``) and scores those, burnt back, on the ``val`` quadrant.
+
 Prints the numbers and writes them as JSON with ``--out``.
 
-    SKYSENSE_DATA=../shared/data python benchmarks/own_data.py --steps 150
+    SKYSENSE_DATA=../shared/data python benchmarks/own_data.py --steps 150 [--labels regions]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections.abc import Callable
 import json
 import os
 import tempfile
@@ -51,8 +58,19 @@ def _crop(source: Path, target: Path, window: Window) -> str:
     return str(target)
 
 
-def write_manifest(chip: Path, root: Path) -> Path:
-    """The four quadrants and their manifest under ``root`` (module docstring, step 1)."""
+LABELS = "Labels/Spain_7370579_LabelHand.tif"
+
+
+def write_manifest(chip: Path, root: Path, labels: str = "raster") -> Path:
+    """The four quadrants and their manifest under ``root`` (module docstring, step 1); with
+    ``labels="regions"`` every record's mask is one GeoJSON of the hand labels' regions."""
+    from skysense.inference.polygons import class_map_polygons
+
+    regions = None
+    if labels == "regions":
+        root.mkdir(parents=True, exist_ok=True)
+        class_map_polygons(chip / LABELS, root / "regions.geojson", CLASSES, nodata=-1, wgs84=True, progress=False)
+        regions = "regions.geojson"
     records = []
     for k, (row, col) in enumerate(((0, 0), (0, 256), (256, 0), (256, 256))):
         window = Window(col, row, 256, 256)
@@ -64,22 +82,51 @@ def write_manifest(chip: Path, root: Path) -> Path:
             "s2_bands": list(S2_FILE_BANDS), "s2_level": "L1C", "s2_offset": 0,
             "s1": [{"path": _crop(chip / "S1/Spain_7370579_S1Hand.tif", root / "s1" / f"{name}.tif", window),
                     "date": S1_DATE}],
-            "mask": _crop(chip / "Labels/Spain_7370579_LabelHand.tif", root / "masks" / f"{name}.tif", window),
+            "mask": regions or _crop(chip / LABELS, root / "masks" / f"{name}.tif", window),
         })
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     return manifest
 
 
+def _burnt_masks_equal_the_raster(chip: Path, root: Path) -> dict:
+    """How many pixels of the masks burnt from ``regions.geojson`` equal the hand-label raster's."""
+    from skysense.data.datasets import ManifestDataset
+
+    dataset = ManifestDataset(root, classes=CLASSES, modalities=("s2",))
+    with rasterio.open(chip / LABELS) as src:
+        truth = src.read(1).astype(np.int64)
+    equal = total = 0
+    for index, item in enumerate(dataset.items):
+        row, col = divmod(index, 2)  # quadrants in reading order
+        expected = truth[256 * row:256 * row + 256, 256 * col:256 * col + 256]
+        mask = dataset.load(index)["mask"].numpy()
+        equal += int((mask == expected).sum())
+        total += expected.size
+    return {"pixels_equal": equal, "pixels": total}
+
+
+def _scored_ious(predicted: np.ndarray, truth: np.ndarray, nodata: int) -> tuple[list[float], int]:
+    """IoU per class of ``predicted`` against ``truth`` over pixels labelled in both."""
+    p, t = predicted.astype(np.int64), truth.astype(np.int64)
+    scored = (t >= 0) & (p != nodata)
+    ious = [float(((p == k) & (t == k) & scored).sum() / max(1, (((p == k) | (t == k)) & scored).sum()))
+            for k in range(len(CLASSES))]
+    return ious, int(scored.sum())
+
+
 def run(chip: Path, work: Path, steps: int, lr: float, batch_size: int, crop: int, window: int = 64,
-        overlap: int = 16, progress: bool = True) -> dict:
+        overlap: int = 16, progress: bool = True, labels: str = "raster") -> dict:
     from skysense.config import S1_BANDS
+    from skysense.data.geojson_regions import read_regions
+    from skysense.inference.polygons import class_map_polygons
     from skysense.downstream.evaluate import evaluate_run
     from skysense.downstream.finetune import FinetuneConfig, finetune, load_finetuned
     from skysense.inference import EmbedOptions, Scene, resolve_frames
     from skysense.inference.predict import CLASS_NODATA, classes_path, predict_scene
 
-    write_manifest(chip, work / "data")
+    write_manifest(chip, work / "data", labels)
+    burnt = _burnt_masks_equal_the_raster(chip, work / "data") if labels == "regions" else None
     config = FinetuneConfig(
         task="segmentation", dataset="manifest", data_root=str(work / "data"), preset="tiny", max_steps=steps,
         batch_size=batch_size, crop_size=crop, decoder_channels=32, checkpoint_every=max(steps, 1), seed=0,
@@ -102,30 +149,46 @@ def run(chip: Path, work: Path, steps: int, lr: float, batch_size: int, crop: in
                                EmbedOptions(window=window, overlap=overlap, block=256, progress=False, preview=False))
     predicted = time.perf_counter() - started
     with rasterio.open(classes_path(mapped.out)) as src:
-        labels = src.read(1)
-    with rasterio.open(chip / "Labels/Spain_7370579_LabelHand.tif") as src:
+        class_map, crs, transform = src.read(1), src.crs, src.transform
+    with rasterio.open(chip / LABELS) as src:
         truth = src.read(1)
     r0, r1, c0, c1 = VAL
-    p, t = labels[r0:r1, c0:c1].astype(np.int64), truth[r0:r1, c0:c1].astype(np.int64)
-    scored = (t >= 0) & (p != CLASS_NODATA)
-    ious = [float(((p == k) & (t == k) & scored).sum() / max(1, (((p == k) | (t == k)) & scored).sum()))
-            for k in range(len(CLASSES))]
+    ious, scored = _scored_ious(class_map[r0:r1, c0:c1], truth[r0:r1, c0:c1], CLASS_NODATA)
+    extra = {}
+    if labels == "regions":
+        vectors = class_map_polygons(classes_path(mapped.out), work / "water.classes.geojson", wgs84=True,
+                                     progress=False)
+        back = read_regions(vectors.out, CLASSES, crs, transform, class_map.shape).numpy()
+        polygon_ious, _ = _scored_ious(np.where(back < 0, CLASS_NODATA, back)[r0:r1, c0:c1], truth[r0:r1, c0:c1],
+                                       CLASS_NODATA)
+        extra = {"labels": "regions", "regions_burnt": burnt,
+                 "predict_polygons": {"polygons": vectors.polygons, "per_class": vectors.per_class,
+                                      "seconds": vectors.seconds,
+                                      "val_miou_burnt_back": float(np.mean(polygon_ious)),
+                                      "pixels_equal_class_map": int((back == class_map).sum()),
+                                      "pixels": int(class_map.size)}}
     return {
+        **extra,
         "steps": steps, "lr": lr, "batch_size": batch_size, "crop": crop, "window": window, "overlap": overlap,
         "train_loss_last10": float(np.mean([r["loss"] for r in rows[-10:]])), "train_seconds": round(trained, 1),
         "evaluate_val": {"miou": report["miou"], "iou_per_class": report["iou_per_class"], "oa": report.get("oa")},
         "predict_val": {"miou": float(np.mean(ious)), "iou_per_class": dict(zip(CLASSES, ious)),
-                        "pixels_scored": int(scored.sum())},
-        "water_fraction_val": float((t[t >= 0] == 1).mean()),
+                        "pixels_scored": scored},
+        "water_fraction_val": float((truth[r0:r1, c0:c1][truth[r0:r1, c0:c1] >= 0] == 1).mean()),
         "predict_seconds": round(predicted, 1), "predict_windows": mapped.windows_computed,
     }
 
 
-def benchmark_main(doc: str, source: str, run_fn, steps: int, lr: float, batch_size: int, crop: int) -> None:
+def benchmark_main(doc: str, source: str, run_fn, steps: int, lr: float, batch_size: int, crop: int,
+                   arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                   keywords: tuple[str, ...] = ()) -> None:
     """The command line of an own-data benchmark: ``--steps``, ``--lr``, ``--batch-size``, ``--crop``
-    (these defaults) and ``--out``; runs ``run_fn(SKYSENSE_DATA / source, a temporary folder, ...)``
-    and prints its result as JSON (also written to ``--out``)."""
+    (these defaults), ``--out`` and what ``arguments`` adds (passed to ``run_fn`` by the names in
+    ``keywords``); runs ``run_fn(SKYSENSE_DATA / source, a temporary folder, ...)`` and prints its
+    result as JSON (also written to ``--out``)."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    if arguments is not None:
+        arguments(parser)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--batch-size", type=int, default=batch_size)
@@ -136,11 +199,15 @@ def benchmark_main(doc: str, source: str, run_fn, steps: int, lr: float, batch_s
     if not data:
         raise SystemExit("set SKYSENSE_DATA to the shared data folder")
     with tempfile.TemporaryDirectory() as folder:
-        result = run_fn(Path(data) / source, Path(folder), args.steps, args.lr, args.batch_size, args.crop)
+        result = run_fn(Path(data) / source, Path(folder), args.steps, args.lr, args.batch_size, args.crop,
+                        **{k: getattr(args, k) for k in keywords})
     print(json.dumps(result, indent=2))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    benchmark_main(__doc__, CHIP, run, steps=150, lr=1e-3, batch_size=4, crop=64)
+    benchmark_main(__doc__, CHIP, run, steps=150, lr=1e-3, batch_size=4, crop=64,
+                   arguments=lambda parser: parser.add_argument("--labels", choices=("raster", "regions"),
+                                                                default="raster"),
+                   keywords=("labels",))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,16 @@ import rasterio
 from rasterio.transform import from_origin
 
 UTM33 = "EPSG:32633"
+
+
+def write_geojson(path: Path, features: list[dict], crs: str | None = "urn:ogc:def:crs:EPSG::32631") -> Path:
+    """A FeatureCollection of ``features`` with a ``crs`` member naming ``crs`` (None: no member,
+    longitude / latitude)."""
+    collection = {"type": "FeatureCollection", "features": features}
+    if crs is not None:
+        collection["crs"] = {"type": "name", "properties": {"name": crs}}
+    path.write_text(json.dumps(collection))
+    return path
 
 
 def write_tif(path: Path, data: np.ndarray, res: float = 10.0, crs: str | None = UTM33,

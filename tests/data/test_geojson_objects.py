@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -14,18 +13,12 @@ from rasterio.transform import from_origin
 
 from skysense.data.geojson_objects import min_area_rectangle, read_objects
 
+from data_helpers import write_geojson
+
 UTM = CRS.from_epsg(32631)
 ORIGIN = (448000.0, 5412000.0)
 TRANSFORM = from_origin(*ORIGIN, 0.5, 0.5)  # 0.5 m pixels
 CLASSES = ("car", "ship")
-
-
-def _write(path: Path, features: list[dict], crs: str | None = "urn:ogc:def:crs:EPSG::32631") -> Path:
-    collection = {"type": "FeatureCollection", "features": features}
-    if crs is not None:
-        collection["crs"] = {"type": "name", "properties": {"name": crs}}
-    path.write_text(json.dumps(collection))
-    return path
 
 
 def _polygon(points: list[tuple[float, float]], **properties: object) -> dict:
@@ -41,9 +34,9 @@ def _utm(x: float, y: float) -> tuple[float, float]:
 def test_rectangles_in_the_image_crs_and_in_lon_lat_map_to_pixels(tmp_path: Path) -> None:
     box = [_utm(10, 20), _utm(30, 20), _utm(30, 28), _utm(10, 28)]
     lon, lat = rasterio.warp.transform(UTM, "EPSG:4326", [x for x, _ in box], [y for _, y in box])
-    utm = _write(tmp_path / "utm.geojson", [_polygon(box, **{"class": "ship"}),
+    utm = write_geojson(tmp_path / "utm.geojson", [_polygon(box, **{"class": "ship"}),
                                              _polygon(box, **{"class": 0, "difficult": True})])
-    wgs84 = _write(tmp_path / "wgs84.geojson", [_polygon(list(zip(lon, lat)), **{"class": "car"})], crs=None)
+    wgs84 = write_geojson(tmp_path / "wgs84.geojson", [_polygon(list(zip(lon, lat)), **{"class": "car"})], crs=None)
     found = read_objects(utm, CLASSES, UTM, TRANSFORM, (64, 64))
     corners = [10, 20, 30, 20, 30, 28, 10, 28]
     np.testing.assert_allclose(found["boxes"].numpy(), [corners, corners], atol=1e-6)
@@ -51,7 +44,7 @@ def test_rectangles_in_the_image_crs_and_in_lon_lat_map_to_pixels(tmp_path: Path
     np.testing.assert_allclose(read_objects(wgs84, CLASSES, UTM, TRANSFORM, (64, 64))["boxes"].numpy(), [corners],
                                atol=1e-3)
     # an image without a CRS, or a collection in pixels, takes the coordinates as pixels
-    pixels = _write(tmp_path / "pixels.geojson", [_polygon([(1, 2), (5, 2), (5, 9), (1, 9)], label="car")], "pixels")
+    pixels = write_geojson(tmp_path / "pixels.geojson", [_polygon([(1, 2), (5, 2), (5, 9), (1, 9)], label="car")], "pixels")
     found = read_objects(pixels, CLASSES, UTM, TRANSFORM, (64, 64), class_key="label")
     np.testing.assert_allclose(found["boxes"].numpy(), [[1, 2, 5, 2, 5, 9, 1, 9]])
 
@@ -80,7 +73,7 @@ def test_bad_objects_name_the_feature(tmp_path: Path) -> None:
          "feature 0: the object lies wholly outside the 64 x 64 px image .* is the collection's crs right"),
     ]
     for number, (features, message) in enumerate(cases):
-        path = _write(tmp_path / f"bad{number}.geojson", features)
+        path = write_geojson(tmp_path / f"bad{number}.geojson", features)
         with pytest.raises(ValueError, match=message):
             read_objects(path, CLASSES, UTM, TRANSFORM, (64, 64))
     (tmp_path / "broken.geojson").write_text("{")

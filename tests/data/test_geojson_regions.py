@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,18 +13,12 @@ from rasterio.transform import from_origin
 
 from skysense.data.geojson_regions import read_regions
 
+from data_helpers import write_geojson
+
 UTM = CRS.from_epsg(32631)
 TRANSFORM = from_origin(448000.0, 5412000.0, 10.0, 10.0)  # 10 m pixels
 CLASSES = ("field", "forest", "water")
 SIZE = (12, 16)
-
-
-def _write(path: Path, features: list[dict], crs: str | None = "urn:ogc:def:crs:EPSG::32631") -> Path:
-    collection = {"type": "FeatureCollection", "features": features}
-    if crs is not None:
-        collection["crs"] = {"type": "name", "properties": {"name": crs}}
-    path.write_text(json.dumps(collection))
-    return path
 
 
 def _feature(geometry_type: str, coordinates: list, **properties: object) -> dict:
@@ -46,10 +39,10 @@ def _lonlat(x: float, y: float) -> tuple[float, float]:
 def test_regions_in_the_image_crs_in_lon_lat_and_in_pixels_burn_the_same_pixels(tmp_path: Path) -> None:
     expected = np.full(SIZE, -1)
     expected[1:4, 2:6] = 2
-    utm = _write(tmp_path / "utm.geojson", [_feature("Polygon", [_box(2, 1, 6, 4)], **{"class": "water"})])
-    wgs84 = _write(tmp_path / "wgs84.geojson", [_feature("Polygon", [_box(2, 1, 6, 4, _lonlat)], **{"class": 2})],
+    utm = write_geojson(tmp_path / "utm.geojson", [_feature("Polygon", [_box(2, 1, 6, 4)], **{"class": "water"})])
+    wgs84 = write_geojson(tmp_path / "wgs84.geojson", [_feature("Polygon", [_box(2, 1, 6, 4, _lonlat)], **{"class": 2})],
                    crs=None)
-    pixels = _write(tmp_path / "px.geojson", [_feature("Polygon", [_box(2, 1, 6, 4, lambda x, y: (x, y))],
+    pixels = write_geojson(tmp_path / "px.geojson", [_feature("Polygon", [_box(2, 1, 6, 4, lambda x, y: (x, y))],
                                                        kind="water")], crs="pixels")
     np.testing.assert_array_equal(read_regions(utm, CLASSES, UTM, TRANSFORM, SIZE).numpy(), expected)
     np.testing.assert_array_equal(read_regions(wgs84, CLASSES, UTM, TRANSFORM, SIZE).numpy(), expected)
@@ -61,7 +54,7 @@ def test_regions_in_the_image_crs_in_lon_lat_and_in_pixels_burn_the_same_pixels(
 
 
 def test_holes_multipolygons_overlaps_and_ignored_regions(tmp_path: Path) -> None:
-    path = _write(tmp_path / "r.geojson", [
+    path = write_geojson(tmp_path / "r.geojson", [
         _feature("Polygon", [_box(0, 0, 8, 8), _box(2, 2, 4, 4)[::-1]], **{"class": "forest"}),  # a hole
         _feature("MultiPolygon", [[_box(10, 0, 12, 2)], [_box(14, 10, 16, 12)]], **{"class": "water"}),
         _feature("Polygon", [_box(6, 6, 10, 10)], **{"class": "field"}),  # drawn over the forest: wins
@@ -80,24 +73,24 @@ def test_holes_multipolygons_overlaps_and_ignored_regions(tmp_path: Path) -> Non
 
 def test_one_file_for_many_images_skips_the_regions_elsewhere_and_is_read_again_when_edited(tmp_path: Path) -> None:
     far = _box(5000, 5000, 5004, 5004)  # 50 km away: on another record's image
-    path = _write(tmp_path / "all.geojson", [_feature("Polygon", [far], **{"class": "forest"}),
+    path = write_geojson(tmp_path / "all.geojson", [_feature("Polygon", [far], **{"class": "forest"}),
                                              _feature("Polygon", [_box(0, 0, 2, 2)], **{"class": "water"})])
     mask = read_regions(path, CLASSES, UTM, TRANSFORM, SIZE).numpy()
     assert (mask == 2).sum() == 4 and (mask == 1).sum() == 0
-    _write(path, [_feature("Polygon", [far], **{"class": "forest"}),
+    write_geojson(path, [_feature("Polygon", [far], **{"class": "forest"}),
                   _feature("Polygon", [_box(0, 0, 3, 3)], **{"class": "field"})])
     os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10**9))
     mask = read_regions(path, CLASSES, UTM, TRANSFORM, SIZE).numpy()
     assert (mask == 0).sum() == 9 and (mask == 2).sum() == 0
     # an image with no region on it: all background, or an error when that would be all unlabelled
-    only_far = _write(tmp_path / "far.geojson", [_feature("Polygon", [far], **{"class": "forest"})])
+    only_far = write_geojson(tmp_path / "far.geojson", [_feature("Polygon", [far], **{"class": "forest"})])
     assert (read_regions(only_far, CLASSES, UTM, TRANSFORM, SIZE, background=0) == 0).all()
     with pytest.raises(ValueError, match=r"far.geojson: no region lies on the 16 x 12 px image.*crs right"):
         read_regions(only_far, CLASSES, UTM, TRANSFORM, SIZE)
 
 
 def test_change_regions_default_to_changed(tmp_path: Path) -> None:
-    path = _write(tmp_path / "changes.geojson", [_feature("Polygon", [_box(1, 1, 3, 3)]),
+    path = write_geojson(tmp_path / "changes.geojson", [_feature("Polygon", [_box(1, 1, 3, 3)]),
                                                  _feature("Polygon", [_box(1, 1, 2, 2)], change="no_change")])
     mask = read_regions(path, ("no_change", "change"), UTM, TRANSFORM, SIZE, class_key="change", background=0,
                         default_class=1).numpy()
@@ -112,7 +105,7 @@ def test_change_regions_default_to_changed(tmp_path: Path) -> None:
     (_feature("Polygon", [_box(0, 0, 2, 2)], kind="field"), "feature 0: no 'class' property"),
 ])
 def test_bad_regions_name_the_file_and_feature(tmp_path: Path, feature: dict, message: str) -> None:
-    path = _write(tmp_path / "bad.geojson", [feature])
+    path = write_geojson(tmp_path / "bad.geojson", [feature])
     with pytest.raises(ValueError, match=message) as error:
         read_regions(path, CLASSES, UTM, TRANSFORM, SIZE)
     assert "bad.geojson" in str(error.value)

@@ -415,6 +415,14 @@ def test_own_data_benchmark_on_the_real_sen1floods11_chip(data_root: Path, tmp_p
     assert [r["split"] for r in records] == ["train", "train", "train", "val"]
     with rasterio.open(records[3]["mask"]) as src:  # the quadrants keep their place on the ground
         assert src.crs.to_epsg() == 4326 and src.shape == (256, 256)
+    # the same labels drawn as regions: one GeoJSON in longitude / latitude burns into the same masks
+    regions = run(data_root / CHIP, tmp_path / "regions", steps=2, lr=1e-3, batch_size=2, crop=32, window=64,
+                  overlap=0, progress=False, labels="regions")
+    assert regions["regions_burnt"] == {"pixels_equal": 512 * 512, "pixels": 512 * 512}
+    assert regions["evaluate_val"]["miou"] == pytest.approx(result["evaluate_val"]["miou"], abs=1e-6)
+    polygons = regions["predict_polygons"]
+    assert polygons["pixels_equal_class_map"] == polygons["pixels"] == 512 * 512
+    assert polygons["val_miou_burnt_back"] == pytest.approx(regions["predict_val"]["miou"], abs=1e-9)
 
 
 @pytest.mark.real_data

@@ -101,6 +101,16 @@ def test_names_from_the_command_line_pixels_without_a_crs_and_bad_maps(tmp_path:
     assert "area_m2" not in collection["features"][0]["properties"]
     assert main(["polygons", str(path), "--no-progress"]) == 2
     assert "plain.geojson exists; pass --overwrite" in capsys.readouterr().err
+    # a label raster whose unlabelled value is not its nodata
+    labels = np.where(values == 255, -1, values.astype(np.int16)).astype(np.int16)
+    with rasterio.open(tmp_path / "labels.tif", "w", driver="GTiff", width=24, height=20, count=1, dtype="int16",
+                       crs=UTM, transform=TRANSFORM) as dst:
+        dst.write(labels[None])
+    assert main(["polygons", str(tmp_path / "labels.tif"), "--nodata", "-1", "--classes", "field,forest,water",
+                 "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["per_class"] == {"field": 2, "forest": 2, "water": 2}
+    back = read_regions(tmp_path / "labels.geojson", CLASSES, UTM, TRANSFORM, labels.shape).numpy()
+    np.testing.assert_array_equal(back, labels)
     with rasterio.open(tmp_path / "float.tif", "w", driver="GTiff", width=4, height=4, count=1,
                        dtype="float32") as dst:
         dst.write(np.zeros((1, 4, 4), np.float32))

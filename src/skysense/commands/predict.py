@@ -73,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     polygons.add_argument("--classes", default=None,
                           help="class names by value, comma-separated, for a map without skysense's class tag")
     add_min_pixels_argument(polygons)
+    polygons.add_argument("--nodata", type=int, default=None,
+                          help="the value of pixels without a class (default: the map's nodata value)")
     polygons.add_argument("--wgs84", action="store_true",
                           help="longitude / latitude (RFC 7946) instead of the map's CRS")
     polygons.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -100,7 +102,7 @@ def run_polygons(args: argparse.Namespace) -> int:
     out = args.out or args.class_map.with_suffix(".geojson")
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     report = class_map_polygons(args.class_map, out, classes, args.min_pixels, args.wgs84, args.overwrite,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, nodata=args.nodata)
     print_polygons(report, args.json)
     return 0
 

@@ -12,7 +12,8 @@ GeoTIFF) into a GeoJSON ``FeatureCollection``, one ``Polygon`` per connected reg
 * **Small regions.** With ``min_pixels`` > 1 the map is sieved first: a region of fewer pixels is
   merged into its largest neighbour (:func:`rasterio.features.sieve`); one with no labelled
   neighbour is left out (the report counts them).
-* **Nodata** (the raster's nodata value, 255 in predict's maps) gets no polygon.
+* **Nodata** (the raster's nodata value, 255 in predict's maps, or the value ``nodata`` names, such
+  as -1 for unlabelled pixels of a label raster) gets no polygon.
 * **Coordinates**: the map's CRS with an EPSG-named ``crs`` member, or longitude / latitude with
   ``wgs84`` or when the CRS has no EPSG code (:mod:`skysense.data.geojson`); a map without a CRS
   is written in pixels.
@@ -74,7 +75,7 @@ def _class_names(src: rasterio.DatasetReader, classes: Sequence[str] | None) -> 
 
 def class_map_polygons(class_map: str | Path, out: str | Path, classes: Sequence[str] | None = None,
                        min_pixels: int = 1, wgs84: bool = False, overwrite: bool = False,
-                       progress: bool = True) -> PolygonReport:
+                       progress: bool = True, nodata: int | None = None) -> PolygonReport:
     """Write the regions of ``class_map`` as the GeoJSON ``out`` (module docstring).
 
     Args:
@@ -85,6 +86,7 @@ def class_map_polygons(class_map: str | Path, out: str | Path, classes: Sequence
         wgs84: longitude / latitude instead of the map's CRS.
         overwrite: replace an existing ``out``.
         progress: show a progress bar over the polygons.
+        nodata: the value without a class (default: the raster's nodata value, if it has one).
 
     Raises:
         ValueError: the map is not one band of integers, ``min_pixels`` < 1, or ``out`` exists
@@ -101,7 +103,7 @@ def class_map_polygons(class_map: str | Path, out: str | Path, classes: Sequence
             raise ValueError(f"{class_map}: {src.count} band(s) of {src.dtypes[0]}; expected one band of integer "
                              "class values (skysense predict's .classes.tif)")
         values = src.read(1)
-        nodata = src.nodata
+        nodata = src.nodata if nodata is None else nodata
         crs, transform = src.crs, src.transform
         names = _class_names(src, classes)
     if values.dtype not in (np.uint8, np.int16, np.int32, np.uint16):
