@@ -89,6 +89,15 @@ def test_one_file_for_many_images_skips_the_regions_elsewhere_and_is_read_again_
         read_regions(only_far, CLASSES, UTM, TRANSFORM, SIZE)
 
 
+def test_points_label_the_pixels_that_hold_them(tmp_path: Path) -> None:
+    path = write_geojson(tmp_path / "points.geojson", [
+        _feature("Point", list(_lonlat(3.5, 2.5)), **{"class": "water"}),
+        _feature("MultiPoint", [list(_lonlat(0.2, 0.7)), list(_lonlat(15.9, 11.1))], **{"class": "forest"}),
+    ], crs=None)
+    mask = read_regions(path, CLASSES, UTM, TRANSFORM, SIZE).numpy()
+    assert mask[2, 3] == 2 and mask[0, 0] == 1 and mask[11, 15] == 1 and (mask >= 0).sum() == 3
+
+
 def test_change_regions_default_to_changed(tmp_path: Path) -> None:
     path = write_geojson(tmp_path / "changes.geojson", [_feature("Polygon", [_box(1, 1, 3, 3)]),
                                                  _feature("Polygon", [_box(1, 1, 2, 2)], change="no_change")])
@@ -98,7 +107,8 @@ def test_change_regions_default_to_changed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("feature", "message"), [
-    (_feature("Point", [1, 2], **{"class": "field"}), "feature 0: geometry 'Point': expected a Polygon or MultiPolygon"),
+    (_feature("LineString", [[0, 0], [1, 1]], **{"class": "field"}),
+     "feature 0: geometry 'LineString': expected one of Polygon, MultiPolygon, Point, MultiPoint"),
     (_feature("Polygon", [[[0, 0], [1, 1]]], **{"class": "field"}), "feature 0: a ring of 2 points"),
     (_feature("Polygon", [_box(0, 0, 2, 2)], **{"class": "urban"}),
      r"feature 0: class 'urban': expected one of \['field', 'forest', 'water'\]"),

@@ -3,13 +3,15 @@
 :func:`read_regions` turns a GeoJSON ``FeatureCollection`` of ``Polygon`` / ``MultiPolygon``
 features (land-cover parcels, building footprints, flooded areas drawn in QGIS, or the polygons
 ``skysense predict --polygons`` writes) into the (H, W) class mask of a segmentation or change
-sample:
+sample; ``Point`` / ``MultiPoint`` features label the pixel that holds each point (sparse labels,
+with ``background`` None). :func:`region_shapes` gives the features of such a file on an image,
+for other uses (:mod:`skysense.inference.zonal`: an embedding per region).
 
 * **Coordinates.** As :mod:`skysense.data.geojson` reads them: the collection's ``crs`` member,
   else longitude / latitude, reprojected to the image's CRS; ``"pixels"`` (or an image without a
   CRS) takes them as the image's pixels.
 * **Pixels.** A pixel takes a region's class when its centre lies inside the polygon (holes
-  excluded); where regions overlap, the later feature in the file wins. Pixels no region covers
+  excluded), or when it holds the point; where regions overlap, the later feature in the file wins. Pixels no region covers
   are ``background`` (a class index), or unlabelled (-1) when it is None.
 * **Classes.** The property ``class_key`` (default ``class``) holds a class name or index; a
   feature without it takes ``default_class`` when one is given (change polygons: changed). A
@@ -42,51 +44,92 @@ from skysense.data.geojson import PIXELS, collection_crs, describe_crs, read_col
 from skysense.data.sample import IGNORE_INDEX, class_index
 
 
+GEOMETRIES = ("Polygon", "MultiPolygon", "Point", "MultiPoint")
+"""The geometry types a region may have."""
+
+
 @dataclass(frozen=True)
-class _Region:
-    """One feature of a collection: its polygons (each a list of (n, 2) rings, the exterior first)
-    in the collection's coordinates, their bounds, and its properties."""
+class Region:
+    """One feature of a collection: its number in the file, its geometry (GeoJSON, in the
+    collection's coordinates), their bounds (x0, y0, x1, y1) and its properties."""
 
     number: int
-    polygons: tuple[tuple[np.ndarray, ...], ...]
+    geometry: dict[str, Any]
     bounds: tuple[float, float, float, float]
     properties: dict[str, Any]
 
 
-def _polygons(geometry: dict[str, Any], where: str) -> tuple[tuple[np.ndarray, ...], ...]:
+def _points(geometry: dict[str, Any], where: str) -> np.ndarray:
+    """The (n, 2) positions of a Polygon / MultiPolygon / Point / MultiPoint, checked."""
     kind, coordinates = geometry.get("type"), geometry.get("coordinates")
-    if kind == "Polygon" and coordinates:
-        parts = [coordinates]
-    elif kind == "MultiPolygon" and coordinates:
-        parts = coordinates
+    if kind not in GEOMETRIES or coordinates in (None, []):
+        raise ValueError(f"{where}: geometry {kind!r}: expected one of {', '.join(GEOMETRIES)}")
+    if kind == "Point":
+        rings = [[coordinates]]
+    elif kind == "MultiPoint":
+        rings = [coordinates]
     else:
-        raise ValueError(f"{where}: geometry {kind!r}: expected a Polygon or MultiPolygon around the region")
-    polygons = []
-    for rings in parts:
-        arrays = []
-        for ring in rings:
-            array = np.asarray(ring, dtype=np.float64)
-            if array.ndim != 2 or array.shape[1] < 2 or len(array) < 3:
-                raise ValueError(f"{where}: a ring of {len(array)} points; expected at least 3 (x, y) positions")
-            arrays.append(array[:, :2])
-        polygons.append(tuple(arrays))
-    return tuple(polygons)
+        rings = [coordinates] if kind == "Polygon" else coordinates
+        rings = [ring for polygon in rings for ring in polygon]
+    arrays = []
+    for ring in rings:
+        array = np.asarray(ring, dtype=np.float64)
+        if array.ndim != 2 or array.shape[1] < 2 or (kind.endswith("Polygon") and len(array) < 3):
+            raise ValueError(f"{where}: a ring of {len(array)} points; expected at least 3 (x, y) positions")
+        arrays.append(array[:, :2])
+    return np.concatenate(arrays)
 
 
 @functools.lru_cache(maxsize=8)
-def _parsed(path: str, stamp: tuple[int, int]) -> tuple[Any, tuple[_Region, ...], str]:
+def _parsed(path: str, stamp: tuple[int, int]) -> tuple[Any, tuple[Region, ...], str]:
     """The collection in ``path`` (``stamp``: its modification time and size, so that an edited
     file is read again): its CRS, regions and a description of its CRS."""
     collection = read_collection(path)
     source = collection_crs(collection, path)
     regions = []
     for number, feature in enumerate(collection.get("features") or []):
-        where = f"{path}: feature {number}"
-        polygons = _polygons((feature or {}).get("geometry") or {}, where)
-        points = np.concatenate([ring for polygon in polygons for ring in polygon])
+        geometry = (feature or {}).get("geometry") or {}
+        points = _points(geometry, f"{path}: feature {number}")
         bounds = (*points.min(axis=0).tolist(), *points.max(axis=0).tolist())
-        regions.append(_Region(number, polygons, bounds, dict(feature.get("properties") or {})))
+        regions.append(Region(number, geometry, bounds, dict(feature.get("properties") or {})))
     return source, tuple(regions), describe_crs(collection)
+
+
+def read_collection_regions(path: str | Path) -> tuple[Any, tuple[Region, ...], str]:
+    """The regions of the GeoJSON ``path`` (cached while the file is unchanged): the collection's
+    CRS (:data:`~skysense.data.geojson.PIXELS` for pixels), its regions, and a description of the
+    CRS for messages.
+
+    Raises:
+        ValueError: a missing or unreadable file, not a FeatureCollection, or a geometry that is not
+            one of :data:`GEOMETRIES` (names the feature).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: not a readable GeoJSON file (no such file)")
+    stat = os.stat(path)
+    return _parsed(str(path), (stat.st_mtime_ns, stat.st_size))
+
+
+def region_shapes(path: str | Path, image_crs: CRS | None, image_transform: Affine, image_size: tuple[int, int]
+                  ) -> tuple[list[tuple[Region, dict[str, Any]]], Affine, str]:
+    """The regions of ``path`` whose bounds meet an image, each with its geometry in the image's
+    CRS, and the transform that maps the image's pixels to those coordinates (the image's, or the
+    identity when the coordinates are pixels), and a description of the collection's CRS."""
+    source, regions, described = read_collection_regions(path)
+    height, width = image_size
+    pixels = source == PIXELS or image_crs is None
+    window = (0.0, 0.0, float(width), float(height)) if pixels else _image_bounds(source, image_crs, image_transform,
+                                                                                   image_size)
+    found = []
+    for region in regions:
+        if not _overlaps(region.bounds, window):
+            continue
+        geometry = region.geometry
+        if not pixels and source != image_crs:
+            geometry = rasterio.warp.transform_geom(source, image_crs, geometry)
+        found.append((region, geometry))
+    return found, (Affine.identity() if pixels else image_transform), described
 
 
 def _image_bounds(source: CRS, image_crs: CRS, transform: Affine, size: tuple[int, int]) -> tuple[float, ...]:
@@ -109,7 +152,7 @@ def read_regions(path: str | Path, classes: Sequence[str], image_crs: CRS | None
     """The regions of the GeoJSON ``path`` as a class mask on an image's grid (module docstring).
 
     Args:
-        path: a GeoJSON FeatureCollection of Polygon / MultiPolygon features.
+        path: a GeoJSON FeatureCollection of Polygon / MultiPolygon (or Point / MultiPoint) features.
         classes: the class names; a feature's ``class_key`` property is one of them or an index.
         image_crs: the image's CRS (None: the coordinates are its pixels).
         image_transform: the image's pixel -> CRS transform.
@@ -122,21 +165,14 @@ def read_regions(path: str | Path, classes: Sequence[str], image_crs: CRS | None
         (H, W) int64 class indices, -1 where unlabelled.
 
     Raises:
-        ValueError: unreadable JSON, not a FeatureCollection, a geometry that is not a polygon, a
+        ValueError: unreadable JSON, not a FeatureCollection, a geometry of another type, a
             missing or unknown class, or (``background`` None) no region on the image.
     """
     path = Path(path)
-    stat = os.stat(path) if path.is_file() else None
-    if stat is None:
-        raise ValueError(f"{path}: not a readable GeoJSON file (no such file)")
-    source, regions, described = _parsed(str(path), (stat.st_mtime_ns, stat.st_size))
+    found, transform, described = region_shapes(path, image_crs, image_transform, image_size)
     height, width = image_size
-    pixels = source == PIXELS or image_crs is None
-    window = (0.0, 0.0, float(width), float(height)) if pixels else _image_bounds(source, image_crs, image_transform,
-                                                                                   image_size)
-    inverse = ~image_transform
     shapes = []
-    for region in regions:
+    for region, geometry in found:
         where = f"{path}: feature {region.number}"
         if region.properties.get("ignore") is True:
             value = IGNORE_INDEX
@@ -147,20 +183,7 @@ def read_regions(path: str | Path, classes: Sequence[str], image_crs: CRS | None
         else:
             raise ValueError(f"{where}: no {class_key!r} property (the region's class); it has "
                              f"{sorted(region.properties)}")
-        if not _overlaps(region.bounds, window):
-            continue
-        polygons = []
-        for polygon in region.polygons:
-            rings = []
-            for ring in polygon:
-                if not pixels:
-                    if source != image_crs:
-                        xs, ys = rasterio.warp.transform(source, image_crs, ring[:, 0].tolist(), ring[:, 1].tolist())
-                        ring = np.column_stack([xs, ys])
-                    ring = np.column_stack(inverse * (ring[:, 0], ring[:, 1]))
-                rings.append(ring.tolist())
-            polygons.append(rings)
-        shapes.append(({"type": "MultiPolygon", "coordinates": polygons}, value))
+        shapes.append((geometry, value))
     if not shapes and background is None:
         raise ValueError(f"{path}: no region lies on the {width} x {height} px image, and pixels outside the regions "
                          f"are unlabelled, so the mask would be empty; is the collection's crs right? ({described}) "
@@ -168,5 +191,6 @@ def read_regions(path: str | Path, classes: Sequence[str], image_crs: CRS | None
     fill = IGNORE_INDEX if background is None else background
     if not shapes:
         return torch.full((height, width), fill, dtype=torch.int64)
-    mask = rasterio.features.rasterize(shapes, out_shape=(height, width), fill=fill, dtype="int32")
+    mask = rasterio.features.rasterize(shapes, out_shape=(height, width), fill=fill, transform=transform,
+                                       dtype="int32")
     return torch.from_numpy(mask.astype(np.int64))

@@ -67,7 +67,8 @@ class ManifestDataset(SampleDataset):
       (``.geojson`` / ``.json``) of the regions drawn in a GIS, Polygon / MultiPolygon features
       with their class in the property ``mask_class_key`` (default ``class``), burnt onto the grid
       of the first modality read (:func:`~skysense.data.geojson_regions.read_regions`: a pixel
-      whose centre is inside; a feature with ``"ignore": true`` marks unlabelled pixels); pixels
+      whose centre is inside; a Point labels the pixel that holds it; a feature with
+      ``"ignore": true`` marks unlabelled pixels); pixels
       outside every region are the class ``mask_background`` (a name or index), or unlabelled
       when it is not given. One file may hold the regions of many records.
     * ``"objects"``: a GeoJSON file of the objects in the HR image, one Polygon each (a rectangle
