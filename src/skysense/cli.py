@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "skysense.commands.finetune",
     "skysense.commands.embed",
     "skysense.commands.predict",
+    "skysense.commands.zonal",
     "skysense.commands.export",
 )
 

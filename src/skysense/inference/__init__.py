@@ -7,7 +7,8 @@ grid), :mod:`~skysense.inference.windows` (window lattice, output blocks, blendi
 maps of a fine-tuned segmentation or change model and a classifier's labelled tiles, the same
 way), :mod:`~skysense.inference.detect` (a fine-tuned detector's objects as GeoJSON, window by
 window, resumable), :mod:`~skysense.inference.polygons` (a class map's regions as GeoJSON
-polygons), :mod:`~skysense.inference.preview` (PCA
+polygons), :mod:`~skysense.inference.zonal` (an embedding per region of a GeoJSON),
+:mod:`~skysense.inference.preview` (PCA
 false-colour PNG), :mod:`~skysense.inference.export` (ONNX and ``torch.export`` programs of the
 encoders).
 """
@@ -18,10 +19,12 @@ from skysense.inference.polygons import PolygonReport, class_map_polygons
 from skysense.inference.predict import predict_scene
 from skysense.inference.scene import Frame, Grid, Scene, resolve_frames, s2_frame_offsets
 from skysense.inference.windows import WindowPlan
+from skysense.inference.zonal import EmbeddingRaster, ZonalReport, region_embeddings
 
 __all__ = [
     "DetectOptions",
     "DetectReport",
+    "EmbeddingRaster",
     "EmbedOptions",
     "EmbedReport",
     "Frame",
@@ -29,10 +32,12 @@ __all__ = [
     "Scene",
     "PolygonReport",
     "WindowPlan",
+    "ZonalReport",
     "class_map_polygons",
     "detect_scene",
     "embed_scene",
     "predict_scene",
+    "region_embeddings",
     "resolve_frames",
     "s2_frame_offsets",
 ]

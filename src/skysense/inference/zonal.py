@@ -1,0 +1,252 @@
+"""An embedding per region: the mean embedding of each field, building or sample point of a GeoJSON.
+
+:func:`region_embeddings` reads an embedding raster written by ``skysense embed`` (GeoTIFF or
+Zarr) and the regions of a GeoJSON (Polygon / MultiPolygon parcels, Point / MultiPoint samples; any
+CRS, :mod:`skysense.data.geojson_regions`) and writes one embedding per feature, the mean over
+its pixels, ready for a classifier (scikit-learn, a linear probe) or a GIS join:
+
+* **Pixels of a region.** Those whose centre lies inside the polygon, or that hold the point. A
+  polygon smaller than a pixel, which holds no pixel centre, takes the pixels it touches.
+  Overlapping regions each get all their pixels. Nodata (NaN) pixels are left out; ``pixels``
+  says how many were averaged, and a region with none (outside the raster, or on nodata only)
+  gets no embedding (``null`` / empty cells).
+* **Output** by the suffix of ``out``: ``.geojson``, the input features (geometry and properties
+  as they were, the input's ``crs`` member kept) with ``embedding`` (a list of floats) and
+  ``pixels`` added; ``.csv``, one row per feature: its number, its scalar properties, ``pixels``
+  and ``e0`` ... ``e{C-1}``. Written atomically.
+* **Memory.** Each region's window is read on its own (a large one in strips of at most
+  ``max_pixels`` pixels), so memory does not grow with the raster or the number of regions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.features
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from skysense.data.geojson import read_collection
+from skysense.data.geojson_regions import region_shapes
+from skysense.weights import atomic_write
+
+OUTPUT_SUFFIXES = (".geojson", ".json", ".csv")
+
+
+class EmbeddingRaster:
+    """An embedding raster written by ``skysense embed``: a GeoTIFF, or a Zarr store ``(channel, y,
+    x)`` with its georeference in the attributes; read window by window as float32 (NaN: nodata).
+    A context manager: the GeoTIFF stays open until it exits."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._array = self._src = None
+        if self.path.is_dir():
+            self._open_zarr()
+        elif self.path.is_file():
+            self._src = src = rasterio.open(self.path)
+            self.crs, self.transform = src.crs, src.transform
+            self.channels, self.height, self.width = src.count, src.height, src.width
+            self.tags = src.tags()
+            self.nodata = src.nodata
+        else:
+            raise FileNotFoundError(f"{self.path}: no such embedding raster (a GeoTIFF or a Zarr folder)")
+
+    def _open_zarr(self) -> None:
+        try:
+            import zarr
+        except ImportError:
+            raise ValueError(f'{self.path}: reading a Zarr store needs the zarr package: pip install "skysense[zarr]"'
+                             ) from None
+        if not (self.path / "zarr.json").is_file():
+            raise ValueError(f"{self.path}: a folder but not a Zarr store")
+        self._array = zarr.open_array(str(self.path), mode="r")
+        attributes = dict(self._array.attrs)
+        if attributes.get("complete") is False:
+            raise ValueError(f"{self.path}: an unfinished embedding run (rerun the embed command to complete it)")
+        self.crs = CRS.from_wkt(attributes["crs_wkt"]) if attributes.get("crs_wkt") else None
+        self.transform = Affine(*attributes.get("transform", (1, 0, 0, 0, 1, 0)))
+        self.channels, self.height, self.width = (int(n) for n in self._array.shape)
+        self.tags = {k: str(v) for k, v in attributes.items() if k.startswith("skysense_")}
+        self.nodata = None
+
+    def __enter__(self) -> "EmbeddingRaster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._src is not None:
+            self._src.close()
+            self._src = None
+
+    def read(self, window: Window) -> np.ndarray:
+        """(C, h, w) float32 of ``window``, NaN where nodata."""
+        r0, c0 = int(window.row_off), int(window.col_off)
+        r1, c1 = r0 + int(window.height), c0 + int(window.width)
+        if self._array is not None:
+            return np.asarray(self._array[:, r0:r1, c0:c1], dtype=np.float32)
+        data = self._src.read(window=window).astype(np.float32)
+        if self.nodata is not None and not math.isnan(self.nodata):
+            data[:, (data == self.nodata).all(axis=0)] = np.nan
+        return data
+
+
+@dataclass
+class ZonalReport:
+    """What :func:`region_embeddings` wrote: the output, how many features, how many got an
+    embedding, the channels, the pixels averaged in all, and the time."""
+
+    out: Path
+    features: int
+    embedded: int
+    channels: int
+    pixels: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "out": str(self.out)}
+
+
+def _pixel_window(geometry: dict[str, Any], transform: Affine, height: int, width: int) -> Window | None:
+    """The window of the raster that holds ``geometry`` (coordinates mapped by ``transform``), or None."""
+    coordinates = np.asarray(list(_positions(geometry)), dtype=np.float64)
+    cols, rows = ~transform * (coordinates[:, 0], coordinates[:, 1])
+    c0, c1 = max(0, math.floor(float(np.min(cols)))), min(width, math.ceil(float(np.max(cols))) + 1)
+    r0, r1 = max(0, math.floor(float(np.min(rows)))), min(height, math.ceil(float(np.max(rows))) + 1)
+    if c0 >= c1 or r0 >= r1:
+        return None
+    return Window(c0, r0, c1 - c0, r1 - r0)
+
+
+def _positions(geometry: dict[str, Any]):
+    kind, coordinates = geometry["type"], geometry["coordinates"]
+    if kind == "Point":
+        yield coordinates[:2]
+    elif kind in ("MultiPoint",):
+        yield from (p[:2] for p in coordinates)
+    else:
+        polygons = [coordinates] if kind == "Polygon" else coordinates
+        for polygon in polygons:
+            for ring in polygon:
+                yield from (p[:2] for p in ring)
+
+
+def _region_mean(raster: EmbeddingRaster, geometry: dict[str, Any], transform: Affine, max_pixels: int
+                 ) -> tuple[np.ndarray | None, int]:
+    """The mean embedding of one region and the number of pixels averaged (module docstring)."""
+    window = _pixel_window(geometry, transform, raster.height, raster.width)
+    if window is None:
+        return None, 0
+    total = np.zeros(raster.channels, dtype=np.float64)
+    count = 0
+    for all_touched in (False, True):  # a region holding no pixel centre takes the pixels it touches
+        covered = 0
+        rows = max(1, max_pixels // int(window.width))
+        for r in range(int(window.row_off), int(window.row_off + window.height), rows):
+            strip = Window(window.col_off, r, window.width, min(rows, int(window.row_off + window.height) - r))
+            inside = rasterio.features.geometry_mask([geometry], (int(strip.height), int(strip.width)),
+                                                     rasterio.windows.transform(strip, transform), invert=True,
+                                                     all_touched=all_touched)
+            covered += int(inside.sum())
+            if not inside.any():
+                continue
+            values = raster.read(strip)[:, inside]
+            valid = np.isfinite(values).all(axis=0)
+            total += values[:, valid].sum(axis=1, dtype=np.float64)
+            count += int(valid.sum())
+        if covered:
+            break
+    return (total / count if count else None), count
+
+
+def region_embeddings(embeddings: str | Path, regions: str | Path, out: str | Path, overwrite: bool = False,
+                      progress: bool = True, max_pixels: int = 1 << 22) -> ZonalReport:
+    """Write the mean embedding of each region of ``regions`` over ``embeddings`` (module docstring).
+
+    Args:
+        embeddings: an embedding raster (``skysense embed``'s GeoTIFF or Zarr output; any
+            multi-band float raster).
+        regions: a GeoJSON FeatureCollection of Polygon / MultiPolygon / Point / MultiPoint features.
+        out: ``.geojson`` or ``.csv``.
+        overwrite: replace an existing ``out``.
+        progress: show a progress bar over the regions.
+        max_pixels: the most pixels of a region read at once.
+
+    Raises:
+        ValueError: an unknown output suffix, ``out`` exists without ``overwrite``, an unreadable
+            GeoJSON or a geometry of another type (names the feature), an unfinished Zarr run.
+        FileNotFoundError: no embedding raster at ``embeddings``.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"{out}: expected an output ending in one of {OUTPUT_SUFFIXES}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    with EmbeddingRaster(embeddings) as raster:
+        found, transform, described = region_shapes(regions, raster.crs, raster.transform,
+                                                     (raster.height, raster.width))
+        collection = read_collection(regions)
+        features = collection.get("features") or []
+        means: list[np.ndarray | None] = [None] * len(features)
+        counts = [0] * len(features)
+        for region, geometry in tqdm(found, unit="region", desc=out.name, disable=not progress, dynamic_ncols=True):
+            means[region.number], counts[region.number] = _region_mean(raster, geometry, transform, max_pixels)
+    if out.suffix.lower() == ".csv":
+        _write_csv(out, features, means, counts, raster.channels)
+    else:
+        _write_geojson(out, collection, means, counts)
+    embedded = sum(m is not None for m in means)
+    return ZonalReport(out=out, features=len(features), embedded=embedded, channels=raster.channels,
+                       pixels=sum(counts), seconds=round(time.perf_counter() - start, 3),
+                       extra={"regions_crs": described, "raster_crs": str(raster.crs), "tags": raster.tags})
+
+
+def _rounded(mean: np.ndarray | None) -> list[float] | None:
+    """float32 values as the shortest decimals that read back to the same float32."""
+    return None if mean is None else [float(np.format_float_positional(v, unique=True, trim="-"))
+                                      for v in mean.astype(np.float32)]
+
+
+def _write_geojson(out: Path, collection: dict[str, Any], means: list, counts: list[int]) -> None:
+    features = []
+    for feature, mean, count in zip(collection.get("features") or [], means, counts):
+        properties = {**(feature.get("properties") or {}), "pixels": count, "embedding": _rounded(mean)}
+        features.append({**feature, "properties": properties})
+    written = {**collection, "features": features}
+    atomic_write(out, lambda p: p.write_text(json.dumps(written) + "\n"))
+
+
+def _write_csv(out: Path, features: list[dict], means: list, counts: list[int], channels: int) -> None:
+    names: list[str] = []
+    for feature in features:
+        for key, value in (feature.get("properties") or {}).items():
+            if key not in names and (value is None or isinstance(value, (str, int, float, bool))):
+                names.append(key)
+    reserved = {"feature", "pixels", *(f"e{k}" for k in range(channels))}
+    columns = [n for n in names if n not in reserved]
+
+    def write(path: Path) -> None:
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["feature", *columns, "pixels", *(f"e{k}" for k in range(channels))])
+            for number, (feature, mean, count) in enumerate(zip(features, means, counts)):
+                properties = feature.get("properties") or {}
+                cells = ["" if properties.get(c) is None else properties.get(c) for c in columns]
+                values = _rounded(mean) or [""] * channels
+                writer.writerow([number, *cells, count, *values])
+
+    atomic_write(out, write)
