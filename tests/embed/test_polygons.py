@@ -96,7 +96,7 @@ def test_names_from_the_command_line_pixels_without_a_crs_and_bad_maps(tmp_path:
     printed = capsys.readouterr().out
     assert "wrote" in printed and "(pixels)" in printed and "{'a': 2, 'b': 2, 'c': 2}" in printed
     collection = json.loads(path.with_suffix(".geojson").read_text())
-    assert "crs" not in collection and {tuple(p) for p in collection["features"][0]["geometry"]["coordinates"][0]} <= {
+    assert collection["crs"]["properties"]["name"] == "pixels" and {tuple(p) for p in collection["features"][0]["geometry"]["coordinates"][0]} <= {
         (float(x), float(y)) for x in range(25) for y in range(21)}
     assert "area_m2" not in collection["features"][0]["properties"]
     assert main(["polygons", str(path), "--no-progress"]) == 2

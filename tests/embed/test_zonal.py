@@ -114,3 +114,59 @@ def test_zonal_over_embed_outputs_in_geotiff_and_zarr(tmp_path: Path, capsys: py
     assert main(["zonal", str(tmp_path / "missing.tif"), "--regions", str(regions), "--out",
                  str(tmp_path / "c.csv")]) == 2
     assert "missing.tif: no such embedding raster" in capsys.readouterr().err
+
+
+def test_the_zonal_benchmark_agrees_with_its_in_memory_reference(tmp_path: Path) -> None:
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("zonal_regions")
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(4, 40, 50)).astype(np.float32)
+    data[:, :3, :] = np.nan
+    write_raster(tmp_path / "emb.tif", data, TRANSFORM, nodata=float("nan"))
+    assert bench.parcels(tmp_path / "p.geojson", UTM, TRANSFORM, 40, 50, per_side=4) == 16
+    region_embeddings(tmp_path / "emb.tif", tmp_path / "p.geojson", tmp_path / "p.geojson.json", progress=False)
+    features = json.loads((tmp_path / "p.geojson.json").read_text())["features"]
+    ours = np.array([f["properties"]["embedding"] for f in features[0::2]])
+    expected, _ = bench.reference(tmp_path / "emb.tif", tmp_path / "p.geojson")
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    assert [f["properties"]["pixels"] for f in features[:2]] == [9 * 9 - 3 * 9, 1]  # 9 x 9 px, 3 rows nodata
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_changed_areas_of_a_real_oscd_city_get_their_mean_embedding(data_root: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """Rennes: the fused embedding of both dates, the hand-labelled change map vectorised (in the
+    S2 grid's pixels: the label raster has no georeference) and an embedding per region."""
+    city = data_root / "oscd" / "images" / "rennes"
+    labels = data_root / "oscd" / "labels" / "rennes" / "cm" / "rennes-cm.tif"
+    embeddings = tmp_path / "rennes.tif"
+    assert main(["embed", "--s2", str(city / "imgs_1"), str(city / "imgs_2"), "--s2-offset", "0", "--s2-level",
+                 "L1C", "--preset", "tiny", "--out", str(embeddings), "--no-progress", "--no-preview"]) == 0
+    regions = tmp_path / "rennes-cm.geojson"
+    assert main(["polygons", str(labels), "--out", str(regions), "--classes", "none,unchanged,changed",
+                 "--no-progress"]) == 0
+    assert main(["zonal", str(embeddings), "--regions", str(regions), "--out", str(tmp_path / "regions.csv"),
+                 "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    with rasterio.open(labels) as src:
+        cm = src.read(1)
+    with rasterio.open(embeddings) as src:
+        data = src.read()
+    assert data.shape[1:] == cm.shape and np.isfinite(data).all()
+    with (tmp_path / "regions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    collection = json.loads(regions.read_text())
+    assert len(rows) == len(collection["features"]) > 10
+    assert sum(int(r["pixels"]) for r in rows) == cm.size  # the regions tile the map
+    assert {r["class"] for r in rows} == {"unchanged", "changed"}
+    from skysense.data.geojson_regions import read_regions
+
+    for row, feature in list(zip(rows, collection["features"]))[:5]:  # each region's pixels, burnt on their own
+        one = tmp_path / "one.geojson"
+        one.write_text(json.dumps({**collection, "features": [{**feature, "properties": {"class": 0}}]}))
+        inside = read_regions(one, ("x",), None, TRANSFORM, cm.shape).numpy() == 0
+        assert int(row["pixels"]) == int(inside.sum()) == feature["properties"]["pixels"]
+        np.testing.assert_allclose([float(row[f"e{k}"]) for k in range(data.shape[0])],
+                                   data[:, inside].mean(axis=1), rtol=1e-4, atol=1e-5)

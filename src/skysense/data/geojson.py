@@ -9,7 +9,8 @@ Shared by the readers of labels drawn in a GIS (:mod:`skysense.data.geojson_obje
   coordinates of an image's pixels (x right, y down).
 * **Writing.** Coordinates stay in the scene's CRS with an EPSG-named ``crs`` member, or are
   reprojected to longitude / latitude (RFC 7946, no ``crs`` member) when asked or when the CRS has
-  no EPSG code; a scene without a CRS is written in pixels.
+  no EPSG code; a scene without a CRS is written in pixels, with a ``crs`` member named
+  ``"pixels"`` so that it reads back as pixels.
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ def describe_crs(collection: dict[str, Any]) -> str:
 
 def output_coordinates(crs: CRS | None, wgs84: bool) -> tuple[str, dict[str, Any] | None]:
     """Where a collection written for a scene in ``crs`` puts its coordinates (module docstring):
-    ``("EPSG:<code>", crs member)``, ``("EPSG:4326", None)`` or ``("pixels", None)``."""
+    ``("EPSG:<code>", crs member)``, ``("EPSG:4326", None)`` or ``("pixels", crs member)``."""
     if crs is None:
-        return PIXELS, None
+        return PIXELS, {"type": "name", "properties": {"name": PIXELS}}
     epsg = crs.to_epsg()
     if wgs84 or epsg is None:
         return WGS84, None
