@@ -96,6 +96,12 @@ def test_points_label_the_pixels_that_hold_them(tmp_path: Path) -> None:
     ], crs=None)
     mask = read_regions(path, CLASSES, UTM, TRANSFORM, SIZE).numpy()
     assert mask[2, 3] == 2 and mask[0, 0] == 1 and mask[11, 15] == 1 and (mask >= 0).sum() == 3
+    # a point on a pixel corner labels the pixel right of and below it; points off the image nothing
+    corner = write_geojson(tmp_path / "corner.geojson", [_feature("Point", [5.0, 5.0], **{"class": "field"}),
+                                                         _feature("Point", [16.0, 3.0], **{"class": "field"})],
+                           crs="pixels")
+    mask = read_regions(corner, CLASSES, UTM, TRANSFORM, SIZE).numpy()
+    assert mask[5, 5] == 0 and (mask >= 0).sum() == 1
 
 
 def test_change_regions_default_to_changed(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ Errors name the file, the feature and what was expected.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ def region_shapes(path: str | Path, image_crs: CRS | None, image_transform: Affi
     pixels = source == PIXELS or image_crs is None
     window = (0.0, 0.0, float(width), float(height)) if pixels else _image_bounds(source, image_crs, image_transform,
                                                                                    image_size)
+    transform = Affine.identity() if pixels else image_transform
     found = []
     for region in regions:
         if not _overlaps(region.bounds, window):
@@ -128,8 +130,27 @@ def region_shapes(path: str | Path, image_crs: CRS | None, image_transform: Affi
         geometry = region.geometry
         if not pixels and source != image_crs:
             geometry = rasterio.warp.transform_geom(source, image_crs, geometry)
+        if geometry["type"] in ("Point", "MultiPoint"):
+            geometry = _pixel_squares(geometry, transform, image_size)
+            if geometry is None:
+                continue
         found.append((region, geometry))
-    return found, (Affine.identity() if pixels else image_transform), described
+    return found, transform, described
+
+
+def _pixel_squares(geometry: dict[str, Any], transform: Affine, size: tuple[int, int]) -> dict[str, Any] | None:
+    """A Point / MultiPoint as the squares of the pixels that hold its points (a point on a pixel
+    edge goes to the pixel right of / below it), so that burning it never misses; None when every
+    point lies outside the image."""
+    points = [geometry["coordinates"]] if geometry["type"] == "Point" else geometry["coordinates"]
+    inverse = ~transform
+    squares = []
+    for point in points:
+        col, row = (math.floor(v) for v in inverse * (float(point[0]), float(point[1])))
+        if 0 <= row < size[0] and 0 <= col < size[1]:
+            corners = [transform * (col + dx, row + dy) for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0))]
+            squares.append([[list(c) for c in corners]])
+    return {"type": "MultiPolygon", "coordinates": squares} if squares else None
 
 
 def _image_bounds(source: CRS, image_crs: CRS, transform: Affine, size: tuple[int, int]) -> tuple[float, ...]:

@@ -14,8 +14,10 @@ its pixels, ready for a classifier (scikit-learn, a linear probe) or a GIS join:
   as they were, the input's ``crs`` member kept) with ``embedding`` (a list of floats) and
   ``pixels`` added; ``.csv``, one row per feature: its number, its scalar properties, ``pixels``
   and ``e0`` ... ``e{C-1}``. Written atomically.
-* **Memory.** Each region's window is read on its own (a large one in strips of at most
-  ``max_pixels`` pixels), so memory does not grow with the raster or the number of regions.
+* **Memory and speed.** The raster is read in tiles of ``TILE`` pixels kept in a cache of at most
+  ``cache_bytes`` (least recently used dropped), and the regions are visited in the order of their
+  top-left pixel, so neighbouring regions share tiles; a large region is read in strips of at most
+  ``max_pixels`` pixels. Memory does not grow with the raster or the number of regions.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import csv
 import json
 import math
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,16 +44,22 @@ from skysense.data.geojson_regions import region_shapes
 from skysense.weights import atomic_write
 
 OUTPUT_SUFFIXES = (".geojson", ".json", ".csv")
+TILE = 256
+"""Side of the tiles the raster is read and cached in."""
 
 
 class EmbeddingRaster:
     """An embedding raster written by ``skysense embed``: a GeoTIFF, or a Zarr store ``(channel, y,
     x)`` with its georeference in the attributes; read window by window as float32 (NaN: nodata).
-    A context manager: the GeoTIFF stays open until it exits."""
+    A context manager: the GeoTIFF stays open until it exits. Windows are assembled from tiles of
+    :data:`TILE` pixels cached up to ``cache_bytes``."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, cache_bytes: int = 256 << 20) -> None:
         self.path = Path(path)
         self._array = self._src = None
+        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cached = 0
+        self.cache_bytes = cache_bytes
         if self.path.is_dir():
             self._open_zarr()
         elif self.path.is_file():
@@ -91,16 +100,43 @@ class EmbeddingRaster:
             self._src.close()
             self._src = None
 
-    def read(self, window: Window) -> np.ndarray:
-        """(C, h, w) float32 of ``window``, NaN where nodata."""
-        r0, c0 = int(window.row_off), int(window.col_off)
-        r1, c1 = r0 + int(window.height), c0 + int(window.width)
+    def _read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """(C, r1 - r0, c1 - c0) float32 straight from the file, NaN where nodata."""
         if self._array is not None:
             return np.asarray(self._array[:, r0:r1, c0:c1], dtype=np.float32)
-        data = self._src.read(window=window).astype(np.float32)
+        data = self._src.read(window=Window(c0, r0, c1 - c0, r1 - r0)).astype(np.float32)
         if self.nodata is not None and not math.isnan(self.nodata):
             data[:, (data == self.nodata).all(axis=0)] = np.nan
         return data
+
+    def _tile(self, row: int, col: int) -> np.ndarray:
+        key = (row, col)
+        tile = self._tiles.get(key)
+        if tile is not None:
+            self._tiles.move_to_end(key)
+            return tile
+        r0, c0 = row * TILE, col * TILE
+        tile = self._read(r0, min(r0 + TILE, self.height), c0, min(c0 + TILE, self.width))
+        self._tiles[key] = tile
+        self._cached += tile.nbytes
+        while self._cached > self.cache_bytes and len(self._tiles) > 1:
+            _, dropped = self._tiles.popitem(last=False)
+            self._cached -= dropped.nbytes
+        return tile
+
+    def read(self, window: Window) -> np.ndarray:
+        """(C, h, w) float32 of ``window`` (within the raster), NaN where nodata."""
+        r0, c0 = int(window.row_off), int(window.col_off)
+        r1, c1 = r0 + int(window.height), c0 + int(window.width)
+        out = np.empty((self.channels, r1 - r0, c1 - c0), dtype=np.float32)
+        for row in range(r0 // TILE, (r1 - 1) // TILE + 1):
+            for col in range(c0 // TILE, (c1 - 1) // TILE + 1):
+                tile = self._tile(row, col)
+                y0, x0 = max(r0, row * TILE), max(c0, col * TILE)
+                y1, x1 = min(r1, row * TILE + tile.shape[1]), min(c1, col * TILE + tile.shape[2])
+                out[:, y0 - r0:y1 - r0, x0 - c0:x1 - c0] = tile[:, y0 - row * TILE:y1 - row * TILE,
+                                                                x0 - col * TILE:x1 - col * TILE]
+        return out
 
 
 @dataclass
@@ -144,10 +180,9 @@ def _positions(geometry: dict[str, Any]):
                 yield from (p[:2] for p in ring)
 
 
-def _region_mean(raster: EmbeddingRaster, geometry: dict[str, Any], transform: Affine, max_pixels: int
-                 ) -> tuple[np.ndarray | None, int]:
-    """The mean embedding of one region and the number of pixels averaged (module docstring)."""
-    window = _pixel_window(geometry, transform, raster.height, raster.width)
+def _region_mean(raster: EmbeddingRaster, geometry: dict[str, Any], transform: Affine, max_pixels: int,
+                 window: Window | None) -> tuple[np.ndarray | None, int]:
+    """The mean embedding of one region (in ``window``) and the number of pixels averaged (module docstring)."""
     if window is None:
         return None, 0
     total = np.zeros(raster.channels, dtype=np.float64)
@@ -203,8 +238,13 @@ def region_embeddings(embeddings: str | Path, regions: str | Path, out: str | Pa
         features = collection.get("features") or []
         means: list[np.ndarray | None] = [None] * len(features)
         counts = [0] * len(features)
-        for region, geometry in tqdm(found, unit="region", desc=out.name, disable=not progress, dynamic_ncols=True):
-            means[region.number], counts[region.number] = _region_mean(raster, geometry, transform, max_pixels)
+        windows = [_pixel_window(geometry, transform, raster.height, raster.width) for _, geometry in found]
+        order = sorted(range(len(found)), key=lambda k: (-1, -1) if windows[k] is None else (
+            int(windows[k].row_off) // TILE, int(windows[k].col_off)))
+        for k in tqdm(order, unit="region", desc=out.name, disable=not progress, dynamic_ncols=True):
+            region, geometry = found[k]
+            means[region.number], counts[region.number] = _region_mean(raster, geometry, transform, max_pixels,
+                                                                       windows[k])
     if out.suffix.lower() == ".csv":
         _write_csv(out, features, means, counts, raster.channels)
     else:
@@ -216,9 +256,8 @@ def region_embeddings(embeddings: str | Path, regions: str | Path, out: str | Pa
 
 
 def _rounded(mean: np.ndarray | None) -> list[float] | None:
-    """float32 values as the shortest decimals that read back to the same float32."""
-    return None if mean is None else [float(np.format_float_positional(v, unique=True, trim="-"))
-                                      for v in mean.astype(np.float32)]
+    """float32 values as decimals of 9 significant digits, which read back to the same float32."""
+    return None if mean is None else [float(f"{v:.9g}") for v in mean.astype(np.float32).tolist()]
 
 
 def _write_geojson(out: Path, collection: dict[str, Any], means: list, counts: list[int]) -> None:
