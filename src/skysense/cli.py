@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "skysense.commands.embed",
     "skysense.commands.predict",
     "skysense.commands.zonal",
+    "skysense.commands.similar",
     "skysense.commands.export",
 )
 

@@ -8,6 +8,7 @@ maps of a fine-tuned segmentation or change model and a classifier's labelled ti
 way), :mod:`~skysense.inference.detect` (a fine-tuned detector's objects as GeoJSON, window by
 window, resumable), :mod:`~skysense.inference.polygons` (a class map's regions as GeoJSON
 polygons), :mod:`~skysense.inference.zonal` (an embedding per region of a GeoJSON),
+:mod:`~skysense.inference.similarity` (every pixel's cosine similarity to examples),
 :mod:`~skysense.inference.preview` (PCA
 false-colour PNG), :mod:`~skysense.inference.export` (ONNX and ``torch.export`` programs of the
 encoders).
@@ -18,6 +19,7 @@ from skysense.inference.embed import EmbedOptions, EmbedReport, embed_scene
 from skysense.inference.polygons import PolygonReport, class_map_polygons
 from skysense.inference.predict import predict_scene
 from skysense.inference.scene import Frame, Grid, Scene, resolve_frames, s2_frame_offsets
+from skysense.inference.similarity import SimilarityReport, similarity_map
 from skysense.inference.windows import WindowPlan
 from skysense.inference.zonal import EmbeddingRaster, ZonalReport, region_embeddings
 
@@ -30,6 +32,7 @@ __all__ = [
     "Frame",
     "Grid",
     "Scene",
+    "SimilarityReport",
     "PolygonReport",
     "WindowPlan",
     "ZonalReport",
@@ -40,4 +43,5 @@ __all__ = [
     "region_embeddings",
     "resolve_frames",
     "s2_frame_offsets",
+    "similarity_map",
 ]

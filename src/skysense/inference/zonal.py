@@ -156,7 +156,7 @@ class ZonalReport:
         return {**asdict(self), "out": str(self.out)}
 
 
-def _pixel_window(geometry: dict[str, Any], transform: Affine, height: int, width: int) -> Window | None:
+def pixel_window(geometry: dict[str, Any], transform: Affine, height: int, width: int) -> Window | None:
     """The window of the raster that holds ``geometry`` (coordinates mapped by ``transform``), or None."""
     coordinates = np.asarray(list(_positions(geometry)), dtype=np.float64)
     cols, rows = ~transform * (coordinates[:, 0], coordinates[:, 1])
@@ -180,9 +180,17 @@ def _positions(geometry: dict[str, Any]):
                 yield from (p[:2] for p in ring)
 
 
-def _region_mean(raster: EmbeddingRaster, geometry: dict[str, Any], transform: Affine, max_pixels: int,
-                 window: Window | None) -> tuple[np.ndarray | None, int]:
-    """The mean embedding of one region (in ``window``) and the number of pixels averaged (module docstring)."""
+def region_mean(raster: EmbeddingRaster, geometry: dict[str, Any], transform: Affine, window: Window | None,
+                max_pixels: int = 1 << 22) -> tuple[np.ndarray | None, int]:
+    """The mean embedding of one region and the number of pixels averaged (module docstring).
+
+    Args:
+        raster: the embeddings.
+        geometry: the region (GeoJSON) in coordinates that ``transform`` maps the raster's pixels to.
+        transform: pixel -> coordinates of ``geometry``.
+        window: the raster's window holding the region (:func:`pixel_window`; None: outside).
+        max_pixels: the most pixels read at once (a larger window goes in strips).
+    """
     if window is None:
         return None, 0
     total = np.zeros(raster.channels, dtype=np.float64)
@@ -238,13 +246,13 @@ def region_embeddings(embeddings: str | Path, regions: str | Path, out: str | Pa
         features = collection.get("features") or []
         means: list[np.ndarray | None] = [None] * len(features)
         counts = [0] * len(features)
-        windows = [_pixel_window(geometry, transform, raster.height, raster.width) for _, geometry in found]
+        windows = [pixel_window(geometry, transform, raster.height, raster.width) for _, geometry in found]
         order = sorted(range(len(found)), key=lambda k: (-1, -1) if windows[k] is None else (
             int(windows[k].row_off) // TILE, int(windows[k].col_off)))
         for k in tqdm(order, unit="region", desc=out.name, disable=not progress, dynamic_ncols=True):
             region, geometry = found[k]
-            means[region.number], counts[region.number] = _region_mean(raster, geometry, transform, max_pixels,
-                                                                       windows[k])
+            means[region.number], counts[region.number] = region_mean(raster, geometry, transform, windows[k],
+                                                                      max_pixels)
     if out.suffix.lower() == ".csv":
         _write_csv(out, features, means, counts, raster.channels)
     else:
