@@ -170,3 +170,13 @@ def test_changed_areas_of_a_real_oscd_city_get_their_mean_embedding(data_root: P
         assert int(row["pixels"]) == int(inside.sum()) == feature["properties"]["pixels"]
         np.testing.assert_allclose([float(row[f"e{k}"]) for k in range(data.shape[0])],
                                    data[:, inside].mean(axis=1), rtol=1e-4, atol=1e-5)
+    # the same regions as examples: how much each pixel looks like the changed and the unchanged areas
+    assert main(["similar", str(embeddings), "--examples", str(regions), "--out", str(tmp_path / "similar.tif"),
+                 "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["classes"] == ["unchanged", "changed"] or report["classes"] == ["changed", "unchanged"]
+    assert sum(report["examples"].values()) == len(rows)
+    with rasterio.open(tmp_path / "similar.tif") as src:
+        similarity = src.read()
+        assert src.shape == cm.shape and src.descriptions == tuple(report["classes"])
+    assert np.isfinite(similarity).all() and (np.abs(similarity) <= 1 + 1e-5).all()
