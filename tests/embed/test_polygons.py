@@ -116,3 +116,8 @@ def test_names_from_the_command_line_pixels_without_a_crs_and_bad_maps(tmp_path:
         dst.write(np.zeros((1, 4, 4), np.float32))
     with pytest.raises(ValueError, match=r"float.tif: 1 band\(s\) of float32; expected one band of integer"):
         class_map_polygons(tmp_path / "float.tif", tmp_path / "f.geojson")
+    assert main(["polygons", str(tmp_path / "missing.tif")]) == 2
+    assert "missing.tif: no such class map" in capsys.readouterr().err
+    (tmp_path / "text.tif").write_text("not a raster")
+    with pytest.raises(ValueError, match="text.tif: not a readable raster"):
+        class_map_polygons(tmp_path / "text.tif", tmp_path / "t.geojson")

@@ -114,6 +114,9 @@ def test_zonal_over_embed_outputs_in_geotiff_and_zarr(tmp_path: Path, capsys: py
     assert main(["zonal", str(tmp_path / "missing.tif"), "--regions", str(regions), "--out",
                  str(tmp_path / "c.csv")]) == 2
     assert "missing.tif: no such embedding raster" in capsys.readouterr().err
+    (tmp_path / "text.tif").write_text("not a raster")
+    with pytest.raises(ValueError, match="text.tif: not a readable raster"):
+        region_embeddings(tmp_path / "text.tif", regions, tmp_path / "d.csv")
 
 
 def test_the_zonal_benchmark_agrees_with_its_in_memory_reference(tmp_path: Path) -> None:

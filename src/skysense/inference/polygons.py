@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import rasterio.features
 import rasterio.warp
 from tqdm.auto import tqdm
@@ -89,8 +91,9 @@ def class_map_polygons(class_map: str | Path, out: str | Path, classes: Sequence
         nodata: the value without a class (default: the raster's nodata value, if it has one).
 
     Raises:
-        ValueError: the map is not one band of integers, ``min_pixels`` < 1, or ``out`` exists
-            without ``overwrite``.
+        FileNotFoundError: no file at ``class_map``.
+        ValueError: the map is not a readable raster of one band of integers, ``min_pixels`` < 1, or
+            ``out`` exists without ``overwrite``.
     """
     start = time.perf_counter()
     class_map, out = Path(class_map), Path(out)
@@ -98,7 +101,15 @@ def class_map_polygons(class_map: str | Path, out: str | Path, classes: Sequence
         raise ValueError(f"min_pixels: expected at least 1, got {min_pixels}")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    with rasterio.open(class_map) as src:
+    if not class_map.is_file():
+        raise FileNotFoundError(f"{class_map}: no such class map")
+    with warnings.catch_warnings():  # a map without georeference is written in its pixels, and says so
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        try:
+            src = rasterio.open(class_map)
+        except rasterio.errors.RasterioIOError as error:
+            raise ValueError(f"{class_map}: not a readable raster ({error})") from None
+    with src:
         if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
             raise ValueError(f"{class_map}: {src.count} band(s) of {src.dtypes[0]}; expected one band of integer "
                              "class values (skysense predict's .classes.tif)")

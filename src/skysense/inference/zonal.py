@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import rasterio.features
 from affine import Affine
 from rasterio.crs import CRS
@@ -63,7 +64,10 @@ class EmbeddingRaster:
         if self.path.is_dir():
             self._open_zarr()
         elif self.path.is_file():
-            self._src = src = rasterio.open(self.path)
+            try:
+                self._src = src = rasterio.open(self.path)
+            except rasterio.errors.RasterioIOError as error:
+                raise ValueError(f"{self.path}: not a readable raster ({error})") from None
             self.crs, self.transform = src.crs, src.transform
             self.channels, self.height, self.width = src.count, src.height, src.width
             self.tags = src.tags()
