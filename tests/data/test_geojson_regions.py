@@ -125,5 +125,12 @@ def test_bad_regions_name_the_file_and_feature(tmp_path: Path, feature: dict, me
     with pytest.raises(ValueError, match=message) as error:
         read_regions(path, CLASSES, UTM, TRANSFORM, SIZE)
     assert "bad.geojson" in str(error.value)
+
+
+def test_unreadable_files_say_what_they_are(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing.geojson: not a readable GeoJSON"):
         read_regions(tmp_path / "missing.geojson", CLASSES, UTM, TRANSFORM, SIZE)
+    (tmp_path / "fields.shp").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match="fields.shp: not a readable GeoJSON file .*ogr2ogr -f GeoJSON out.geojson "
+                                         "fields.shp"):
+        read_regions(tmp_path / "fields.shp", CLASSES, UTM, TRANSFORM, SIZE)

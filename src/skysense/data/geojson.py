@@ -24,6 +24,9 @@ from rasterio.crs import CRS
 PIXELS = "pixels"
 """The ``crs`` name of a collection whose coordinates are image pixels."""
 
+VECTOR_SUFFIXES = (".shp", ".gpkg", ".kml", ".kmz", ".gml", ".fgb", ".zip")
+"""Vector formats other than GeoJSON, for which errors say how to convert."""
+
 WGS84 = "EPSG:4326"
 """Longitude / latitude, the coordinates of a GeoJSON without a ``crs`` member (RFC 7946)."""
 
@@ -37,8 +40,10 @@ def read_collection(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         collection = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a readable GeoJSON file ({error})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        hint = ("; convert a Shapefile, GeoPackage or KML with: ogr2ogr -f GeoJSON out.geojson "
+                f"{path.name}" if path.suffix.lower() in VECTOR_SUFFIXES else "")
+        raise ValueError(f"{path}: not a readable GeoJSON file ({error}){hint}") from None
     if not isinstance(collection, dict) or collection.get("type") != "FeatureCollection":
         raise ValueError(f"{path}: expected a GeoJSON FeatureCollection, got {str(collection)[:80]!r}")
     return collection
