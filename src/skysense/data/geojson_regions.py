@@ -112,17 +112,20 @@ def read_collection_regions(path: str | Path) -> tuple[Any, tuple[Region, ...], 
     return _parsed(str(path), (stat.st_mtime_ns, stat.st_size))
 
 
-def region_shapes(path: str | Path, image_crs: CRS | None, image_transform: Affine, image_size: tuple[int, int]
-                  ) -> tuple[list[tuple[Region, dict[str, Any]]], Affine, str]:
+def region_shapes(path: str | Path, image_crs: CRS | None, image_transform: Affine, image_size: tuple[int, int],
+                  pixel_offset: tuple[int, int] = (0, 0)) -> tuple[list[tuple[Region, dict[str, Any]]], Affine, str]:
     """The regions of ``path`` whose bounds meet an image, each with its geometry in the image's
-    CRS, and the transform that maps the image's pixels to those coordinates (the image's, or the
-    identity when the coordinates are pixels), and a description of the collection's CRS."""
+    CRS, the transform that maps the image's pixels to those coordinates (the image's, or when
+    the coordinates are pixels a shift by ``pixel_offset``: the image's (column, row) in the
+    pixels the collection counts, for a window of a larger raster), and a description of the
+    collection's CRS."""
     source, regions, described = read_collection_regions(path)
     height, width = image_size
     pixels = source == PIXELS or image_crs is None
-    window = (0.0, 0.0, float(width), float(height)) if pixels else _image_bounds(source, image_crs, image_transform,
-                                                                                   image_size)
-    transform = Affine.identity() if pixels else image_transform
+    transform = Affine.translation(*pixel_offset) if pixels else image_transform
+    window = ((float(pixel_offset[0]), float(pixel_offset[1]), float(pixel_offset[0] + width),
+               float(pixel_offset[1] + height)) if pixels else
+              _image_bounds(source, image_crs, image_transform, image_size))
     found = []
     for region in regions:
         if not _overlaps(region.bounds, window):
@@ -169,7 +172,7 @@ def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 def read_regions(path: str | Path, classes: Sequence[str], image_crs: CRS | None, image_transform: Affine,
                  image_size: tuple[int, int], class_key: str = "class", background: int | None = None,
-                 default_class: int | None = None) -> torch.Tensor:
+                 default_class: int | None = None, pixel_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """The regions of the GeoJSON ``path`` as a class mask on an image's grid (module docstring).
 
     Args:
@@ -181,6 +184,7 @@ def read_regions(path: str | Path, classes: Sequence[str], image_crs: CRS | None
         class_key: the property that holds the class.
         background: the class of pixels no region covers (None: unlabelled, -1).
         default_class: the class of a feature without ``class_key`` (None: such a feature is an error).
+        pixel_offset: where the image starts (column, row) in the pixels of a collection in pixels.
 
     Returns:
         (H, W) int64 class indices, -1 where unlabelled.
@@ -190,7 +194,7 @@ def read_regions(path: str | Path, classes: Sequence[str], image_crs: CRS | None
             missing or unknown class, or (``background`` None) no region on the image.
     """
     path = Path(path)
-    found, transform, described = region_shapes(path, image_crs, image_transform, image_size)
+    found, transform, described = region_shapes(path, image_crs, image_transform, image_size, pixel_offset)
     height, width = image_size
     shapes = []
     for region, geometry in found:

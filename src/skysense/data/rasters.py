@@ -283,20 +283,26 @@ def read_stacked(
         return RasterStack(data, valid, tuple(wanted), src.crs, transform, (path,) * len(wanted))
 
 
-def read_image(path: str | Path, expected_bands: int | None = None) -> tuple[np.ndarray, str]:
-    """Read a whole image (JPEG, PNG, TIFF) as (C, H, W) in its own dtype; returns (array, dtype).
+def read_image(path: str | Path, expected_bands: int | None = None,
+               window: Window | None = None) -> tuple[np.ndarray, str]:
+    """Read an image (JPEG, PNG, TIFF), whole or a ``window`` of it, as (C, H, W) in its own dtype;
+    returns (array, dtype).
 
     Raises:
-        RasterReadError: unreadable file, or band count different from ``expected_bands``.
+        RasterReadError: unreadable file, band count different from ``expected_bands``, or a
+            ``window`` that is not inside the image.
     """
     path = Path(path)
     with open_raster(path) as src:
         if expected_bands is not None and src.count != expected_bands:
             raise RasterReadError(f"wrong band count: {path} has {src.count} bands, expected {expected_bands}")
+        if window is not None and (window.col_off < 0 or window.row_off < 0 or window.col_off + window.width > src.width
+                                   or window.row_off + window.height > src.height):
+            raise RasterReadError(f"{path}: window {window} outside the {src.width} x {src.height} px image")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                data = src.read()
+                data = src.read(window=window)
         except RasterioError as error:
             raise RasterReadError(f"cannot read raster {path}: truncated or corrupt ({error})") from None
         return data, src.dtypes[0]

@@ -10,19 +10,46 @@ from typing import Any
 import numpy as np
 import torch
 from affine import Affine
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
 
 from skysense.config import HR_BANDS, S1_BANDS, S2_BANDS
 from skysense.data.dates import day_of_year, parse_date
 from skysense.data.datasets.base import Item, SampleDataset, hr_band_indexes, scalar
 from skysense.data.geojson_objects import read_objects
 from skysense.data.geojson_regions import read_regions
-from skysense.data.rasters import RasterReadError, open_raster, read_image, read_stacked
+from skysense.data.rasters import RasterReadError, center_latlon, open_raster, read_image, read_stacked
 from skysense.data.sample import CHANGE_CLASSES, IGNORE_INDEX, class_index
 from skysense.data.units import hr_to_8bit, s2_to_model_units
 
 MANIFEST_NAME = "manifest.jsonl"
 GEOJSON_SUFFIXES = (".geojson", ".json")
 """A record's ``mask`` or ``change`` with one of these suffixes is a GeoJSON of regions, burnt onto the grid."""
+
+
+def _tile_starts(length: int, size: int) -> list[int]:
+    """Starts of side-by-side tiles of ``size`` over ``length`` pixels, the last one ending at the edge."""
+    starts = list(range(0, length - size + 1, size))
+    if starts[-1] + size < length:
+        starts.append(length - size)
+    return starts
+
+
+def _scaled_window(window: Window | None, first: tuple[int, int], other: tuple[int, int], where: str) -> Window | None:
+    """``window`` of a record's first raster (``first`` = its height, width) on a raster of the
+    same ground with ``other`` pixels; the error names ``where`` when it does not fall on whole pixels."""
+    if window is None:
+        return None
+    if other == first:
+        return window
+    fy, fx = other[0] / first[0], other[1] / first[1]
+    values = (window.col_off * fx, window.row_off * fy, window.width * fx, window.height * fy)
+    if any(abs(v - round(v)) > 1e-6 for v in values):
+        raise RasterReadError(f"{where}: {other[1]} x {other[0]} px against the first raster's {first[1]} x {first[0]}: "
+                              f"the window {tuple(int(v) for v in (window.col_off, window.row_off, window.width, window.height))} "
+                              f"falls on {tuple(round(v, 3) for v in values)}, not whole pixels (use tiles and windows "
+                              "that are multiples of the resolution ratio)")
+    return Window(*(int(round(v)) for v in values))
 
 
 class ManifestDataset(SampleDataset):
@@ -90,6 +117,17 @@ class ManifestDataset(SampleDataset):
     collate; a label outside ``classes`` or a mask value above K-1 is an error naming the record.
 
     Splits: the records' ``split`` among ``train``, ``val``, ``test``.
+
+    Large scenes: a record's ``"window"``, ``[col_off, row_off, width, height]`` in pixels of its
+    first modality (HR, else S2, else S1), reads only that part of its rasters (the other
+    modalities, masks and change rasters at their own scale: every raster of a record covers the
+    same ground, at whole-number resolution ratios); two records of one scene with other windows
+    and splits hold out part of it. The dataset option ``tile_size`` cuts every record (or its
+    window) into square tiles of that many first-modality pixels, side by side (the last row and
+    column shifted back to end at the edge), each a sample with the id ``<id>/<row>_<col>``:
+    train on a whole scene and one GeoJSON of regions without cutting files. A tiled sample's
+    ``lat``/``lon`` is its tile's centre when the rasters are georeferenced (else the record's).
+    Records with ``objects`` are read whole (detection crops them while training).
     """
 
     name = "manifest"
@@ -100,7 +138,8 @@ class ManifestDataset(SampleDataset):
                  modalities: Sequence[str] = ("hr", "s2", "s1"), hr_bands: Sequence[str] = HR_BANDS,
                  classes: Sequence[str] | None = None, multilabel: bool = False, mask_ignore: int | None = 255,
                  object_class_key: str = "class", mask_class_key: str = "class",
-                 mask_background: str | int | None = None, skip_corrupt: bool = False) -> None:
+                 mask_background: str | int | None = None, tile_size: int | None = None,
+                 skip_corrupt: bool = False) -> None:
         if not modalities or set(modalities) - {"hr", "s2", "s1"}:
             raise ValueError(f"{self.name}: modalities: expected a non-empty subset of ('hr', 's2', 's1'), "
                              f"got {modalities}")
@@ -119,6 +158,9 @@ class ManifestDataset(SampleDataset):
         self.multilabel = multilabel
         self.mask_ignore = mask_ignore
         self.object_class_key = object_class_key
+        if tile_size is not None and tile_size < 1:
+            raise ValueError(f"{self.name}: tile_size: expected a positive number of pixels, got {tile_size}")
+        self.tile_size = tile_size
         self.mask_class_key = mask_class_key
         if mask_background is not None and classes is None:
             raise ValueError(f"{self.name}: mask_background: needs the class names (classes)")
@@ -156,28 +198,81 @@ class ManifestDataset(SampleDataset):
             split = record.get("split", "train")
             if split not in self.splits:
                 raise ValueError(f"{path}: line {number}: split {split!r}; expected one of {self.splits}")
-            items.append(Item(str(record["id"]), split, path, {"record": record, "line": number}))
+            item = Item(str(record["id"]), split, path, {"record": record, "line": number})
+            items.extend(self._tiles(item) if record.get("window") is not None or self.tile_size else [item])
         if not items:
             raise ValueError(f"{self.name}: manifest {path} lists no records")
         return items
 
+    def _first_raster(self, record: dict[str, Any]) -> Path:
+        """The raster of the record's first modality (HR, else the first S2 frame, else S1's)."""
+        if record.get("hr"):
+            return self._path(record["hr"])
+        frames = record.get("s2") or record.get("s1")
+        if not isinstance(frames, list) or not frames or not isinstance(frames[0], dict):
+            raise ValueError(f"expected a non-empty list of {{path, date}} frames, got {frames!r}")
+        return self._path(frames[0]["path"])
+
+    def _tiles(self, item: Item) -> list[Item]:
+        """The item as a window of its rasters, or as tiles of ``tile_size`` (class docstring)."""
+        record = item.extra["record"]
+        where = f"{item.path}: line {item.extra['line']}: record {item.id!r}"
+        if record.get("objects") is not None:
+            raise ValueError(f"{where}: records with objects are read whole (detection crops them while training); "
+                             "drop its window, or the dataset option tile_size")
+        first = self._first_raster(record)
+        with open_raster(first) as src:
+            height, width = src.height, src.width
+        item = Item(item.id, item.split, item.path, {**item.extra, "first_size": (height, width)})
+        window = record.get("window")
+        if window is None:
+            col, row, w, h = 0, 0, width, height
+        else:
+            if not (isinstance(window, list) and len(window) == 4 and all(isinstance(v, int) for v in window)):
+                raise ValueError(f"{where}: window {window!r}: expected [col_off, row_off, width, height] in pixels")
+            col, row, w, h = window
+            if col < 0 or row < 0 or w < 1 or h < 1 or col + w > width or row + h > height:
+                raise ValueError(f"{where}: window {window} outside the {width} x {height} px raster {first}")
+        if not self.tile_size:
+            return [Item(item.id, item.split, item.path, {**item.extra, "window": Window(col, row, w, h)})]
+        size = self.tile_size
+        if size > w or size > h:
+            raise ValueError(f"{where}: tile_size {size} is larger than the record's {w} x {h} px "
+                             f"{'window' if window is not None else 'raster'} ({first})")
+        rows, cols = _tile_starts(h, size), _tile_starts(w, size)
+        return [Item(f"{item.id}/{r}_{c}", item.split, item.path,
+                     {**item.extra, "window": Window(col + x, row + y, size, size)})
+                for r, y in enumerate(rows) for c, x in enumerate(cols)]
+
     def _path(self, value: str) -> Path:
         path = Path(value)
         return path if path.is_absolute() else self.root / path
+
+    def _window(self, item: Item, path: Path) -> Window | None:
+        """The item's window (of its first raster) on the raster ``path`` (None: read it whole)."""
+        window = item.extra.get("window")
+        if window is None:
+            return None
+        with open_raster(path) as src:
+            size = (src.height, src.width)
+        return _scaled_window(window, item.extra["first_size"], size,
+                              f"{item.path}: line {item.extra['line']}: record {item.id!r}: {path}")
 
     def _series(self, item: Item, modality: str, file_bands: Sequence[str], select: Sequence[str]):
         frames = item.extra["record"][modality]
         where = f"{item.path}: line {item.extra['line']}"
         if not isinstance(frames, list) or not frames:
             raise ValueError(f"{where}: {modality}: expected a non-empty list of {{path, date}}")
-        data, dates, first = [], [], None
+        data, dates, first, window = [], [], None, None
         for frame in frames:
             date = parse_date(str(frame.get("date", "")))
             if date is None:
                 raise ValueError(f"{where}: {modality} frame {frame.get('path')}: date {frame.get('date')!r}: "
                                  "expected YYYY-MM-DD")
             path = self._path(frame["path"])
-            stack = read_stacked(path, file_bands, select=select)
+            if first is None:
+                window = self._window(item, path)
+            stack = read_stacked(path, file_bands, select=select, window=window)
             if first is not None and stack.data.shape != first.data.shape:
                 raise RasterReadError(f"{path}: size {stack.data.shape[-2:]} differs from the first {modality} frame "
                                       f"{first.paths[0]} {first.data.shape[-2:]}")
@@ -213,10 +308,11 @@ class ManifestDataset(SampleDataset):
             hot[class_index(v, self.classes, where)] = 1.0
         return hot
 
-    def _mask(self, path: Path, where: str, classes: Sequence[str], key: str = "mask") -> torch.Tensor:
-        """A record's ``mask`` (or ``change``) raster as (H, W) int64 indices of ``classes``, -1
-        where ``mask_ignore``."""
-        data, _ = read_image(path, expected_bands=1)
+    def _mask(self, path: Path, where: str, classes: Sequence[str], key: str = "mask",
+              window: Window | None = None) -> torch.Tensor:
+        """A record's ``mask`` (or ``change``) raster (its ``window``) as (H, W) int64 indices of
+        ``classes``, -1 where ``mask_ignore``."""
+        data, _ = read_image(path, expected_bands=1, window=window)
         values = data[0]
         if not np.issubdtype(values.dtype, np.integer):
             raise RasterReadError(f"{where}: {key} {path}: {values.dtype} values; expected integer class indices")
@@ -231,26 +327,33 @@ class ManifestDataset(SampleDataset):
         return torch.from_numpy(mask)
 
     def _target_mask(self, value: str, where: str, grid: tuple[Any, Affine, tuple[int, int]] | None,
-                     key: str) -> torch.Tensor:
+                     key: str, item: Item) -> torch.Tensor:
         """A record's ``mask`` / ``change``: a raster (:meth:`_mask`) or a GeoJSON of regions burnt
         onto ``grid``, the (crs, transform, size) of the first modality read."""
         path = self._path(value)
         classes = self.classes if key == "mask" else CHANGE_CLASSES
         if path.suffix.lower() not in GEOJSON_SUFFIXES:
-            return self._mask(path, where, classes, key)
+            return self._mask(path, where, classes, key, self._window(item, path))
         if grid is None:
             raise ValueError(f"{where}: {key} {path}: regions are burnt onto the grid of the first modality read, "
                              f"and none of the record's is read (modalities {list(self.modalities)})")
         crs, transform, size = grid
+        window = item.extra.get("window")
+        offset = (0, 0) if window is None else (int(window.col_off), int(window.row_off))
         if key == "mask":
-            return read_regions(path, classes, crs, transform, size, self.mask_class_key, self.mask_background)
-        return read_regions(path, classes, crs, transform, size, self.mask_class_key, background=0, default_class=1)
+            return read_regions(path, classes, crs, transform, size, self.mask_class_key, self.mask_background,
+                                pixel_offset=offset)
+        return read_regions(path, classes, crs, transform, size, self.mask_class_key, background=0, default_class=1,
+                            pixel_offset=offset)
 
     def _hr(self, path: Path, record: dict[str, Any], item: Item) -> tuple[torch.Tensor, Any]:
-        """An HR raster of a record: (C, H, W) on the 0-255 scale, and its (crs, transform) or None."""
-        image, dtype = read_image(path)
+        """An HR raster of a record (the item's window of it): (C, H, W) on the 0-255 scale, and its
+        (crs, transform) or None."""
+        window = self._window(item, path)
+        image, dtype = read_image(path, window=window)
         with open_raster(path) as src:
-            georef = (src.crs, src.transform) if src.crs is not None else None
+            transform = src.transform if window is None else window_transform(window, src.transform)
+            georef = (src.crs, transform) if src.crs is not None else None
         image = image[self._hr_index(path, record.get("hr_bands"), image.shape[0], item)]
         bit_depth = record.get("hr_bit_depth", 8 if dtype == "uint8" else None)
         return torch.from_numpy(hr_to_8bit(image, bit_depth)), georef
@@ -303,7 +406,7 @@ class ManifestDataset(SampleDataset):
             if record.get("label") is not None:
                 sample["label"] = self._label(record["label"], where)
             if record.get("mask") is not None:
-                sample["mask"] = self._target_mask(record["mask"], where, grid, "mask")
+                sample["mask"] = self._target_mask(record["mask"], where, grid, "mask", item)
             if record.get("objects") is not None:
                 if sample.get("hr") is None:
                     raise ValueError(f"{where}: objects lie on the HR image; read it (modalities include 'hr')")
@@ -311,10 +414,16 @@ class ManifestDataset(SampleDataset):
                 sample.update(read_objects(self._path(record["objects"]), self.classes, crs, transform,
                                            tuple(sample["hr"].shape[-2:]), self.object_class_key))
         if record.get("change") is not None:
-            sample["change"] = self._target_mask(record["change"], where, grid, "change")
-        if "lat" in record and "lon" in record:
+            sample["change"] = self._target_mask(record["change"], where, grid, "change", item)
+        centre = None
+        if georef is not None and georef.crs is not None:
+            centre = georef.center_latlon
+        elif item.extra.get("window") is not None and hr_georef is not None:  # a tile of an HR-only record
+            height, width = sample["hr"].shape[-2:]
+            centre = lambda: center_latlon(*hr_georef, height, width, where=str(record["hr"]))  # noqa: E731
+        if "lat" in record and "lon" in record and (item.extra.get("window") is None or centre is None):
             sample["lat"], sample["lon"] = scalar(record["lat"]), scalar(record["lon"])
-        elif georef is not None and georef.crs is not None:
-            lat, lon = georef.center_latlon()
+        elif centre is not None:
+            lat, lon = centre()
             sample["lat"], sample["lon"] = scalar(lat), scalar(lon)
         return sample
