@@ -13,6 +13,9 @@ water; -1 = no label) and does what a user with their own rasters does:
 4. maps the whole original chip with ``skysense predict`` (window by window, blended), and scores
    the map's ``val`` quadrant against the hand labels.
 
+With ``--layout windows`` no file is cut: each record names the chip's own rasters with its
+quadrant's ``window`` (what a user with one large scene does); the numbers must not change.
+
 With ``--labels regions`` the labels are what a user drew in a GIS instead of a raster: the hand
 labels vectorised once (``skysense polygons --nodata -1``) into one GeoJSON of water and dry-land
 polygons in longitude / latitude that every record names as its ``mask``; the run checks that the
@@ -21,7 +24,7 @@ map as polygons (``predict --polygons``) and scores those, burnt back, on the ``
 
 Prints the numbers and writes them as JSON with ``--out``.
 
-    SKYSENSE_DATA=../shared/data python benchmarks/own_data.py --steps 150 [--labels regions]
+    SKYSENSE_DATA=../shared/data python benchmarks/own_data.py --steps 150 [--labels regions] [--layout windows]
 """
 
 from __future__ import annotations
@@ -61,9 +64,11 @@ def _crop(source: Path, target: Path, window: Window) -> str:
 LABELS = "Labels/Spain_7370579_LabelHand.tif"
 
 
-def write_manifest(chip: Path, root: Path, labels: str = "raster") -> Path:
+def write_manifest(chip: Path, root: Path, labels: str = "raster", layout: str = "files") -> Path:
     """The four quadrants and their manifest under ``root`` (module docstring, step 1); with
-    ``labels="regions"`` every record's mask is one GeoJSON of the hand labels' regions."""
+    ``labels="regions"`` every record's mask is one GeoJSON of the hand labels' regions; with
+    ``layout="windows"`` no file is cut: every record names the chip's own rasters and its
+    quadrant's ``window``."""
     from skysense.inference.polygons import class_map_polygons
 
     regions = None
@@ -75,6 +80,14 @@ def write_manifest(chip: Path, root: Path, labels: str = "raster") -> Path:
     for k, (row, col) in enumerate(((0, 0), (0, 256), (256, 0), (256, 256))):
         window = Window(col, row, 256, 256)
         name = f"quadrant-{k}"
+        if layout == "windows":
+            records.append({
+                "id": name, "split": "val" if (row, col) == (VAL[0], VAL[2]) else "train",
+                "s2": [{"path": str(chip / "S2/Spain_7370579_S2Hand.tif"), "date": S2_DATE}],
+                "s2_bands": list(S2_FILE_BANDS), "s2_level": "L1C", "s2_offset": 0,
+                "s1": [{"path": str(chip / "S1/Spain_7370579_S1Hand.tif"), "date": S1_DATE}],
+                "mask": regions or str(chip / LABELS), "window": [col, row, 256, 256]})
+            continue
         records.append({
             "id": name, "split": "val" if (row, col) == (VAL[0], VAL[2]) else "train",
             "s2": [{"path": _crop(chip / "S2/Spain_7370579_S2Hand.tif", root / "s2" / f"{name}.tif", window),
@@ -116,7 +129,7 @@ def _scored_ious(predicted: np.ndarray, truth: np.ndarray, nodata: int) -> tuple
 
 
 def run(chip: Path, work: Path, steps: int, lr: float, batch_size: int, crop: int, window: int = 64,
-        overlap: int = 16, progress: bool = True, labels: str = "raster") -> dict:
+        overlap: int = 16, progress: bool = True, labels: str = "raster", layout: str = "files") -> dict:
     from skysense.config import S1_BANDS
     from skysense.data.geojson_regions import read_regions
     from skysense.inference.polygons import class_map_polygons
@@ -125,7 +138,8 @@ def run(chip: Path, work: Path, steps: int, lr: float, batch_size: int, crop: in
     from skysense.inference import EmbedOptions, Scene, resolve_frames
     from skysense.inference.predict import CLASS_NODATA, classes_path, predict_scene
 
-    write_manifest(chip, work / "data", labels)
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    write_manifest(chip, work / "data", labels, layout)
     burnt = _burnt_masks_equal_the_raster(chip, work / "data") if labels == "regions" else None
     config = FinetuneConfig(
         task="segmentation", dataset="manifest", data_root=str(work / "data"), preset="tiny", max_steps=steps,
@@ -169,6 +183,7 @@ def run(chip: Path, work: Path, steps: int, lr: float, batch_size: int, crop: in
                                       "pixels": int(class_map.size)}}
     return {
         **extra,
+        "layout": layout,
         "steps": steps, "lr": lr, "batch_size": batch_size, "crop": crop, "window": window, "overlap": overlap,
         "train_loss_last10": float(np.mean([r["loss"] for r in rows[-10:]])), "train_seconds": round(trained, 1),
         "evaluate_val": {"miou": report["miou"], "iou_per_class": report["iou_per_class"], "oa": report.get("oa")},
@@ -177,6 +192,13 @@ def run(chip: Path, work: Path, steps: int, lr: float, batch_size: int, crop: in
         "water_fraction_val": float((truth[r0:r1, c0:c1][truth[r0:r1, c0:c1] >= 0] == 1).mean()),
         "predict_seconds": round(predicted, 1), "predict_windows": mapped.windows_computed,
     }
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--labels", choices=("raster", "regions"), default="raster",
+                        help="the hand labels as a raster per quadrant, or one GeoJSON of regions")
+    parser.add_argument("--layout", choices=("files", "windows"), default="files",
+                        help="cut the quadrants into files, or name the chip's rasters with a window each")
 
 
 def benchmark_main(doc: str, source: str, run_fn, steps: int, lr: float, batch_size: int, crop: int,
@@ -208,6 +230,4 @@ def benchmark_main(doc: str, source: str, run_fn, steps: int, lr: float, batch_s
 
 if __name__ == "__main__":
     benchmark_main(__doc__, CHIP, run, steps=150, lr=1e-3, batch_size=4, crop=64,
-                   arguments=lambda parser: parser.add_argument("--labels", choices=("raster", "regions"),
-                                                                default="raster"),
-                   keywords=("labels",))
+                   arguments=_arguments, keywords=("labels", "layout"))

@@ -423,6 +423,11 @@ def test_own_data_benchmark_on_the_real_sen1floods11_chip(data_root: Path, tmp_p
     polygons = regions["predict_polygons"]
     assert polygons["pixels_equal_class_map"] == polygons["pixels"] == 512 * 512
     assert polygons["val_miou_burnt_back"] == pytest.approx(regions["predict_val"]["miou"], abs=1e-9)
+    # no file cut: each record names the chip's rasters and its quadrant's window
+    windows = run(data_root / CHIP, tmp_path / "windows", steps=2, lr=1e-3, batch_size=2, crop=32, window=64,
+                  overlap=0, progress=False, layout="windows")
+    assert not (tmp_path / "windows" / "data" / "s2").exists()
+    assert windows["evaluate_val"] == result["evaluate_val"] and windows["train_loss_last10"] == result["train_loss_last10"]
 
 
 @pytest.mark.real_data
