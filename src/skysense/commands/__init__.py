@@ -22,6 +22,13 @@ def add_hr_bands_argument(parser: argparse.ArgumentParser, note: str = "") -> No
                              "copy of a filter (NIR: red's, as the authors do) and red's normalisation" + note)
 
 
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``, ``--json`` and ``--no-progress`` of a command that writes one output."""
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def add_dataset_option_argument(parser: argparse.ArgumentParser) -> None:
     """``--option KEY=VALUE`` (repeatable): a keyword argument of the dataset class, the value
     read as YAML (``--option classes=[cropland,forest]``, ``--option multilabel=true``)."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from skysense.commands import add_output_flags
 from skysense.commands.embed import (add_output_arguments, add_scene_arguments, build_scene, output_options,
                                      print_report)
 from skysense.devices import resolve_device
@@ -77,9 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="the value of pixels without a class (default: the map's nodata value)")
     polygons.add_argument("--wgs84", action="store_true",
                           help="longitude / latitude (RFC 7946) instead of the map's CRS")
-    polygons.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    polygons.add_argument("--json", action="store_true", help="print the report as JSON")
-    polygons.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_flags(polygons)
     polygons.set_defaults(run=run_polygons)
 
 

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from skysense.commands import add_output_flags
 from skysense.inference.similarity import similarity_map
 
 
@@ -23,9 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a GeoJSON of example polygons or points, in any CRS; a 'class' property groups them")
     parser.add_argument("--out", type=Path, required=True, help="the similarity GeoTIFF")
     parser.add_argument("--class-key", default="class", help="the property that names an example's class")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_flags(parser)
     parser.set_defaults(run=run)
 
 

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from skysense.commands import add_output_flags
 from skysense.inference.zonal import region_embeddings
 
 
@@ -24,9 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help=".csv (a row per feature: its properties, pixels, e0..) or .geojson (the features "
                              "with embedding and pixels added)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_flags(parser)
     parser.set_defaults(run=run)
 
 

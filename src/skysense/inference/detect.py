@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,7 @@ from skysense.downstream.boxes import cut_by_window, horizontal_boxes
 from skysense.downstream.tasks import DETECTION_TASKS
 from skysense.inference.embed import model_signature, window_centres
 from skysense.inference.predict import completed_batch, model_inputs
+from skysense.inference.reports import JsonReport
 from skysense.inference.scene import HR_SCALE, Scene, normalized_batch
 from skysense.inference.windows import aligned_starts
 from skysense.inference.writers import ProgressLog, progress_path
@@ -94,7 +95,7 @@ class DetectOptions:
 
 
 @dataclass
-class DetectReport:
+class DetectReport(JsonReport):
     """What a run did."""
 
     out: Path
@@ -107,8 +108,6 @@ class DetectReport:
     coordinates: str
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "out": str(self.out)}
 
 
 def parts_path(out: Path) -> Path:

@@ -45,9 +45,10 @@ from affine import Affine
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
+from skysense.config import SkySenseConfig
 from skysense.data.rasters import RasterReadError
 from skysense.inference.preview import pca_preview
-from skysense.config import SkySenseConfig
+from skysense.inference.reports import JsonReport
 from skysense.inference.scene import HR_SCALE, Grid, Scene, WindowData, normalized_batch
 from skysense.inference.windows import OWNER_ORDER, Group, WindowPlan
 from skysense.inference.writers import DTYPES, FORMATS, BlockWriter, OutputSpec, close_progress, open_writer
@@ -87,7 +88,7 @@ class EmbedOptions:
 
 
 @dataclass
-class EmbedReport:
+class EmbedReport(JsonReport):
     """What a run did."""
 
     out: Path
@@ -104,11 +105,6 @@ class EmbedReport:
     transform: tuple[float, ...]
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["out"] = str(self.out)
-        data["preview"] = None if self.preview is None else str(self.preview)
-        return data
 
 
 def level_modalities(level: str, scene_modalities: Iterable[str]) -> tuple[str, ...]:

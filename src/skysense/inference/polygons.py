@@ -29,7 +29,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,12 @@ import rasterio.warp
 from tqdm.auto import tqdm
 
 from skysense.data.geojson import WGS84, closed_ring, output_coordinates
+from skysense.inference.reports import JsonReport
 from skysense.weights import atomic_write
 
 
 @dataclass
-class PolygonReport:
+class PolygonReport(JsonReport):
     """What :func:`class_map_polygons` wrote: the output, polygons per class, those left out for
     being smaller than ``min_pixels`` with no labelled neighbour, the coordinates and the time."""
 
@@ -57,8 +58,6 @@ class PolygonReport:
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "out": str(self.out)}
 
 
 def _area(ring: Sequence[Sequence[float]]) -> float:

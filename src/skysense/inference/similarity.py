@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from skysense.data.geojson_regions import region_shapes
+from skysense.inference.reports import JsonReport
 from skysense.inference.zonal import TILE, EmbeddingRaster, pixel_window, region_mean
 from skysense.weights import atomic_write
 
@@ -39,7 +40,7 @@ EXAMPLES = "examples"
 
 
 @dataclass
-class SimilarityReport:
+class SimilarityReport(JsonReport):
     """What :func:`similarity_map` wrote: the output, its bands (classes) with the examples of each,
     the size, each band's mean and largest similarity, and the time."""
 
@@ -53,8 +54,6 @@ class SimilarityReport:
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "out": str(self.out)}
 
 
 def _prototypes(raster: EmbeddingRaster, examples: Path, class_key: str) -> tuple[list[str], np.ndarray, dict]:

@@ -27,7 +27,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from skysense.data.geojson import read_collection
 from skysense.data.geojson_regions import region_shapes
+from skysense.inference.reports import JsonReport
 from skysense.weights import atomic_write
 
 OUTPUT_SUFFIXES = (".geojson", ".json", ".csv")
@@ -144,7 +145,7 @@ class EmbeddingRaster:
 
 
 @dataclass
-class ZonalReport:
+class ZonalReport(JsonReport):
     """What :func:`region_embeddings` wrote: the output, how many features, how many got an
     embedding, the channels, the pixels averaged in all, and the time."""
 
@@ -156,8 +157,6 @@ class ZonalReport:
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "out": str(self.out)}
 
 
 def pixel_window(geometry: dict[str, Any], transform: Affine, height: int, width: int) -> Window | None:
