@@ -42,7 +42,7 @@ def _cosine(data: np.ndarray, query: np.ndarray) -> np.ndarray:
     return ((query / np.linalg.norm(query)) @ (flat / np.linalg.norm(flat, axis=0))).reshape(data.shape[1:])
 
 
-def test_one_band_per_class_of_examples(tmp_path: Path) -> None:
+def test_one_band_per_class_of_examples(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data, a, b = _scene(tmp_path / "emb.tif")
     examples = tmp_path / "examples.geojson"
     examples.write_text(json.dumps({"type": "FeatureCollection", "crs": CRS_MEMBER, "features": [
@@ -61,6 +61,25 @@ def test_one_band_per_class_of_examples(tmp_path: Path) -> None:
     nearest = np.nanargmax(np.nan_to_num(sim, nan=-2), axis=0)
     assert (nearest[:, :140] == 0).mean() > 0.99 and (nearest[:, 140:] == 1).mean() > 0.99
     assert report.maximum["solar"] <= 1.0 and report.mean["solar"] < report.maximum["solar"]
+    # the pixels most like each class, where they reach a threshold, as a map and as polygons
+    assert main(["similar", str(tmp_path / "emb.tif"), "--examples", str(examples), "--out", str(tmp_path / "s.tif"),
+                 "--threshold", "0.8", "--min-pixels", "20", "--no-progress", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    with rasterio.open(tmp_path / "s.matches.tif") as src:
+        matches = src.read(1)
+        assert json.loads(src.tags()["skysense_classes"]) == ["solar", "forest"]
+    best = np.nan_to_num(sim, nan=-2).max(axis=0)
+    expected = np.where(np.isfinite(sim).all(axis=0) & (best >= 0.8), nearest, 255)
+    np.testing.assert_array_equal(matches, expected)
+    assert printed["extra"]["matches"]["pixels_per_class"] == {"solar": int((expected == 0).sum()),
+                                                               "forest": int((expected == 1).sum())}
+    regions = json.loads((tmp_path / "s.matches.geojson").read_text())
+    assert regions["crs"]["properties"]["name"].endswith("32631")
+    assert {f["properties"]["class"] for f in regions["features"]} == {"solar", "forest"}
+    assert min(f["properties"]["pixels"] for f in regions["features"]) >= 20
+    assert main(["similar", str(tmp_path / "emb.tif"), "--examples", str(examples), "--out", str(tmp_path / "u.tif"),
+                 "--min-pixels", "20"]) == 2
+    assert "--min-pixels and --wgs84 apply to the matches' polygons" in capsys.readouterr().err
 
 
 def test_examples_without_a_class_and_bad_examples(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

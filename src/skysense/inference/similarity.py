@@ -14,6 +14,11 @@ examples, a map to threshold or rank:
   named after it, values in [-1, 1], NaN where the embedding is nodata; tiled, deflate, written
   tile by tile to a temporary file and renamed when complete.
 
+* **Matches.** :func:`matches_map` keeps the pixels whose highest similarity reaches a
+  threshold: a uint8 map of the most similar band (255 elsewhere) beside the similarity map,
+  which :func:`~skysense.inference.polygons.class_map_polygons` turns into polygons to check in a
+  GIS (``skysense similar --threshold 0.9``).
+
 Errors name the example that has no embedding (outside the raster or on nodata only).
 """
 
@@ -75,6 +80,47 @@ def _prototypes(raster: EmbeddingRaster, examples: Path, class_key: str) -> tupl
     prototypes = np.stack([np.mean(by_class[c], axis=0) for c in classes])
     prototypes /= np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
     return classes, prototypes.astype(np.float32), {c: len(by_class[c]) for c in classes}
+
+
+MATCH_NODATA = 255
+"""Value of the matches map where no band reaches the threshold (or the embedding is nodata)."""
+
+
+def matches_path(out: Path) -> Path:
+    """``similarity.tif`` -> ``similarity.matches.tif``."""
+    return out.with_name(out.stem + ".matches.tif")
+
+
+def matches_map(similarity: str | Path, threshold: float, out: str | Path | None = None) -> dict[str, Any]:
+    """Write the pixels of the similarity GeoTIFF ``similarity`` whose highest band reaches
+    ``threshold`` as a uint8 map of that band's index (255 elsewhere), tagged with the band names,
+    to ``out`` (default :func:`matches_path`); returns its path and the pixels matched per band."""
+    similarity = Path(similarity)
+    out = Path(out) if out is not None else matches_path(similarity)
+    with rasterio.open(similarity) as src:
+        names = list(src.descriptions)
+        profile = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="uint8",
+                       nodata=MATCH_NODATA, crs=src.crs, transform=src.transform, tiled=True, blockxsize=TILE,
+                       blockysize=TILE, compress="deflate")
+        totals = np.zeros(src.count, dtype=np.int64)
+
+        def write(tmp: Path) -> None:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                for r in range(0, src.height, TILE):
+                    for c in range(0, src.width, TILE):
+                        window = Window(c, r, min(TILE, src.width - c), min(TILE, src.height - r))
+                        scores = src.read(window=window)
+                        finite = np.isfinite(scores).all(axis=0)
+                        best = np.nan_to_num(scores, nan=-np.inf).argmax(axis=0)
+                        hit = finite & (np.nan_to_num(scores, nan=-np.inf).max(axis=0) >= threshold)
+                        labels = np.where(hit, best, MATCH_NODATA).astype(np.uint8)
+                        totals[:] += np.bincount(best[hit], minlength=src.count)[:src.count]
+                        dst.write(labels[None], window=window)
+                dst.update_tags(skysense_classes=json.dumps(names), skysense_threshold=str(threshold))
+
+        atomic_write(out, write)
+    counts = {name: int(n) for name, n in zip(names, totals)}
+    return {"matches_path": str(out), "threshold": threshold, "pixels_per_class": counts}
 
 
 def similarity_map(embeddings: str | Path, examples: str | Path, out: str | Path, class_key: str = "class",
