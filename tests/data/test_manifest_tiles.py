@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio.warp
+import torch
 from rasterio.transform import from_origin
 
 from skysense.cli import main
@@ -107,9 +108,23 @@ def test_bad_windows_and_tiles_name_the_record(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"record 'scene/0_0': .*s2.tif: 8 x 6 px against the first raster's "
                                          r"256 x 192: the window \(0, 0, 48, 48\) falls on .*not whole pixels"):
         dataset.load(0)
-    _manifest(tmp_path, [{**_record(), "objects": "forests.geojson"}])
-    with pytest.raises(ValueError, match="records with objects are read whole"):
-        ManifestDataset(tmp_path, classes=CLASSES, tile_size=64)
+
+
+def test_tiles_keep_the_objects_whose_centre_they_hold(tmp_path: Path) -> None:
+    _scene(tmp_path)
+    _manifest(tmp_path, [{"id": "scene", "hr": "hr.tif", "objects": "forests.geojson", "label": 0}])
+    whole = ManifestDataset(tmp_path, classes=CLASSES)[0]
+    corners = whole["boxes"]  # the two forests' outlines as objects: centres (50, 40) and (200, 145)
+    assert corners.shape == (2, 8) and whole["labels"].tolist() == [1, 1]
+    tiles = ManifestDataset(tmp_path, classes=CLASSES, tile_size=128)  # tiles at x 0, 128; y 0, 64
+    counts = {}
+    for index, item in enumerate(tiles.items):
+        col, row = int(item.extra["window"].col_off), int(item.extra["window"].row_off)
+        sample = tiles[index]
+        counts[(col, row)] = len(sample["labels"])
+        for box in sample["boxes"]:
+            assert any(torch.allclose(box + torch.tensor([col, row] * 4, dtype=torch.float32), c) for c in corners)
+    assert counts == {(0, 0): 1, (128, 0): 0, (0, 64): 0, (128, 64): 1}
 
 
 def test_a_model_trains_on_the_tiles_of_one_scene(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

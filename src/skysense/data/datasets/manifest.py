@@ -127,7 +127,7 @@ class ManifestDataset(SampleDataset):
     column shifted back to end at the edge), each a sample with the id ``<id>/<row>_<col>``:
     train on a whole scene and one GeoJSON of regions without cutting files. A tiled sample's
     ``lat``/``lon`` is its tile's centre when the rasters are georeferenced (else the record's).
-    Records with ``objects`` are read whole (detection crops them while training).
+    A tile keeps the ``objects`` whose centre lies in it, as a training crop does.
     """
 
     name = "manifest"
@@ -217,9 +217,6 @@ class ManifestDataset(SampleDataset):
         """The item as a window of its rasters, or as tiles of ``tile_size`` (class docstring)."""
         record = item.extra["record"]
         where = f"{item.path}: line {item.extra['line']}: record {item.id!r}"
-        if record.get("objects") is not None:
-            raise ValueError(f"{where}: records with objects are read whole (detection crops them while training); "
-                             "drop its window, or the dataset option tile_size")
         first = self._first_raster(record)
         with open_raster(first) as src:
             height, width = src.height, src.width
@@ -346,6 +343,25 @@ class ManifestDataset(SampleDataset):
         return read_regions(path, classes, crs, transform, size, self.mask_class_key, background=0, default_class=1,
                             pixel_offset=offset)
 
+    def _objects(self, record: dict[str, Any], item: Item) -> dict[str, torch.Tensor]:
+        """The record's objects in pixels of its HR image; of a tile (window), those whose centre
+        lies in it, moved to its pixels (as a training crop keeps them)."""
+        path = self._path(record["hr"])
+        with open_raster(path) as src:
+            crs, transform, size = src.crs, src.transform, (src.height, src.width)
+        if crs is None:
+            transform = Affine.identity()
+        objects = read_objects(self._path(record["objects"]), self.classes, crs, transform, size,
+                               self.object_class_key)
+        window = item.extra.get("window")
+        if window is None:
+            return objects
+        col, row, width, height = (int(v) for v in (window.col_off, window.row_off, window.width, window.height))
+        corners = objects["boxes"] - torch.tensor([col, row] * 4, dtype=torch.float32)
+        cx, cy = corners[:, 0::2].mean(1), corners[:, 1::2].mean(1)
+        keep = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+        return {"boxes": corners[keep], "labels": objects["labels"][keep], "difficult": objects["difficult"][keep]}
+
     def _hr(self, path: Path, record: dict[str, Any], item: Item) -> tuple[torch.Tensor, Any]:
         """An HR raster of a record (the item's window of it): (C, H, W) on the 0-255 scale, and its
         (crs, transform) or None."""
@@ -410,9 +426,7 @@ class ManifestDataset(SampleDataset):
             if record.get("objects") is not None:
                 if sample.get("hr") is None:
                     raise ValueError(f"{where}: objects lie on the HR image; read it (modalities include 'hr')")
-                crs, transform = hr_georef if hr_georef is not None else (None, Affine.identity())
-                sample.update(read_objects(self._path(record["objects"]), self.classes, crs, transform,
-                                           tuple(sample["hr"].shape[-2:]), self.object_class_key))
+                sample.update(self._objects(record, item))
         if record.get("change") is not None:
             sample["change"] = self._target_mask(record["change"], where, grid, "change", item)
         centre = None
