@@ -4,8 +4,9 @@ Takes the Sen1Floods11 chip under ``$SKYSENSE_DATA/samples/sen1floods11`` (Spain
 10 m: Sentinel-2 L1C of 2019-09-18, Sentinel-1 VV/VH of 2019-09-17, hand-labelled water) and
 does what a user with an embedding raster and a few clicks does:
 
-1. embeds the chip with ``skysense embed`` (S2 + S1, ``tiny`` from random init, seed 0: no
-   pretrained weights ship with the project; fused level, 128 channels on the 10 m grid);
+1. embeds the chip with ``skysense embed`` (S2 + S1, fused level, 128 channels on the 10 m grid)
+   with ``tiny`` from random init (seed 0: no pretrained weights ship with the project), or with
+   ``--weights`` (such as the ``tiny`` that ``skysense demo`` pretrains in ``demo_out/pretrain``);
 2. for each of ``--trials`` seeds, picks ``--shots`` labelled pixels of each class (water, not
    water) at random in the three training quadrants, writes them as a GeoJSON of points in
    longitude / latitude with their class, and runs ``skysense similar`` (one band per class): the
@@ -97,6 +98,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shots", type=int, default=5, help="labelled pixels per class")
     parser.add_argument("--trials", type=int, default=5, help="random draws of the pixels (seeds 0..)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="embed with these weights (e.g. skysense demo's demo_out/pretrain) instead of a "
+                             "random-init tiny")
     parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON")
     args = parser.parse_args()
     data = os.environ.get("SKYSENSE_DATA")
@@ -109,9 +113,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         started = time.perf_counter()
+        model = ["--weights", str(args.weights)] if args.weights else ["--preset", "tiny"]
         assert skysense(["embed", "--s2", str(chip / S2), "--s2-bands", S2_FILE_BANDS, "--s2-level", "L1C",
                          "--s2-offset", "0", "--s2-dates", "2019-09-18", "--s1", str(chip / S1), "--s1-dates",
-                         "2019-09-17", "--preset", "tiny", "--out", str(work / "embedding.tif"), "--no-progress",
+                         "2019-09-17", *model, "--out", str(work / "embedding.tif"), "--no-progress",
                          "--no-preview"]) == 0
         embed_seconds = time.perf_counter() - started
         raw = raw_bands(chip, work / "raw.tif")
@@ -133,7 +138,8 @@ def main() -> None:
                 "water_iou_mean": round(float(np.mean([r["water"] for r in rows])), 4),
                 "miou_per_trial": [round(float(v), 4) for v in values]}
 
-    result = {"shots_per_class": args.shots, "trials": args.trials, "embed_seconds": round(embed_seconds, 1),
+    result = {"weights": str(args.weights) if args.weights else "tiny, random init", "shots_per_class": args.shots,
+              "trials": args.trials, "embed_seconds": round(embed_seconds, 1),
               "similar_seconds_mean": round(float(np.mean(seconds)), 2),
               "embedding": summary(results["embedding"]), "raw_bands": summary(results["raw_bands"])}
     result["ratio_embedding_over_raw"] = round(result["embedding"]["miou_mean"] / result["raw_bands"]["miou_mean"], 3)
