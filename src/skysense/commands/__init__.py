@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -20,6 +21,11 @@ def add_hr_bands_argument(parser: argparse.ArgumentParser, note: str = "") -> No
     parser.add_argument("--with-hr-bands", default=None, metavar="BANDS",
                         help="make the HR encoder take these bands, e.g. R,G,B,NIR: a new band starts from a "
                              "copy of a filter (NIR: red's, as the authors do) and red's normalisation" + note)
+
+
+def add_embeddings_argument(parser: argparse.ArgumentParser) -> None:
+    """The positional ``embeddings``: a raster written by ``skysense embed``."""
+    parser.add_argument("embeddings", type=Path, help="an embedding raster written by skysense embed (.tif or .zarr)")
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from skysense.commands import add_output_flags
+from skysense.commands import add_embeddings_argument, add_output_flags
 from skysense.commands.predict import add_min_pixels_argument, print_polygons
 from skysense.inference.polygons import class_map_polygons
 from skysense.inference.similarity import matches_map, similarity_map
@@ -21,7 +21,7 @@ from skysense.inference.similarity import matches_map, similarity_map
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("similar", help="cosine similarity of every pixel of an embedding raster to "
                                                    "examples in a GeoJSON (one band per class of examples)")
-    parser.add_argument("embeddings", type=Path, help="an embedding raster written by skysense embed (.tif or .zarr)")
+    add_embeddings_argument(parser)
     parser.add_argument("--examples", type=Path, required=True,
                         help="a GeoJSON of example polygons or points, in any CRS; a 'class' property groups them")
     parser.add_argument("--out", type=Path, required=True, help="the similarity GeoTIFF")

@@ -12,14 +12,14 @@ import argparse
 import json
 from pathlib import Path
 
-from skysense.commands import add_output_flags
+from skysense.commands import add_embeddings_argument, add_output_flags
 from skysense.inference.zonal import region_embeddings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("zonal", help="an embedding per region of a GeoJSON (the mean over its pixels of "
                                                  "an embedding raster): .csv or .geojson")
-    parser.add_argument("embeddings", type=Path, help="an embedding raster written by skysense embed (.tif or .zarr)")
+    add_embeddings_argument(parser)
     parser.add_argument("--regions", type=Path, required=True,
                         help="a GeoJSON of Polygon / MultiPolygon / Point / MultiPoint features, in any CRS")
     parser.add_argument("--out", type=Path, required=True,
