@@ -4,7 +4,10 @@ Modules (one idea each): :mod:`~skysense.data.rasters` (GeoTIFF bands by name, r
 masks, CRS), :mod:`~skysense.data.units` (raw values -> model units, ``normalize``),
 :mod:`~skysense.data.dates` (acquisition dates), :mod:`~skysense.data.sample` (schema and
 ``collate``), :mod:`~skysense.data.datasets` (one class per dataset, ``DATASETS`` registry),
-:mod:`~skysense.data.examples` (the BigEarthNet example patches shipped by ``bigearthnet-common``).
+:mod:`~skysense.data.examples` (the BigEarthNet example patches shipped by ``bigearthnet-common``),
+:mod:`~skysense.data.geojson` (a GeoJSON's CRS in and out), :mod:`~skysense.data.geojson_objects`
+(objects drawn in a GIS as boxes) and :mod:`~skysense.data.geojson_regions` (regions drawn in a GIS
+burnt into class masks).
 """
 
 from __future__ import annotations
