@@ -18,7 +18,7 @@ from skysense.config import S2_BANDS
 from skysense.downstream.finetune import save_finetuned
 from skysense.downstream.tasks import TaskSpec, build_task_model
 from skysense.inference import EmbedOptions, Scene, resolve_frames
-from skysense.inference.predict import CLASS_NODATA, classes_path, predict_scene
+from skysense.inference.predict import CLASS_NODATA, classes_path, predict_scene, semantic_paths
 from skysense.inference.scene import normalized_batch
 
 CLASSES = ("built", "field", "water")
@@ -327,6 +327,29 @@ def test_change_maps_from_two_s2_dates_equal_the_model_on_the_whole_scene(tmp_pa
     with Scene(model.encoder.config, s2=one_date, s2_offsets=[0.0]) as scene:
         with pytest.raises(ValueError, match="the change model reads s2 at two dates .*; the scene has 1 s2 frames"):
             predict_scene(model, scene, tmp_path / "x.tif")
+
+
+def test_semantic_change_maps_each_dates_classes(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    spec = TaskSpec(task="change", num_classes=2, modalities=("s2",), class_names=("no_change", "change"),
+                    decoder_channels=8, semantic_classes=3)
+    model = build_task_model(SkySense.from_preset("tiny"), spec).eval()
+    with s2_scene(model, tmp_path / "s2") as scene:
+        report = predict_scene(model, scene, tmp_path / "change.tif",
+                               EmbedOptions(window=32, overlap=0, block=32, progress=False, preview=False))
+        batch = normalized_batch([scene.read(Window(0, 0, 32, 32), ["s2"])], model.encoder.config, ["s2"])
+    with torch.no_grad():
+        found = model(batch)
+    expected = {k: torch.softmax(found[k], 1)[0, :, :16, :24].numpy() for k in ("change", "mask", "mask_post")}
+    probabilities, _, tags = _read(report.out)
+    assert probabilities.shape == (2 + 3 + 3, 16, 24) and json.loads(tags["skysense_semantic_classes"]) == ["0", "1", "2"]
+    np.testing.assert_allclose(probabilities, np.concatenate(list(expected.values())), atol=1e-5)
+    np.testing.assert_array_equal(_read(classes_path(report.out))[0][0], expected["change"].argmax(0))
+    before, after = semantic_paths(report.out)
+    np.testing.assert_array_equal(_read(before)[0][0], expected["mask"].argmax(0))
+    np.testing.assert_array_equal(_read(after)[0][0], expected["mask_post"].argmax(0))
+    dates = report.extra["finish"]["semantic"]
+    assert dates["after"]["classes_path"] == str(after) and sum(dates["before"]["pixels_per_class"].values()) == 16 * 24
 
 
 def test_hr_change_reads_the_image_after(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

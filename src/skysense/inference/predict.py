@@ -21,7 +21,9 @@ cosine-blended overlaps, blocks written as they finish, a killed run resumed by 
 * ``out`` holds the class probabilities (softmax, one band per class, blended across
   overlapping windows; a multi-label classifier's sigmoid per class), NaN where nodata;
 * ``<out stem>.classes.tif`` holds the most probable class per pixel (uint8 tiled GeoTIFF,
-  255 = nodata), tagged with the class names; a multi-label classifier has none (a tile may hold
+  255 = nodata), tagged with the class names; a semantic change model (``semantic_classes``)
+  writes the probabilities of change, then of each class before, then after, and also
+  ``<out stem>.before.classes.tif`` / ``.after.classes.tif`` (classes named by their index); a multi-label classifier has none (a tile may hold
   several classes), and the report counts the tiles at or above 0.5 per class instead.
 
 Both keep the scene's CRS; the transform is the fusion grid's scaled by the tile (classification)
@@ -86,12 +88,31 @@ def completed_batch(batch: dict[str, torch.Tensor], modalities: tuple[str, ...],
     return batch
 
 
-def _class_map_writer(out: Path, classes: tuple[str, ...], crs: Any, transform: Any, block: int
-                      ) -> Callable[[Callable, list, int, int], dict[str, Any]]:
-    """``finish`` hook of :func:`write_scene`: writes the arg-max class map beside ``out``."""
+def semantic_paths(out: Path) -> tuple[Path, Path]:
+    """``out.tif`` -> ``out.before.classes.tif``, ``out.after.classes.tif``: a semantic change
+    model's class maps of each date."""
+    return out.with_name(out.stem + ".before.classes.tif"), out.with_name(out.stem + ".after.classes.tif")
+
+
+def _class_map_writer(out: Path, classes: tuple[str, ...], crs: Any, transform: Any, block: int,
+                      semantic: tuple[str, ...] = ()) -> Callable[[Callable, list, int, int], dict[str, Any]]:
+    """``finish`` hook of :func:`write_scene`: writes the arg-max class map beside ``out``; with
+    ``semantic`` class names (a semantic change model: bands of the change classes, then of the
+    classes before, then after) also each date's class map."""
 
     def finish(read_block: Callable, blocks: list, height: int, width: int) -> dict[str, Any]:
-        path = classes_path(out)
+        result = _write_class_map(classes_path(out), read_block, blocks, slice(0, len(classes)), classes, height,
+                                  width)
+        if semantic:
+            k, dates = len(classes), {}
+            for name, path, bands in zip(("before", "after"), semantic_paths(out),
+                                         (slice(k, k + len(semantic)), slice(k + len(semantic), k + 2 * len(semantic)))):
+                dates[name] = _write_class_map(path, read_block, blocks, bands, semantic, height, width)
+            result["semantic"] = dates
+        return result
+
+    def _write_class_map(path: Path, read_block: Callable, blocks: list, bands: slice, classes: tuple[str, ...],
+                         height: int, width: int) -> dict[str, Any]:
         counts = np.zeros(len(classes), dtype=np.int64)
         profile = dict(driver="GTiff", height=height, width=width, count=1, dtype="uint8", nodata=CLASS_NODATA,
                        crs=crs, transform=transform, tiled=True, blockxsize=block, blockysize=block,
@@ -100,7 +121,7 @@ def _class_map_writer(out: Path, classes: tuple[str, ...], crs: Any, transform: 
         def write(tmp: Path) -> None:
             with rasterio.open(tmp, "w", **profile) as dst:
                 for r0, r1, c0, c1 in blocks:
-                    probabilities = read_block((r0, r1, c0, c1))
+                    probabilities = read_block((r0, r1, c0, c1))[bands]
                     valid = np.isfinite(probabilities).all(axis=0)
                     labels = np.full(valid.shape, CLASS_NODATA, dtype=np.uint8)
                     labels[valid] = np.nan_to_num(probabilities).argmax(axis=0)[valid]
@@ -192,11 +213,15 @@ def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options
     stride = options.window if tiles else 1
     output = {"segmentation": "mask", "change": "change", "classification": "label"}[spec.task]
     frames = 2 if spec.task == "change" else 1
+    semantic = tuple(str(i) for i in range(spec.semantic_classes)) if spec.task == "change" else ()
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = completed_batch(batch, modalities, options.window, config, frames=frames)
         if tiles:
             logits = model(_resized_series(batch, spec.sentinel_size))[output].float()[:, :, None, None]
+        elif semantic:  # change, then each date's classes
+            found = model(batch)
+            return torch.cat([torch.softmax(found[k].float(), dim=1) for k in ("change", "mask", "mask_post")], dim=1)
         else:
             logits = model(batch)[output].float()
         return torch.sigmoid(logits) if spec.multilabel else torch.softmax(logits, dim=1)
@@ -208,9 +233,11 @@ def predict_scene(model: DownstreamModel, scene: Scene, out: str | Path, options
             "skysense_modalities": ",".join(modalities), "skysense_preset": config.preset}
     if tiles:
         tags["skysense_tile"] = str(options.window)
+    if semantic:
+        tags["skysense_semantic_classes"] = json.dumps(list(semantic))
     finish = (_tile_counter(classes) if spec.multilabel else
-              _class_map_writer(Path(out), classes, grid.crs, transform, options.block))
-    report = write_scene(scene, out, options, forward, modalities, len(classes), config, tags,
+              _class_map_writer(Path(out), classes, grid.crs, transform, options.block, semantic))
+    report = write_scene(scene, out, options, forward, modalities, len(classes) + 2 * len(semantic), config, tags,
                          model_id or model_signature(model), stride=stride, upscale=upscale,
                          device=next(model.parameters()).device, locate=spec.geo_context, require_all=True,
                          finish=finish, extent=extent)
