@@ -35,6 +35,13 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_min_pixels_argument(parser: argparse._ActionsContainer) -> None:
+    """``--min-pixels``: the sieve of a class map vectorised into polygons."""
+    parser.add_argument("--min-pixels", type=int, default=1,
+                        help="merge regions of fewer pixels into their largest neighbour before vectorising "
+                             "(default 1: keep every region)")
+
+
 def add_dataset_option_argument(parser: argparse.ArgumentParser) -> None:
     """``--option KEY=VALUE`` (repeatable): a keyword argument of the dataset class, the value
     read as YAML (``--option classes=[cropland,forest]``, ``--option multilabel=true``)."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from skysense.commands import add_output_flags
+from skysense.commands import add_min_pixels_argument, add_output_flags
 from skysense.commands.embed import (add_output_arguments, add_scene_arguments, build_scene, output_options,
                                      print_report)
 from skysense.devices import resolve_device
@@ -80,12 +80,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="longitude / latitude (RFC 7946) instead of the map's CRS")
     add_output_flags(polygons)
     polygons.set_defaults(run=run_polygons)
-
-
-def add_min_pixels_argument(parser: argparse._ActionsContainer) -> None:
-    parser.add_argument("--min-pixels", type=int, default=1,
-                        help="merge regions of fewer pixels into their largest neighbour before vectorising "
-                             "(default 1: keep every region)")
 
 
 def print_polygons(report: PolygonReport, as_json: bool) -> None:

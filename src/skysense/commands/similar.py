@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from skysense.commands import add_embeddings_argument, add_output_flags
-from skysense.commands.predict import add_min_pixels_argument, print_polygons
+from skysense.commands import add_embeddings_argument, add_min_pixels_argument, add_output_flags
+from skysense.commands.predict import print_polygons
 from skysense.inference.polygons import class_map_polygons
 from skysense.inference.similarity import matches_map, similarity_map
 

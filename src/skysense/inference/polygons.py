@@ -127,7 +127,7 @@ def class_map_polygons(class_map: str | Path, out: str | Path, classes: Sequence
     metres = crs is not None and crs.is_projected and (crs.linear_units or "").lower() in ("metre", "meter", "m")
     shapes = rasterio.features.shapes(values, mask=valid, connectivity=4,
                                       transform=transform if crs is not None else rasterio.Affine.identity())
-    features, per_class, dropped = [], Counter(), 0
+    features, per_label, dropped = [], Counter(), 0
     for geometry, value in tqdm(shapes, unit="polygon", desc=out.name, disable=not progress, dynamic_ncols=True):
         rings = geometry["coordinates"]
         area = _area(rings[0]) - sum(_area(r) for r in rings[1:])
@@ -146,9 +146,8 @@ def class_map_polygons(class_map: str | Path, out: str | Path, classes: Sequence
         polygon = [closed_ring([tuple(p) for p in r], hole=k > 0) for k, r in enumerate(rings)]
         features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": polygon},
                          "properties": properties})
-        per_class[name] += 1
-    per_class_sorted = {names.get(v, str(v)): per_class[names.get(v, str(v))]
-                        for v in sorted({f["properties"]["label"] for f in features})}
+        per_label[label] += 1
+    per_class_sorted = {names.get(v, str(v)): per_label[v] for v in sorted(per_label)}
     collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
     if member is not None:
         collection["crs"] = member

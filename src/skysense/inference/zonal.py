@@ -160,7 +160,9 @@ class ZonalReport(JsonReport):
 
 
 def pixel_window(geometry: dict[str, Any], transform: Affine, height: int, width: int) -> Window | None:
-    """The window of the raster that holds ``geometry`` (coordinates mapped by ``transform``), or None."""
+    """The window of the raster that holds a Polygon / MultiPolygon ``geometry`` (coordinates
+    mapped by ``transform``; :func:`~skysense.data.geojson_regions.region_shapes` gives points as
+    the squares of their pixels), or None."""
     coordinates = np.asarray(list(_positions(geometry)), dtype=np.float64)
     cols, rows = ~transform * (coordinates[:, 0], coordinates[:, 1])
     c0, c1 = max(0, math.floor(float(np.min(cols)))), min(width, math.ceil(float(np.max(cols))) + 1)
@@ -171,16 +173,10 @@ def pixel_window(geometry: dict[str, Any], transform: Affine, height: int, width
 
 
 def _positions(geometry: dict[str, Any]):
-    kind, coordinates = geometry["type"], geometry["coordinates"]
-    if kind == "Point":
-        yield coordinates[:2]
-    elif kind in ("MultiPoint",):
-        yield from (p[:2] for p in coordinates)
-    else:
-        polygons = [coordinates] if kind == "Polygon" else coordinates
-        for polygon in polygons:
-            for ring in polygon:
-                yield from (p[:2] for p in ring)
+    polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    for polygon in polygons:
+        for ring in polygon:
+            yield from (p[:2] for p in ring)
 
 
 def region_mean(raster: EmbeddingRaster, geometry: dict[str, Any], transform: Affine, window: Window | None,

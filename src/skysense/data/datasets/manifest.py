@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,14 @@ def _tile_starts(length: int, size: int) -> list[int]:
     if starts[-1] + size < length:
         starts.append(length - size)
     return starts
+
+
+@functools.lru_cache(maxsize=1024)
+def _raster_size(path: Path) -> tuple[int, int]:
+    """(height, width) of a raster, opened once per path: a window is scaled to every raster of a
+    record for every sample read."""
+    with open_raster(path) as src:
+        return src.height, src.width
 
 
 def _scaled_window(window: Window | None, first: tuple[int, int], other: tuple[int, int], where: str) -> Window | None:
@@ -250,9 +259,7 @@ class ManifestDataset(SampleDataset):
         window = item.extra.get("window")
         if window is None:
             return None
-        with open_raster(path) as src:
-            size = (src.height, src.width)
-        return _scaled_window(window, item.extra["first_size"], size,
+        return _scaled_window(window, item.extra["first_size"], _raster_size(path),
                               f"{item.path}: line {item.extra['line']}: record {item.id!r}: {path}")
 
     def _series(self, item: Item, modality: str, file_bands: Sequence[str], select: Sequence[str]):
